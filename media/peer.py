@@ -1,0 +1,231 @@
+"""One call's media: an aiortc peer connection that follows WhatsApp's SDP rules.
+
+A :class:`MediaPeer` owns the peer connection, the outgoing paced track
+(:class:`~media.track.OutboundAudioTrack`) and the pump that hands the far side's audio
+to sinks. It is self-contained (no gateway imports, no globals besides aiortc's), so a
+call's media can later move to a worker process as a unit.
+
+Offerer (business-initiated call)::
+
+    peer = MediaPeer(PeerConfig())
+    offer = await peer.create_offer()      # complete SDP: candidates inside, sha-256 only
+    ...                                    # post it, receive the answer by webhook
+    await peer.apply_answer(answer_sdp)    # works with an ICE-lite answerer
+    await peer.media_up()                  # ICE + DTLS done; silence is already flowing
+
+Answerer (an inbound call, or the sandbox's simulated phone)::
+
+    answer = await peer.accept_offer(offer_sdp)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from . import ice, sdp as sdp_rules
+from .frames import FRAME_MS, Sink, Source
+from .track import OutboundAudioTrack, Playback
+
+log = logging.getLogger(__name__)
+
+
+class MediaError(RuntimeError):
+    """Media could not be set up or failed during the call."""
+
+
+@dataclass(slots=True)
+class IceServer:
+    """A STUN or TURN server, e.g. ``IceServer("stun:stun.example.org:3478")`` or
+    ``IceServer("turn:turn.example.org:3478?transport=udp", "user", "secret")``."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+
+@dataclass(slots=True)
+class PeerConfig:
+    ice_servers: list[IceServer] = field(default_factory=list)
+    #: Addresses host candidates are gathered on; ``None`` = every interface.
+    host_addresses: list[str] | None = None
+    #: Upper bound for ICE gathering (STUN/TURN lookups) before an SDP is produced.
+    gather_timeout_s: float = 5.0
+    #: Upper bound for ICE + DTLS after the remote description is applied.
+    connect_timeout_s: float = 20.0
+
+
+@dataclass(slots=True)
+class ReceiveStats:
+    frames: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.frames * FRAME_MS / 1000
+
+
+class MediaPeer:
+    def __init__(self, config: PeerConfig | None = None, *, label: str = "peer"):
+        self.config = config or PeerConfig()
+        self.label = label
+        servers = [
+            RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
+            for s in self.config.ice_servers
+        ]
+        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self.outbound = OutboundAudioTrack()
+        self.received = ReceiveStats()
+        self._sinks: list[Sink] = []
+        self._pump: asyncio.Task | None = None
+        self._connected = asyncio.Event()
+        self._ended = asyncio.get_running_loop().create_future()
+        self._closed = False
+        self._pc.on("connectionstatechange", self._on_connection_state)
+        self._pc.on("track", self._on_track)
+
+    # -- signalling ----------------------------------------------------------------------
+
+    def _add_audio(self) -> None:
+        transceiver = self._pc.addTransceiver(self.outbound, direction="sendrecv")
+        opus = [
+            c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"
+        ]
+        transceiver.setCodecPreferences(opus)
+
+    async def _local_sdp(self, description) -> str:
+        with ice.host_addresses(self.config.host_addresses):
+            try:
+                await asyncio.wait_for(
+                    self._pc.setLocalDescription(description), self.config.gather_timeout_s
+                )
+            except asyncio.TimeoutError as exc:
+                raise MediaError(
+                    f"ICE gathering did not finish within {self.config.gather_timeout_s:g} s"
+                ) from exc
+        # setLocalDescription awaited gathering: the candidates are in this SDP.
+        return sdp_rules.for_whatsapp(self._pc.localDescription.sdp)
+
+    async def create_offer(self) -> str:
+        """A WhatsApp-compatible offer with every candidate inside."""
+        self._add_audio()
+        return await self._local_sdp(await self._pc.createOffer())
+
+    async def apply_answer(self, answer_sdp: str) -> None:
+        """Apply the answer from the ``connect`` webhook (an ICE-lite answerer is fine)."""
+        from aiortc import RTCSessionDescription
+
+        try:
+            sdp_rules.parse(answer_sdp)
+            await self._pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+        except (ValueError, AssertionError) as exc:
+            raise MediaError(f"cannot apply the SDP answer: {exc}") from exc
+
+    async def accept_offer(self, offer_sdp: str) -> str:
+        """Answer a remote offer (an inbound call, or a simulated phone)."""
+        from aiortc import RTCSessionDescription
+
+        try:
+            sdp_rules.parse(offer_sdp)
+            await self._pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except (ValueError, AssertionError) as exc:
+            raise MediaError(f"cannot apply the SDP offer: {exc}") from exc
+        transceivers = self._pc.getTransceivers()
+        if not transceivers or transceivers[0].kind != "audio":
+            raise MediaError("the offer has no audio section")
+        transceivers[0].direction = "sendrecv"
+        transceivers[0].sender.replaceTrack(self.outbound)
+        opus = [
+            c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"
+        ]
+        transceivers[0].setCodecPreferences(opus)
+        return await self._local_sdp(await self._pc.createAnswer())
+
+    # -- media ---------------------------------------------------------------------------
+
+    async def media_up(self, timeout: float | None = None) -> None:
+        """Wait until ICE and DTLS are connected; raise :class:`MediaError` on failure."""
+        timeout = self.config.connect_timeout_s if timeout is None else timeout
+        waiter = asyncio.ensure_future(self._connected.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, self._ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        if not self._connected.is_set():
+            reason = self._ended.result() if self._ended.done() else f"no media within {timeout:g} s"
+            raise MediaError(reason)
+
+    @property
+    def is_up(self) -> bool:
+        return self._connected.is_set() and not self._ended.done()
+
+    @property
+    def ended(self) -> asyncio.Future:
+        """Resolves with a reason string when the transport fails or closes."""
+        return self._ended
+
+    def play(self, source: Source) -> Playback:
+        return self.outbound.play(source)
+
+    def clear(self) -> None:
+        self.outbound.clear()
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: Sink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
+    def _on_connection_state(self) -> None:
+        state = self._pc.connectionState
+        log.debug("%s: connection %s", self.label, state)
+        if state == "connected":
+            self._connected.set()
+        elif state in ("failed", "closed") and not self._ended.done():
+            self._ended.set_result(f"transport {state}")
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self._pump is None:
+            self._pump = asyncio.ensure_future(self._receive(track))
+
+    async def _receive(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                pcm = frame.to_ndarray().reshape(-1)
+                if pcm.dtype != np.int16:
+                    raise MediaError(f"unexpected decoded sample format {frame.format.name}")
+                channels = len(frame.layout.channels)
+                self.received.frames += 1
+                for sink in self._sinks:
+                    sink.write(pcm, frame.sample_rate, channels)
+        except MediaStreamError:
+            pass
+
+    def stats(self) -> dict:
+        return {
+            "sent": self.outbound.stats.as_dict(),
+            "received_seconds": round(self.received.seconds, 3),
+        }
+
+    async def close(self) -> None:
+        """Stop media, close sinks and the peer connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.outbound.stop()
+        await self._pc.close()
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        for sink in self._sinks:
+            sink.close()
+        if not self._ended.done():
+            self._ended.set_result("closed")
