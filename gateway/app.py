@@ -1,0 +1,104 @@
+"""The aiohttp application and the service that runs it.
+
+One HTTP port serves the provider webhooks (``POST /webhooks/whatsapp``), health checks
+and, with ``--sandbox``, the embedded provider emulator under ``/sandbox``. The
+:class:`Service` binds the port first, so the sandbox (which must know where to send
+webhooks) and the provider client (which must know the sandbox's URL) can be built
+before the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+from aiohttp import web
+
+from .calls import CallManager
+from .config import Settings
+from .providers import CallingProvider, make_provider
+from .sandbox.emulator import Sandbox
+from .webhooks import webhook_routes
+
+log = logging.getLogger(__name__)
+
+MANAGER = web.AppKey("manager", CallManager)
+SANDBOX_PREFIX = "/sandbox"
+
+
+def create_app(settings: Settings, manager: CallManager, sandbox: Sandbox | None = None) -> web.Application:
+    app = web.Application()
+    app[MANAGER] = manager
+    app.add_routes(webhook_routes(manager.handle_event, verify_token=settings.verify_token,
+                                  app_secret=settings.app_secret))
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "live_calls": len(manager.live_calls)})
+
+    app.router.add_get("/healthz", healthz)
+    if sandbox is not None:
+        app.add_subapp(SANDBOX_PREFIX, sandbox.app())
+    return app
+
+
+class Service:
+    """Gateway (and optionally the sandbox) on one port; an async context manager."""
+
+    def __init__(self, settings: Settings, *, sandbox: bool = False):
+        self.settings = settings
+        self.use_sandbox = sandbox
+        self.sandbox: Sandbox | None = None
+        self.provider: CallingProvider | None = None
+        self.manager: CallManager | None = None
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> Service:
+        settings = self.settings
+        sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+        port = sock.getsockname()[1]
+        local_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        self.url = f"http://{local_host}:{port}"
+        if self.use_sandbox:
+            self.sandbox = Sandbox(
+                webhook_url=f"{self.url}/webhooks/whatsapp",
+                app_secret=settings.app_secret,
+                recordings_dir=Path(settings.data_dir) / "sandbox",
+                peer_config=replace(settings.peer_config(),
+                                    host_addresses=settings.media_addresses or ["127.0.0.1"]),
+            )
+            settings = replace(settings, provider="360dialog", base_url=f"{self.url}{SANDBOX_PREFIX}",
+                               d360_api_key=self.sandbox.api_key,
+                               media_addresses=settings.media_addresses or ["127.0.0.1"])
+            self.settings = settings
+        self.provider = make_provider(settings.provider, **settings.provider_kwargs())
+        self.manager = CallManager(self.provider, peer_config=settings.peer_config(),
+                                   ring_timeout_s=settings.ring_timeout_s,
+                                   max_duration_s=settings.max_duration_s)
+        app = create_app(settings, self.manager, self.sandbox)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        log.info("wacall listening on %s (provider %s%s)", self.url, settings.provider,
+                 ", sandbox" if self.sandbox else "")
+        return self
+
+    async def stop(self) -> None:
+        if self.manager is not None:
+            await self.manager.shutdown()
+        if self.sandbox is not None:
+            await self.sandbox.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.provider is not None:
+            await self.provider.close()
+
+    async def __aenter__(self) -> Service:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

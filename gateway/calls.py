@@ -1,0 +1,515 @@
+"""The call state machine: the only place a call's state changes.
+
+A business-initiated call moves forward only::
+
+    created -> offer_sent -> ringing -> accepted -> media_connected -> ended
+
+``ended`` can be reached from any state and carries an :class:`EndReason` (plus the
+provider's error, when there is one). Webhooks may arrive in any order, twice, or late:
+
+* a ``connect`` answer that arrives before the HTTP response of our ``connect`` request
+  is buffered by the :class:`CallManager` and applied once the call id is known;
+* ``ACCEPTED`` may come before or after media is up; playback starts only when both
+  are true (``media_connected``), so the user hears the first word;
+* duplicates and events for ended calls change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from media.frames import Sink, Source
+from media.peer import MediaError, MediaPeer, PeerConfig
+from media.track import Playback
+
+from .errors import ProviderError
+from .events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
+from .providers.base import CallingProvider
+from .redact import mask_phone
+
+log = logging.getLogger(__name__)
+
+
+class CallState(enum.StrEnum):
+    CREATED = "created"
+    OFFER_SENT = "offer_sent"
+    RINGING = "ringing"
+    ACCEPTED = "accepted"
+    MEDIA_CONNECTED = "media_connected"
+    ENDED = "ended"
+
+
+_ORDER = {state: i for i, state in enumerate(CallState)}
+
+
+class EndReason(enum.StrEnum):
+    REJECTED = "rejected"
+    USER_HANGUP = "user_hangup"
+    BUSINESS_HANGUP = "business_hangup"
+    RING_TIMEOUT = "ring_timeout"
+    NOT_ANSWERED = "not_answered"
+    MAX_DURATION = "max_duration"
+    MEDIA_FAILURE = "media_failure"
+    PROVIDER_ERROR = "provider_error"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(slots=True)
+class TimelineEntry:
+    name: str
+    at: float  # unix time
+    elapsed_s: float  # since the call was created
+    detail: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = {
+            "name": self.name,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.at)) + f".{int(self.at % 1 * 1000):03d}Z",
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+        if self.detail:
+            out.update(self.detail)
+        return out
+
+
+Listener = Callable[["Call", TimelineEntry], None]
+_ids = itertools.count(1)
+
+
+class Call:
+    """One call and its media. Created by :class:`CallManager`."""
+
+    def __init__(
+        self,
+        manager: CallManager,
+        *,
+        to: str,
+        direction: Direction,
+        peer: MediaPeer,
+        sources: Iterable[Source] = (),
+        sinks: Iterable[Sink] = (),
+        biz_opaque_callback_data: str | None = None,
+        ring_timeout_s: float,
+        max_duration_s: float,
+        media_timeout_s: float,
+    ):
+        self.id = f"call_{secrets.token_hex(6)}"
+        self.to = to
+        self.direction = direction
+        self.peer = peer
+        self.wacid: str | None = None
+        self.biz_opaque_callback_data = biz_opaque_callback_data
+        self.state = CallState.CREATED
+        self.end_reason: EndReason | None = None
+        self.error: ProviderError | None = None
+        self.end_detail: str | None = None
+        self.duration_s: float | None = None  # as reported by the provider's terminate
+        self.timeline: list[TimelineEntry] = []
+        self.sinks = list(sinks)
+        self.playbacks: list[Playback] = []
+        self._manager = manager
+        self._pending_sources = list(sources)
+        self._ring_timeout_s = ring_timeout_s
+        self._max_duration_s = max_duration_s
+        self._media_timeout_s = media_timeout_s
+        self._answer_applied = False
+        self._media_ready = False
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._created = time.time()
+        self._created_mono = time.monotonic()
+        self.connected_at: float | None = None
+        self.ended_at: float | None = None
+        self.finished = asyncio.Event()  # set once media and recordings are closed
+        for sink in self.sinks:
+            peer.add_sink(sink)
+        self._mark(CallState.CREATED.value)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def _mark(self, name: str, **detail: Any) -> TimelineEntry:
+        now = time.time()
+        entry = TimelineEntry(name, now, time.monotonic() - self._created_mono, detail)
+        self.timeline.append(entry)
+        self._manager._notify(self, entry)
+        return entry
+
+    def _advance(self, state: CallState, **detail: Any) -> bool:
+        if self.state is CallState.ENDED or _ORDER[state] <= _ORDER[self.state]:
+            return False
+        self.state = state
+        self._mark(state.value, **detail)
+        log.info("call %s (%s): %s", self.id, self.wacid or "-", state.value)
+        return True
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_timer(self, name: str, delay: float, reason: EndReason) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[name] = loop.call_later(
+            delay, lambda: self._spawn(self._end(reason, notify_provider=True))
+        )
+
+    def _cancel_timer(self, name: str) -> None:
+        handle = self._timers.pop(name, None)
+        if handle:
+            handle.cancel()
+
+    @property
+    def ended(self) -> bool:
+        return self.state is CallState.ENDED
+
+    @property
+    def media_up(self) -> bool:
+        return self._media_ready
+
+    def elapsed_until(self, name: str) -> float | None:
+        """Seconds from creation to the first timeline entry called ``name``."""
+        return next((e.elapsed_s for e in self.timeline if e.name == name), None)
+
+    # -- outbound setup ------------------------------------------------------------------
+
+    async def _dial(self, provider: CallingProvider) -> None:
+        try:
+            offer = await self.peer.create_offer()
+        except MediaError as exc:
+            await self._end(EndReason.MEDIA_FAILURE, detail=str(exc))
+            return
+        self._mark("offer_created")
+        try:
+            wacid = await provider.connect(self.to, offer, self.biz_opaque_callback_data)
+        except ProviderError as exc:
+            await self._end(EndReason.PROVIDER_ERROR, error=exc)
+            return
+        self.wacid = wacid
+        self._advance(CallState.OFFER_SENT, wacid=wacid)
+        self._start_timer("ring", self._ring_timeout_s, EndReason.RING_TIMEOUT)
+
+    # -- webhook events ------------------------------------------------------------------
+
+    def handle(self, event) -> None:
+        if self.ended:
+            log.debug("call %s: ignoring %s after the end", self.id, type(event).__name__)
+            return
+        if isinstance(event, CallConnect):
+            self._on_connect(event)
+        elif isinstance(event, CallStatus):
+            self._on_status(event)
+        elif isinstance(event, CallTerminate):
+            self._on_terminate(event)
+
+    def _on_connect(self, event: CallConnect) -> None:
+        if self._answer_applied:
+            return  # duplicate connect
+        if not event.sdp:
+            self._spawn(self._end(EndReason.MEDIA_FAILURE, notify_provider=True,
+                                  detail="connect webhook without an SDP answer"))
+            return
+        self._answer_applied = True
+        self._mark("answer_received")
+        self._spawn(self._bring_media_up(event.sdp))
+
+    async def _bring_media_up(self, answer: str) -> None:
+        try:
+            await self.peer.apply_answer(answer)
+            await self.peer.media_up(self._media_timeout_s)
+        except MediaError as exc:
+            await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=str(exc))
+            return
+        if self.ended:
+            return
+        self._media_ready = True
+        self._mark("media_up")
+        self._spawn(self._watch_transport())
+        self._maybe_connected()
+
+    async def _watch_transport(self) -> None:
+        reason = await self.peer.ended
+        if not self.ended:
+            await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=reason)
+
+    def _on_status(self, event: CallStatus) -> None:
+        detail = {"provider_timestamp": event.timestamp} if event.timestamp else {}
+        if event.status is CallStatusKind.RINGING:
+            self._advance(CallState.RINGING, **detail)
+        elif event.status is CallStatusKind.ACCEPTED:
+            if self._advance(CallState.ACCEPTED, **detail):
+                self._cancel_timer("ring")
+                self._start_timer("max_duration", self._max_duration_s, EndReason.MAX_DURATION)
+                self._maybe_connected()
+        elif event.status is CallStatusKind.REJECTED:
+            self._spawn(self._end(EndReason.REJECTED))
+        else:
+            log.info("call %s: unknown status %r", self.id, event.raw_status)
+
+    def _on_terminate(self, event: CallTerminate) -> None:
+        self.duration_s = event.duration
+        if event.errors:
+            first = event.errors[0]
+            from .errors import error_for
+
+            error = error_for(first.code, first.message, details=first.details)
+            self._spawn(self._end(EndReason.PROVIDER_ERROR, error=error))
+        elif _ORDER[self.state] >= _ORDER[CallState.ACCEPTED]:
+            self._spawn(self._end(EndReason.USER_HANGUP))
+        else:
+            self._spawn(self._end(EndReason.NOT_ANSWERED))
+
+    def _maybe_connected(self) -> None:
+        if self._media_ready and self.state is CallState.ACCEPTED:
+            self.connected_at = time.monotonic()
+            self._advance(CallState.MEDIA_CONNECTED)
+            for source in self._pending_sources:
+                self.playbacks.append(self.peer.play(source))
+            self._pending_sources.clear()
+
+    # -- control -------------------------------------------------------------------------
+
+    def play(self, source: Source) -> Playback | None:
+        """Queue ``source``; it starts once the call is accepted and media is up."""
+        if self.ended:
+            source.close()
+            raise RuntimeError(f"call {self.id} has ended")
+        if self.state is CallState.MEDIA_CONNECTED:
+            playback = self.peer.play(source)
+            self.playbacks.append(playback)
+            return playback
+        self._pending_sources.append(source)
+        return None
+
+    async def wait_playback(self) -> None:
+        """Wait until everything queued so far has played (or the call ended)."""
+        await self.wait_state(CallState.MEDIA_CONNECTED)
+        pending = [p.done for p in self.playbacks]
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def _next_change(self) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._manager._once.append((self, future))
+        await future
+
+    async def wait_state(self, state: CallState, timeout: float | None = None) -> None:
+        """Wait until the call reaches ``state`` (or a later one)."""
+
+        async def wait() -> None:
+            while _ORDER[self.state] < _ORDER[state]:
+                await self._next_change()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def hangup(self) -> None:
+        """End the call from our side: ``terminate`` to the provider, close media."""
+        await self._end(EndReason.BUSINESS_HANGUP, notify_provider=True)
+        await self.finished.wait()
+
+    async def wait_finished(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.finished.wait(), timeout)
+
+    async def _end(
+        self,
+        reason: EndReason,
+        *,
+        notify_provider: bool = False,
+        error: ProviderError | None = None,
+        detail: str | None = None,
+    ) -> None:
+        if self.ended:
+            return
+        self.end_reason = reason
+        self.error = error
+        self.end_detail = detail or (str(error) if error else None)
+        self.ended_at = time.monotonic()
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        info: dict[str, Any] = {"reason": reason.value}
+        if error is not None:
+            info["error"] = error.to_dict()
+        if detail:
+            info["detail"] = detail
+        self.state = CallState.ENDED
+        self._mark(CallState.ENDED.value, **info)
+        log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
+                 f" ({self.end_detail})" if self.end_detail else "")
+        try:
+            if notify_provider and self.wacid:
+                try:
+                    await self._manager.provider.terminate(self.wacid)
+                except ProviderError as exc:
+                    log.warning("call %s: terminate failed: %s", self.id, exc)
+        finally:
+            await self.peer.close()
+            for playback in self.playbacks:
+                playback._finish()
+            for source in self._pending_sources:
+                source.close()
+            self._pending_sources.clear()
+            self.finished.set()
+            self._manager._forget_later(self)
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def recording_paths(self) -> list[str]:
+        return [str(s.path) for s in self.sinks if getattr(s, "path", None) is not None]
+
+    def summary(self) -> dict:
+        connected = None
+        if self.connected_at is not None:
+            connected = round((self.ended_at or time.monotonic()) - self.connected_at, 3)
+        return {
+            "id": self.id,
+            "wacid": self.wacid,
+            "direction": self.direction.value,
+            "to": mask_phone(self.to),
+            "state": self.state.value,
+            "end_reason": self.end_reason.value if self.end_reason else None,
+            "error": self.error.to_dict() if self.error else None,
+            "detail": self.end_detail,
+            "connected_seconds": connected,
+            "provider_duration_s": self.duration_s,
+            "timeline": [e.as_dict() for e in self.timeline],
+            "recordings": self.recording_paths(),
+            "media": self.peer.stats(),
+        }
+
+
+class CallManager:
+    """Places calls, routes webhook events to them by WhatsApp call id, buffers early ones."""
+
+    #: How long events for a not-yet-known call id are kept (the answer can beat the
+    #: HTTP response of ``connect``).
+    EARLY_EVENT_TTL_S = 60.0
+    MAX_EARLY_EVENTS = 1000
+    #: Ended calls kept for routing late events and for inspection.
+    MAX_ENDED_CALLS = 1000
+
+    def __init__(
+        self,
+        provider: CallingProvider,
+        *,
+        peer_config: PeerConfig | None = None,
+        ring_timeout_s: float = 60.0,
+        max_duration_s: float = 3600.0,
+    ):
+        self.provider = provider
+        self.peer_config = peer_config or PeerConfig()
+        self.ring_timeout_s = ring_timeout_s
+        self.max_duration_s = max_duration_s
+        self.calls: OrderedDict[str, Call] = OrderedDict()
+        self._by_wacid: dict[str, Call] = {}
+        self._early: OrderedDict[str, list[tuple[float, Any]]] = OrderedDict()
+        self._listeners: list[Listener] = []
+        self._once: list[tuple[Call, asyncio.Future]] = []
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(call, entry)`` on every timeline entry; returns an unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self, call: Call, entry: TimelineEntry) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(call, entry)
+            except Exception:
+                log.exception("call listener failed")
+        waiting, self._once = self._once, []
+        for owner, future in waiting:
+            if owner is call:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                self._once.append((owner, future))
+
+    async def place_call(
+        self,
+        to: str,
+        *,
+        sources: Iterable[Source] = (),
+        sinks: Iterable[Sink] = (),
+        biz_opaque_callback_data: str | None = None,
+        ring_timeout_s: float | None = None,
+        max_duration_s: float | None = None,
+    ) -> Call:
+        """Place a business-initiated call. Returns once the provider answered the
+        ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
+        is ``ended`` with ``call.error``/``call.end_reason`` saying why)."""
+        peer = MediaPeer(self.peer_config, label=f"call to {mask_phone(to)}")
+        call = Call(
+            self,
+            to=to,
+            direction=Direction.BUSINESS_INITIATED,
+            peer=peer,
+            sources=sources,
+            sinks=sinks,
+            biz_opaque_callback_data=biz_opaque_callback_data,
+            ring_timeout_s=ring_timeout_s or self.ring_timeout_s,
+            max_duration_s=max_duration_s or self.max_duration_s,
+            media_timeout_s=self.peer_config.connect_timeout_s,
+        )
+        self.calls[call.id] = call
+        log.info("call %s: dialing %s", call.id, mask_phone(to))
+        await call._dial(self.provider)
+        if call.wacid:
+            self._by_wacid[call.wacid] = call
+            for _, event in self._early.pop(call.wacid, []):
+                call.handle(event)
+        return call
+
+    async def handle_event(self, event) -> None:
+        """Dispatch target for the webhook receiver."""
+        call_id = getattr(event, "call_id", None)
+        if not call_id:
+            return
+        call = self._by_wacid.get(call_id)
+        if call is not None:
+            call.handle(event)
+            return
+        if isinstance(event, CallConnect) and event.direction is Direction.USER_INITIATED:
+            log.info("inbound call %s: not handled yet, ignoring", call_id)
+            return
+        self._buffer_early(call_id, event)
+
+    def _buffer_early(self, call_id: str, event) -> None:
+        now = time.monotonic()
+        while self._early:
+            first = next(iter(self._early.values()))
+            if now - first[0][0] <= self.EARLY_EVENT_TTL_S and len(self._early) < self.MAX_EARLY_EVENTS:
+                break
+            dropped, _ = self._early.popitem(last=False)
+            log.info("dropping early events for unknown call %s", dropped)
+        self._early.setdefault(call_id, []).append((now, event))
+        log.debug("buffered %s for not-yet-known call %s", type(event).__name__, call_id)
+
+    def _forget_later(self, call: Call) -> None:
+        ended = [c for c in self.calls.values() if c.ended]
+        for old in ended[: max(0, len(ended) - self.MAX_ENDED_CALLS)]:
+            self.calls.pop(old.id, None)
+            if old.wacid:
+                self._by_wacid.pop(old.wacid, None)
+
+    def get(self, call_id: str) -> Call | None:
+        return self.calls.get(call_id) or self._by_wacid.get(call_id)
+
+    @property
+    def live_calls(self) -> list[Call]:
+        return [c for c in self.calls.values() if not c.ended]
+
+    async def shutdown(self) -> None:
+        """Hang up every live call through the provider and close their media."""
+        await asyncio.gather(
+            *(c._end(EndReason.SHUTDOWN, notify_provider=True) for c in self.live_calls),
+            return_exceptions=True,
+        )

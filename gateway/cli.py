@@ -1,0 +1,177 @@
+"""The ``wacall`` command: ``demo``, ``call`` and ``serve``.
+
+Configuration comes from ``WACALL_*`` environment variables (see the README);
+command-line options override the few that matter per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from media.errors import MediaFileError
+from media.sinks.wav import WavSink
+from media.sources.file import FileSource
+
+from .app import Service
+from .calls import CallState
+from .config import ConfigError, Settings
+from .progress import ProgressPrinter
+from .redact import mask_phone
+
+log = logging.getLogger("wacall")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wacall", description="WhatsApp Business calling gateway")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="place one call to a simulated user through the embedded sandbox")
+    demo.add_argument("--play", type=Path, help="what the business plays (default: fixtures/audio/business.ogg)")
+    demo.add_argument("--phone-play", type=Path, help="what the simulated user says (default: fixtures/audio/user.ogg)")
+    demo.add_argument("--out", type=Path, default=Path("wacall-demo"), help="recordings directory (default: ./wacall-demo)")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of live progress")
+
+    call = sub.add_parser("call", help="place a real call through the configured provider")
+    call.add_argument("--to", required=True, help="the user's number, E.164 (+4915112345678)")
+    call.add_argument("--play", type=Path, action="append", default=[], help="file to play (repeatable)")
+    call.add_argument("--record", type=Path, help="directory for the recording of the user's audio")
+    call.add_argument("--ring-timeout", type=float, help="seconds to ring before giving up")
+    call.add_argument("--max-duration", type=float, help="hang up after this many seconds connected")
+    call.add_argument("--stay", action="store_true", help="stay on the line after playback until the user hangs up")
+    call.add_argument("--callback-data", help="biz_opaque_callback_data (echoed in webhooks)")
+    call.add_argument("--host", help="webhook listen address (WACALL_HOST)")
+    call.add_argument("--port", type=int, help="webhook listen port (WACALL_PORT)")
+    call.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    serve = sub.add_parser("serve", help="run the gateway: webhooks at POST /webhooks/whatsapp")
+    serve.add_argument("--host", help="listen address (WACALL_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (WACALL_PORT, default 8080)")
+    serve.add_argument("--sandbox", action="store_true", help="also run the embedded sandbox provider")
+    return parser
+
+
+def _setup_logging(verbose: int, default: int) -> None:
+    level = default if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        for noisy in ("aioice", "aiortc"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"wacall: configuration error: {exc}", file=sys.stderr)
+        return 2
+    handler = {"demo": _demo, "call": _call, "serve": _serve}[args.command]
+    _setup_logging(args.verbose, logging.INFO if args.command == "serve" else logging.WARNING)
+    try:
+        return asyncio.run(handler(args, settings))
+    except (ConfigError, FileNotFoundError, MediaFileError) as exc:
+        print(f"wacall: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _demo(args, settings: Settings) -> int:
+    from .demo import run_demo
+
+    summary = await run_demo(settings, play=args.play, phone_play=args.phone_play, out=args.out,
+                             quiet=args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_demo_summary(summary)
+    return 0 if summary["ok"] else 1
+
+
+def _print_demo_summary(summary: dict) -> None:
+    b2u, u2b = summary["audio"]["business_to_user"], summary["audio"]["user_to_business"]
+    setup = summary["setup_ms"]
+    print()
+    print(f"call {summary['id']} ({summary['wacid']}): {summary['state']}, {summary['end_reason']}")
+    if summary.get("error"):
+        error = summary["error"]
+        print(f"  provider error {error['code']}: {error['message']} - {error.get('resolution', '')}")
+    print(f"  setup: offer posted after {setup['offer_sent']} ms, media up after {setup['media_up']} ms")
+    for title, side in (("business -> user", b2u), ("user -> business", u2b)):
+        if side.get("recorded_s") is None:
+            print(f"  {title}: nothing recorded")
+            continue
+        print(f"  {title}: played {side['played_s']:.2f} s, heard {side['active_s']:.2f} s of sound "
+              f"in {side['recorded_s']:.2f} s recorded (peak {side['dominant_hz']} Hz)")
+    print(f"  recordings: {summary['recordings']['gateway']} (what the gateway heard), "
+          f"{summary['recordings']['phone']} (what the phone heard)")
+
+
+async def _call(args, settings: Settings) -> int:
+    settings = replace(settings, host=args.host or settings.host, port=args.port or settings.port)
+    sources = [FileSource(path) for path in args.play]
+    sinks = [WavSink(args.record / "user.wav")] if args.record else []
+    printer = None if args.json else ProgressPrinter()
+    async with Service(settings) as service:
+        assert service.manager is not None
+        if printer:
+            printer.line(f"wacall: webhooks expected at {service.url}/webhooks/whatsapp "
+                         f"(provider {settings.provider}); calling {mask_phone(args.to)}")
+            service.manager.subscribe(printer)
+        call = await service.manager.place_call(
+            args.to, sources=sources, sinks=sinks, biz_opaque_callback_data=args.callback_data,
+            ring_timeout_s=args.ring_timeout, max_duration_s=args.max_duration)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            waiter = asyncio.ensure_future(stop.wait())
+            if not args.stay:
+                talk = asyncio.ensure_future(_play_then_hangup(call))
+            else:
+                talk = asyncio.ensure_future(call.finished.wait())
+            await asyncio.wait({waiter, talk}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            talk.cancel()
+        finally:
+            if not call.ended:
+                await call.hangup()
+            await call.wait_finished(15)
+    if args.json:
+        print(json.dumps(call.summary(), indent=2))
+    return 0 if call.connected_at is not None else 1
+
+
+async def _play_then_hangup(call) -> None:
+    await call.wait_state(CallState.MEDIA_CONNECTED)
+    if not call.ended:
+        await call.wait_playback()
+        await asyncio.sleep(0.5)
+        await call.hangup()
+
+
+async def _serve(args, settings: Settings) -> int:
+    settings = replace(settings, host=args.host or settings.host, port=args.port or settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Service(settings, sandbox=args.sandbox) as service:
+        print(f"wacall serving on {service.url} (webhooks: POST /webhooks/whatsapp"
+              f"{', sandbox: /sandbox' if args.sandbox else ''})", flush=True)
+        await stop.wait()
+        log.info("shutting down: hanging up %d live call(s)", len(service.manager.live_calls))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

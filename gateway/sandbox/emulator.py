@@ -1,0 +1,405 @@
+"""The embedded sandbox: an emulator of the provider's calling API, as strict as Meta.
+
+It serves both URL shapes wacall's clients speak:
+
+* 360dialog: ``POST /calling/calls`` with ``D360-API-KEY``;
+* Meta Graph: ``POST /{version}/{phone_number_id}/calls`` with a bearer token;
+
+so a provider client pointed at the sandbox's base URL works unchanged. Offers are
+checked as Meta checks them (Opus, candidates inside, a single sha-256 fingerprint,
+``a=setup:actpass``…) and refused with error 138014 otherwise. Each call rings a
+simulated user whose :class:`~gateway.sandbox.phone.Phone` is a real WebRTC peer, and
+the provider's webhooks (``connect`` with the answer, ``RINGING``, ``ACCEPTED`` or
+``REJECTED``, ``terminate`` with the duration) are POSTed to the gateway's webhook URL.
+
+Admin routes (sandbox only): ``POST /users/{user}`` sets a user's behaviour,
+``GET /users/{user}/calls`` lists the calls that user received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from media import sdp as sdp_rules
+from media.peer import MediaError, PeerConfig
+
+from ..redact import mask_phone
+from .phone import Phone
+from .users import DEFAULT_ORDER, UserBehaviour, UserDirectory, normalize_number
+
+log = logging.getLogger(__name__)
+
+MAX_CALLBACK_DATA = 512
+
+
+class SandboxRefusal(Exception):
+    """An API request the provider would refuse; becomes a Graph error response."""
+
+    def __init__(self, http_status: int, code: int, message: str, details: str | None = None):
+        super().__init__(message)
+        self.http_status, self.code, self.message, self.details = http_status, code, message, details
+
+    def response(self) -> web.Response:
+        error: dict[str, Any] = {"message": self.message, "type": "OAuthException", "code": self.code,
+                                 "fbtrace_id": "sandbox-" + secrets.token_hex(6)}
+        if self.details:
+            error["error_data"] = {"details": self.details}
+        return web.json_response({"error": error}, status=self.http_status)
+
+
+@dataclass(slots=True)
+class SandboxCall:
+    wacid: str
+    user: str
+    behaviour: UserBehaviour
+    phone: Phone
+    direction: str = "BUSINESS_INITIATED"
+    biz_opaque_callback_data: str | None = None
+    state: str = "ringing"
+    created_at: float = field(default_factory=time.time)
+    accepted_at: float | None = None
+    ended_at: float | None = None
+    end_status: str | None = None
+    ended_by: str | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ended(self) -> bool:
+        return self.state == "ended"
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.wacid,
+            "user": self.user,
+            "direction": self.direction,
+            "state": self.state,
+            "ended_by": self.ended_by,
+            "end_status": self.end_status,
+            "accepted": self.accepted_at is not None,
+            "duration_s": self.duration,
+            "phone_recording": str(self.phone.recording_path),
+            "heard_seconds": round(self.phone.peer.received.seconds, 3),
+        }
+
+    @property
+    def duration(self) -> int | None:
+        if self.accepted_at is None:
+            return None
+        return int(round((self.ended_at or time.time()) - self.accepted_at))
+
+
+class Sandbox:
+    """The provider emulator and its simulated users. Mount :meth:`app` anywhere."""
+
+    def __init__(
+        self,
+        *,
+        webhook_url: str | None = None,
+        api_key: str = "sandbox-key",
+        token: str = "sandbox-token",
+        phone_number_id: str = "100000000000001",
+        display_phone_number: str = "15550001111",
+        waba_id: str = "200000000000001",
+        app_secret: str | None = None,
+        recordings_dir: Path = Path("wacall-data/sandbox"),
+        peer_config: PeerConfig | None = None,
+        ring_timeout_s: float = 60.0,
+        media_timeout_s: float = 20.0,
+    ):
+        self.webhook_url = webhook_url
+        self.api_key = api_key
+        self.token = token
+        self.phone_number_id = phone_number_id
+        self.display_phone_number = display_phone_number
+        self.waba_id = waba_id
+        self.app_secret = app_secret
+        self.recordings_dir = Path(recordings_dir)
+        self.peer_config = peer_config or PeerConfig(host_addresses=["127.0.0.1"])
+        self.ring_timeout_s = ring_timeout_s
+        self.media_timeout_s = media_timeout_s
+        self.users = UserDirectory()
+        self.calls: dict[str, SandboxCall] = {}
+        self.webhooks_sent = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- aiohttp -------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/calling/calls", self._d360_calls)
+        app.router.add_post("/{version}/{phone_number_id}/calls", self._meta_calls)
+        app.router.add_post("/users/{user}", self._set_user)
+        app.router.add_get("/users/{user}", self._get_user)
+        app.router.add_get("/users/{user}/calls", self._user_calls)
+        return app
+
+    async def close(self) -> None:
+        for call in list(self.calls.values()):
+            if not call.ended:
+                await self._end(call, ended_by="sandbox", notify=False)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _d360_calls(self, request: web.Request) -> web.Response:
+        if not hmac.compare_digest(request.headers.get("D360-API-KEY", ""), self.api_key):
+            return SandboxRefusal(401, 190, "Invalid D360-API-KEY").response()
+        return await self._calls(request)
+
+    async def _meta_calls(self, request: web.Request) -> web.Response:
+        if not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.token}"):
+            return SandboxRefusal(401, 190, "Invalid OAuth access token").response()
+        if request.match_info["phone_number_id"] != self.phone_number_id:
+            return SandboxRefusal(400, 100, "Invalid parameter",
+                                  "unknown phone number id").response()
+        return await self._calls(request)
+
+    async def _calls(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return SandboxRefusal(400, 100, "Invalid parameter", "body is not JSON").response()
+        try:
+            if not isinstance(body, dict):
+                raise SandboxRefusal(400, 100, "Invalid parameter", "body must be an object")
+            if body.get("messaging_product") != "whatsapp":
+                raise SandboxRefusal(400, 100, "Invalid parameter",
+                                     "messaging_product must be 'whatsapp'")
+            action = body.get("action")
+            if action == "connect":
+                return await self._connect(body)
+            if action == "terminate":
+                return await self._terminate(body)
+            raise SandboxRefusal(400, 100, "Invalid parameter",
+                                 f"action {action!r} is not supported for business-initiated calls")
+        except SandboxRefusal as refusal:
+            log.info("sandbox refused a request: %s %s", refusal.code, refusal.details or refusal.message)
+            return refusal.response()
+
+    # -- connect -------------------------------------------------------------------------
+
+    async def _connect(self, body: dict) -> web.Response:
+        try:
+            user = normalize_number(body.get("to", ""))
+        except ValueError as exc:
+            raise SandboxRefusal(400, 100, "Invalid parameter", str(exc)) from None
+        session = body.get("session")
+        if not isinstance(session, dict) or session.get("sdp_type") != "offer" \
+                or not isinstance(session.get("sdp"), str):
+            raise SandboxRefusal(400, 100, "Invalid parameter",
+                                 "session must be {'sdp_type': 'offer', 'sdp': '<SDP>'}")
+        problems = sdp_rules.whatsapp_problems(session["sdp"], role="offer")
+        if problems:
+            raise SandboxRefusal(400, 138014, "Invalid SDP", "; ".join(problems))
+        callback_data = body.get("biz_opaque_callback_data")
+        if callback_data is not None and (not isinstance(callback_data, str)
+                                          or len(callback_data) > MAX_CALLBACK_DATA):
+            raise SandboxRefusal(400, 100, "Invalid parameter",
+                                 f"biz_opaque_callback_data must be a string of at most {MAX_CALLBACK_DATA} chars")
+        if any(c.user == user and not c.ended for c in self.calls.values()):
+            raise SandboxRefusal(400, 138003, "Duplicate call",
+                                 "a call with this user is already ongoing")
+
+        behaviour = self.users.get(user)
+        wacid = "wacid." + secrets.token_urlsafe(24)
+        phone = Phone(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
+                      say=behaviour.say)
+        call = SandboxCall(wacid, user, behaviour, phone, biz_opaque_callback_data=callback_data)
+        self.calls[wacid] = call
+        try:
+            answer = await phone.answer(session["sdp"])
+        except MediaError as exc:
+            await self._end(call, ended_by="sandbox", notify=False)
+            raise SandboxRefusal(400, 138014, "Invalid SDP", str(exc)) from None
+        log.info("sandbox: call %s to %s", wacid[:16], mask_phone(user))
+
+        order = list(behaviour.event_order or DEFAULT_ORDER)
+        split = order.index("response")
+        for step in order[:split]:
+            await self._step(call, step, answer)
+        self._spawn(self._run_steps(call, order[split + 1:], answer))
+        return web.json_response({"messaging_product": "whatsapp", "calls": [{"id": wacid}]})
+
+    async def _run_steps(self, call: SandboxCall, steps: list[str], answer: str) -> None:
+        for step in steps:
+            if call.ended:
+                return
+            await self._step(call, step, answer)
+        if call.behaviour.on_call == "ignore" and not call.ended:
+            await asyncio.sleep(self.ring_timeout_s)
+            if not call.ended:
+                await self._end(call, ended_by="ring_timeout")
+
+    async def _step(self, call: SandboxCall, step: str, answer: str) -> None:
+        if step == "connect":
+            await self._send_calls_event(call, "connect",
+                                         session={"sdp_type": "answer", "sdp": answer})
+        elif step == "ringing":
+            await self._send_status(call, "RINGING")
+        elif step == "accepted":
+            on_call = call.behaviour.on_call
+            if on_call == "ignore":
+                return
+            await asyncio.sleep(call.behaviour.answer_after_ms / 1000)
+            if call.ended:
+                return
+            if on_call == "reject":
+                await self._send_status(call, "REJECTED")
+                await self._end(call, ended_by="user_rejected")
+                return
+            call.state = "accepted"
+            call.accepted_at = time.time()
+            talking = call.phone.pick_up(self.media_timeout_s)
+            talking.add_done_callback(lambda task: self._on_talk_done(call, task))
+            await self._send_status(call, "ACCEPTED")
+            if call.behaviour.hangup_after_s:
+                self._spawn(self._hang_up_later(call, call.behaviour.hangup_after_s))
+
+    def _on_talk_done(self, call: SandboxCall, task: asyncio.Task) -> None:
+        if task.cancelled() or call.ended:
+            return
+        if isinstance(task.exception(), MediaError):
+            # Like WhatsApp: no media from the business in time -> the client hangs up.
+            self._spawn(self._end(call, ended_by="media_timeout", errors=[{
+                "code": 138021, "message": "Media receive timeout",
+                "error_data": {"details": "the client received no media from the business"}}]))
+
+    async def _hang_up_later(self, call: SandboxCall, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if not call.ended:
+            await self._end(call, ended_by="user_hangup")
+
+    # -- terminate -----------------------------------------------------------------------
+
+    async def _terminate(self, body: dict) -> web.Response:
+        call = self.calls.get(body.get("call_id", ""))
+        if call is None:
+            raise SandboxRefusal(400, 100, "Invalid parameter", "unknown call_id")
+        if call.ended:
+            raise SandboxRefusal(400, 100, "Invalid parameter", "the call has already ended")
+        self._spawn(self._end(call, ended_by="business"))
+        return web.json_response({"messaging_product": "whatsapp", "success": True})
+
+    async def _end(self, call: SandboxCall, *, ended_by: str, notify: bool = True,
+                   errors: list[dict] | None = None) -> None:
+        if call.ended:
+            return
+        call.state = "ended"
+        call.ended_by = ended_by
+        call.ended_at = time.time()
+        call.end_status = "COMPLETED" if call.accepted_at and not errors else "FAILED"
+        await call.phone.hang_up()
+        call.finished.set()
+        if notify:
+            extra: dict[str, Any] = {"status": call.end_status}
+            if call.accepted_at is not None:
+                extra.update(start_time=str(int(call.accepted_at)), end_time=str(int(call.ended_at)),
+                             duration=call.duration)
+            await self._send_calls_event(call, "terminate", errors=errors, **extra)
+
+    # -- admin ---------------------------------------------------------------------------
+
+    async def _set_user(self, request: web.Request) -> web.Response:
+        try:
+            changes = await request.json()
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object")
+            behaviour = self.users.update(request.match_info["user"], changes)
+        except (ValueError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+        return web.json_response(behaviour.as_dict())
+
+    async def _get_user(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self.users.get(request.match_info["user"]).as_dict())
+        except ValueError as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+
+    async def _user_calls(self, request: web.Request) -> web.Response:
+        try:
+            user = normalize_number(request.match_info["user"])
+        except ValueError as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+        return web.json_response({"calls": [c.as_dict() for c in self.calls.values() if c.user == user]})
+
+    def calls_to(self, user: str) -> list[SandboxCall]:
+        number = normalize_number(user)
+        return [c for c in self.calls.values() if c.user == number]
+
+    # -- webhooks ------------------------------------------------------------------------
+
+    def _timestamp(self) -> str:
+        return str(int(time.time()))
+
+    async def _send_calls_event(self, call: SandboxCall, event: str, *,
+                                errors: list[dict] | None = None, **fields: Any) -> None:
+        item: dict[str, Any] = {
+            "id": call.wacid, "from": self.display_phone_number, "to": call.user,
+            "event": event, "timestamp": self._timestamp(), "direction": call.direction, **fields,
+        }
+        if call.biz_opaque_callback_data is not None:
+            item["biz_opaque_callback_data"] = call.biz_opaque_callback_data
+        value: dict[str, Any] = {"calls": [item]}
+        if errors:
+            value["errors"] = errors
+        await self._deliver(value)
+
+    async def _send_status(self, call: SandboxCall, status: str) -> None:
+        item: dict[str, Any] = {"id": call.wacid, "type": "call", "status": status,
+                                "timestamp": self._timestamp(), "recipient_id": call.user}
+        if call.biz_opaque_callback_data is not None:
+            item["biz_opaque_callback_data"] = call.biz_opaque_callback_data
+        await self._deliver({"statuses": [item]})
+
+    async def _deliver(self, value: dict, field_name: str = "calls") -> bool:
+        """POST one webhook the way Meta does; retry with backoff until acknowledged."""
+        if not self.webhook_url:
+            log.warning("sandbox has no webhook URL; dropping a %s webhook", field_name)
+            return False
+        value = {"messaging_product": "whatsapp",
+                 "metadata": {"display_phone_number": self.display_phone_number,
+                              "phone_number_id": self.phone_number_id}, **value}
+        envelope = {"object": "whatsapp_business_account",
+                    "entry": [{"id": self.waba_id, "changes": [{"field": field_name, "value": value}]}]}
+        body = json.dumps(envelope).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.app_secret:
+            digest = hmac.new(self.app_secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Hub-Signature-256"] = f"sha256={digest}"
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        delay = 0.05
+        for attempt in range(6):
+            try:
+                async with self._session.post(self.webhook_url, data=body, headers=headers) as resp:
+                    if 200 <= resp.status < 300:
+                        self.webhooks_sent += 1
+                        return True
+                    log.info("sandbox webhook got HTTP %s (attempt %d)", resp.status, attempt + 1)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.info("sandbox webhook failed: %s (attempt %d)", exc, attempt + 1)
+            await asyncio.sleep(delay)
+            delay *= 2
+        log.warning("sandbox gave up delivering a webhook to %s", self.webhook_url)
+        return False

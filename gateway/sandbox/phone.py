@@ -1,0 +1,65 @@
+"""A simulated user's phone: a real WebRTC peer that answers like WhatsApp's relay.
+
+Its answer is ICE-lite (``a=ice-lite``), carries its candidates, a single sha-256
+fingerprint, Opus only and ``a=setup:active`` (Meta takes the DTLS client role in its
+sample answers). Once the user picks up and media is up it plays what the user "says"
+and records everything it hears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from media import sdp as sdp_rules
+from media.peer import MediaError, MediaPeer, PeerConfig
+from media.sinks.wav import WavSink
+from media.sources.file import FileSource
+
+log = logging.getLogger(__name__)
+
+
+class Phone:
+    def __init__(self, peer_config: PeerConfig, *, recording_path: Path, say: str | None = None):
+        self.peer = MediaPeer(peer_config, label="sandbox phone")
+        self.recording_path = recording_path
+        self.recorder = WavSink(recording_path)
+        self.peer.add_sink(self.recorder)
+        self._say_source = FileSource(say) if say else None
+        #: Resolves with the seconds said once the user's audio has been played out.
+        self.said: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task | None = None
+
+    async def answer(self, offer: str) -> str:
+        """Answer the business's offer the way WhatsApp's relay would."""
+        return sdp_rules.mark_ice_lite(await self.peer.accept_offer(offer))
+
+    def pick_up(self, media_timeout_s: float) -> asyncio.Task:
+        """The user accepted: once media is up, start talking. The returned task fails
+        with :class:`MediaError` if no media arrives within ``media_timeout_s``."""
+        self._task = asyncio.ensure_future(self._talk(media_timeout_s))
+        return self._task
+
+    async def _talk(self, media_timeout_s: float) -> None:
+        await self.peer.media_up(media_timeout_s)
+        if self._say_source is None:
+            self.said.set_result(0.0)
+            return
+        playback = self.peer.play(self._say_source)
+        self._say_source = None
+        seconds = await playback.done
+        if not self.said.done():
+            self.said.set_result(seconds)
+
+    async def hang_up(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        await self.peer.close()
+        if self._say_source is not None:
+            self._say_source.close()
+        if not self.said.done():
+            self.said.set_result(0.0)
+
+
+__all__ = ["Phone", "MediaError"]
