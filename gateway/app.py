@@ -68,12 +68,17 @@ class Service:
                 webhook_url=f"{self.url}/webhooks/whatsapp",
                 app_secret=settings.app_secret,
                 recordings_dir=Path(settings.data_dir) / "sandbox",
+                # Simulated phones live on loopback unless told otherwise.
                 peer_config=replace(settings.peer_config(),
                                     host_addresses=settings.media_addresses or ["127.0.0.1"]),
             )
-            settings = replace(settings, provider="360dialog", base_url=f"{self.url}{SANDBOX_PREFIX}",
-                               d360_api_key=self.sandbox.api_key,
-                               media_addresses=settings.media_addresses or ["127.0.0.1"])
+            # The provider client speaks to the sandbox with the sandbox's credentials,
+            # in whichever URL shape (360dialog or Meta Graph) the settings chose.
+            settings = replace(settings, base_url=f"{self.url}{SANDBOX_PREFIX}",
+                               d360_api_key=self.sandbox.api_key, meta_token=self.sandbox.token,
+                               phone_number_id=self.sandbox.phone_number_id,
+                               media_addresses=(["127.0.0.1"] if settings.media_addresses is None
+                                                else settings.media_addresses))
             self.settings = settings
         self.provider = make_provider(settings.provider, **settings.provider_kwargs())
         self.manager = CallManager(self.provider, peer_config=settings.peer_config(),

@@ -238,7 +238,13 @@ class Call:
 
     async def _watch_transport(self) -> None:
         reason = await self.peer.ended
-        if not self.ended:
+        if self.ended:
+            return
+        # When the user hangs up, media often stops a moment before the terminate
+        # webhook arrives: give the webhook a grace period before calling it a failure.
+        try:
+            await self.wait_state(CallState.ENDED, self._manager.media_end_grace_s)
+        except asyncio.TimeoutError:
             await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=reason)
 
     def _on_status(self, event: CallStatus) -> None:
@@ -403,8 +409,10 @@ class CallManager:
         peer_config: PeerConfig | None = None,
         ring_timeout_s: float = 60.0,
         max_duration_s: float = 3600.0,
+        media_end_grace_s: float = 2.0,
     ):
         self.provider = provider
+        self.media_end_grace_s = media_end_grace_s
         self.peer_config = peer_config or PeerConfig()
         self.ring_timeout_s = ring_timeout_s
         self.max_duration_s = max_duration_s

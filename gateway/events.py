@@ -1,0 +1,326 @@
+"""Typed WhatsApp calling webhook payloads.
+
+Each class parses one object from a webhook ``value`` (see :mod:`gateway.webhooks`
+for the envelope). Parsing is tolerant: unknown enum values become ``UNKNOWN``,
+unix-second timestamps may be strings or ints, missing optional fields are
+``None``. Phone fields can be absent when the user has a username (BSUID only).
+
+Every event has a ``key`` for de-duplication: Meta retries failed deliveries
+for up to 7 days, so the same event can arrive many times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Self, TypeAlias
+
+from gateway.errors import ProviderError, WebhookFormatError, error_for
+
+__all__ = [
+    "CallConnect",
+    "CallStatus",
+    "CallStatusKind",
+    "CallTerminate",
+    "Direction",
+    "TerminateStatus",
+    "UnknownEvent",
+    "WebhookError",
+    "WebhookEvent",
+    "WebhookFormatError",
+]
+
+EventKey: TypeAlias = tuple[str, str, str, int | None]
+
+
+class _TolerantEnum(StrEnum):
+    """String enum that maps unknown (or differently cased) values to ``UNKNOWN``."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _TolerantEnum:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().upper():
+                    return member
+        return cls["UNKNOWN"]
+
+    @classmethod
+    def parse(cls, value: object) -> Self:
+        """Like ``cls(value)``, but any non-string also gives ``UNKNOWN``."""
+        return cls(value) if isinstance(value, str) else cls["UNKNOWN"]
+
+
+class Direction(_TolerantEnum):
+    """Who placed the call."""
+
+    BUSINESS_INITIATED = "BUSINESS_INITIATED"
+    USER_INITIATED = "USER_INITIATED"
+    UNKNOWN = "UNKNOWN"
+
+
+class CallStatusKind(_TolerantEnum):
+    """``statuses[].status`` of a business-initiated call.
+
+    ``ACCEPTED`` (the user picked up) typically arrives after media is already
+    flowing; ``REJECTED`` is followed by a ``terminate`` webhook. There is no
+    status for "not answered": such calls simply end with ``terminate``.
+    """
+
+    RINGING = "RINGING"
+    ACCEPTED = "ACCEPTED"
+    REJECTED = "REJECTED"
+    UNKNOWN = "UNKNOWN"
+
+
+class TerminateStatus(_TolerantEnum):
+    """``status`` of a ``terminate`` event.
+
+    References write ``COMPLETED``/``FAILED``, guides ``Completed``/``Failed``.
+    """
+
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    UNKNOWN = "UNKNOWN"
+
+
+def _int(value: Any) -> int | None:
+    """Unix seconds / durations: ints or digit strings; anything else is ``None``."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value != "" else None
+
+
+def _call_id(d: Mapping[str, Any], what: str) -> str:
+    if not isinstance(d, Mapping):
+        raise WebhookFormatError(f"{what} must be an object, got {type(d).__name__}")
+    call_id = d.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        raise WebhookFormatError(f"{what} has no 'id'")
+    return call_id
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookError:
+    """One entry of ``value.errors[]`` (sent next to failed ``terminate`` events)."""
+
+    code: int | None
+    message: str
+    details: str | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WebhookError:
+        if not isinstance(d, Mapping):
+            return cls(None, str(d), None)
+        data = d.get("error_data")
+        details = data.get("details") if isinstance(data, Mapping) else None
+        message = _str(d.get("message")) or _str(d.get("title")) or ""
+        return cls(_int(d.get("code")), message, _str(details) or _str(d.get("details")))
+
+    def as_error(self) -> ProviderError:
+        """The matching :class:`ProviderError` (with meaning and resolution)."""
+        return error_for(self.code, self.message or None, details=self.details)
+
+
+def _sdp_from(d: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``session.{sdp,sdp_type}``, else legacy ``connection.webrtc.sdp``."""
+    session = d.get("session")
+    if isinstance(session, Mapping) and _str(session.get("sdp")):
+        kind = _str(session.get("sdp_type"))
+        return session["sdp"], kind.lower() if kind else None
+    connection = d.get("connection")
+    webrtc = connection.get("webrtc") if isinstance(connection, Mapping) else None
+    legacy = webrtc.get("sdp") if isinstance(webrtc, Mapping) else None
+    if isinstance(legacy, str) and legacy.lstrip().startswith("{"):
+        with contextlib.suppress(ValueError):
+            legacy = json.loads(legacy)
+    if isinstance(legacy, Mapping):
+        kind = _str(legacy.get("type")) or _str(legacy.get("sdp_type"))
+        return _str(legacy.get("sdp")), kind.lower() if kind else None
+    return _str(legacy), None
+
+
+@dataclass(frozen=True, slots=True)
+class CallConnect:
+    """``calls[]`` with ``event: "connect"``.
+
+    ``USER_INITIATED``: an incoming call with the user's SDP offer; pre_accept /
+    accept (or reject) within ~30-60 s. ``BUSINESS_INITIATED``: Meta's SDP answer
+    to our ``connect`` (not yet "user answered"; that is ``ACCEPTED``). It may
+    arrive before our ``connect`` HTTP call returns.
+
+    When only a raw legacy SDP is present, ``sdp_type`` is inferred from the
+    direction (answer for business-initiated, offer for user-initiated).
+    """
+
+    call_id: str
+    direction: Direction
+    from_: str | None
+    to: str | None
+    timestamp: int | None
+    sdp: str | None
+    sdp_type: str | None
+    biz_opaque_callback_data: str | None
+    phone_number_id: str | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> CallConnect:
+        call_id = _call_id(d, "connect call")
+        direction = Direction.parse(d.get("direction"))
+        sdp, sdp_type = _sdp_from(d)
+        if sdp and sdp_type is None:
+            sdp_type = {Direction.BUSINESS_INITIATED: "answer",
+                        Direction.USER_INITIATED: "offer"}.get(direction)
+        return cls(call_id, direction, _str(d.get("from")), _str(d.get("to")),
+                   _int(d.get("timestamp")), sdp, sdp_type,
+                   _str(d.get("biz_opaque_callback_data")), phone_number_id)
+
+    @property
+    def key(self) -> EventKey:
+        return ("connect", self.call_id, "", self.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class CallTerminate:
+    """``calls[]`` with ``event: "terminate"``: the call ended, for any reason.
+
+    ``start_time``, ``end_time`` and ``duration`` (seconds) are present only if
+    the call was picked up. ``errors`` holds the change's ``errors[]`` (failed
+    calls only). A ``statuses[]`` entry ``TERMINATE`` is parsed into this class
+    with ``status=UNKNOWN``.
+    """
+
+    call_id: str
+    direction: Direction
+    from_: str | None
+    to: str | None
+    timestamp: int | None
+    status: TerminateStatus
+    start_time: int | None
+    end_time: int | None
+    duration: int | None
+    biz_opaque_callback_data: str | None
+    errors: tuple[WebhookError, ...]
+    phone_number_id: str | None
+
+    @classmethod
+    def from_dict(
+        cls,
+        d: Mapping[str, Any],
+        *,
+        phone_number_id: str | None = None,
+        errors: Iterable[Mapping[str, Any]] = (),
+    ) -> CallTerminate:
+        call_id = _call_id(d, "terminate call")
+        own = d.get("errors")
+        all_errors = [*(own if isinstance(own, list) else ()), *errors]
+        return cls(call_id, Direction.parse(d.get("direction")), _str(d.get("from")),
+                   _str(d.get("to")), _int(d.get("timestamp")),
+                   TerminateStatus.parse(d.get("status")), _int(d.get("start_time")),
+                   _int(d.get("end_time")), _int(d.get("duration")),
+                   _str(d.get("biz_opaque_callback_data")),
+                   tuple(WebhookError.from_dict(e) for e in all_errors), phone_number_id)
+
+    @classmethod
+    def from_status(
+        cls,
+        d: Mapping[str, Any],
+        *,
+        phone_number_id: str | None = None,
+        errors: Iterable[Mapping[str, Any]] = (),
+    ) -> CallTerminate:
+        """Build from a ``statuses[]`` entry whose status is ``TERMINATE``."""
+        call_id = _call_id(d, "status")
+        return cls(call_id, Direction.UNKNOWN, None, _str(d.get("recipient_id")),
+                   _int(d.get("timestamp")), TerminateStatus.UNKNOWN, None, None, None,
+                   _str(d.get("biz_opaque_callback_data")),
+                   tuple(WebhookError.from_dict(e) for e in errors), phone_number_id)
+
+    @property
+    def key(self) -> EventKey:
+        return ("terminate", self.call_id, self.status.value, self.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class CallStatus:
+    """``statuses[]`` entry of a business-initiated call (RINGING/ACCEPTED/REJECTED).
+
+    ``raw_status`` keeps the provider's spelling, also for ``UNKNOWN``.
+    """
+
+    call_id: str
+    status: CallStatusKind
+    raw_status: str
+    timestamp: int | None
+    recipient_id: str | None
+    biz_opaque_callback_data: str | None
+    phone_number_id: str | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> CallStatus:
+        call_id = _call_id(d, "status")
+        raw = d.get("status")
+        raw = raw if isinstance(raw, str) else ""
+        return cls(call_id, CallStatusKind.parse(raw), raw, _int(d.get("timestamp")),
+                   _str(d.get("recipient_id")), _str(d.get("biz_opaque_callback_data")),
+                   phone_number_id)
+
+    @property
+    def key(self) -> EventKey:
+        return ("status", self.call_id, self.raw_status.upper(), self.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownEvent:
+    """Anything not parsed yet: another ``calls[]`` event or another webhook field.
+
+    ``field`` is the change's field; ``kind`` the call ``event`` name, or the
+    field name for non-call changes; ``raw`` the untouched object.
+    """
+
+    field: str
+    kind: str
+    raw: dict[str, Any]
+    phone_number_id: str | None = None
+
+    @classmethod
+    def from_dict(
+        cls,
+        d: Mapping[str, Any],
+        *,
+        phone_number_id: str | None = None,
+        field: str = "calls",
+        kind: str | None = None,
+    ) -> UnknownEvent:
+        raw = dict(d) if isinstance(d, Mapping) else {"value": d}
+        return cls(field, kind or _str(raw.get("event")) or field, raw, phone_number_id)
+
+    @property
+    def call_id(self) -> str | None:
+        return _str(self.raw.get("id"))
+
+    @property
+    def key(self) -> EventKey:
+        digest = hashlib.sha256(
+            json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
+        return ("unknown", f"{self.field}:{self.kind}", digest,
+                _int(self.raw.get("timestamp")))
+
+
+WebhookEvent: TypeAlias = CallConnect | CallTerminate | CallStatus | UnknownEvent

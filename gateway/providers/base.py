@@ -1,0 +1,259 @@
+"""The calling-provider interface: the five call actions over HTTPS.
+
+Every action is one ``POST`` to the provider's calls endpoint with
+``messaging_product: "whatsapp"`` and an ``action``. Provider limits that matter
+to callers:
+
+* ``biz_opaque_callback_data`` is at most 512 characters; Meta echoes it on
+  ``statuses`` and on the ``terminate`` webhook.
+* The SDP answer to ``connect`` arrives by webhook, not in the HTTP response.
+* ``pre_accept`` and ``accept`` send ``sdp_type: "answer"`` (some reference
+  tables say "offer"; the examples and working clients use "answer"), and
+  ``accept`` must carry the same SDP as ``pre_accept``.
+* A ``connect`` that fails with :class:`ProviderUnavailableError` has an unknown
+  outcome: the phone may already ring, so do not retry it blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import aiohttp
+
+from gateway.errors import ProviderError, ProviderUnavailableError, error_for
+from gateway.redact import mask_phone, mask_text
+
+__all__ = ["CallingProvider", "MAX_CALLBACK_DATA"]
+
+log = logging.getLogger(__name__)
+
+MAX_CALLBACK_DATA = 512
+_CODE_IN_TEXT = (re.compile(r"#(\d+)"), re.compile(r"(?<!\d)(13\d{4})(?!\d)"))
+_SNIPPET = 200
+
+
+class CallingProvider(ABC):
+    """Base class of the Meta Graph and 360dialog call-action clients.
+
+    ``session`` may be shared with the rest of the application; when ``None``,
+    the provider creates its own on first use and :meth:`close` closes it.
+    ``timeout`` (seconds) bounds each request.
+    """
+
+    name: ClassVar[str] = "provider"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._session = session
+        self._owns_session = session is None
+
+    def __repr__(self) -> str:  # credentials never appear here
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    @property
+    @abstractmethod
+    def calls_url(self) -> str:
+        """Absolute URL of the provider's call-actions endpoint."""
+
+    @abstractmethod
+    def _auth_headers(self) -> dict[str, str]:
+        """Headers that authenticate a request."""
+
+    # -- actions -------------------------------------------------------------
+
+    async def connect(
+        self, to: str, sdp: str, biz_opaque_callback_data: str | None = None
+    ) -> str:
+        """Start a business-initiated call to ``to``; return its ``wacid.…`` id.
+
+        ``to`` is the user's number with country code; a leading ``+`` and spaces
+        are removed. Requires the user's call permission (else 138006).
+        """
+        digits = _normalise_to(to)
+        _require(sdp, "sdp")
+        body = {"messaging_product": "whatsapp", "to": digits, "action": "connect",
+                "session": {"sdp_type": "offer", "sdp": sdp}}
+        _add_callback_data(body, biz_opaque_callback_data)
+        data = await self._post(body)
+        calls = data.get("calls")
+        call_id = None
+        if isinstance(calls, list) and calls and isinstance(calls[0], dict):
+            call_id = calls[0].get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise ProviderError(f"{self.name} accepted connect but returned no call id")
+        log.info("%s connect to=%s call_id=%s", self.name, mask_phone(digits), call_id)
+        return call_id
+
+    async def pre_accept(self, call_id: str, sdp: str) -> None:
+        """Send the SDP answer for an incoming call so ICE/DTLS can start early."""
+        _require(call_id, "call_id")
+        _require(sdp, "sdp")
+        await self._post({"messaging_product": "whatsapp", "call_id": call_id,
+                          "action": "pre_accept",
+                          "session": {"sdp_type": "answer", "sdp": sdp}})
+        log.info("%s pre_accept call_id=%s", self.name, call_id)
+
+    async def accept(
+        self, call_id: str, sdp: str, biz_opaque_callback_data: str | None = None
+    ) -> None:
+        """Answer an incoming call; send media only after this returns."""
+        _require(call_id, "call_id")
+        _require(sdp, "sdp")
+        body = {"messaging_product": "whatsapp", "call_id": call_id, "action": "accept",
+                "session": {"sdp_type": "answer", "sdp": sdp}}
+        _add_callback_data(body, biz_opaque_callback_data)
+        await self._post(body)
+        log.info("%s accept call_id=%s", self.name, call_id)
+
+    async def reject(self, call_id: str) -> None:
+        """Decline an incoming call (within ~30-60 s of the connect webhook)."""
+        await self._simple_action(call_id, "reject")
+
+    async def terminate(self, call_id: str) -> None:
+        """End a call from the business side (needed for accurate billing)."""
+        await self._simple_action(call_id, "terminate")
+
+    async def close(self) -> None:
+        """Close the HTTP session if this provider created it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- transport -------------------------------------------------------------
+
+    async def _simple_action(self, call_id: str, action: str) -> None:
+        _require(call_id, "call_id")
+        await self._post({"messaging_product": "whatsapp", "call_id": call_id,
+                          "action": action})
+        log.info("%s %s call_id=%s", self.name, action, call_id)
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or (self._owns_session and self._session.closed):
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body``; return the decoded JSON object or raise a ProviderError."""
+        headers = {"Content-Type": "application/json", **self._auth_headers()}
+        action = body.get("action")
+        try:
+            async with self._get_session().post(
+                self.calls_url, json=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                status = resp.status
+                text = await resp.text(errors="replace")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+            log.warning("%s %s failed: %s", self.name, action, reason)
+            raise ProviderUnavailableError(
+                f"{self.name} unreachable during {action}: {reason}") from exc
+        data = _decode(text)
+        err = _error_from(self.name, status, data, text)
+        if err is not None:
+            log.warning("%s %s failed: %s", self.name, action, mask_text(str(err)))
+            raise err
+        return data if isinstance(data, dict) else {}
+
+
+def _normalise_to(to: str) -> str:
+    digits = "".join(str(to).split()).lstrip("+")
+    if not digits.isdigit():
+        raise ValueError("'to' must be a phone number with country code (digits, "
+                         "optional leading '+')")
+    return digits
+
+
+def _require(value: str, field: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field!r} must be a non-empty string")
+
+
+def _add_callback_data(body: dict[str, Any], data: str | None) -> None:
+    if data is None:
+        return
+    if len(data) > MAX_CALLBACK_DATA:
+        raise ValueError(f"biz_opaque_callback_data is {len(data)} chars; "
+                         f"the provider limit is {MAX_CALLBACK_DATA}")
+    body["biz_opaque_callback_data"] = data
+
+
+def _decode(text: str) -> Any:
+    try:
+        return json.loads(text) if text.strip() else None
+    except ValueError:
+        return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _code_in(text: str) -> int | None:
+    for pattern in _CODE_IN_TEXT:
+        match = pattern.search(text)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _details(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict) and "details" in value:
+        value = value["details"]
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _error_from(name: str, status: int, data: Any, text: str) -> ProviderError | None:
+    """Map an HTTP response to an error, or ``None`` when it is a success."""
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):  # Graph envelope
+            message = err.get("message") if isinstance(err.get("message"), str) else None
+            code = _int_or_none(err.get("code"))
+            if code is None and message:
+                code = _code_in(message)
+            return error_for(code, message, http_status=status,
+                             details=_details(err.get("error_data")),
+                             subcode=_int_or_none(err.get("error_subcode")),
+                             fbtrace_id=err.get("fbtrace_id"))
+        if isinstance(err, str) and err:  # 360dialog utils.ErrorResp
+            return error_for(_code_in(err), err, http_status=status)
+        errors = data.get("errors")
+        if isinstance(errors, list) and errors:  # list style
+            first = errors[0] if isinstance(errors[0], dict) else {}
+            message = first.get("message") or first.get("title")
+            return error_for(_int_or_none(first.get("code")),
+                             message if isinstance(message, str) else None,
+                             http_status=status,
+                             details=_details(first.get("details") or first.get("error_data")))
+        if 200 <= status < 300:
+            if data.get("success") is False:
+                return ProviderError(f"{name} answered success=false", http_status=status)
+            return None
+    elif 200 <= status < 300:
+        return None  # empty or non-JSON 2xx: the HTTP status is the answer
+    if status >= 500 or status < 200:
+        snippet = f": {text.strip()[:_SNIPPET]}" if text.strip() else " with an empty body"
+        return ProviderUnavailableError(f"{name} answered HTTP {status}{snippet}",
+                                        http_status=status)
+    snippet = f": {text.strip()[:_SNIPPET]}" if text.strip() else " with an empty body"
+    return ProviderError(f"{name} answered HTTP {status}{snippet}", http_status=status)

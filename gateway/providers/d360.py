@@ -1,0 +1,44 @@
+"""360dialog call actions (``POST {base}/calling/calls``, header ``D360-API-KEY``).
+
+360dialog issues one API key per phone number, so the number is not in the path.
+Its reference lists ``connect``, ``pre_accept``, ``accept`` and ``reject`` for this
+endpoint; ``terminate`` is assumed to be proxied the same way. BSUID dialling
+(``recipient``), recording and transcription are not in its request schema.
+Errors come back as ``{"error": "<text>"}``.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+from gateway.providers.base import CallingProvider
+
+__all__ = ["D360Provider"]
+
+DEFAULT_BASE_URL = "https://waba-v2.360dialog.io"
+
+
+class D360Provider(CallingProvider):
+    """Calling client for a 360dialog channel, authenticated by its API key."""
+
+    name = "360dialog"
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        if not api_key:
+            raise ValueError("a 360dialog API key is required")
+        super().__init__(base_url=base_url, session=session, timeout=timeout)
+        self._api_key = api_key
+
+    @property
+    def calls_url(self) -> str:
+        return f"{self.base_url}/calling/calls"
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"D360-API-KEY": self._api_key}

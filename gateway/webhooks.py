@@ -1,0 +1,235 @@
+"""WhatsApp webhook intake: signature check, envelope parsing, de-duplication.
+
+Meta (and Cloud-API BSPs such as 360dialog, which forward Meta's envelope)
+POST ``{"object": ..., "entry": [{"changes": [{"field", "value"}]}]}``. One POST
+can hold several entries, changes and calls, so everything is iterated. Failed
+deliveries are retried for up to 7 days: answer 200 quickly and de-duplicate.
+
+Meta signs each POST with ``X-Hub-Signature-256: sha256=<hex>`` (HMAC-SHA256 of
+the raw body keyed with the app secret). 360dialog channel webhooks are not
+signed with a secret you know; protect them with HTTPS and a secret URL/header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import WebhookFormatError
+from gateway.events import (
+    CallConnect,
+    CallStatus,
+    CallTerminate,
+    UnknownEvent,
+    WebhookEvent,
+)
+from gateway.redact import mask_phone
+
+__all__ = [
+    "EventDeduper",
+    "WebhookFormatError",
+    "parse_webhook",
+    "verify_signature",
+    "webhook_routes",
+]
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[WebhookEvent], Awaitable[Any]]
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise WebhookFormatError(f"{where} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise WebhookFormatError(f"{where} must be an object, got {type(value).__name__}")
+    return value
+
+
+def parse_webhook(payload: Any) -> list[WebhookEvent]:
+    """Turn a decoded webhook body into typed events, in document order.
+
+    Per ``calls`` change: ``calls[]`` first (connect, terminate, others as
+    :class:`UnknownEvent`), then ``statuses[]``; ``errors[]`` is attached to
+    the change's terminate events (or reported as an ``UnknownEvent`` of kind
+    ``errors`` when there is none). Other fields become ``UnknownEvent``.
+
+    Raises :class:`WebhookFormatError` when the envelope is malformed.
+    """
+    body = _object(payload, "webhook payload")
+    if "entry" not in body:
+        raise WebhookFormatError("webhook payload has no 'entry' list")
+    events: list[WebhookEvent] = []
+    for i, entry in enumerate(_list(body["entry"], "'entry'")):
+        entry = _object(entry, f"entry[{i}]")
+        for j, change in enumerate(_list(entry.get("changes"), f"entry[{i}].changes")):
+            where = f"entry[{i}].changes[{j}]"
+            change = _object(change, where)
+            field = change.get("field")
+            if not isinstance(field, str) or not field:
+                raise WebhookFormatError(f"{where} has no 'field'")
+            value = _object(change.get("value"), f"{where}.value")
+            if field == "calls":
+                events.extend(_parse_calls_value(value, where))
+            else:
+                events.append(UnknownEvent.from_dict(value, field=field, kind=field,
+                                                     phone_number_id=_pnid(value)))
+    return events
+
+
+def _pnid(value: Mapping[str, Any]) -> str | None:
+    meta = value.get("metadata")
+    pnid = meta.get("phone_number_id") if isinstance(meta, Mapping) else None
+    return str(pnid) if isinstance(pnid, (str, int)) and not isinstance(pnid, bool) else None
+
+
+def _parse_calls_value(value: Mapping[str, Any], where: str) -> list[WebhookEvent]:
+    pnid = _pnid(value)
+    errors = _list(value.get("errors"), f"{where}.value.errors")
+    out: list[WebhookEvent] = []
+    for k, call in enumerate(_list(value.get("calls"), f"{where}.value.calls")):
+        path = f"{where}.value.calls[{k}]"
+        call = _object(call, path)
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            raise WebhookFormatError(f"{path} has no 'id'")
+        event = call.get("event")
+        if event == "connect":
+            out.append(CallConnect.from_dict(call, phone_number_id=pnid))
+        elif event == "terminate":
+            out.append(CallTerminate.from_dict(call, phone_number_id=pnid, errors=errors))
+        else:
+            out.append(UnknownEvent.from_dict(call, phone_number_id=pnid, field="calls"))
+    for k, status in enumerate(_list(value.get("statuses"), f"{where}.value.statuses")):
+        path = f"{where}.value.statuses[{k}]"
+        status = _object(status, path)
+        if not isinstance(status.get("id"), str) or not status["id"]:
+            raise WebhookFormatError(f"{path} has no 'id'")
+        raw = status.get("status")
+        if isinstance(raw, str) and raw.strip().upper() == "TERMINATE":
+            out.append(CallTerminate.from_status(status, phone_number_id=pnid, errors=errors))
+        else:
+            out.append(CallStatus.from_dict(status, phone_number_id=pnid))
+    if errors and not any(isinstance(e, CallTerminate) for e in out):
+        out.append(UnknownEvent.from_dict({"errors": errors}, phone_number_id=pnid,
+                                          field="calls", kind="errors"))
+    return out
+
+
+def verify_signature(body: bytes, header: str | None, app_secret: str) -> bool:
+    """Check Meta's ``X-Hub-Signature-256`` header against the raw body."""
+    if not header or not app_secret:
+        return False
+    prefix, _, given = header.strip().partition("=")
+    if prefix.lower() != "sha256" or not given:
+        return False
+    expected = hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8"))
+
+
+class EventDeduper:
+    """Remembers the last ``max_keys`` event keys (LRU) to drop redelivered events."""
+
+    def __init__(self, max_keys: int = 10000) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.max_keys = max_keys
+        self._keys: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def seen(self, event: WebhookEvent) -> bool:
+        """True if ``event`` was seen before; otherwise remember it and return False."""
+        key = event.key
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        self._keys[key] = None
+        if len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+        return False
+
+
+def _bad_request(code: str, message: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _describe(event: WebhookEvent) -> str:
+    if isinstance(event, UnknownEvent):
+        return f"unknown {event.field}/{event.kind} call_id={event.call_id}"
+    if isinstance(event, CallConnect):
+        return (f"connect {event.direction} call_id={event.call_id} "
+                f"from={mask_phone(event.from_)} to={mask_phone(event.to)}")
+    if isinstance(event, CallStatus):
+        return f"status {event.raw_status} call_id={event.call_id}"
+    return f"terminate {event.status} call_id={event.call_id}"
+
+
+def webhook_routes(
+    dispatch: Dispatch,
+    *,
+    verify_token: str | None = None,
+    app_secret: str | None = None,
+    path: str = "/webhooks/whatsapp",
+    deduper: EventDeduper | None = None,
+) -> list[web.RouteDef]:
+    """aiohttp routes for the webhook endpoint.
+
+    ``GET`` answers Meta's subscription handshake (403 unless ``verify_token``
+    is set and matches). ``POST`` checks the signature if ``app_secret`` is set
+    (401 if wrong), parses (400 ``bad_webhook`` if invalid), drops duplicates,
+    awaits ``dispatch(event)`` for each event and answers 200. A failing
+    dispatch is logged and does not affect the other events. Keep ``dispatch``
+    fast: Meta expects a quick 200.
+    """
+    dedupe = deduper if deduper is not None else EventDeduper()
+
+    async def handshake(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        token = q.get("hub.verify_token", "")
+        if (not verify_token or q.get("hub.mode") != "subscribe"
+                or not hmac.compare_digest(token.encode(), verify_token.encode())):
+            log.warning("webhook verification refused (mode=%s)", q.get("hub.mode"))
+            return web.Response(status=403, text="forbidden")
+        return web.Response(text=q.get("hub.challenge", ""))
+
+    async def receive(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if app_secret and not verify_signature(
+                body, request.headers.get("X-Hub-Signature-256"), app_secret):
+            log.warning("webhook signature mismatch (%d bytes)", len(body))
+            return _bad_request("bad_signature", "X-Hub-Signature-256 does not match", 401)
+        try:
+            events = parse_webhook(json.loads(body))
+        except (ValueError, UnicodeDecodeError) as exc:  # JSON errors and WebhookFormatError
+            message = str(exc) if isinstance(exc, WebhookFormatError) else "body is not valid JSON"
+            log.warning("bad webhook: %s", message)
+            return _bad_request("bad_webhook", message)
+        for event in events:
+            if dedupe.seen(event):
+                log.debug("duplicate webhook event dropped: %s", _describe(event))
+                continue
+            if isinstance(event, UnknownEvent):
+                log.info("webhook event not handled yet: %s", _describe(event))
+            else:
+                log.debug("webhook event: %s", _describe(event))
+            try:
+                await dispatch(event)
+            except Exception:
+                log.exception("dispatch failed for %s", _describe(event))
+        return web.json_response({"ok": True})
+
+    return [web.get(path, handshake), web.post(path, receive)]
