@@ -65,7 +65,7 @@ class Service:
         self.url = f"http://{local_host}:{port}"
         if self.use_sandbox:
             self.sandbox = Sandbox(
-                webhook_url=f"{self.url}/webhooks/whatsapp",
+                webhook_url=settings.sandbox_webhook_url or f"{self.url}/webhooks/whatsapp",
                 app_secret=settings.app_secret,
                 recordings_dir=Path(settings.data_dir) / "sandbox",
                 # Simulated phones live on loopback unless told otherwise.

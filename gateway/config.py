@@ -83,6 +83,9 @@ class Settings:
     max_duration_s: float = 3600.0
     gather_timeout_s: float = 5.0
     media_timeout_s: float = 20.0
+    #: Sandbox only: where the sandbox POSTs its webhooks (default: this service's own
+    #: ``/webhooks/whatsapp``). Lets a separate ``wacall call`` process use the sandbox.
+    sandbox_webhook_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -112,6 +115,7 @@ class Settings:
             max_duration_s=_float(env, "WACALL_MAX_DURATION_S", 3600.0),
             gather_timeout_s=_float(env, "WACALL_GATHER_TIMEOUT_S", 5.0),
             media_timeout_s=_float(env, "WACALL_MEDIA_TIMEOUT_S", 20.0),
+            sandbox_webhook_url=env.get("WACALL_SANDBOX_WEBHOOK_URL") or None,
         )
 
     def peer_config(self) -> PeerConfig:

@@ -25,7 +25,9 @@ WINDOW_S = 0.02
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "audio"
 
 
-def tone(freq: float, seconds: float, amplitude: float = 0.3, rate: int = RATE, phase: float = 0.0) -> np.ndarray:
+def tone(
+    freq: float, seconds: float, amplitude: float = 0.3, rate: int = RATE, phase: float = 0.0
+) -> np.ndarray:
     n = np.arange(round(seconds * rate))
     return amplitude * np.sin(2 * np.pi * freq * n / rate + phase)
 
@@ -49,7 +51,8 @@ def place(total_s: float, *parts: tuple[float, np.ndarray]) -> np.ndarray:
 
 def test_rms_dbfs_known_levels() -> None:
     assert rms_dbfs(tone(1000, 1.0, amplitude=1.0)) == pytest.approx(-3.0103, abs=0.005)
-    assert rms_dbfs(tone(1000, 1.0, amplitude=0.3)) == pytest.approx(20 * math.log10(0.3 / math.sqrt(2)), abs=0.005)
+    sine_03 = 20 * math.log10(0.3 / math.sqrt(2))  # -13.47
+    assert rms_dbfs(tone(1000, 1.0, amplitude=0.3)) == pytest.approx(sine_03, abs=0.005)
     assert rms_dbfs(noise(1.0, -30.0)) == pytest.approx(-30.0, abs=0.1)
     assert rms_dbfs(np.full(100, 0.5)) == pytest.approx(20 * math.log10(0.5))
     # int16 is scaled by 1/32768, so both representations agree.
@@ -80,7 +83,8 @@ def test_dominant_frequency_short_signal_other_rate_and_dc() -> None:
     # A DC offset does not win.
     assert dominant_frequency(tone(440, 0.5) + 0.4, RATE) == pytest.approx(440, abs=0.5)
     # The louder of two tones wins.
-    assert dominant_frequency(tone(440, 0.5, 0.1) + tone(1500, 0.5, 0.3), RATE) == pytest.approx(1500, abs=0.5)
+    two_tones = tone(440, 0.5, 0.1) + tone(1500, 0.5, 0.3)
+    assert dominant_frequency(two_tones, RATE) == pytest.approx(1500, abs=0.5)
 
 
 def test_dominant_frequency_of_silence_is_zero() -> None:

@@ -218,3 +218,33 @@ async def test_unknown_and_malformed_webhooks(service):
             assert (await resp.json())["error"]["code"] == "bad_webhook"
         async with http.post(f"{service.url}/webhooks/whatsapp", data=json.dumps({"entry": 5})) as resp:
             assert resp.status == 400
+
+
+async def test_business_sends_audio_from_the_moment_media_is_up(service):
+    """Silence flows while the phone rings; the prompt starts only after pick-up."""
+    service.sandbox.users.update(USER, {"answer_after_ms": 800})
+    at_accept = {}
+
+    def on_entry(call, entry):
+        if entry.name == "accepted":
+            at_accept["frames"] = service.sandbox.calls[call.wacid].phone.peer.received.frames
+
+    service.manager.subscribe(on_entry)
+    call = await service.manager.place_call(USER, sources=[ToneSource(1000, 0.3)])
+    await call.wait_playback()
+    sandbox_call = service.sandbox.calls[call.wacid]
+    await drain(sandbox_call.phone.peer)
+    await call.hangup()
+    await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
+
+    ringing_s = call.elapsed_until("accepted") - call.elapsed_until("media_up")
+    assert ringing_s > 0.5
+    # frames arrived at the phone all along, one every 20 ms
+    assert at_accept["frames"] * 0.02 == pytest.approx(ringing_s, abs=0.15)
+    x, rate = analysis.read_audio(sandbox_call.phone.recording_path)
+    segments = analysis.tone_segments(x, rate, 1000)
+    assert len(segments) == 1
+    start, end = segments[0]
+    assert start == pytest.approx(ringing_s, abs=0.15)  # silence until pick-up
+    assert end - start == pytest.approx(0.3, abs=0.06)
+    assert analysis.rms_dbfs(x[: int(rate * (start - 0.1))]) < -60  # and it was silence

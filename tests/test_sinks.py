@@ -25,7 +25,8 @@ def read_wav(path: Path) -> tuple[np.ndarray, int, int]:
 @pytest.mark.parametrize("channels", [1, 2])
 def test_round_trip_is_bit_exact(tmp_path: Path, channels: int) -> None:
     rng = np.random.default_rng(7)
-    frames = [rng.integers(-32768, 32768, FRAME_SAMPLES * channels, dtype=np.int16) for _ in range(50)]
+    size = FRAME_SAMPLES * channels
+    frames = [rng.integers(-32768, 32768, size, dtype=np.int16) for _ in range(50)]
     frames[0][:4] = [-32768, 32767, 0, -1]  # the extremes survive too
     path = tmp_path / "out.wav"
     sink = WavSink(path, channels=channels)
@@ -83,6 +84,15 @@ def test_mono_frames_are_duplicated_into_a_stereo_file(tmp_path: Path) -> None:
     assert nch == 2
     np.testing.assert_array_equal(data[0::2], mono)
     np.testing.assert_array_equal(data[1::2], mono)
+
+
+def test_other_channel_counts_go_through_mono(tmp_path: Path) -> None:
+    three = np.array([300, 600, 900, -30, -60, -91], np.int16)  # 2 samples x 3 channels
+    with WavSink(tmp_path / "m.wav") as mono, WavSink(tmp_path / "s.wav", channels=2) as stereo:
+        mono.write(three, SAMPLE_RATE, channels=3)
+        stereo.write(three, SAMPLE_RATE, channels=3)
+    assert list(read_wav(tmp_path / "m.wav")[0]) == [600, -61]  # floor of the mean
+    assert list(read_wav(tmp_path / "s.wav")[0]) == [600, 600, -61, -61]
 
 
 def test_larger_frames_than_20ms_are_mixed_too(tmp_path: Path) -> None:

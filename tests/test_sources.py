@@ -103,7 +103,9 @@ FORMATS = [
 
 
 @pytest.mark.parametrize(("ext", "codec"), FORMATS, ids=[f[0] for f in FORMATS])
-def test_file_formats_play_the_right_tone_for_the_right_time(tmp_path: Path, ext: str, codec: str) -> None:
+def test_file_formats_play_the_right_tone_for_the_right_time(
+    tmp_path: Path, ext: str, codec: str
+) -> None:
     if not has_encoder(codec):
         pytest.skip(f"this PyAV build has no {codec} encoder to make a .{ext} file")
     path = encode(tmp_path / f"tone.{ext}", sine(440, 1.0, SAMPLE_RATE), SAMPLE_RATE, codec)
@@ -258,7 +260,9 @@ def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
         FileSource(tmp_path / "nope.ogg")
 
 
-@pytest.mark.parametrize("content", [b"", b"this is not audio at all\n" * 40], ids=["empty", "text"])
+@pytest.mark.parametrize(
+    "content", [b"", b"this is not audio at all\n" * 40], ids=["empty", "text"]
+)
 def test_unreadable_file_is_media_file_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.mp3"
     path.write_bytes(content)
@@ -315,7 +319,9 @@ def test_fixture_files(name: str, freq: float) -> None:
 # -- ToneSource ------------------------------------------------------------------------
 
 
-def reference_tone(freq: float, start: int, count: int, amplitude: float = 0.3, rate: int = SAMPLE_RATE) -> np.ndarray:
+def reference_tone(
+    freq: float, start: int, count: int, amplitude: float = 0.3, rate: int = SAMPLE_RATE
+) -> np.ndarray:
     n = np.arange(start, start + count, dtype=np.float64)
     return np.rint(amplitude * 32767 * np.sin(2 * np.pi * freq * n / rate))
 

@@ -1,0 +1,83 @@
+"""`wacall call` against a provider in another process (`wacall serve --sandbox`), as a
+user with real credentials would run it against 360dialog."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from media import analysis
+
+ROOT = Path(__file__).resolve().parent.parent
+USER = "+4915112345678"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
+    async def poll():
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert proc.poll() is None, proc.stderr.read()
+                try:
+                    async with http.get(f"{url}/healthz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path):
+    sandbox_port, call_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{sandbox_port}"
+    env = {**os.environ, "WACALL_DATA_DIR": str(tmp_path / "sandbox-data"),
+           "WACALL_PORT": str(sandbox_port),
+           "WACALL_SANDBOX_WEBHOOK_URL": f"http://127.0.0.1:{call_port}/webhooks/whatsapp"}
+    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await wait_healthy(base, server)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/sandbox/users/{USER}",
+                                 json={"say": str(ROOT / "fixtures/audio/user.ogg"),
+                                       "answer_after_ms": 200}) as resp:
+                assert resp.status == 200, await resp.text()
+            call_env = {**os.environ, "WACALL_PROVIDER": "360dialog",
+                        "WACALL_BASE_URL": f"{base}/sandbox", "WACALL_D360_API_KEY": "sandbox-key",
+                        "WACALL_PORT": str(call_port), "WACALL_MEDIA_ADDRESSES": "127.0.0.1"}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.cli", "call", "--to", USER,
+                "--play", str(ROOT / "fixtures/audio/business.ogg"), "--record", str(tmp_path / "out"),
+                "--json", env=call_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, stderr.decode()
+            summary = json.loads(stdout)
+            assert summary["end_reason"] == "business_hangup"
+            assert "4915112345678" not in stdout.decode() + stderr.decode()  # masked everywhere
+
+            async with http.get(f"{base}/sandbox/users/{USER}/calls") as resp:
+                calls = (await resp.json())["calls"]
+        assert [c["id"] for c in calls] == [summary["wacid"]]
+        assert calls[0]["ended_by"] == "business"
+        x, rate = analysis.read_audio(calls[0]["phone_recording"])
+        assert analysis.tone_seconds(x, rate, 1000) == pytest.approx(3.0, rel=0.10)
+        y, rate = analysis.read_audio(tmp_path / "out" / "user.wav")
+        assert analysis.dominant_frequency(y, rate) == pytest.approx(600, abs=5)
+        assert analysis.tone_seconds(y, rate, 600) > 2.5
+    finally:
+        server.terminate()
+        server.wait(20)
+    assert server.returncode == 0
