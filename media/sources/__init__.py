@@ -1,0 +1,6 @@
+"""Frame sources: things that produce 20 ms int16 PCM frames (see :mod:`media.frames`)."""
+
+from .file import FileSource
+from .tone import SilenceSource, ToneSource
+
+__all__ = ["FileSource", "SilenceSource", "ToneSource"]
