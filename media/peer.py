@@ -25,7 +25,13 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import ice, sdp as sdp_rules
@@ -69,6 +75,12 @@ class ReceiveStats:
         return self.frames * FRAME_MS / 1000
 
 
+def _prefer_opus(transceiver) -> None:
+    """Opus is the only audio codec WhatsApp takes (G.711 only when enabled in settings)."""
+    codecs = RTCRtpSender.getCapabilities("audio").codecs
+    transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() == "audio/opus"])
+
+
 class MediaPeer:
     def __init__(self, config: PeerConfig | None = None, *, label: str = "peer"):
         self.config = config or PeerConfig()
@@ -91,11 +103,7 @@ class MediaPeer:
     # -- signalling ----------------------------------------------------------------------
 
     def _add_audio(self) -> None:
-        transceiver = self._pc.addTransceiver(self.outbound, direction="sendrecv")
-        opus = [
-            c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"
-        ]
-        transceiver.setCodecPreferences(opus)
+        _prefer_opus(self._pc.addTransceiver(self.outbound, direction="sendrecv"))
 
     async def _local_sdp(self, description) -> str:
         with ice.host_addresses(self.config.host_addresses):
@@ -115,34 +123,26 @@ class MediaPeer:
         self._add_audio()
         return await self._local_sdp(await self._pc.createOffer())
 
+    async def _set_remote(self, remote_sdp: str, kind: str) -> None:
+        try:
+            sdp_rules.parse(remote_sdp)
+            await self._pc.setRemoteDescription(RTCSessionDescription(remote_sdp, kind))
+        except (ValueError, AssertionError) as exc:
+            raise MediaError(f"cannot apply the SDP {kind}: {exc}") from exc
+
     async def apply_answer(self, answer_sdp: str) -> None:
         """Apply the answer from the ``connect`` webhook (an ICE-lite answerer is fine)."""
-        from aiortc import RTCSessionDescription
-
-        try:
-            sdp_rules.parse(answer_sdp)
-            await self._pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
-        except (ValueError, AssertionError) as exc:
-            raise MediaError(f"cannot apply the SDP answer: {exc}") from exc
+        await self._set_remote(answer_sdp, "answer")
 
     async def accept_offer(self, offer_sdp: str) -> str:
         """Answer a remote offer (an inbound call, or a simulated phone)."""
-        from aiortc import RTCSessionDescription
-
-        try:
-            sdp_rules.parse(offer_sdp)
-            await self._pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
-        except (ValueError, AssertionError) as exc:
-            raise MediaError(f"cannot apply the SDP offer: {exc}") from exc
+        await self._set_remote(offer_sdp, "offer")
         transceivers = self._pc.getTransceivers()
         if not transceivers or transceivers[0].kind != "audio":
             raise MediaError("the offer has no audio section")
         transceivers[0].direction = "sendrecv"
         transceivers[0].sender.replaceTrack(self.outbound)
-        opus = [
-            c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"
-        ]
-        transceivers[0].setCodecPreferences(opus)
+        _prefer_opus(transceivers[0])
         return await self._local_sdp(await self._pc.createAnswer())
 
     # -- media ---------------------------------------------------------------------------
