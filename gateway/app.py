@@ -1,10 +1,10 @@
 """The aiohttp application and the service that runs it.
 
-One HTTP port serves the provider webhooks (``POST /webhooks/whatsapp``), health checks
-and, with ``--sandbox``, the embedded provider emulator under ``/sandbox``. The
-:class:`Service` binds the port first, so the sandbox (which must know where to send
-webhooks) and the provider client (which must know the sandbox's URL) can be built
-before the first request.
+One HTTP port serves the provider webhooks (``POST /webhooks/whatsapp``), the control API
+(``/v1``), health and metrics and, with ``--sandbox``, the embedded provider emulator under
+``/sandbox``. The :class:`Service` binds the port first, so the sandbox (which must know
+where to send webhooks) and the provider client (which must know the sandbox's URL) can
+be built before the first request.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .calls import CallManager
+from .api.routes import ControlApi, auth_middleware
+from .calls import CallManager, InboundPlan, InboundPolicy
 from .config import Settings
+from .media_library import MediaLibrary
 from .providers import CallingProvider, make_provider
 from .sandbox.emulator import Sandbox
 from .webhooks import webhook_routes
@@ -28,16 +30,36 @@ MANAGER = web.AppKey("manager", CallManager)
 SANDBOX_PREFIX = "/sandbox"
 
 
-def create_app(settings: Settings, manager: CallManager, sandbox: Sandbox | None = None) -> web.Application:
-    app = web.Application()
+def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
+    """The configured answer to a user's call: play ``inbound_play`` and record, or reject."""
+
+    def policy(event) -> InboundPlan | None:
+        if settings.inbound == "reject":
+            return None
+        return InboundPlan(sources=library.sources(settings.inbound_play), record=settings.inbound_record)
+
+    return policy
+
+
+def create_app(settings: Settings, manager: CallManager, library: MediaLibrary,
+               sandbox: Sandbox | None = None) -> web.Application:
+    app = web.Application(middlewares=[auth_middleware(settings.api_token)])
     app[MANAGER] = manager
     app.add_routes(webhook_routes(manager.handle_event, verify_token=settings.verify_token,
                                   app_secret=settings.app_secret))
+    app.add_routes(ControlApi(manager, library).routes())
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "live_calls": len(manager.live_calls)})
+        return web.json_response({"ok": True})
+
+    async def readyz(request: web.Request) -> web.Response:
+        live = len(manager.live_calls)
+        ready = not manager.closing and live < manager.max_calls
+        return web.json_response({"ready": ready, "live_calls": live, "max_calls": manager.max_calls},
+                                 status=200 if ready else 503)
 
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     if sandbox is not None:
         app.add_subapp(SANDBOX_PREFIX, sandbox.app())
     return app
@@ -52,6 +74,7 @@ class Service:
         self.sandbox: Sandbox | None = None
         self.provider: CallingProvider | None = None
         self.manager: CallManager | None = None
+        self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -80,12 +103,15 @@ class Service:
                                media_addresses=(["127.0.0.1"] if settings.media_addresses is None
                                                 else settings.media_addresses))
             self.settings = settings
+        library = MediaLibrary(settings.media_root)
         self.provider = make_provider(settings.provider, **settings.provider_kwargs())
-        self.manager = CallManager(self.provider, peer_config=settings.peer_config(),
-                                   ring_timeout_s=settings.ring_timeout_s,
-                                   max_duration_s=settings.max_duration_s)
-        app = create_app(settings, self.manager, self.sandbox)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.manager = CallManager(
+            self.provider, peer_config=settings.peer_config(),
+            ring_timeout_s=settings.ring_timeout_s, max_duration_s=settings.max_duration_s,
+            max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
+            inbound_policy=inbound_policy(settings, library))
+        self.app = create_app(settings, self.manager, library, self.sandbox)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         log.info("wacall listening on %s (provider %s%s)", self.url, settings.provider,
@@ -93,6 +119,8 @@ class Service:
         return self
 
     async def stop(self) -> None:
+        """Graceful: hang up live calls through the provider (recordings are closed with
+        them), then stop serving."""
         if self.manager is not None:
             await self.manager.shutdown()
         if self.sandbox is not None:

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from media.frames import Sink, Source
@@ -51,6 +52,10 @@ class CallState(enum.StrEnum):
 _ORDER = {state: i for i, state in enumerate(CallState)}
 
 
+class CapacityError(RuntimeError):
+    """Too many live calls to take another one."""
+
+
 class EndReason(enum.StrEnum):
     REJECTED = "rejected"
     USER_HANGUP = "user_hangup"
@@ -61,6 +66,23 @@ class EndReason(enum.StrEnum):
     MEDIA_FAILURE = "media_failure"
     PROVIDER_ERROR = "provider_error"
     SHUTDOWN = "shutdown"
+    #: An inbound call we did not take (policy, or over capacity).
+    DECLINED = "declined"
+
+
+@dataclass(slots=True)
+class InboundPlan:
+    """What to do with an inbound call: play these sources, feed these sinks."""
+
+    sources: list[Source] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
+    record: bool = False
+    biz_opaque_callback_data: str | None = None
+    max_duration_s: float | None = None
+
+
+#: Decides about an inbound call: a plan to answer it, or ``None`` to reject it.
+InboundPolicy = Callable[[CallConnect], "InboundPlan | None"]
 
 
 @dataclass(slots=True)
@@ -92,7 +114,7 @@ class Call:
         self,
         manager: CallManager,
         *,
-        to: str,
+        user: str,
         direction: Direction,
         peer: MediaPeer,
         sources: Iterable[Source] = (),
@@ -103,7 +125,8 @@ class Call:
         media_timeout_s: float,
     ):
         self.id = f"call_{secrets.token_hex(6)}"
-        self.to = to
+        #: The WhatsApp user's number (callee of an outbound call, caller of an inbound one).
+        self.user = user
         self.direction = direction
         self.peer = peer
         self.wacid: str | None = None
@@ -130,6 +153,7 @@ class Call:
         self.connected_at: float | None = None
         self.ended_at: float | None = None
         self.finished = asyncio.Event()  # set once media and recordings are closed
+        self.media_stats: dict = {}
         for sink in self.sinks:
             peer.add_sink(sink)
         self._mark(CallState.CREATED.value)
@@ -190,13 +214,43 @@ class Call:
             return
         self._mark("offer_created")
         try:
-            wacid = await provider.connect(self.to, offer, self.biz_opaque_callback_data)
+            wacid = await provider.connect(self.user, offer, self.biz_opaque_callback_data)
         except ProviderError as exc:
             await self._end(EndReason.PROVIDER_ERROR, error=exc)
             return
         self.wacid = wacid
         self._advance(CallState.OFFER_SENT, wacid=wacid)
         self._start_timer("ring", self._ring_timeout_s, EndReason.RING_TIMEOUT)
+
+    # -- inbound setup -------------------------------------------------------------------
+
+    async def _answer(self, provider: CallingProvider, offer: str) -> None:
+        """pre_accept -> media up -> accept, with the same SDP answer both times
+        (``sdp_type`` "answer", see the protocol notes). A failure before accept
+        rejects the call; the caller hanging up meanwhile just ends it."""
+        self._mark("offer_received")
+        try:
+            answer = await self.peer.accept_offer(offer)
+            self._mark("answer_created")
+            await provider.pre_accept(self.wacid, answer)
+            self._mark("pre_accepted")
+            await self.peer.media_up(self._media_timeout_s)
+            if self.ended:
+                return
+            self._media_ready = True
+            self._mark("media_up")
+            await provider.accept(self.wacid, answer, self.biz_opaque_callback_data)
+        except (MediaError, ProviderError) as exc:
+            if not self.ended:
+                if isinstance(exc, ProviderError):
+                    await self._end(EndReason.PROVIDER_ERROR, notify_provider=True, error=exc)
+                else:
+                    await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=str(exc))
+            return
+        if self._advance(CallState.ACCEPTED):
+            self._start_timer("max_duration", self._max_duration_s, EndReason.MAX_DURATION)
+            self._spawn(self._watch_transport())
+            self._maybe_connected()
 
     # -- webhook events ------------------------------------------------------------------
 
@@ -263,7 +317,9 @@ class Call:
 
     def _on_terminate(self, event: CallTerminate) -> None:
         self.duration_s = event.duration
-        if event.errors:
+        if self.direction is Direction.USER_INITIATED and not event.errors:
+            self._spawn(self._end(EndReason.USER_HANGUP))
+        elif event.errors:
             first = event.errors[0]
             from .errors import error_for
 
@@ -335,6 +391,7 @@ class Call:
     ) -> None:
         if self.ended:
             return
+        was_accepted = _ORDER[self.state] >= _ORDER[CallState.ACCEPTED]
         self.end_reason = reason
         self.error = error
         self.end_detail = detail or (str(error) if error else None)
@@ -351,11 +408,18 @@ class Call:
         log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
                  f" ({self.end_detail})" if self.end_detail else "")
         try:
+            await self.refresh_stats()
             if notify_provider and self.wacid:
+                provider = self._manager.provider
+                # An inbound call we never accepted is rejected, anything else terminated.
+                inbound_unaccepted = self.direction is Direction.USER_INITIATED and not was_accepted
                 try:
-                    await self._manager.provider.terminate(self.wacid)
+                    if inbound_unaccepted:
+                        await provider.reject(self.wacid)
+                    else:
+                        await provider.terminate(self.wacid)
                 except ProviderError as exc:
-                    log.warning("call %s: terminate failed: %s", self.id, exc)
+                    log.warning("call %s: %s failed: %s", self.id, "reject" if inbound_unaccepted else "terminate", exc)
         finally:
             await self.peer.close()
             for playback in self.playbacks:
@@ -365,6 +429,25 @@ class Call:
             self._pending_sources.clear()
             self.finished.set()
             self._manager._forget_later(self)
+
+    async def refresh_stats(self) -> dict:
+        """Read the media statistics now (kept after the call ends)."""
+        if not self.peer.closed:
+            try:
+                self.media_stats = await asyncio.wait_for(self.peer.get_stats(), 2.0)
+            except (asyncio.TimeoutError, Exception):  # stats must never break a call
+                log.debug("call %s: stats unavailable", self.id, exc_info=True)
+        return self.media_stats
+
+    def record_to(self, directory: Path) -> Path:
+        """Record the user's audio to ``<directory>/<call id>/user.wav``."""
+        from media.sinks.wav import WavSink
+
+        path = Path(directory) / self.id / "user.wav"
+        sink = WavSink(path)
+        self.sinks.append(sink)
+        self.peer.add_sink(sink)
+        return path
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -379,7 +462,7 @@ class Call:
             "id": self.id,
             "wacid": self.wacid,
             "direction": self.direction.value,
-            "to": mask_phone(self.to),
+            "user": mask_phone(self.user),
             "state": self.state.value,
             "end_reason": self.end_reason.value if self.end_reason else None,
             "error": self.error.to_dict() if self.error else None,
@@ -388,7 +471,7 @@ class Call:
             "provider_duration_s": self.duration_s,
             "timeline": [e.as_dict() for e in self.timeline],
             "recordings": self.recording_paths(),
-            "media": self.peer.stats(),
+            "media": self.media_stats or self.peer.stats(),
         }
 
 
@@ -410,12 +493,19 @@ class CallManager:
         ring_timeout_s: float = 60.0,
         max_duration_s: float = 3600.0,
         media_end_grace_s: float = 2.0,
+        max_calls: int = 100,
+        recordings_dir: Path | None = None,
+        inbound_policy: InboundPolicy | None = None,
     ):
         self.provider = provider
+        self.max_calls = max_calls
+        self.recordings_dir = Path(recordings_dir) if recordings_dir else Path("wacall-data/recordings")
+        self.inbound_policy: InboundPolicy = inbound_policy or (lambda event: InboundPlan())
         self.media_end_grace_s = media_end_grace_s
         self.peer_config = peer_config or PeerConfig()
         self.ring_timeout_s = ring_timeout_s
         self.max_duration_s = max_duration_s
+        self.closing = False
         self.calls: OrderedDict[str, Call] = OrderedDict()
         self._by_wacid: dict[str, Call] = {}
         self._early: OrderedDict[str, list[tuple[float, Any]]] = OrderedDict()
@@ -450,14 +540,23 @@ class CallManager:
         biz_opaque_callback_data: str | None = None,
         ring_timeout_s: float | None = None,
         max_duration_s: float | None = None,
+        record: bool = False,
     ) -> Call:
         """Place a business-initiated call. Returns once the provider answered the
         ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
-        is ``ended`` with ``call.error``/``call.end_reason`` saying why)."""
+        is ``ended`` with ``call.error``/``call.end_reason`` saying why).
+
+        ``record`` adds a WAV recording of the user's audio at
+        ``<recordings_dir>/<call id>/user.wav``. Raises :class:`CapacityError` when
+        ``max_calls`` calls are live."""
+        if self.closing or len(self.live_calls) >= self.max_calls:
+            for source in sources:
+                source.close()
+            raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
         peer = MediaPeer(self.peer_config, label=f"call to {mask_phone(to)}")
         call = Call(
             self,
-            to=to,
+            user=to,
             direction=Direction.BUSINESS_INITIATED,
             peer=peer,
             sources=sources,
@@ -467,6 +566,8 @@ class CallManager:
             max_duration_s=max_duration_s or self.max_duration_s,
             media_timeout_s=self.peer_config.connect_timeout_s,
         )
+        if record:
+            call.record_to(self.recordings_dir)
         self.calls[call.id] = call
         log.info("call %s: dialing %s", call.id, mask_phone(to))
         await call._dial(self.provider)
@@ -486,9 +587,46 @@ class CallManager:
             call.handle(event)
             return
         if isinstance(event, CallConnect) and event.direction is Direction.USER_INITIATED:
-            log.info("inbound call %s: not handled yet, ignoring", call_id)
+            self._inbound(event)
             return
         self._buffer_early(call_id, event)
+
+    def _inbound(self, event: CallConnect) -> None:
+        """A user calls the business: answer per policy (in the background: the webhook
+        must be acknowledged quickly) or reject."""
+        if not event.sdp or (event.sdp_type or "offer") != "offer":
+            log.warning("inbound call %s: connect without an SDP offer, ignored", event.call_id)
+            return
+        plan = None
+        if self.closing or len(self.live_calls) >= self.max_calls:
+            log.warning("inbound call %s: over capacity (%d live), rejecting", event.call_id, self.max_calls)
+        else:
+            try:
+                plan = self.inbound_policy(event)
+            except Exception:
+                log.exception("inbound policy failed for %s; rejecting", event.call_id)
+        call = Call(
+            self,
+            user=event.from_ or "",
+            direction=Direction.USER_INITIATED,
+            peer=MediaPeer(self.peer_config, label=f"call from {mask_phone(event.from_)}"),
+            sources=plan.sources if plan else (),
+            sinks=plan.sinks if plan else (),
+            biz_opaque_callback_data=plan.biz_opaque_callback_data if plan else None,
+            ring_timeout_s=self.ring_timeout_s,
+            max_duration_s=(plan.max_duration_s if plan else None) or self.max_duration_s,
+            media_timeout_s=self.peer_config.connect_timeout_s,
+        )
+        call.wacid = event.call_id
+        self.calls[call.id] = call
+        self._by_wacid[call.wacid] = call
+        log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))
+        if plan is None:
+            call._spawn(call._end(EndReason.DECLINED, notify_provider=True))
+            return
+        if plan.record:
+            call.record_to(self.recordings_dir)
+        call._spawn(call._answer(self.provider, event.sdp))
 
     def _buffer_early(self, call_id: str, event) -> None:
         now = time.monotonic()
@@ -517,6 +655,7 @@ class CallManager:
 
     async def shutdown(self) -> None:
         """Hang up every live call through the provider and close their media."""
+        self.closing = True
         await asyncio.gather(
             *(c._end(EndReason.SHUTDOWN, notify_provider=True) for c in self.live_calls),
             return_exceptions=True,

@@ -1,57 +1,41 @@
-"""Settings, read from ``WACALL_*`` environment variables (documented in the README).
+"""Settings: ``WACALL_*`` environment variables over an optional TOML file over defaults.
 
-Every setting has a default that works against the embedded sandbox; a real deployment
-sets the provider credentials and, usually, the public URL and ICE servers.
+Every setting has a default that works against the embedded sandbox. The TOML file
+(``WACALL_CONFIG`` or ``wacall --config FILE``) uses the setting names in lower case
+without the prefix (``ring_timeout_s = 45``, ``ice_servers = ["stun:…"]``);
+environment variables win over it. ``wacall config`` prints the effective settings
+with secrets masked.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from media.peer import IceServer, PeerConfig
 
 from .redact import mask_secret
 
 PROVIDERS = ("360dialog", "meta")
+INBOUND = ("answer", "reject")
 
 
 class ConfigError(ValueError):
     """A setting has a value wacall cannot use."""
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {raw!r}")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-
-
-def parse_ice_servers(raw: str) -> list[IceServer]:
+def parse_ice_servers(raw: str | list) -> list[IceServer]:
     """``stun:host:port,turn:user:secret@host:port?transport=udp`` -> ICE servers."""
+    items = raw if isinstance(raw, list) else raw.split(",")
     servers = []
-    for item in filter(None, (part.strip() for part in raw.split(","))):
+    for item in filter(None, (str(part).strip() for part in items)):
         scheme, sep, rest = item.partition(":")
         if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
-            raise ConfigError(f"WACALL_ICE_SERVERS: {item!r} is not a stun:/turn: URL")
+            raise ConfigError(f"ice_servers: {item!r} is not a stun:/turn: URL")
         username = credential = None
         if "@" in rest:
             auth, rest = rest.rsplit("@", 1)
@@ -60,7 +44,52 @@ def parse_ice_servers(raw: str) -> list[IceServer]:
     return servers
 
 
-_SECRETS = {"d360_api_key", "meta_token", "api_token", "app_secret", "verify_token"}
+def _list(raw: str | list) -> list[str]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _bool(raw: str | bool) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+def _positive(kind: type) -> Callable[[Any], Any]:
+    def parse(raw: Any) -> Any:
+        value = kind(raw)
+        if value <= 0:
+            raise ValueError(f"must be positive, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        value = str(raw).strip().lower()
+        value = (aliases or {}).get(value, value)
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _port_range(raw: str | list) -> tuple[int, int]:
+    low, high = (raw if isinstance(raw, list) else str(raw).replace(":", "-").split("-"))
+    low, high = int(low), int(high)
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"must be LOW-HIGH within 1024-65535, got {raw!r}")
+    return low, high
+
+
+_SECRETS = {"d360_api_key", "meta_token", "api_token", "app_secret", "verify_token", "event_secret"}
 
 
 @dataclass(slots=True)
@@ -75,56 +104,72 @@ class Settings:
     app_secret: str | None = None
     verify_token: str | None = None
     data_dir: Path = field(default_factory=lambda: Path("wacall-data"))
+    media_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     ice_servers: list[IceServer] = field(default_factory=list)
     media_addresses: list[str] | None = None
+    media_port_range: tuple[int, int] | None = None
+    advertised_address: str | None = None
     ring_timeout_s: float = 60.0
     max_duration_s: float = 3600.0
     gather_timeout_s: float = 5.0
     media_timeout_s: float = 20.0
+    max_calls: int = 100
+    inbound: str = "answer"
+    inbound_play: list[str] = field(default_factory=list)
+    inbound_record: bool = True
+    event_webhooks: list[str] = field(default_factory=list)
+    event_secret: str | None = None
+    log_format: str = "json"
     #: Sandbox only: where the sandbox POSTs its webhooks (default: this service's own
     #: ``/webhooks/whatsapp``). Lets a separate ``wacall call`` process use the sandbox.
     sandbox_webhook_url: str | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def load(cls, env: Mapping[str, str] | None = None, config_file: str | Path | None = None) -> Settings:
+        """Defaults, then the TOML file (``config_file`` or ``WACALL_CONFIG``), then env."""
         env = os.environ if env is None else env
-        provider = env.get("WACALL_PROVIDER", "360dialog").strip().lower()
-        if provider == "d360":
-            provider = "360dialog"
-        if provider not in PROVIDERS:
-            raise ConfigError(f"WACALL_PROVIDER must be one of {', '.join(PROVIDERS)}, got {provider!r}")
-        addresses = env.get("WACALL_MEDIA_ADDRESSES", "").strip()
-        return cls(
-            provider=provider,
-            base_url=env.get("WACALL_BASE_URL") or None,
-            d360_api_key=env.get("WACALL_D360_API_KEY") or None,
-            meta_token=env.get("WACALL_META_TOKEN") or None,
-            phone_number_id=env.get("WACALL_PHONE_NUMBER_ID") or None,
-            graph_version=env.get("WACALL_GRAPH_VERSION") or "v23.0",
-            api_token=env.get("WACALL_API_TOKEN") or None,
-            app_secret=env.get("WACALL_APP_SECRET") or None,
-            verify_token=env.get("WACALL_VERIFY_TOKEN") or None,
-            data_dir=Path(env.get("WACALL_DATA_DIR") or "wacall-data"),
-            host=env.get("WACALL_HOST") or "127.0.0.1",
-            port=_int(env, "WACALL_PORT", 8080),
-            ice_servers=parse_ice_servers(env.get("WACALL_ICE_SERVERS", "")),
-            media_addresses=[a.strip() for a in addresses.split(",") if a.strip()] or None,
-            ring_timeout_s=_float(env, "WACALL_RING_TIMEOUT_S", 60.0),
-            max_duration_s=_float(env, "WACALL_MAX_DURATION_S", 3600.0),
-            gather_timeout_s=_float(env, "WACALL_GATHER_TIMEOUT_S", 5.0),
-            media_timeout_s=_float(env, "WACALL_MEDIA_TIMEOUT_S", 20.0),
-            sandbox_webhook_url=env.get("WACALL_SANDBOX_WEBHOOK_URL") or None,
-        )
+        values: dict[str, Any] = {}
+        path = config_file or env.get("WACALL_CONFIG")
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    data = tomllib.load(fh)
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path}: {exc}") from None
+            unknown = sorted(set(data) - set(_PARSERS))
+            if unknown:
+                raise ConfigError(f"config file {path}: unknown settings {', '.join(unknown)}")
+            for name, raw in data.items():
+                values[name] = _parse(name, raw, f"{name} in {path}")
+        for name in _PARSERS:
+            raw = env.get(f"WACALL_{name.upper()}")
+            if raw is not None and raw != "":
+                values[name] = _parse(name, raw, f"WACALL_{name.upper()}")
+        return cls(**values)
+
+    from_env = load
+
+    @property
+    def media_root(self) -> Path:
+        """Where playable files live (``WACALL_MEDIA_DIR``, default ``<data dir>/media``)."""
+        return Path(self.media_dir) if self.media_dir else Path(self.data_dir) / "media"
 
     def peer_config(self) -> PeerConfig:
-        return PeerConfig(
+        config = PeerConfig(
             ice_servers=list(self.ice_servers),
             host_addresses=self.media_addresses,
             gather_timeout_s=self.gather_timeout_s,
             connect_timeout_s=self.media_timeout_s,
         )
+        for name, value in (("port_range", self.media_port_range),
+                            ("advertised_address", self.advertised_address)):
+            if value is not None and hasattr(config, name):
+                setattr(config, name, value)
+        return config
 
     def provider_kwargs(self) -> dict:
         """Arguments for :func:`gateway.providers.make_provider`; raises on missing credentials."""
@@ -152,7 +197,54 @@ class Settings:
                 value = mask_secret(value)
             elif f.name == "ice_servers":
                 value = [s.url + (" (with credentials)" if s.credential else "") for s in value]
+            elif f.name == "event_webhooks":
+                value = [url.split("?", 1)[0] for url in value]
             elif isinstance(value, Path):
                 value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
             out[f.name] = value
+        out["media_dir"] = str(self.media_root)
         return out
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "provider": _choice(PROVIDERS, {"d360": "360dialog"}),
+    "base_url": str,
+    "d360_api_key": str,
+    "meta_token": str,
+    "phone_number_id": str,
+    "graph_version": str,
+    "api_token": str,
+    "app_secret": str,
+    "verify_token": str,
+    "data_dir": Path,
+    "media_dir": Path,
+    "host": str,
+    "port": int,
+    "ice_servers": parse_ice_servers,
+    "media_addresses": _list,
+    "media_port_range": _port_range,
+    "advertised_address": str,
+    "ring_timeout_s": _positive(float),
+    "max_duration_s": _positive(float),
+    "gather_timeout_s": _positive(float),
+    "media_timeout_s": _positive(float),
+    "max_calls": int,
+    "inbound": _choice(INBOUND),
+    "inbound_play": _list,
+    "inbound_record": _bool,
+    "event_webhooks": _list,
+    "event_secret": str,
+    "log_format": _choice(("json", "text")),
+    "sandbox_webhook_url": str,
+}
+
+
+def _parse(name: str, raw: Any, where: str) -> Any:
+    try:
+        return _PARSERS[name](raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -74,6 +74,9 @@ class SandboxCall:
     end_status: str | None = None
     ended_by: str | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Inbound calls: the SDP answer given in pre_accept (accept must repeat it).
+    pre_accept_sdp: str | None = None
+    hangup_after_s: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -117,6 +120,7 @@ class Sandbox:
         peer_config: PeerConfig | None = None,
         ring_timeout_s: float = 60.0,
         media_timeout_s: float = 20.0,
+        answer_window_s: float = 60.0,
     ):
         self.webhook_url = webhook_url
         self.api_key = api_key
@@ -129,6 +133,7 @@ class Sandbox:
         self.peer_config = peer_config or PeerConfig(host_addresses=["127.0.0.1"])
         self.ring_timeout_s = ring_timeout_s
         self.media_timeout_s = media_timeout_s
+        self.answer_window_s = answer_window_s
         self.users = UserDirectory()
         self.calls: dict[str, SandboxCall] = {}
         self.webhooks_sent = 0
@@ -144,6 +149,7 @@ class Sandbox:
         app.router.add_post("/users/{user}", self._set_user)
         app.router.add_get("/users/{user}", self._get_user)
         app.router.add_get("/users/{user}/calls", self._user_calls)
+        app.router.add_post("/users/{user}/call", self._user_calls_business)
         return app
 
     async def close(self) -> None:
@@ -191,8 +197,9 @@ class Sandbox:
                 return await self._connect(body)
             if action == "terminate":
                 return await self._terminate(body)
-            raise SandboxRefusal(400, 100, "Invalid parameter",
-                                 f"action {action!r} is not supported for business-initiated calls")
+            if action in ("pre_accept", "accept", "reject"):
+                return await self._inbound_action(action, body)
+            raise SandboxRefusal(400, 100, "Invalid parameter", f"unknown action {action!r}")
         except SandboxRefusal as refusal:
             log.info("sandbox refused a request: %s %s", refusal.code, refusal.details or refusal.message)
             return refusal.response()
@@ -290,6 +297,94 @@ class Sandbox:
         if not call.ended:
             await self._end(call, ended_by="user_hangup")
 
+    # -- user-initiated calls ------------------------------------------------------------
+
+    async def _user_calls_business(self, request: web.Request) -> web.Response:
+        """Sandbox only: the simulated user calls the business (``{"say", "hangup_after_s"}``)."""
+        try:
+            user = normalize_number(request.match_info["user"])
+            body = await request.json() if request.can_read_body else {}
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            unknown = sorted(set(body) - {"say", "hangup_after_s"})
+            if unknown:
+                raise ValueError(f"unknown fields: {', '.join(unknown)}")
+            behaviour = self.users.get(user).updated(
+                {k: body[k] for k in ("say", "hangup_after_s") if k in body})
+        except (ValueError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+        call = await self.user_calls(user, say=behaviour.say, hangup_after_s=behaviour.hangup_after_s)
+        return web.json_response(call.as_dict(), status=201)
+
+    async def user_calls(self, user: str, *, say: str | None = None,
+                         hangup_after_s: float | None = None) -> SandboxCall:
+        """The simulated ``user`` calls the business: a ``connect`` webhook with the
+        phone's offer, as the provider delivers it. The business then has
+        ``answer_window_s`` to pre_accept/accept or reject."""
+        user = normalize_number(user)
+        wacid = "wacid." + secrets.token_urlsafe(24)
+        phone = Phone(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav", say=say)
+        call = SandboxCall(wacid, user, self.users.get(user), phone, direction="USER_INITIATED",
+                           hangup_after_s=hangup_after_s)
+        self.calls[wacid] = call
+        offer = await phone.offer()
+        log.info("sandbox: %s calls the business (%s)", mask_phone(user), wacid[:16])
+        self._spawn(self._inbound_ring(call, offer))
+        return call
+
+    async def _inbound_ring(self, call: SandboxCall, offer: str) -> None:
+        await self._send_calls_event(call, "connect", session={"sdp_type": "offer", "sdp": offer})
+        await asyncio.sleep(self.answer_window_s)
+        if not call.ended and call.accepted_at is None:
+            await self._end(call, ended_by="not_answered")
+
+    async def _inbound_action(self, action: str, body: dict) -> web.Response:
+        call = self.calls.get(body.get("call_id", ""))
+        if call is None:
+            raise SandboxRefusal(400, 100, "Invalid parameter", "unknown call_id")
+        if call.direction != "USER_INITIATED":
+            raise SandboxRefusal(400, 100, "Invalid parameter",
+                                 f"{action} is only valid for user-initiated calls")
+        if call.ended:
+            raise SandboxRefusal(400, 100, "Invalid parameter", "the call has already ended")
+        if action == "reject":
+            if call.accepted_at is not None:
+                raise SandboxRefusal(400, 100, "Invalid parameter", "the call is already accepted")
+            self._spawn(self._end(call, ended_by="business_rejected"))
+            return web.json_response({"messaging_product": "whatsapp", "success": True})
+        session = body.get("session")
+        if not isinstance(session, dict) or not isinstance(session.get("sdp"), str):
+            raise SandboxRefusal(400, 100, "Invalid parameter", "session.sdp is required")
+        if session.get("sdp_type") != "answer":
+            raise SandboxRefusal(400, 100, "Invalid parameter",
+                                 f"session.sdp_type must be 'answer' for {action}")
+        answer = session["sdp"]
+        problems = sdp_rules.whatsapp_problems(answer, role="answer")
+        if problems:
+            raise SandboxRefusal(400, 138014, "Invalid SDP", "; ".join(problems))
+        if call.accepted_at is not None:
+            raise SandboxRefusal(400, 100, "Invalid parameter", "the call is already accepted")
+        if call.pre_accept_sdp is not None and answer != call.pre_accept_sdp:
+            raise SandboxRefusal(400, 100, "Invalid parameter",
+                                 "the SDP in accept must equal the one sent in pre_accept")
+        if call.pre_accept_sdp is None:
+            try:
+                await call.phone.apply_answer(answer)
+            except MediaError as exc:
+                raise SandboxRefusal(400, 138014, "Invalid SDP", str(exc)) from None
+            call.pre_accept_sdp = answer
+        if action == "accept":
+            call.state = "accepted"
+            call.accepted_at = time.time()
+            call.biz_opaque_callback_data = body.get("biz_opaque_callback_data")
+            talking = call.phone.pick_up(self.media_timeout_s)
+            talking.add_done_callback(lambda task: self._on_talk_done(call, task))
+            if call.hangup_after_s:
+                self._spawn(self._hang_up_later(call, call.hangup_after_s))
+        else:
+            call.state = "pre_accepted"
+        return web.json_response({"messaging_product": "whatsapp", "success": True})
+
     # -- terminate -----------------------------------------------------------------------
 
     async def _terminate(self, body: dict) -> web.Response:
@@ -354,8 +449,10 @@ class Sandbox:
 
     async def _send_calls_event(self, call: SandboxCall, event: str, *,
                                 errors: list[dict] | None = None, **fields: Any) -> None:
+        business, user = self.display_phone_number, call.user
+        caller, callee = (user, business) if call.direction == "USER_INITIATED" else (business, user)
         item: dict[str, Any] = {
-            "id": call.wacid, "from": self.display_phone_number, "to": call.user,
+            "id": call.wacid, "from": caller, "to": callee,
             "event": event, "timestamp": self._timestamp(), "direction": call.direction, **fields,
         }
         if call.biz_opaque_callback_data is not None:

@@ -1,0 +1,232 @@
+"""The control API: ``/v1`` routes that let other programs place, watch and end calls.
+
+Handlers are thin: parse and validate the JSON, call the :class:`CallManager`, serialise.
+Every error has one shape: ``{"error": {"code", "message", "resolution"?}}``.
+Authentication is a bearer token (``WACALL_API_TOKEN``) compared in constant time; with
+no token configured the API refuses every request rather than running open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from media.errors import MediaFileError
+
+from ..calls import Call, CallManager, CallState, CapacityError
+from ..errors import ProviderError, ProviderUnavailableError
+from ..media_library import MediaLibrary, MediaPathError
+from ..sandbox.users import normalize_number
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 200
+#: Provider codes that mean "not allowed" (403) or "not now" (429).
+_FORBIDDEN = {138006, 138010, 138000, 138001}
+_TOO_MANY = {138011, 138012, 138002, 138005, 613}
+
+
+def error_response(status: int, code: str | int, message: str, resolution: str | None = None,
+                   **extra: Any) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if resolution:
+        error["resolution"] = resolution
+    error.update({k: v for k, v in extra.items() if v is not None})
+    return web.json_response({"error": error}, status=status)
+
+
+def provider_error_response(exc: ProviderError, **extra: Any) -> web.Response:
+    if isinstance(exc, ProviderUnavailableError):
+        status = 503
+    elif exc.code in _FORBIDDEN:
+        status = 403
+    elif exc.code in _TOO_MANY:
+        status = 429
+    else:
+        status = 502
+    return error_response(status, exc.code if exc.code is not None else "provider_unavailable",
+                          exc.message, exc.resolution, details=exc.details, **extra)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, code: str = "bad_request", status: int = 400):
+        super().__init__(message)
+        self.message, self.code, self.status = message, code, status
+
+
+def auth_middleware(token: str | None, prefix: str = "/v1/") -> Callable:
+    public = {"/v1/openapi.json"}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable]) -> web.StreamResponse:
+        if not request.path.startswith(prefix) or request.path in public:
+            return await handler(request)
+        if not token:
+            return error_response(401, "unauthorized", "the control API is disabled",
+                                  "set WACALL_API_TOKEN and send it as a bearer token")
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            return error_response(401, "unauthorized", "missing or wrong bearer token",
+                                  "send 'Authorization: Bearer <WACALL_API_TOKEN>'")
+        return await handler(request)
+
+    return middleware
+
+
+def _number(body: dict, name: str, *, required: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"{name} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise BadRequest(f"{name} must be a positive number")
+    return float(value)
+
+
+def _plays(value: Any) -> list[str]:
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BadRequest("play must be a file name or a list of file names")
+    return names
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+class ControlApi:
+    def __init__(self, manager: CallManager, library: MediaLibrary):
+        self.manager = manager
+        self.library = library
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/openapi.json", self.openapi),
+            web.post("/v1/calls", self._guard(self.create_call)),
+            web.get("/v1/calls", self._guard(self.list_calls)),
+            web.get("/v1/calls/{id}", self._guard(self.get_call)),
+            web.delete("/v1/calls/{id}", self._guard(self.hangup)),
+            web.post("/v1/calls/{id}/play", self._guard(self.play)),
+        ]
+
+    @staticmethod
+    def _guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return error_response(exc.status, exc.code, exc.message)
+            except MediaPathError as exc:
+                return error_response(400, "bad_media_path", str(exc),
+                                      "name a file inside WACALL_MEDIA_DIR")
+            except MediaFileError as exc:
+                return error_response(400, "bad_media_file", str(exc), "use a file FFmpeg can decode")
+            except ProviderError as exc:
+                return provider_error_response(exc)
+
+        guarded.__name__ = handler.__name__
+        return guarded
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        text = resources.files(__package__).joinpath("openapi.json").read_text()
+        return web.Response(text=text, content_type="application/json")
+
+    def _call(self, request: web.Request) -> Call:
+        call = self.manager.get(request.match_info["id"])
+        if call is None:
+            raise BadRequest(f"no call {request.match_info['id']!r}", "not_found", 404)
+        return call
+
+    async def create_call(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        unknown = sorted(set(body) - {"to", "play", "record", "biz_opaque_callback_data",
+                                      "ring_timeout_s", "max_duration_s", "bot"})
+        if unknown:
+            raise BadRequest(f"unknown fields: {', '.join(unknown)}")
+        try:
+            to = normalize_number(body.get("to", ""))
+        except ValueError as exc:
+            raise BadRequest(f"to: {exc}") from None
+        if body.get("bot") is not None:
+            raise BadRequest("bot bridges are not available in this version", "not_implemented", 501)
+        record = body.get("record", False)
+        if not isinstance(record, bool):
+            raise BadRequest("record must be true or false")
+        callback = body.get("biz_opaque_callback_data")
+        if callback is not None and (not isinstance(callback, str) or len(callback) > 512):
+            raise BadRequest("biz_opaque_callback_data must be a string of at most 512 characters")
+        ring_timeout_s = _number(body, "ring_timeout_s")
+        max_duration_s = _number(body, "max_duration_s")
+        sources = self.library.sources(_plays(body.get("play")))
+        try:
+            call = await self.manager.place_call(
+                "+" + to, sources=sources, biz_opaque_callback_data=callback,
+                ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record)
+        except CapacityError as exc:
+            return error_response(503, "over_capacity", str(exc), "retry when a call has ended")
+        if call.error is not None and call.state is CallState.ENDED:
+            return provider_error_response(call.error, call_id=call.id)
+        return web.json_response(call.summary(), status=201)
+
+    async def list_calls(self, request: web.Request) -> web.Response:
+        query = request.query
+        state = query.get("state")
+        if state is not None and state not in {s.value for s in CallState}:
+            raise BadRequest(f"state must be one of {', '.join(s.value for s in CallState)}")
+        try:
+            limit = int(query.get("limit", "50"))
+        except ValueError:
+            raise BadRequest("limit must be an integer") from None
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+        calls = [c for c in reversed(self.manager.calls.values()) if state is None or c.state.value == state]
+        cursor = query.get("cursor")
+        if cursor:
+            ids = [c.id for c in calls]
+            if cursor not in ids:
+                raise BadRequest("cursor is not a call id from a previous page")
+            calls = calls[ids.index(cursor) + 1:]
+        page = calls[:limit]
+        next_cursor = page[-1].id if len(calls) > limit else None
+        return web.json_response({"calls": [c.summary() for c in page], "next_cursor": next_cursor})
+
+    async def get_call(self, request: web.Request) -> web.Response:
+        call = self._call(request)
+        await call.refresh_stats()
+        return web.json_response(call.summary())
+
+    async def hangup(self, request: web.Request) -> web.Response:
+        call = self._call(request)
+        if not call.ended:
+            await call.hangup()
+        return web.json_response(call.summary())
+
+    async def play(self, request: web.Request) -> web.Response:
+        call = self._call(request)
+        body = await _json_body(request)
+        names = _plays(body.get("play"))
+        if not names:
+            raise BadRequest("play is required")
+        if call.ended:
+            raise BadRequest(f"call {call.id} has ended", "call_ended", 409)
+        for source in self.library.sources(names):
+            call.play(source)
+        return web.json_response({"id": call.id, "queued": len(names), "state": call.state.value},
+                                 status=202)
+
