@@ -461,6 +461,8 @@ class Call:
         return {
             "id": self.id,
             "wacid": self.wacid,
+            "created_at": self.timeline[0].as_dict()["at"],
+            "biz_opaque_callback_data": self.biz_opaque_callback_data,
             "direction": self.direction.value,
             "user": mask_phone(self.user),
             "state": self.state.value,

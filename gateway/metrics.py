@@ -1,0 +1,243 @@
+"""Prometheus metrics for one gateway service.
+
+Every :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry`
+(never the process-global one), so several services can run in one process (tests)
+without sharing or clashing on metric names.
+
+The recording methods take plain strings and numbers, not :mod:`gateway.calls` types;
+enum members are accepted too (their ``value`` is used). Label values that come from
+outside (webhook kinds, provider error codes) are sanitised and capped per label so a
+hostile or buggy peer cannot blow up the number of time series.
+
+Exposed at ``GET /metrics`` via :func:`metrics_handler`::
+
+    app.router.add_get("/metrics", metrics_handler(service.metrics))
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = [
+    "CONTENT_TYPE",
+    "Metrics",
+    "metrics_handler",
+    "SETUP_BUCKETS",
+    "JITTER_BUCKETS",
+    "ROUND_TRIP_BUCKETS",
+]
+
+#: The Prometheus text exposition format that :func:`generate_latest` writes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Call setup (creation -> media connected): 10 ms ... 30 s.
+SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+#: Interarrival jitter of a call's inbound RTP: 0.5 ms ... 500 ms.
+JITTER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5)
+#: RTCP round-trip time: 5 ms ... 5 s.
+ROUND_TRIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+#: Distinct values kept per free-form label before falling back to ``"other"``.
+MAX_LABEL_VALUES = 64
+_LABEL_OK = re.compile(r"[^A-Za-z0-9_.:-]+")
+_MAX_LABEL_LEN = 48
+
+
+def _label(value: Any) -> str:
+    """A label value from a str/enum/number; ``None`` or empty gives ``"unknown"``.
+
+    The value is kept as given (case included) except that characters outside
+    ``[A-Za-z0-9_.:-]`` become ``_`` and it is cut to 48 characters.
+    """
+    if value is None:
+        return "unknown"
+    if isinstance(value, enum.Enum):
+        value = value.value
+    text = _LABEL_OK.sub("_", str(value).strip())[:_MAX_LABEL_LEN]
+    return text or "unknown"
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer from a stats value; anything unusable gives 0."""
+    if value is None or isinstance(value, bool):
+        return 0
+    try:
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return n if n > 0 else 0
+
+
+def _seconds(value: Any) -> float | None:
+    """A finite, non-negative float, or ``None``."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(x) or math.isinf(x) or x < 0:
+        return None
+    return x
+
+
+class _Bounded:
+    """Remembers the label values seen; past ``limit`` new ones become ``"other"``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES):
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: Any) -> str:
+        text = _label(value)
+        if text in self.seen:
+            return text
+        if len(self.seen) >= self.limit:
+            return "other"
+        self.seen.add(text)
+        return text
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.calls = Counter(
+            "wacall_calls_total", "Calls that ended, by direction and end reason.",
+            ["direction", "end_reason"], registry=r,
+        )
+        self.call_states = Counter(
+            "wacall_call_state_total", "Call state transitions, by direction and new state.",
+            ["direction", "state"], registry=r,
+        )
+        self.live_calls = Gauge("wacall_live_calls", "Calls not yet ended.", registry=r)
+        self.call_setup = Histogram(
+            "wacall_call_setup_seconds", "Seconds from call creation to media connected.",
+            ["direction"], buckets=SETUP_BUCKETS, registry=r,
+        )
+        self.webhooks = Counter(
+            "wacall_webhooks_total", "Provider webhooks received, by event kind and result.",
+            ["kind", "result"], registry=r,
+        )
+        self.provider_errors = Counter(
+            "wacall_provider_errors_total", "Errors returned by the calling provider, by code.",
+            ["code"], registry=r,
+        )
+        self.rtp_packets = Counter(
+            "wacall_rtp_packets_total", "RTP packets, by direction (sent/received).",
+            ["direction"], registry=r,
+        )
+        self.rtp_bytes = Counter(
+            "wacall_rtp_bytes_total", "RTP payload bytes, by direction (sent/received).",
+            ["direction"], registry=r,
+        )
+        self.rtp_lost = Counter(
+            "wacall_rtp_packets_lost_total", "Inbound RTP packets lost.", registry=r,
+        )
+        self.rtp_jitter = Histogram(
+            "wacall_rtp_jitter_seconds", "Inbound RTP interarrival jitter per call (at call end).",
+            buckets=JITTER_BUCKETS, registry=r,
+        )
+        self.rtp_round_trip = Histogram(
+            "wacall_rtp_round_trip_seconds", "RTCP round-trip time per call (at call end).",
+            buckets=ROUND_TRIP_BUCKETS, registry=r,
+        )
+        self.events_delivered = Counter(
+            "wacall_events_delivered_total", "Outgoing event webhook deliveries, by result.",
+            ["result"], registry=r,
+        )
+        # Caps on label values that outsiders can influence.
+        self._direction = _Bounded(8)
+        self._state = _Bounded(16)
+        self._end_reason = _Bounded(32)
+        self._kind = _Bounded()
+        self._result = _Bounded(16)
+        self._code = _Bounded()
+        self._delivery = _Bounded(16)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def call_state(self, direction: str, state: str) -> None:
+        """A call moved to ``state`` (including ``created`` and ``ended``)."""
+        self.call_states.labels(self._direction(direction), self._state(state)).inc()
+
+    def call_ended(self, direction: str, end_reason: str | None, setup_s: float | None) -> None:
+        """A call ended. ``setup_s`` is creation -> media connected, ``None`` if never connected."""
+        direction = self._direction(direction)
+        self.calls.labels(direction, self._end_reason(end_reason)).inc()
+        setup = _seconds(setup_s)
+        if setup is not None:
+            self.call_setup.labels(direction).observe(setup)
+
+    def set_live_calls(self, n: int) -> None:
+        self.live_calls.set(max(0, int(n)))
+
+    # -- webhooks and provider -----------------------------------------------------------
+
+    def webhook(self, kind: str | None, result: str) -> None:
+        """A provider webhook: ``kind`` connect/status/terminate/permission/unknown...,
+        ``result`` ok/duplicate/bad_request/bad_signature/error."""
+        self.webhooks.labels(self._kind(kind), self._result(result)).inc()
+
+    def provider_error(self, code: int | str | None) -> None:
+        """The provider returned an error; ``None`` counts as code ``"unknown"``."""
+        self.provider_errors.labels(self._code(code)).inc()
+
+    def event_delivery(self, result: str) -> None:
+        """An outgoing event webhook delivery finished with ``result`` (ok/error/...)."""
+        self.events_delivered.labels(self._delivery(result)).inc()
+
+    # -- media ---------------------------------------------------------------------------
+
+    def media(self, stats: Mapping[str, Any] | None) -> None:
+        """Add one call's RTP totals (call at call end, once per call).
+
+        Keys (all optional): ``packets_sent``, ``packets_received``, ``bytes_sent``,
+        ``bytes_received``, ``packets_lost``, ``jitter_s``, ``round_trip_s``.
+        Missing, ``None``, negative or non-numeric values are skipped.
+        """
+        if not stats:
+            return
+        for key, counter, direction in (
+            ("packets_sent", self.rtp_packets, "sent"),
+            ("packets_received", self.rtp_packets, "received"),
+            ("bytes_sent", self.rtp_bytes, "sent"),
+            ("bytes_received", self.rtp_bytes, "received"),
+        ):
+            n = _count(stats.get(key))
+            if n:
+                counter.labels(direction).inc(n)
+        lost = _count(stats.get("packets_lost"))
+        if lost:
+            self.rtp_lost.inc(lost)
+        jitter = _seconds(stats.get("jitter_s"))
+        if jitter is not None:
+            self.rtp_jitter.observe(jitter)
+        rtt = _seconds(stats.get("round_trip_s"))
+        if rtt is not None:
+            self.rtp_round_trip.observe(rtt)
+
+    # -- exposition ----------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The registry in the Prometheus text format: ``(body, content_type)``."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+
+def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An aiohttp handler serving ``metrics`` (mount it at ``GET /metrics``)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return handle

@@ -1,0 +1,184 @@
+"""Source of gateway/api/openapi.json (run: python tools/openapi_source.py > gateway/api/openapi.json).
+
+The JSON file is what is served and tested; this script only keeps it readable to edit."""
+
+import json
+
+END_REASONS = ["rejected", "user_hangup", "business_hangup", "ring_timeout", "not_answered",
+               "max_duration", "media_failure", "provider_error", "shutdown", "declined"]
+STATES = ["created", "offer_sent", "ringing", "accepted", "media_connected", "ended"]
+
+
+def ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema):
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def json_body(schema):
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def error(description):
+    return {"description": description, **json_body(ref("Error"))}
+
+
+ERRORS = {"400": error("Invalid request"), "401": error("Missing or wrong bearer token")}
+
+doc = {
+    "openapi": "3.1.0",
+    "info": {"title": "wacall control API", "version": "1",
+             "description": "Place, watch and end WhatsApp Business calls. Authenticate with "
+                            "'Authorization: Bearer <WACALL_API_TOKEN>'. Every error has the shape "
+                            "{\"error\": {\"code\", \"message\", \"resolution\"?}}."},
+    "security": [{"bearer": []}],
+    "paths": {
+        "/v1/calls": {
+            "post": {
+                "operationId": "createCall",
+                "summary": "Place a business-initiated call",
+                "requestBody": {"required": True, **json_body(ref("CreateCall"))},
+                "responses": {
+                    "201": {"description": "The call was accepted by the provider and is ringing",
+                            **json_body(ref("Call"))},
+                    **ERRORS,
+                    "403": error("The provider refused: no permission (138006) or it expired (138010)"),
+                    "429": error("A limit was hit (e.g. 138012 calls per 24 h)"),
+                    "501": error("A requested feature is not available in this version"),
+                    "502": error("The provider refused the call for another reason"),
+                    "503": error("Over capacity or provider unreachable"),
+                },
+            },
+            "get": {
+                "operationId": "listCalls",
+                "summary": "List calls, newest first",
+                "parameters": [
+                    {"name": "state", "in": "query", "schema": {"type": "string", "enum": STATES}},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"},
+                     "description": "next_cursor of the previous page"},
+                ],
+                "responses": {"200": {"description": "A page of calls", **json_body(ref("CallList"))},
+                              **ERRORS},
+            },
+        },
+        "/v1/calls/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                            "description": "wacall call id (call_…) or WhatsApp call id (wacid.…)"}],
+            "get": {"operationId": "getCall", "summary": "A call's state, timeline and media statistics",
+                    "responses": {"200": {"description": "The call", **json_body(ref("Call"))},
+                                  "401": ERRORS["401"], "404": error("No such call")}},
+            "delete": {"operationId": "hangUp", "summary": "Hang up (idempotent)",
+                       "responses": {"200": {"description": "The ended call", **json_body(ref("Call"))},
+                                     "401": ERRORS["401"], "404": error("No such call")}},
+        },
+        "/v1/calls/{id}/play": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {"operationId": "play", "summary": "Queue files to play to the user",
+                     "requestBody": {"required": True, **json_body(ref("Play"))},
+                     "responses": {"202": {"description": "Queued", **json_body(ref("Queued"))},
+                                   **ERRORS, "404": error("No such call"),
+                                   "409": error("The call has ended")}},
+        },
+        "/v1/events": {
+            "get": {"operationId": "events", "summary": "Server-Sent Events: every call state change",
+                    "parameters": [
+                        {"name": "call_id", "in": "query", "schema": {"type": "string"}},
+                        {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "An event stream; each data line is an Event",
+                                          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                  "401": ERRORS["401"]}},
+        },
+        "/v1/openapi.json": {
+            "get": {"operationId": "openapi", "summary": "This document", "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3.1 document",
+                                          **json_body({"type": "object"})}}},
+        },
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object", "required": ["error"], "additionalProperties": False,
+                "properties": {"error": {
+                    "type": "object", "required": ["code", "message"],
+                    "properties": {
+                        "code": {"type": ["string", "integer"],
+                                 "description": "A provider code (138006, …) or a wacall code (bad_request, …)"},
+                        "message": {"type": "string"},
+                        "resolution": {"type": "string"},
+                        "details": {"type": "string"},
+                        "call_id": {"type": "string"},
+                        "retry_at": {"type": ["string", "null"]},
+                    }}},
+            },
+            "ProviderError": {
+                "type": "object", "required": ["code", "message", "resolution"],
+                "properties": {"code": {"type": ["integer", "null"]}, "message": {"type": "string"},
+                               "resolution": {"type": "string"}, "details": {"type": "string"}},
+            },
+            "CreateCall": {
+                "type": "object", "required": ["to"], "additionalProperties": False,
+                "properties": {
+                    "to": {"type": "string", "description": "E.164 number, e.g. +4915112345678"},
+                    "play": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                             "description": "File(s) relative to WACALL_MEDIA_DIR, played once the user picks up"},
+                    "record": {"type": "boolean", "default": False},
+                    "biz_opaque_callback_data": {"type": "string", "maxLength": 512},
+                    "ring_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                    "max_duration_s": {"type": "number", "exclusiveMinimum": 0},
+                    "bot": {"type": "object", "description": "Reserved for voice-bot bridges"},
+                },
+            },
+            "Play": {"type": "object", "required": ["play"],
+                     "properties": {"play": {"oneOf": [{"type": "string"},
+                                                       {"type": "array", "items": {"type": "string"}}]}}},
+            "Queued": {"type": "object", "required": ["id", "queued", "state"],
+                       "properties": {"id": {"type": "string"}, "queued": {"type": "integer"},
+                                      "state": {"type": "string", "enum": STATES}}},
+            "TimelineEntry": {
+                "type": "object", "required": ["name", "at", "elapsed_s"],
+                "properties": {"name": {"type": "string"}, "at": {"type": "string", "format": "date-time"},
+                               "elapsed_s": {"type": "number"}},
+            },
+            "Call": {
+                "type": "object",
+                "required": ["id", "wacid", "created_at", "direction", "user", "state", "end_reason",
+                             "error", "timeline", "recordings", "media"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "wacid": nullable({"type": "string"}),
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "biz_opaque_callback_data": nullable({"type": "string"}),
+                    "direction": {"type": "string", "enum": ["BUSINESS_INITIATED", "USER_INITIATED"]},
+                    "user": {"type": "string", "description": "The user's number, masked"},
+                    "state": {"type": "string", "enum": STATES},
+                    "end_reason": nullable({"type": "string", "enum": END_REASONS}),
+                    "error": nullable(ref("ProviderError")),
+                    "detail": nullable({"type": "string"}),
+                    "connected_seconds": nullable({"type": "number"}),
+                    "provider_duration_s": nullable({"type": "integer"}),
+                    "timeline": {"type": "array", "items": ref("TimelineEntry")},
+                    "recordings": {"type": "array", "items": {"type": "string"}},
+                    "media": {"type": "object"},
+                },
+            },
+            "CallList": {"type": "object", "required": ["calls", "next_cursor"],
+                         "properties": {"calls": {"type": "array", "items": ref("Call")},
+                                        "next_cursor": nullable({"type": "string"})}},
+            "Event": {
+                "type": "object", "required": ["id", "type", "created_at", "call_id", "data"],
+                "properties": {"id": {"type": "string"}, "type": {"type": "string"},
+                               "created_at": {"type": "string"}, "call_id": nullable({"type": "string"}),
+                               "data": {"type": "object"}},
+            },
+        },
+    },
+}
+
+if __name__ == "__main__":
+    print(json.dumps(doc, indent=2))
