@@ -19,6 +19,9 @@ from aiohttp import web
 from .api.routes import ControlApi, auth_middleware
 from .calls import CallManager, InboundPlan, InboundPolicy
 from .config import Settings
+from .eventbus import EventFanout
+from .metrics import Metrics, metrics_handler
+from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
 from .providers import CallingProvider, make_provider
 from .sandbox.emulator import Sandbox
@@ -41,13 +44,15 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
     return policy
 
 
-def create_app(settings: Settings, manager: CallManager, library: MediaLibrary,
-               sandbox: Sandbox | None = None) -> web.Application:
+def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, metrics: Metrics,
+               events: EventFanout, sandbox: Sandbox | None = None) -> web.Application:
     app = web.Application(middlewares=[auth_middleware(settings.api_token)])
     app[MANAGER] = manager
     app.add_routes(webhook_routes(manager.handle_event, verify_token=settings.verify_token,
-                                  app_secret=settings.app_secret))
+                                  app_secret=settings.app_secret, observe=metrics.webhook))
     app.add_routes(ControlApi(manager, library).routes())
+    app.add_routes(events.routes())
+    app.router.add_get("/metrics", metrics_handler(metrics))
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -75,6 +80,8 @@ class Service:
         self.provider: CallingProvider | None = None
         self.manager: CallManager | None = None
         self.app: web.Application | None = None
+        self.metrics = Metrics()
+        self.events: EventFanout | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -110,7 +117,10 @@ class Service:
             ring_timeout_s=settings.ring_timeout_s, max_duration_s=settings.max_duration_s,
             max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
             inbound_policy=inbound_policy(settings, library))
-        self.app = create_app(settings, self.manager, library, self.sandbox)
+        self.events = EventFanout(settings.event_webhooks, settings.event_secret)
+        self.events.start()
+        self.manager.subscribe(CallTelemetry(self.manager, self.metrics, self.events))
+        self.app = create_app(settings, self.manager, library, self.metrics, self.events, self.sandbox)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
@@ -120,9 +130,11 @@ class Service:
 
     async def stop(self) -> None:
         """Graceful: hang up live calls through the provider (recordings are closed with
-        them), then stop serving."""
+        them), deliver the last events, then stop serving."""
         if self.manager is not None:
             await self.manager.shutdown()
+        if self.events is not None:
+            await self.events.close(timeout_s=10.0)  # deliver the last events
         if self.sandbox is not None:
             await self.sandbox.close()
         if self._runner is not None:

@@ -33,6 +33,7 @@ from media.peer import MediaError, MediaPeer, PeerConfig
 from media.track import Playback
 
 from .errors import ProviderError
+from .logs import bind_call_id
 from .events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
 from .providers.base import CallingProvider
 from .redact import mask_phone
@@ -145,6 +146,7 @@ class Call:
         self._max_duration_s = max_duration_s
         self._media_timeout_s = media_timeout_s
         self._answer_applied = False
+        self._ending = False
         self._media_ready = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -176,7 +178,8 @@ class Call:
         return True
 
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
+        with bind_call_id(self.id):  # the task's log lines carry this call's id
+            task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -389,8 +392,9 @@ class Call:
         error: ProviderError | None = None,
         detail: str | None = None,
     ) -> None:
-        if self.ended:
+        if self.ended or self._ending:
             return
+        self._ending = True
         was_accepted = _ORDER[self.state] >= _ORDER[CallState.ACCEPTED]
         self.end_reason = reason
         self.error = error
@@ -403,12 +407,13 @@ class Call:
             info["error"] = error.to_dict()
         if detail:
             info["detail"] = detail
+        # Statistics first, so the "ended" entry (and the event made from it) carries them.
+        await self.refresh_stats()
         self.state = CallState.ENDED
         self._mark(CallState.ENDED.value, **info)
         log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
                  f" ({self.end_detail})" if self.end_detail else "")
         try:
-            await self.refresh_stats()
             if notify_provider and self.wacid:
                 provider = self._manager.provider
                 # An inbound call we never accepted is rejected, anything else terminated.

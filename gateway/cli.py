@@ -19,6 +19,7 @@ from media.errors import MediaFileError
 from media.sinks.wav import WavSink
 from media.sources.file import FileSource
 
+from . import logs
 from .app import Service
 from .calls import CallState
 from .config import ConfigError, Settings
@@ -31,6 +32,7 @@ log = logging.getLogger("wacall")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wacall", description="WhatsApp Business calling gateway")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("--config", type=Path, help="TOML settings file (or WACALL_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="place one call to a simulated user through the embedded sandbox")
@@ -55,12 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (WACALL_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (WACALL_PORT, default 8080)")
     serve.add_argument("--sandbox", action="store_true", help="also run the embedded sandbox provider")
+
+    sub.add_parser("config", help="print the effective settings (secrets masked) as JSON")
     return parser
 
 
-def _setup_logging(verbose: int, default: int) -> None:
+def _setup_logging(verbose: int, default: int, settings: Settings, json_format: bool) -> None:
     level = default if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secrets = [settings.d360_api_key, settings.meta_token, settings.api_token,
+               settings.app_secret, settings.verify_token, settings.event_secret]
+    logs.configure(json=json_format, level=level, stream=sys.stderr, secrets=secrets)
     if level > logging.DEBUG:
         for noisy in ("aioice", "aiortc"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -69,12 +75,14 @@ def _setup_logging(verbose: int, default: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = Settings.load(config_file=args.config)
     except ConfigError as exc:
         print(f"wacall: configuration error: {exc}", file=sys.stderr)
         return 2
-    handler = {"demo": _demo, "call": _call, "serve": _serve}[args.command]
-    _setup_logging(args.verbose, logging.INFO if args.command == "serve" else logging.WARNING)
+    handler = {"demo": _demo, "call": _call, "serve": _serve, "config": _config}[args.command]
+    serving = args.command == "serve"
+    _setup_logging(args.verbose, logging.INFO if serving else logging.WARNING, settings,
+                   json_format=serving and settings.log_format == "json")
     try:
         return asyncio.run(handler(args, settings))
     except (ConfigError, FileNotFoundError, MediaFileError) as exc:
@@ -157,6 +165,11 @@ async def _play_then_hangup(call) -> None:
         await call.wait_playback()
         await asyncio.sleep(0.5)
         await call.hangup()
+
+
+async def _config(args, settings: Settings) -> int:
+    print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
+    return 0
 
 
 async def _serve(args, settings: Settings) -> int:

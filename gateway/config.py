@@ -159,17 +159,14 @@ class Settings:
         return Path(self.media_dir) if self.media_dir else Path(self.data_dir) / "media"
 
     def peer_config(self) -> PeerConfig:
-        config = PeerConfig(
+        return PeerConfig(
             ice_servers=list(self.ice_servers),
             host_addresses=self.media_addresses,
+            port_range=self.media_port_range,
+            advertised_address=self.advertised_address,
             gather_timeout_s=self.gather_timeout_s,
             connect_timeout_s=self.media_timeout_s,
         )
-        for name, value in (("port_range", self.media_port_range),
-                            ("advertised_address", self.advertised_address)):
-            if value is not None and hasattr(config, name):
-                setattr(config, name, value)
-        return config
 
     def provider_kwargs(self) -> dict:
         """Arguments for :func:`gateway.providers.make_provider`; raises on missing credentials."""

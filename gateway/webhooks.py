@@ -167,6 +167,17 @@ def _bad_request(code: str, message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+def event_kind(event: WebhookEvent) -> str:
+    """A short label for metrics: connect, status, terminate, or the unknown event's kind."""
+    if isinstance(event, CallConnect):
+        return "connect"
+    if isinstance(event, CallStatus):
+        return "status"
+    if isinstance(event, CallTerminate):
+        return "terminate"
+    return event.kind
+
+
 def _describe(event: WebhookEvent) -> str:
     if isinstance(event, UnknownEvent):
         return f"unknown {event.field}/{event.kind} call_id={event.call_id}"
@@ -185,6 +196,7 @@ def webhook_routes(
     app_secret: str | None = None,
     path: str = "/webhooks/whatsapp",
     deduper: EventDeduper | None = None,
+    observe: Callable[[str, str], None] | None = None,
 ) -> list[web.RouteDef]:
     """aiohttp routes for the webhook endpoint.
 
@@ -196,6 +208,7 @@ def webhook_routes(
     fast: Meta expects a quick 200.
     """
     dedupe = deduper if deduper is not None else EventDeduper()
+    count = observe or (lambda kind, result: None)
 
     async def handshake(request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -211,16 +224,20 @@ def webhook_routes(
         if app_secret and not verify_signature(
                 body, request.headers.get("X-Hub-Signature-256"), app_secret):
             log.warning("webhook signature mismatch (%d bytes)", len(body))
+            count("unparsed", "bad_signature")
             return _bad_request("bad_signature", "X-Hub-Signature-256 does not match", 401)
         try:
             events = parse_webhook(json.loads(body))
         except (ValueError, UnicodeDecodeError) as exc:  # JSON errors and WebhookFormatError
             message = str(exc) if isinstance(exc, WebhookFormatError) else "body is not valid JSON"
             log.warning("bad webhook: %s", message)
+            count("unparsed", "bad_request")
             return _bad_request("bad_webhook", message)
         for event in events:
+            kind = event_kind(event)
             if dedupe.seen(event):
                 log.debug("duplicate webhook event dropped: %s", _describe(event))
+                count(kind, "duplicate")
                 continue
             if isinstance(event, UnknownEvent):
                 log.info("webhook event not handled yet: %s", _describe(event))
@@ -230,6 +247,9 @@ def webhook_routes(
                 await dispatch(event)
             except Exception:
                 log.exception("dispatch failed for %s", _describe(event))
+                count(kind, "error")
+            else:
+                count(kind, "ok")
         return web.json_response({"ok": True})
 
     return [web.get(path, handshake), web.post(path, receive)]

@@ -21,6 +21,7 @@ Answerer (an inbound call, or the sandbox's simulated phone)::
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 
@@ -60,10 +61,23 @@ class PeerConfig:
     ice_servers: list[IceServer] = field(default_factory=list)
     #: Addresses host candidates are gathered on; ``None`` = every interface.
     host_addresses: list[str] | None = None
-    #: Upper bound for ICE gathering (STUN/TURN lookups) before an SDP is produced.
+    #: Upper bound for ICE gathering: STUN/TURN answers not in by then are given up and
+    #: the SDP goes out with the candidates gathered (host ones at least).
     gather_timeout_s: float = 5.0
     #: Upper bound for ICE + DTLS after the remote description is applied.
     connect_timeout_s: float = 20.0
+    #: Inclusive ``(low, high)`` UDP port range for every socket ICE binds (host
+    #: candidates, TURN client); ``None`` = any port. A full range fails the offer or
+    #: answer with a :class:`MediaError` caused by :class:`media.ice.PortRangeExhausted`.
+    port_range: tuple[int, int] | None = None
+    #: Public IP of a 1:1 NAT: written in place of the bound address in our host
+    #: candidates (same IP version only) and ``c=``; the NAT must forward the same ports.
+    advertised_address: str | None = None
+
+    def __post_init__(self) -> None:
+        self.port_range = ice.validate_port_range(self.port_range)
+        if self.advertised_address is not None:
+            ipaddress.ip_address(self.advertised_address)  # ValueError if not an IP
 
 
 @dataclass(slots=True)
@@ -106,17 +120,31 @@ class MediaPeer:
         _prefer_opus(self._pc.addTransceiver(self.outbound, direction="sendrecv"))
 
     async def _local_sdp(self, description) -> str:
-        with ice.host_addresses(self.config.host_addresses):
+        config = self.config
+        with ice.gathering(
+            host_addresses=config.host_addresses,
+            port_range=config.port_range,
+            timeout=config.gather_timeout_s,
+        ):
             try:
+                # aioice gives up on STUN/TURN at gather_timeout_s; the grace is a backstop.
                 await asyncio.wait_for(
-                    self._pc.setLocalDescription(description), self.config.gather_timeout_s
+                    self._pc.setLocalDescription(description),
+                    config.gather_timeout_s + ice.GATHER_GRACE_S,
                 )
+                # setLocalDescription awaited gathering: the candidates are in this SDP.
+                sdp = self._pc.localDescription.sdp
+                if config.port_range is not None:
+                    ice.check_host_ports(sdp_rules.host_candidates(sdp), config.port_range)
             except asyncio.TimeoutError as exc:
                 raise MediaError(
-                    f"ICE gathering did not finish within {self.config.gather_timeout_s:g} s"
+                    f"ICE gathering did not finish within {config.gather_timeout_s:g} s"
                 ) from exc
-        # setLocalDescription awaited gathering: the candidates are in this SDP.
-        return sdp_rules.for_whatsapp(self._pc.localDescription.sdp)
+            except ice.PortRangeError as exc:
+                raise MediaError(str(exc)) from exc
+        if config.advertised_address is not None:
+            sdp = sdp_rules.advertise_address(sdp, config.advertised_address)
+        return sdp_rules.for_whatsapp(sdp)
 
     async def create_offer(self) -> str:
         """A WhatsApp-compatible offer with every candidate inside."""
@@ -160,6 +188,10 @@ class MediaPeer:
         if not self._connected.is_set():
             reason = self._ended.result() if self._ended.done() else f"no media within {timeout:g} s"
             raise MediaError(reason)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def is_up(self) -> bool:
@@ -208,6 +240,15 @@ class MediaPeer:
                     sink.write(pcm, frame.sample_rate, channels)
         except MediaStreamError:
             pass
+
+    async def get_stats(self) -> dict:
+        """aiortc's RTP statistics for this call (see :mod:`media.stats`) plus pacing."""
+        from .stats import collect
+
+        out = await collect(self._pc)
+        out["pacing"] = self.outbound.stats.as_dict()
+        out["received_seconds"] = round(self.received.seconds, 3)
+        return out
 
     def stats(self) -> dict:
         return {

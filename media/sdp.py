@@ -16,6 +16,7 @@ answers) and the sandbox (refusing what Meta would refuse).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -220,6 +221,64 @@ def mark_ice_lite(sdp: str) -> str:
     # Session attributes come after t=; insert right before the first m= line.
     lines.insert(first_media, "a=ice-lite")
     return _join(lines)
+
+
+def _ip_version(address: str) -> int | None:
+    try:
+        return ipaddress.ip_address(address).version
+    except ValueError:
+        return None  # an mDNS name or garbage: not ours to rewrite
+
+
+def _candidate_fields(line: str) -> list[str] | None:
+    """The fields of an ``a=candidate:`` line (``[foundation, component, transport,
+    priority, address, port, "typ", type, ...]``), or ``None`` for another line."""
+    if not line.startswith("a=candidate:"):
+        return None
+    fields = line[len("a=candidate:") :].split()
+    if len(fields) < 8 or fields[6] != "typ" or not fields[5].isdigit():
+        return None
+    return fields
+
+
+def host_candidates(sdp: str) -> list[tuple[str, int]]:
+    """``(address, port)`` of every ``typ host`` candidate, in SDP order."""
+    out = []
+    for line in _lines(sdp):
+        fields = _candidate_fields(line)
+        if fields and fields[7] == "host":
+            out.append((fields[4], int(fields[5])))
+    return out
+
+
+def advertise_address(sdp: str, address: str) -> str:
+    """Put ``address`` (an IP) in place of the bound address of our host candidates, as
+    seen from outside a 1:1 NAT: same port, ``typ host``.
+
+    Only host candidates of the same IP version are rewritten (an IPv4 address leaves
+    IPv6 candidates alone and vice versa), as are ``c=`` lines that named one of the
+    rewritten addresses (the default candidate). Server-reflexive and relay candidates,
+    ports and everything else are untouched. Raises ``ValueError`` if ``address`` is
+    not an IP address.
+    """
+    version = ipaddress.ip_address(address).version
+    net_type = f"IP{version}"
+    lines = _lines(sdp)
+    replaced: set[str] = set()
+    out: list[str] = []
+    for line in lines:
+        fields = _candidate_fields(line)
+        if fields and fields[7] == "host" and _ip_version(fields[4]) == version:
+            replaced.add(fields[4])
+            fields[4] = address
+            line = "a=candidate:" + " ".join(fields)
+        out.append(line)
+    for i, line in enumerate(out):
+        if line.startswith("c="):
+            parts = line[2:].split()
+            if len(parts) == 3 and parts[0] == "IN" and parts[2] in replaced:
+                out[i] = f"c=IN {net_type} {address}"
+    return _join(out)
 
 
 def for_whatsapp(sdp: str) -> str:
