@@ -170,7 +170,7 @@ class Call:
         return entry
 
     def _advance(self, state: CallState, **detail: Any) -> bool:
-        if self.state is CallState.ENDED or _ORDER[state] <= _ORDER[self.state]:
+        if self._ending or _ORDER[state] <= _ORDER[self.state]:
             return False
         self.state = state
         self._mark(state.value, **detail)
@@ -258,7 +258,7 @@ class Call:
     # -- webhook events ------------------------------------------------------------------
 
     def handle(self, event) -> None:
-        if self.ended:
+        if self.ended or self._ending:
             log.debug("call %s: ignoring %s after the end", self.id, type(event).__name__)
             return
         if isinstance(event, CallConnect):
@@ -295,7 +295,7 @@ class Call:
 
     async def _watch_transport(self) -> None:
         reason = await self.peer.ended
-        if self.ended:
+        if self.ended or self._ending:
             return
         # When the user hangs up, media often stops a moment before the terminate
         # webhook arrives: give the webhook a grace period before calling it a failure.
@@ -407,12 +407,15 @@ class Call:
             info["error"] = error.to_dict()
         if detail:
             info["detail"] = detail
-        # Statistics first, so the "ended" entry (and the event made from it) carries them.
+        # Statistics first, media and recordings closed next, so that the "ended" entry
+        # (and the event made from it) carries the statistics and finished files.
         await self.refresh_stats()
-        self.state = CallState.ENDED
-        self._mark(CallState.ENDED.value, **info)
-        log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
-                 f" ({self.end_detail})" if self.end_detail else "")
+        await self.peer.close()
+        for playback in self.playbacks:
+            playback._finish()
+        for source in self._pending_sources:
+            source.close()
+        self._pending_sources.clear()
         try:
             if notify_provider and self.wacid:
                 provider = self._manager.provider
@@ -424,14 +427,13 @@ class Call:
                     else:
                         await provider.terminate(self.wacid)
                 except ProviderError as exc:
-                    log.warning("call %s: %s failed: %s", self.id, "reject" if inbound_unaccepted else "terminate", exc)
+                    log.warning("call %s: %s failed: %s", self.id,
+                                "reject" if inbound_unaccepted else "terminate", exc)
         finally:
-            await self.peer.close()
-            for playback in self.playbacks:
-                playback._finish()
-            for source in self._pending_sources:
-                source.close()
-            self._pending_sources.clear()
+            self.state = CallState.ENDED
+            self._mark(CallState.ENDED.value, **info)
+            log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
+                     f" ({self.end_detail})" if self.end_detail else "")
             self.finished.set()
             self._manager._forget_later(self)
 
