@@ -156,6 +156,8 @@ class Call:
         self.ended_at: float | None = None
         self.finished = asyncio.Event()  # set once media and recordings are closed
         self.media_stats: dict = {}
+        #: The SDP we sent (offer or answer), as the provider received it.
+        self.local_sdp: str | None = None
         for sink in self.sinks:
             peer.add_sink(sink)
         self._mark(CallState.CREATED.value)
@@ -215,6 +217,7 @@ class Call:
         except MediaError as exc:
             await self._end(EndReason.MEDIA_FAILURE, detail=str(exc))
             return
+        self.local_sdp = offer
         self._mark("offer_created")
         try:
             wacid = await provider.connect(self.user, offer, self.biz_opaque_callback_data)
@@ -234,6 +237,7 @@ class Call:
         self._mark("offer_received")
         try:
             answer = await self.peer.accept_offer(offer)
+            self.local_sdp = answer
             self._mark("answer_created")
             await provider.pre_accept(self.wacid, answer)
             self._mark("pre_accepted")

@@ -248,3 +248,30 @@ async def test_business_sends_audio_from_the_moment_media_is_up(service):
     assert start == pytest.approx(ringing_s, abs=0.15)  # silence until pick-up
     assert end - start == pytest.approx(0.3, abs=0.06)
     assert analysis.rms_dbfs(x[: int(rate * (start - 0.1))]) < -60  # and it was silence
+
+
+async def test_service_media_uses_the_port_range_and_advertised_address(settings):
+    """Settings reach every call's peer: host candidates inside WACALL_MEDIA_PORT_RANGE,
+    advertising WACALL_ADVERTISED_ADDRESS, and the call still carries audio."""
+    import os
+    from dataclasses import replace
+
+    from gateway.app import Service
+    from media import sdp
+
+    low = 21000 + (os.getpid() * 13) % 9000
+    configured = replace(settings, media_port_range=(low, low + 9), media_addresses=["0.0.0.0"],
+                         advertised_address="127.0.0.1")
+    async with Service(configured, sandbox=True) as service:
+        service.sandbox.users.update(USER, {"answer_after_ms": 0})
+        call = await service.manager.place_call(USER, sources=[ToneSource(700, 0.4)])
+        offer = call.local_sdp
+        candidates = sdp.host_candidates(offer)
+        assert candidates and all(addr == "127.0.0.1" and low <= port <= low + 9 for addr, port in candidates)
+        assert "c=IN IP4 127.0.0.1" in offer
+        await call.wait_playback()
+        sandbox_call = service.sandbox.calls[call.wacid]
+        await drain(sandbox_call.phone.peer)
+        await call.hangup()
+        await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
+    assert tone_seconds(sandbox_call.phone.recording_path, 700) == pytest.approx(0.4, abs=0.08)
