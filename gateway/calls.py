@@ -126,6 +126,7 @@ class Call:
         media_timeout_s: float,
     ):
         self.id = f"call_{secrets.token_hex(6)}"
+        self.log = logging.LoggerAdapter(log, {"call_id": self.id})
         #: The WhatsApp user's number (callee of an outbound call, caller of an inbound one).
         self.user = user
         self.direction = direction
@@ -176,7 +177,7 @@ class Call:
             return False
         self.state = state
         self._mark(state.value, **detail)
-        log.info("call %s (%s): %s", self.id, self.wacid or "-", state.value)
+        self.log.info("call %s (%s): %s", self.id, self.wacid or "-", state.value)
         return True
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -263,7 +264,7 @@ class Call:
 
     def handle(self, event) -> None:
         if self.ended or self._ending:
-            log.debug("call %s: ignoring %s after the end", self.id, type(event).__name__)
+            self.log.debug("call %s: ignoring %s after the end", self.id, type(event).__name__)
             return
         if isinstance(event, CallConnect):
             self._on_connect(event)
@@ -320,7 +321,7 @@ class Call:
         elif event.status is CallStatusKind.REJECTED:
             self._spawn(self._end(EndReason.REJECTED))
         else:
-            log.info("call %s: unknown status %r", self.id, event.raw_status)
+            self.log.info("call %s: unknown status %r", self.id, event.raw_status)
 
     def _on_terminate(self, event: CallTerminate) -> None:
         self.duration_s = event.duration
@@ -431,12 +432,12 @@ class Call:
                     else:
                         await provider.terminate(self.wacid)
                 except ProviderError as exc:
-                    log.warning("call %s: %s failed: %s", self.id,
+                    self.log.warning("call %s: %s failed: %s", self.id,
                                 "reject" if inbound_unaccepted else "terminate", exc)
         finally:
             self.state = CallState.ENDED
             self._mark(CallState.ENDED.value, **info)
-            log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
+            self.log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
                      f" ({self.end_detail})" if self.end_detail else "")
             self.finished.set()
             self._manager._forget_later(self)
@@ -447,7 +448,7 @@ class Call:
             try:
                 self.media_stats = await asyncio.wait_for(self.peer.get_stats(), 2.0)
             except (asyncio.TimeoutError, Exception):  # stats must never break a call
-                log.debug("call %s: stats unavailable", self.id, exc_info=True)
+                self.log.debug("call %s: stats unavailable", self.id, exc_info=True)
         return self.media_stats
 
     def record_to(self, directory: Path) -> Path:
@@ -582,7 +583,7 @@ class CallManager:
         if record:
             call.record_to(self.recordings_dir)
         self.calls[call.id] = call
-        log.info("call %s: dialing %s", call.id, mask_phone(to))
+        call.log.info("call %s: dialing %s", call.id, mask_phone(to))
         await call._dial(self.provider)
         if call.wacid:
             self._by_wacid[call.wacid] = call
@@ -633,7 +634,7 @@ class CallManager:
         call.wacid = event.call_id
         self.calls[call.id] = call
         self._by_wacid[call.wacid] = call
-        log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))
+        call.log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))
         if plan is None:
             call._spawn(call._end(EndReason.DECLINED, notify_provider=True))
             return
