@@ -151,7 +151,6 @@ class Settings:
                 values[name] = _parse(name, raw, f"WACALL_{name.upper()}")
         return cls(**values)
 
-    from_env = load
 
     @property
     def media_root(self) -> Path:
