@@ -115,7 +115,7 @@ class Service:
         self.manager = CallManager(
             self.provider, peer_config=settings.peer_config(),
             ring_timeout_s=settings.ring_timeout_s, max_duration_s=settings.max_duration_s,
-            max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
+            rtp_timeout_s=settings.rtp_timeout_s, max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
             inbound_policy=inbound_policy(settings, library))
         self.events = EventFanout(settings.event_webhooks, settings.event_secret)
         self.events.start()

@@ -258,6 +258,7 @@ class Call:
         if self._advance(CallState.ACCEPTED):
             self._start_timer("max_duration", self._max_duration_s, EndReason.MAX_DURATION)
             self._spawn(self._watch_transport())
+            self._spawn(self._watch_rtp())
             self._maybe_connected()
 
     # -- webhook events ------------------------------------------------------------------
@@ -296,7 +297,25 @@ class Call:
         self._media_ready = True
         self._mark("media_up")
         self._spawn(self._watch_transport())
+        self._spawn(self._watch_rtp())
         self._maybe_connected()
+
+    async def _watch_rtp(self) -> None:
+        """End the call when no audio arrives for ``rtp_timeout_s`` (a dead network
+        leaves ICE and DTLS "connected" for a long time; silence from WhatsApp is still
+        RTP, so a stall means the path is gone)."""
+        timeout = self._manager.rtp_timeout_s
+        last_frames, last_change = self.peer.received.frames, time.monotonic()
+        while not (self.ended or self._ending):
+            await asyncio.sleep(min(1.0, timeout / 4))
+            frames = self.peer.received.frames
+            now = time.monotonic()
+            if frames != last_frames:
+                last_frames, last_change = frames, now
+            elif now - last_change >= timeout:
+                await self._end(EndReason.MEDIA_FAILURE, notify_provider=True,
+                                detail=f"no audio received for {timeout:g} s")
+                return
 
     async def _watch_transport(self) -> None:
         reason = await self.peer.ended
@@ -507,6 +526,7 @@ class CallManager:
         ring_timeout_s: float = 60.0,
         max_duration_s: float = 3600.0,
         media_end_grace_s: float = 2.0,
+        rtp_timeout_s: float = 15.0,
         max_calls: int = 100,
         recordings_dir: Path | None = None,
         inbound_policy: InboundPolicy | None = None,
@@ -516,6 +536,7 @@ class CallManager:
         self.recordings_dir = Path(recordings_dir) if recordings_dir else Path("wacall-data/recordings")
         self.inbound_policy: InboundPolicy = inbound_policy or (lambda event: InboundPlan())
         self.media_end_grace_s = media_end_grace_s
+        self.rtp_timeout_s = rtp_timeout_s
         self.peer_config = peer_config or PeerConfig()
         self.ring_timeout_s = ring_timeout_s
         self.max_duration_s = max_duration_s

@@ -115,6 +115,7 @@ class Settings:
     max_duration_s: float = 3600.0
     gather_timeout_s: float = 5.0
     media_timeout_s: float = 20.0
+    rtp_timeout_s: float = 15.0
     max_calls: int = 100
     inbound: str = "answer"
     inbound_play: list[str] = field(default_factory=list)
@@ -226,6 +227,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_duration_s": _positive(float),
     "gather_timeout_s": _positive(float),
     "media_timeout_s": _positive(float),
+    "rtp_timeout_s": _positive(float),
     "max_calls": int,
     "inbound": _choice(INBOUND),
     "inbound_play": _list,

@@ -275,3 +275,20 @@ async def test_service_media_uses_the_port_range_and_advertised_address(settings
         await call.hangup()
         await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
     assert tone_seconds(sandbox_call.phone.recording_path, 700) == pytest.approx(0.4, abs=0.08)
+
+
+async def test_rtp_inactivity_ends_the_call_as_media_failure(settings):
+    """ICE and DTLS stay "connected" on a dead path; the RTP watchdog notices."""
+    from dataclasses import replace
+
+    from gateway.app import Service
+
+    async with Service(replace(settings, rtp_timeout_s=1.0), sandbox=True) as service:
+        service.sandbox.users.update(USER, {"answer_after_ms": 0})
+        call = await service.manager.place_call(USER)
+        await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+        service.sandbox.calls[call.wacid].phone.peer.outbound.stop()  # the phone goes quiet
+        await wait_ended(call)
+    assert call.end_reason is EndReason.MEDIA_FAILURE
+    assert call.end_detail == "no audio received for 1 s"
+    assert service.sandbox.calls[call.wacid].ended_by == "business"  # we sent terminate

@@ -25,6 +25,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ class Sandbox:
         ring_timeout_s: float = 60.0,
         media_timeout_s: float = 20.0,
         answer_window_s: float = 60.0,
+        phone_factory: Callable[..., Phone] = Phone,
     ):
         self.webhook_url = webhook_url
         self.api_key = api_key
@@ -134,6 +136,9 @@ class Sandbox:
         self.ring_timeout_s = ring_timeout_s
         self.media_timeout_s = media_timeout_s
         self.answer_window_s = answer_window_s
+        #: Builds each simulated user's phone: ``factory(peer_config, recording_path=, say=)``.
+        #: The default is an aiortc peer; interop tests plug in a browser.
+        self.phone_factory = phone_factory
         self.users = UserDirectory()
         self.calls: dict[str, SandboxCall] = {}
         self.webhooks_sent = 0
@@ -230,8 +235,8 @@ class Sandbox:
 
         behaviour = self.users.get(user)
         wacid = "wacid." + secrets.token_urlsafe(24)
-        phone = Phone(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
-                      say=behaviour.say)
+        phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
+                                   say=behaviour.say)
         call = SandboxCall(wacid, user, behaviour, phone, biz_opaque_callback_data=callback_data)
         self.calls[wacid] = call
         try:
@@ -323,7 +328,8 @@ class Sandbox:
         ``answer_window_s`` to pre_accept/accept or reject."""
         user = normalize_number(user)
         wacid = "wacid." + secrets.token_urlsafe(24)
-        phone = Phone(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav", say=say)
+        phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
+                                   say=say)
         call = SandboxCall(wacid, user, self.users.get(user), phone, direction="USER_INITIATED",
                            hangup_after_s=hangup_after_s)
         self.calls[wacid] = call
