@@ -323,4 +323,100 @@ class UnknownEvent:
                 _int(self.raw.get("timestamp")))
 
 
-WebhookEvent: TypeAlias = CallConnect | CallTerminate | CallStatus | UnknownEvent
+class PermissionResponse(_TolerantEnum):
+    GRANTED = "GRANTED"
+    REJECTED = "REJECTED"
+    REVOKED = "REVOKED"
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionReply:
+    """The user's answer to a call-permission request, in either provider shape.
+
+    * Meta: a ``messages`` webhook whose message is ``interactive`` of type
+      ``call_permission_reply`` (``response`` accept/reject, ``is_permanent``,
+      ``expiration_timestamp``, ``response_source`` user_action/automatic,
+      ``context.id`` = the request's ``wamid``, or the ``wacid`` of the user's call for
+      a callback grant). An automatic reject is the revoke after unanswered calls.
+    * 360dialog: a flat ``{"event": "call_permission_status", "status":
+      "GRANTED|REJECTED|REVOKED", "recipient": ...}`` object.
+    """
+
+    user: str
+    response: PermissionResponse
+    permanent: bool = False
+    expires_at: int | None = None
+    source: str = "user_action"
+    context_id: str | None = None
+    message_id: str | None = None
+    timestamp: int | None = None
+    phone_number_id: str | None = None
+
+    @classmethod
+    def from_message(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> PermissionReply:
+        reply = (d.get("interactive") or {}).get("call_permission_reply") or {}
+        response = str(reply.get("response", "")).lower()
+        source = _str(reply.get("response_source")) or "user_action"
+        if response == "accept":
+            kind = PermissionResponse.GRANTED
+        elif response == "reject":
+            kind = PermissionResponse.REVOKED if source == "automatic" else PermissionResponse.REJECTED
+        else:
+            kind = PermissionResponse.UNKNOWN
+        context = d.get("context") if isinstance(d.get("context"), Mapping) else {}
+        user = _str(d.get("from"))
+        if not user:
+            raise WebhookFormatError("call_permission_reply without 'from'")
+        return cls(user, kind, bool(reply.get("is_permanent")), _int(reply.get("expiration_timestamp")),
+                   source, _str(context.get("id")), _str(d.get("id")), _int(d.get("timestamp")),
+                   phone_number_id)
+
+    @classmethod
+    def from_d360(cls, d: Mapping[str, Any]) -> PermissionReply:
+        user = _str(d.get("recipient")) or _str(d.get("wa_id")) or _str(d.get("from"))
+        if not user:
+            raise WebhookFormatError("call_permission_status without 'recipient'")
+        return cls(user.lstrip("+"), PermissionResponse.parse(str(d.get("status", "")).upper()),
+                   bool(d.get("is_permanent", False)), _int(d.get("expiration_timestamp")),
+                   "user_action", None, _str(d.get("id")), _int(d.get("timestamp")), None)
+
+    @property
+    def call_id(self) -> None:
+        return None
+
+    @property
+    def key(self) -> EventKey:
+        return ("permission", self.user, f"{self.response.value}:{self.message_id or self.context_id}",
+                self.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStatus:
+    """Delivery status of a message we sent (``sent``, ``delivered``, ``read``, ``failed``),
+    from the ``messages`` field; a permission request counts from its delivery."""
+
+    message_id: str
+    status: str
+    recipient: str | None
+    timestamp: int | None
+    errors: tuple[WebhookError, ...] = ()
+    phone_number_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> MessageStatus:
+        errors = tuple(WebhookError.from_dict(e) for e in d.get("errors") or [] if isinstance(e, Mapping))
+        return cls(str(d["id"]), str(d.get("status", "")).lower(), _str(d.get("recipient_id")),
+                   _int(d.get("timestamp")), errors, phone_number_id)
+
+    @property
+    def call_id(self) -> None:
+        return None
+
+    @property
+    def key(self) -> EventKey:
+        return ("message_status", self.message_id, self.status, self.timestamp)
+
+
+WebhookEvent: TypeAlias = (CallConnect | CallTerminate | CallStatus | PermissionReply | MessageStatus
+                           | UnknownEvent)

@@ -27,6 +27,8 @@ from gateway.events import (
     CallConnect,
     CallStatus,
     CallTerminate,
+    MessageStatus,
+    PermissionReply,
     UnknownEvent,
     WebhookEvent,
 )
@@ -70,6 +72,8 @@ def parse_webhook(payload: Any) -> list[WebhookEvent]:
     Raises :class:`WebhookFormatError` when the envelope is malformed.
     """
     body = _object(payload, "webhook payload")
+    if body.get("event") == "call_permission_status":  # 360dialog's flat permission event
+        return [PermissionReply.from_d360(body)]
     if "entry" not in body:
         raise WebhookFormatError("webhook payload has no 'entry' list")
     events: list[WebhookEvent] = []
@@ -84,6 +88,8 @@ def parse_webhook(payload: Any) -> list[WebhookEvent]:
             value = _object(change.get("value"), f"{where}.value")
             if field == "calls":
                 events.extend(_parse_calls_value(value, where))
+            elif field == "messages":
+                events.extend(_parse_messages_value(value, where))
             else:
                 events.append(UnknownEvent.from_dict(value, field=field, kind=field,
                                                      phone_number_id=_pnid(value)))
@@ -126,6 +132,33 @@ def _parse_calls_value(value: Mapping[str, Any], where: str) -> list[WebhookEven
         out.append(UnknownEvent.from_dict({"errors": errors}, phone_number_id=pnid,
                                           field="calls", kind="errors"))
     return out
+
+
+def _parse_messages_value(value: Mapping[str, Any], where: str) -> list[WebhookEvent]:
+    """Permission replies and message delivery statuses; other messages stay unknown."""
+    pnid = _pnid(value)
+    out: list[WebhookEvent] = []
+    for k, message in enumerate(_list(value.get("messages"), f"{where}.value.messages")):
+        message = _object(message, f"{where}.value.messages[{k}]")
+        interactive = message.get("interactive")
+        if isinstance(interactive, Mapping) and interactive.get("type") == "call_permission_reply":
+            out.append(PermissionReply.from_message(message, phone_number_id=pnid))
+        else:
+            out.append(UnknownEvent.from_dict(message, phone_number_id=pnid, field="messages",
+                                              kind=_kind_of(message)))
+    for k, status in enumerate(_list(value.get("statuses"), f"{where}.value.statuses")):
+        status = _object(status, f"{where}.value.statuses[{k}]")
+        if not isinstance(status.get("id"), str) or not status["id"]:
+            raise WebhookFormatError(f"{where}.value.statuses[{k}] has no 'id'")
+        out.append(MessageStatus.from_dict(status, phone_number_id=pnid))
+    if not out:
+        out.append(UnknownEvent.from_dict(value, phone_number_id=pnid, field="messages", kind="messages"))
+    return out
+
+
+def _kind_of(message: Mapping[str, Any]) -> str:
+    kind = message.get("type")
+    return f"message:{kind}" if isinstance(kind, str) else "message"
 
 
 def verify_signature(body: bytes, header: str | None, app_secret: str) -> bool:
@@ -175,6 +208,10 @@ def event_kind(event: WebhookEvent) -> str:
         return "status"
     if isinstance(event, CallTerminate):
         return "terminate"
+    if isinstance(event, PermissionReply):
+        return "permission"
+    if isinstance(event, MessageStatus):
+        return "message_status"
     return event.kind
 
 
@@ -186,6 +223,10 @@ def _describe(event: WebhookEvent) -> str:
                 f"from={mask_phone(event.from_)} to={mask_phone(event.to)}")
     if isinstance(event, CallStatus):
         return f"status {event.raw_status} call_id={event.call_id}"
+    if isinstance(event, PermissionReply):
+        return f"permission {event.response} user={mask_phone(event.user)} source={event.source}"
+    if isinstance(event, MessageStatus):
+        return f"message {event.status} message_id={event.message_id}"
     return f"terminate {event.status} call_id={event.call_id}"
 
 

@@ -195,13 +195,83 @@ def test_connect_without_sdp() -> None:
 
 
 def test_other_fields_are_unknown_events() -> None:
-    payload = {"entry": [{"changes": [{"field": "messages", "value": {
-        "metadata": {"phone_number_id": PNID},
-        "messages": [{"from": "4915112345678", "type": "interactive"}]}}]}]}
+    payload = {"entry": [{"changes": [{"field": "account_update", "value": {
+        "metadata": {"phone_number_id": PNID}, "event": "ACCOUNT_VIOLATION"}}]}]}
     ev = one(payload)
     assert isinstance(ev, UnknownEvent)
-    assert (ev.field, ev.kind, ev.phone_number_id) == ("messages", "messages", PNID)
+    assert (ev.field, ev.kind, ev.phone_number_id) == ("account_update", "account_update", PNID)
     assert ev.call_id is None
+
+
+def test_messages_that_are_not_permission_replies_stay_unknown() -> None:
+    payload = {"entry": [{"changes": [{"field": "messages", "value": {
+        "metadata": {"phone_number_id": PNID},
+        "messages": [{"from": "4915112345678", "type": "text", "text": {"body": "hi"}}]}}]}]}
+    ev = one(payload)
+    assert isinstance(ev, UnknownEvent) and (ev.field, ev.kind) == ("messages", "message:text")
+
+
+def _reply(reply: dict, context: dict | None = None) -> dict:
+    message = {"from": "4915112345678", "id": "wamid.reply1", "timestamp": "1767168000",
+               "type": "interactive",
+               "interactive": {"type": "call_permission_reply", "call_permission_reply": reply}}
+    if context is not None:
+        message["context"] = context
+    return {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{
+        "field": "messages", "value": {"messaging_product": "whatsapp",
+                                       "metadata": {"phone_number_id": PNID}, "messages": [message]}}]}]}
+
+
+@pytest.mark.parametrize("reply, context, response, permanent, expires, source", [
+    # temporary grant from a request
+    ({"response": "accept", "is_permanent": False, "expiration_timestamp": "1767772800",
+      "response_source": "user_action"}, {"id": "wamid.cpr"}, "GRANTED", False, 1767772800, "user_action"),
+    # permanent grant (from a request, or from the business profile: no context)
+    ({"response": "accept", "is_permanent": True, "response_source": "user_action"}, None,
+     "GRANTED", True, None, "user_action"),
+    # user declines
+    ({"response": "reject", "response_source": "user_action"}, {"id": "wamid.cpr"},
+     "REJECTED", False, None, "user_action"),
+    # callback grant after the user called (context is the call's wacid); integer timestamp
+    ({"response": "accept", "is_permanent": False, "expiration_timestamp": 1767772800,
+      "response_source": "automatic"}, {"id": "wacid.abc"}, "GRANTED", False, 1767772800, "automatic"),
+    # auto-revoke after 4 unanswered calls
+    ({"response": "reject", "response_source": "automatic"}, None, "REVOKED", False, None, "automatic"),
+])
+def test_meta_permission_replies(reply, context, response, permanent, expires, source) -> None:
+    from gateway.events import PermissionReply
+
+    ev = one(_reply(reply, context))
+    assert isinstance(ev, PermissionReply)
+    assert (ev.user, ev.response.value, ev.permanent, ev.expires_at, ev.source) == (
+        "4915112345678", response, permanent, expires, source)
+    assert ev.context_id == (context or {}).get("id")
+    assert ev.phone_number_id == PNID
+
+
+@pytest.mark.parametrize("status", ["GRANTED", "REJECTED", "REVOKED", "granted"])
+def test_d360_permission_status_event(status) -> None:
+    from gateway.events import PermissionReply
+
+    ev = one({"event": "call_permission_status", "status": status, "waba_id": "1",
+              "recipient": "4915112345678"})
+    assert isinstance(ev, PermissionReply) and ev.response.value == status.upper()
+    assert ev.user == "4915112345678"
+    with pytest.raises(WebhookFormatError):
+        parse_webhook({"event": "call_permission_status", "status": "GRANTED"})
+
+
+def test_message_delivery_statuses() -> None:
+    from gateway.events import MessageStatus
+
+    payload = {"entry": [{"changes": [{"field": "messages", "value": {
+        "metadata": {"phone_number_id": PNID},
+        "statuses": [{"id": "wamid.cpr", "status": "delivered", "timestamp": "1767168000",
+                      "recipient_id": "4915112345678"}]}}]}]}
+    ev = one(payload)
+    assert isinstance(ev, MessageStatus)
+    assert (ev.message_id, ev.status, ev.recipient, ev.timestamp) == (
+        "wamid.cpr", "delivered", "4915112345678", 1767168000)
 
 
 def test_errors_without_terminate_are_reported() -> None:

@@ -130,6 +130,94 @@ class CallingProvider(ABC):
             await self._session.close()
             self._session = None
 
+    # -- call permissions (see gateway.permissions for the rules) -----------------
+
+    @property
+    @abstractmethod
+    def messages_url(self) -> str:
+        """Where messages (interactive permission requests, templates) are sent."""
+
+    @abstractmethod
+    def _permissions_request(self, user: str) -> tuple[str, dict[str, str] | None]:
+        """URL and query of the permission-state lookup for ``user``."""
+
+    @property
+    @abstractmethod
+    def settings_url(self) -> str:
+        """The call-settings endpoint."""
+
+    @abstractmethod
+    def _templates_url(self, waba_id: str | None) -> str:
+        """Where message templates are created."""
+
+    #: How this provider spells the template component (Meta: lower case).
+    permission_component = "call_permission_request"
+
+    async def send_permission_request(self, to: str, body_text: str) -> str:
+        """Send the interactive call-permission-request message; return its ``wamid``.
+        Free-form, so only inside the customer-service window (else 131047)."""
+        digits = _normalise_to(to)
+        _require(body_text, "body_text")
+        data = await self._request("POST", self.messages_url, {
+            "messaging_product": "whatsapp", "recipient_type": "individual", "to": digits,
+            "type": "interactive",
+            "interactive": {"type": "call_permission_request",
+                            "action": {"name": "call_permission_request"},
+                            "body": {"text": body_text}}}, action="call_permission_request")
+        message_id = _message_id(self.name, data)
+        log.info("%s permission request to=%s message_id=%s", self.name, mask_phone(digits), message_id)
+        return message_id
+
+    async def send_template(self, to: str, name: str, language: str,
+                            parameters: list[str] | dict[str, str] | None = None) -> str:
+        """Send an approved template (e.g. one with a call-permission-request component)
+        with body parameters: a list (positional ``{{1}}``) or a dict (named)."""
+        digits = _normalise_to(to)
+        _require(name, "name")
+        template: dict[str, Any] = {"name": name, "language": {"code": language}}
+        if parameters:
+            if isinstance(parameters, dict):
+                values = [{"type": "text", "parameter_name": k, "text": str(v)} for k, v in parameters.items()]
+            else:
+                values = [{"type": "text", "text": str(v)} for v in parameters]
+            template["components"] = [{"type": "body", "parameters": values}]
+        data = await self._request("POST", self.messages_url, {
+            "messaging_product": "whatsapp", "recipient_type": "individual", "to": digits,
+            "type": "template", "template": template}, action="template")
+        message_id = _message_id(self.name, data)
+        log.info("%s template %s to=%s message_id=%s", self.name, name, mask_phone(digits), message_id)
+        return message_id
+
+    async def create_permission_template(
+        self, *, name: str, language: str, body_text: str, example_values: list[str] | None = None,
+        footer: str | None = None, category: str = "UTILITY", waba_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a template with a call-permission-request component (category
+        MARKETING or UTILITY; send it only once it is APPROVED)."""
+        if category not in ("MARKETING", "UTILITY"):
+            raise ValueError("category must be MARKETING or UTILITY")
+        body: dict[str, Any] = {"type": "BODY", "text": body_text}
+        if example_values:
+            body["example"] = {"body_text": [list(example_values)]}
+        components = [body]
+        if footer:
+            components.append({"type": "FOOTER", "text": footer})
+        components.append({"type": self.permission_component})
+        return await self._request("POST", self._templates_url(waba_id), {
+            "name": name, "language": language, "category": category, "components": components},
+            action="create_template")
+
+    async def get_permission_state(self, user: str) -> dict[str, Any]:
+        """The provider's truth about ``user``: ``permission`` and ``actions[]`` with
+        ``can_perform_action`` and ``limits`` (see gateway.permissions)."""
+        url, params = self._permissions_request(_normalise_to(user))
+        return await self._request("GET", url, params=params, action="call_permissions")
+
+    async def update_call_settings(self, calling: dict[str, Any]) -> None:
+        """``POST`` the ``calling`` settings object (e.g. ``{"callback_permission_status":
+        "ENABLED"}``)."""
+        await self._request("POST", self.settings_url, {"calling": calling}, action="settings")
+
     # -- transport -------------------------------------------------------------
 
     async def _simple_action(self, call_id: str, action: str) -> None:
@@ -145,12 +233,16 @@ class CallingProvider(ABC):
         return self._session
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body``; return the decoded JSON object or raise a ProviderError."""
+        """POST a call action; return the decoded JSON object or raise a ProviderError."""
+        return await self._request("POST", self.calls_url, body, action=str(body.get("action")))
+
+    async def _request(self, method: str, url: str, body: dict[str, Any] | None = None, *,
+                       params: dict[str, str] | None = None, action: str) -> dict[str, Any]:
+        """One authenticated request; the decoded JSON object, or a typed ProviderError."""
         headers = {"Content-Type": "application/json", **self._auth_headers()}
-        action = body.get("action")
         try:
-            async with self._get_session().post(
-                self.calls_url, json=body, headers=headers,
+            async with self._get_session().request(
+                method, url, json=body, params=params, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
                 status = resp.status
@@ -166,6 +258,15 @@ class CallingProvider(ABC):
             log.warning("%s %s failed: %s", self.name, action, mask_text(str(err)))
             raise err
         return data if isinstance(data, dict) else {}
+
+
+def _message_id(provider: str, data: dict[str, Any]) -> str:
+    messages = data.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        message_id = messages[0].get("id")
+        if isinstance(message_id, str) and message_id:
+            return message_id
+    raise ProviderError(f"{provider} accepted the message but returned no message id")
 
 
 def _normalise_to(to: str) -> str:

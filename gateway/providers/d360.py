@@ -42,3 +42,22 @@ class D360Provider(CallingProvider):
 
     def _auth_headers(self) -> dict[str, str]:
         return {"D360-API-KEY": self._api_key}
+
+    # 360dialog proxies Meta's messaging API with the phone number implied by the key.
+    @property
+    def messages_url(self) -> str:
+        return f"{self.base_url}/messages"
+
+    def _permissions_request(self, user: str) -> tuple[str, dict[str, str] | None]:
+        # The seed's "collect CPR with a text message" step shows this GET; it reads the
+        # permission state (it does not send a request): see the protocol notes §2.
+        return f"{self.base_url}/calling/permissions/{user}", None
+
+    @property
+    def settings_url(self) -> str:
+        return f"{self.base_url}/calling/settings"
+
+    def _templates_url(self, waba_id: str | None) -> str:
+        return f"{self.base_url}/v1/configs/templates"
+
+    permission_component = "CALL_PERMISSION_REQUEST"

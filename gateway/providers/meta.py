@@ -44,7 +44,27 @@ class MetaProvider(CallingProvider):
 
     @property
     def calls_url(self) -> str:
-        return f"{self.base_url}/{self.version}/{self.phone_number_id}/calls"
+        return f"{self._number_url}/calls"
 
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"}
+
+    @property
+    def _number_url(self) -> str:
+        return f"{self.base_url}/{self.version}/{self.phone_number_id}"
+
+    @property
+    def messages_url(self) -> str:
+        return f"{self._number_url}/messages"
+
+    def _permissions_request(self, user: str) -> tuple[str, dict[str, str] | None]:
+        return f"{self._number_url}/call_permissions", {"user_wa_id": user}
+
+    @property
+    def settings_url(self) -> str:
+        return f"{self._number_url}/settings"
+
+    def _templates_url(self, waba_id: str | None) -> str:
+        if not waba_id:
+            raise ValueError("creating a template on Meta needs the WhatsApp Business Account id")
+        return f"{self.base_url}/{self.version}/{waba_id}/message_templates"
