@@ -447,3 +447,82 @@ def test_constructor_requires_credentials() -> None:
         MetaProvider("", PNID)
     with pytest.raises(ValueError):
         MetaProvider(TOKEN, "")
+
+
+# -- call permissions ---------------------------------------------------------------
+
+SENT = (200, {"messaging_product": "whatsapp", "contacts": [{"wa_id": "4915112345678"}],
+              "messages": [{"id": "wamid.cpr1"}]})
+MESSAGES_PATH = {"360dialog": "/messages", "meta": f"/v23.0/{PNID}/messages"}
+
+
+async def test_interactive_permission_request(provider: CallingProvider, fake: FakeProvider) -> None:
+    fake.responses.append(SENT)
+    assert await provider.send_permission_request("+49 1511 2345678", "May we call you?") == "wamid.cpr1"
+    [req] = fake.requests
+    assert (req.method, req.path) == ("POST", MESSAGES_PATH[provider.name])
+    assert req.body == {
+        "messaging_product": "whatsapp", "recipient_type": "individual", "to": "4915112345678",
+        "type": "interactive",
+        "interactive": {"type": "call_permission_request", "action": {"name": "call_permission_request"},
+                        "body": {"text": "May we call you?"}}}
+
+
+async def test_template_with_positional_and_named_parameters(provider: CallingProvider,
+                                                             fake: FakeProvider) -> None:
+    fake.responses += [SENT, SENT]
+    await provider.send_template("4915112345678", "sample_cpr_template_test", "en", ["ON-12345", "Avocados"])
+    await provider.send_template("4915112345678", "order_call_ok", "en_US", {"first_name": "Ana"})
+    first, second = (r.body["template"] for r in fake.requests)
+    assert first == {"name": "sample_cpr_template_test", "language": {"code": "en"}, "components": [
+        {"type": "body", "parameters": [{"type": "text", "text": "ON-12345"},
+                                        {"type": "text", "text": "Avocados"}]}]}
+    assert second["components"][0]["parameters"] == [
+        {"type": "text", "parameter_name": "first_name", "text": "Ana"}]
+    assert all(r.body["type"] == "template" and r.path == MESSAGES_PATH[provider.name] for r in fake.requests)
+
+
+async def test_create_permission_template(provider: CallingProvider, fake: FakeProvider) -> None:
+    fake.responses.append((200, {"id": "tpl1", "status": "PENDING", "category": "MARKETING"}))
+    result = await provider.create_permission_template(
+        name="sample_cpr_template_test", language="en", category="MARKETING",
+        body_text="We would like to call you about Order {{1}} containing {{2}}. Can we call you?",
+        example_values=["ON-12345", "Avocados"], footer="Talk to you soon!", waba_id="366634483210360")
+    assert result["status"] == "PENDING"
+    [req] = fake.requests
+    component = "CALL_PERMISSION_REQUEST" if provider.name == "360dialog" else "call_permission_request"
+    assert req.path == ("/v1/configs/templates" if provider.name == "360dialog"
+                        else "/v23.0/366634483210360/message_templates")
+    assert req.body["components"] == [
+        {"type": "BODY", "text": "We would like to call you about Order {{1}} containing {{2}}. Can we call you?",
+         "example": {"body_text": [["ON-12345", "Avocados"]]}},
+        {"type": "FOOTER", "text": "Talk to you soon!"},
+        {"type": component}]
+    with pytest.raises(ValueError):
+        await provider.create_permission_template(name="x", language="en", body_text="b", category="AUTH")
+
+
+async def test_permission_state_and_settings(provider: CallingProvider, fake: FakeProvider) -> None:
+    state = {"messaging_product": "whatsapp", "permission": {"status": "temporary", "expiration_time": 1767225600},
+             "actions": [{"action_name": "start_call", "can_perform_action": True,
+                          "limits": [{"time_period": "PT24H", "max_allowed": 100, "current_usage": 1}]}]}
+    fake.responses += [(200, state), OK]
+    assert await provider.get_permission_state("+4915112345678") == state
+    await provider.update_call_settings({"callback_permission_status": "ENABLED"})
+    get, post = fake.requests
+    if provider.name == "360dialog":
+        assert (get.method, get.path) == ("GET", "/calling/permissions/4915112345678")
+        assert post.path == "/calling/settings"
+    else:
+        assert (get.method, get.path) == ("GET", f"/v23.0/{PNID}/call_permissions")
+        assert post.path == f"/v23.0/{PNID}/settings"
+    assert post.body == {"calling": {"callback_permission_status": "ENABLED"}}
+
+
+async def test_permission_request_refused_is_typed(provider: CallingProvider, fake: FakeProvider) -> None:
+    from gateway.errors import TooManyPermissionRequestsError
+
+    fake.responses.append((400, {"error": {"message": "Too many CPR requests", "code": 138011}}))
+    with pytest.raises(TooManyPermissionRequestsError) as info:
+        await provider.send_permission_request("4915112345678", "May we call?")
+    assert info.value.resolution
