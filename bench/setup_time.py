@@ -21,7 +21,6 @@ from gateway.app import Service
 from gateway.calls import CallState
 from gateway.config import Settings
 
-USER = "+15550100002"
 
 
 def pct(values: list[float], p: float) -> float:
@@ -33,10 +32,12 @@ async def main(calls: int) -> None:
     with tempfile.TemporaryDirectory() as data:
         settings = Settings(data_dir=Path(data), port=0, media_addresses=["127.0.0.1"])
         async with Service(settings, sandbox=True) as service:
-            service.sandbox.users.update(USER, {"answer_after_ms": 0})
             samples: dict[str, list[float]] = {"offer_created": [], "offer_sent": [], "media_up": []}
-            for _ in range(calls):
-                call = await service.manager.place_call(USER)
+            for n in range(calls):
+                user = f"+1555020{n:04d}"  # one call each: the 5-calls-per-24-h rule applies
+                service.sandbox.users.update(user, {"answer_after_ms": 0})
+                await service.sandbox.grant(user, permanent=True)
+                call = await service.manager.place_call(user)
                 await call.wait_state(CallState.MEDIA_CONNECTED, 20)
                 for name in samples:
                     samples[name].append(call.elapsed_until(name) * 1000)

@@ -20,6 +20,8 @@ from .api.routes import ControlApi, auth_middleware
 from .calls import CallManager, InboundPlan, InboundPolicy
 from .config import Settings
 from .eventbus import EventFanout
+from .gatekeeper import Gatekeeper
+from .permissions import PermissionLedger, PermissionLimits, SystemClock
 from .metrics import Metrics, metrics_handler
 from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
@@ -45,12 +47,17 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
 
 
 def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, metrics: Metrics,
-               events: EventFanout, sandbox: Sandbox | None = None) -> web.Application:
+               events: EventFanout, gate: Gatekeeper, sandbox: Sandbox | None = None) -> web.Application:
     app = web.Application(middlewares=[auth_middleware(settings.api_token)])
     app[MANAGER] = manager
-    app.add_routes(webhook_routes(manager.handle_event, verify_token=settings.verify_token,
+
+    async def dispatch(event) -> None:
+        if not gate.handle_event(event):
+            await manager.handle_event(event)
+
+    app.add_routes(webhook_routes(dispatch, verify_token=settings.verify_token,
                                   app_secret=settings.app_secret, observe=metrics.webhook))
-    app.add_routes(ControlApi(manager, library).routes())
+    app.add_routes(ControlApi(manager, library, gate).routes())
     app.add_routes(events.routes())
     app.router.add_get("/metrics", metrics_handler(metrics))
 
@@ -93,8 +100,10 @@ class Service:
         port = sock.getsockname()[1]
         local_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         self.url = f"http://{local_host}:{port}"
+        limits = PermissionLimits.meta() if settings.permission_limits == "meta" else PermissionLimits.seed()
         if self.use_sandbox:
             self.sandbox = Sandbox(
+                permission_limits=limits,
                 webhook_url=settings.sandbox_webhook_url or f"{self.url}/webhooks/whatsapp",
                 app_secret=settings.app_secret,
                 recordings_dir=Path(settings.data_dir) / "sandbox",
@@ -112,21 +121,40 @@ class Service:
             self.settings = settings
         library = MediaLibrary(settings.media_root)
         self.provider = make_provider(settings.provider, **settings.provider_kwargs())
+        clock = self.sandbox.clock if self.sandbox else SystemClock()
+        self.ledger = PermissionLedger.in_data_dir(settings.data_dir, clock, limits,
+                                                   callback_enabled=settings.callback_permission)
+        self.gate = Gatekeeper(self.ledger, self.provider, reconcile=settings.permission_reconcile)
+        if settings.callback_permission:
+            await self._enable_callback_permission()
         self.manager = CallManager(
             self.provider, peer_config=settings.peer_config(),
             ring_timeout_s=settings.ring_timeout_s, max_duration_s=settings.max_duration_s,
             rtp_timeout_s=settings.rtp_timeout_s, max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
-            inbound_policy=inbound_policy(settings, library))
+            inbound_policy=inbound_policy(settings, library), gate=self.gate,
+            permission_wait_s=settings.permission_wait_s)
+        self.manager.subscribe(self.gate.observe)
         self.events = EventFanout(settings.event_webhooks, settings.event_secret)
         self.events.start()
         self.manager.subscribe(CallTelemetry(self.manager, self.metrics, self.events))
-        self.app = create_app(settings, self.manager, library, self.metrics, self.events, self.sandbox)
+        self.app = create_app(settings, self.manager, library, self.metrics, self.events, self.gate,
+                              self.sandbox)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
+        if self.sandbox is not None and settings.callback_permission:
+            await self._enable_callback_permission()  # the sandbox answers only now
         log.info("wacall listening on %s (provider %s%s)", self.url, settings.provider,
                  ", sandbox" if self.sandbox else "")
         return self
+
+    async def _enable_callback_permission(self) -> None:
+        if self.sandbox is not None and self._runner is None:
+            return  # not serving yet; done again once the sandbox is reachable
+        try:
+            await self.provider.update_call_settings({"callback_permission_status": "ENABLED"})
+        except Exception as exc:  # a settings failure must not stop the gateway
+            log.warning("could not enable callback_permission_status at the provider: %s", exc)
 
     async def stop(self) -> None:
         """Graceful: hang up live calls through the provider (recordings are closed with
@@ -141,6 +169,8 @@ class Service:
             await self._runner.cleanup()
         if self.provider is not None:
             await self.provider.close()
+        if getattr(self, "ledger", None) is not None:
+            self.ledger.store.close()
 
     async def __aenter__(self) -> Service:
         return await self.start()

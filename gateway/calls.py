@@ -69,6 +69,9 @@ class EndReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     #: An inbound call we did not take (policy, or over capacity).
     DECLINED = "declined"
+    #: A call waiting for a permission request: the user declined, or did not answer.
+    PERMISSION_DENIED = "permission_denied"
+    PERMISSION_TIMEOUT = "permission_timeout"
 
 
 @dataclass(slots=True)
@@ -124,6 +127,7 @@ class Call:
         ring_timeout_s: float,
         max_duration_s: float,
         media_timeout_s: float,
+        wacid: str | None = None,
     ):
         self.id = f"call_{secrets.token_hex(6)}"
         self.log = logging.LoggerAdapter(log, {"call_id": self.id})
@@ -131,7 +135,7 @@ class Call:
         self.user = user
         self.direction = direction
         self.peer = peer
-        self.wacid: str | None = None
+        self.wacid: str | None = wacid
         self.biz_opaque_callback_data = biz_opaque_callback_data
         self.state = CallState.CREATED
         self.end_reason: EndReason | None = None
@@ -530,8 +534,13 @@ class CallManager:
         max_calls: int = 100,
         recordings_dir: Path | None = None,
         inbound_policy: InboundPolicy | None = None,
+        gate: Any = None,
+        permission_wait_s: float = 3600.0,
     ):
         self.provider = provider
+        #: The permission gate (:class:`gateway.gatekeeper.Gatekeeper`), if any.
+        self.gate = gate
+        self.permission_wait_s = permission_wait_s
         self.max_calls = max_calls
         self.recordings_dir = Path(recordings_dir) if recordings_dir else Path("wacall-data/recordings")
         self.inbound_policy: InboundPolicy = inbound_policy or (lambda event: InboundPlan())
@@ -576,6 +585,9 @@ class CallManager:
         ring_timeout_s: float | None = None,
         max_duration_s: float | None = None,
         record: bool = False,
+        if_no_permission: str = "fail",
+        permission_request: Any = None,
+        permission_wait_s: float | None = None,
     ) -> Call:
         """Place a business-initiated call. Returns once the provider answered the
         ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
@@ -583,7 +595,25 @@ class CallManager:
 
         ``record`` adds a WAV recording of the user's audio at
         ``<recordings_dir>/<call id>/user.wav``. Raises :class:`CapacityError` when
-        ``max_calls`` calls are live."""
+        ``max_calls`` calls are live.
+
+        With a permission gate, a call the rules forbid is refused here, before any
+        network call, with the provider's error (138006, 138010, 138012 and
+        ``retry_at``). ``if_no_permission="request"`` instead parks the call, sends a
+        permission request (``permission_request``) and dials once the user grants it;
+        a decline or no answer within ``permission_wait_s`` ends it."""
+        if if_no_permission not in ("fail", "request"):
+            raise ValueError("if_no_permission must be 'fail' or 'request'")
+        park = False
+        if self.gate is not None:
+            try:
+                await self.gate.check_call(to)
+            except ProviderError as exc:
+                if if_no_permission != "request" or exc.code not in (138006, 138010):
+                    for source in sources:
+                        source.close()
+                    raise
+                park = True
         if self.closing or len(self.live_calls) >= self.max_calls:
             for source in sources:
                 source.close()
@@ -603,14 +633,46 @@ class CallManager:
         )
         if record:
             call.record_to(self.recordings_dir)
+        if park:
+            try:
+                message_id = await self.gate.request(to, permission_request)
+            except ProviderError:
+                await call._end(EndReason.PROVIDER_ERROR)
+                raise
+            self.calls[call.id] = call
+            call._mark("permission_requested", message_id=message_id)
+            call._spawn(self._dial_when_granted(call, permission_wait_s or self.permission_wait_s))
+            return call
         self.calls[call.id] = call
-        call.log.info("call %s: dialing %s", call.id, mask_phone(to))
+        await self._dial(call)
+        return call
+
+    async def _dial(self, call: Call) -> None:
+        call.log.info("call %s: dialing %s", call.id, mask_phone(call.user))
         await call._dial(self.provider)
         if call.wacid:
             self._by_wacid[call.wacid] = call
             for _, event in self._early.pop(call.wacid, []):
                 call.handle(event)
-        return call
+
+    async def _dial_when_granted(self, call: Call, wait_s: float) -> None:
+        granted = await self.gate.wait_for_reply(call.user, wait_s)
+        if call.ended or call._ending:
+            return
+        if granted is None:
+            await call._end(EndReason.PERMISSION_TIMEOUT,
+                            detail=f"no answer to the permission request within {wait_s:g} s")
+            return
+        if not granted:
+            await call._end(EndReason.PERMISSION_DENIED, detail="the user declined the permission request")
+            return
+        call._mark("permission_granted")
+        try:
+            await self.gate.check_call(call.user)
+        except ProviderError as exc:
+            await call._end(EndReason.PROVIDER_ERROR, error=exc)
+            return
+        await self._dial(call)
 
     async def handle_event(self, event) -> None:
         """Dispatch target for the webhook receiver."""
@@ -651,8 +713,8 @@ class CallManager:
             ring_timeout_s=self.ring_timeout_s,
             max_duration_s=(plan.max_duration_s if plan else None) or self.max_duration_s,
             media_timeout_s=self.peer_config.connect_timeout_s,
+            wacid=event.call_id,
         )
-        call.wacid = event.call_id
         self.calls[call.id] = call
         self._by_wacid[call.wacid] = call
         call.log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))

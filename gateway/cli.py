@@ -112,6 +112,8 @@ def _print_demo_summary(summary: dict) -> None:
     if summary.get("error"):
         error = summary["error"]
         print(f"  provider error {error['code']}: {error['message']} - {error.get('resolution', '')}")
+    if setup.get("permission_granted") is not None:
+        print(f"  permission: requested, granted after {setup['permission_granted']} ms")
     print(f"  setup: offer posted after {setup['offer_sent']} ms, media up after {setup['media_up']} ms")
     for title, side in (("business -> user", b2u), ("user -> business", u2b)):
         if side.get("recorded_s") is None:
@@ -130,6 +132,8 @@ async def _call(args, settings: Settings) -> int:
     printer = None if args.json else ProgressPrinter()
     async with Service(settings) as service:
         assert service.manager is not None
+        # A one-shot process has seen no permission webhooks: ask the provider first.
+        service.gate.reconcile = True
         if printer:
             printer.line(f"wacall: webhooks expected at {service.url}/webhooks/whatsapp "
                          f"(provider {settings.provider}); calling {mask_phone(args.to)}")

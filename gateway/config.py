@@ -123,6 +123,15 @@ class Settings:
     event_webhooks: list[str] = field(default_factory=list)
     event_secret: str | None = None
     log_format: str = "json"
+    #: Permission rules: ``seed`` (2 requests / 7 days, 5 calls / 24 h) or ``meta``.
+    permission_limits: str = "seed"
+    #: Turn ``callback_permission_status`` on at the provider at startup; a user who
+    #: calls the business then grants a temporary permission.
+    callback_permission: bool = False
+    #: Ask the provider's permission-state endpoint before refusing for lack of permission.
+    permission_reconcile: bool = False
+    #: How long a call with ``if_no_permission: request`` waits for the user's answer.
+    permission_wait_s: float = 3600.0
     #: Sandbox only: where the sandbox POSTs its webhooks (default: this service's own
     #: ``/webhooks/whatsapp``). Lets a separate ``wacall call`` process use the sandbox.
     sandbox_webhook_url: str | None = None
@@ -235,6 +244,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "event_webhooks": _list,
     "event_secret": str,
     "log_format": _choice(("json", "text")),
+    "permission_limits": _choice(("seed", "meta")),
+    "callback_permission": _bool,
+    "permission_reconcile": _bool,
+    "permission_wait_s": _positive(float),
     "sandbox_webhook_url": str,
 }
 

@@ -57,14 +57,19 @@ async def run_demo(settings: Settings, *, play: Path | None, phone_play: Path | 
         settings = replace(settings, host="127.0.0.1", port=0, data_dir=Path(scratch))
         async with Service(settings, sandbox=True) as service:
             assert service.sandbox is not None and service.manager is not None
-            service.sandbox.users.update(DEMO_USER, {"say": str(phone_play), "answer_after_ms": 800})
+            service.sandbox.users.update(DEMO_USER, {"say": str(phone_play), "answer_after_ms": 800,
+                                                     "on_permission_request": "grant",
+                                                     "permission_after_ms": 300})
             printer = None if quiet else ProgressPrinter()
             unsubscribe = service.manager.subscribe(printer) if printer else (lambda: None)
             if printer:
                 printer.line(f"wacall demo: sandbox on {service.url}, calling simulated user {DEMO_USER}")
+            # The seed's whole flow: no permission yet, so wacall sends a call-permission
+            # request, the simulated user grants it (a GRANTED webhook), then it dials.
             call = await service.manager.place_call(
                 DEMO_USER, sources=[source], sinks=[WavSink(out / "gateway.wav")],
-                biz_opaque_callback_data="wacall-demo")
+                biz_opaque_callback_data="wacall-demo", if_no_permission="request",
+                permission_wait_s=30)
             try:
                 await asyncio.wait_for(_converse(service, call), DEMO_TIMEOUT_S)
             finally:
@@ -114,5 +119,7 @@ def _setup_ms(call: Call) -> dict:
         value = call.elapsed_until(name)
         return None if value is None else round(value * 1000, 1)
 
-    return {"offer_created": ms("offer_created"), "offer_sent": ms("offer_sent"),
+    return {"permission_requested": ms("permission_requested"),
+            "permission_granted": ms("permission_granted"),
+            "offer_created": ms("offer_created"), "offer_sent": ms("offer_sent"),
             "media_up": ms("media_up"), "media_connected": ms("media_connected")}

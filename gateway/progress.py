@@ -9,6 +9,8 @@ from .calls import Call, TimelineEntry
 
 _LABELS = {
     "created": "call created",
+    "permission_requested": "no call permission yet: permission request sent",
+    "permission_granted": "permission granted by the user",
     "offer_created": "offer ready (ICE gathered)",
     "offer_sent": "offer accepted by the provider",
     "answer_received": "SDP answer received",

@@ -11,7 +11,12 @@ def settings(tmp_path) -> Settings:
                     media_addresses=["127.0.0.1"])
 
 
+#: The number most tests call; the ``service`` fixture gives it a permanent permission.
+TEST_USER = "+4915112345678"
+
+
 @pytest.fixture
 async def service(settings):
     async with Service(settings, sandbox=True) as svc:
+        await svc.sandbox.grant(TEST_USER, permanent=True)  # as if granted from the profile
         yield svc

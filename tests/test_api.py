@@ -34,6 +34,7 @@ async def api(settings, tmp_path):
     media.mkdir()
     shutil.copy(ROOT / "fixtures/audio/business.ogg", media / "hello.ogg")
     async with Service(replace(settings, api_token=TOKEN, media_dir=media), sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
         async with aiohttp.ClientSession(base_url=service.url, headers=AUTH) as http:
             service.http = http
             yield service
@@ -49,7 +50,7 @@ async def request(service, method, path, doc_path=None, **kwargs):
 def test_every_route_is_documented_and_every_documented_route_exists():
     from gateway.api.routes import ControlApi
 
-    routes = {(r.method, r.path) for r in ControlApi(None, None).routes()}
+    routes = {(r.method, r.path) for r in ControlApi(None, None, None).routes()}
     routes.add(("GET", "/v1/events"))  # served by the event bus
     documented = {(method.upper(), path) for path, item in DOC["paths"].items()
                   for method in item if method != "parameters"}
@@ -99,10 +100,12 @@ async def test_place_watch_and_hang_up(api):
 
 
 async def test_pagination(api):
-    api.sandbox.users.update(USER, {"on_call": "reject", "answer_after_ms": 0})
     ids = []
-    for _ in range(5):
-        status, call = await request(api, "POST", "/v1/calls", json={"to": USER})
+    for n in range(5):
+        user = f"+4915112300{n:03d}"
+        await api.sandbox.grant(user, permanent=True)
+        api.sandbox.users.update(user, {"on_call": "reject", "answer_after_ms": 0})
+        status, call = await request(api, "POST", "/v1/calls", json={"to": user})
         ids.append(call["id"])
         await api.manager.get(call["id"]).wait_finished(TIMEOUT)
     seen, cursor = [], None
@@ -152,6 +155,7 @@ async def test_wrong_or_missing_token_is_401(api):
 async def test_provider_refusal_is_typed(settings, tmp_path):
     """An offer the provider refuses (here: no candidates) -> 502 with 138014 and resolution."""
     async with Service(replace(settings, api_token=TOKEN, media_addresses=[]), sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
         async with aiohttp.ClientSession(base_url=service.url, headers=AUTH) as http:
             service.http = http
             status, error = await request(service, "POST", "/v1/calls", json={"to": USER})
@@ -162,6 +166,7 @@ async def test_provider_refusal_is_typed(settings, tmp_path):
 
 async def test_api_disabled_without_token(settings):
     async with Service(settings, sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
         async with aiohttp.ClientSession(base_url=service.url) as http:
             async with http.get("/v1/calls", headers={"Authorization": "Bearer "}) as resp:
                 assert resp.status == 401
@@ -170,6 +175,7 @@ async def test_api_disabled_without_token(settings):
 
 async def test_over_capacity_is_503(settings):
     async with Service(replace(settings, api_token=TOKEN, max_calls=0), sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
         async with aiohttp.ClientSession(base_url=service.url, headers=AUTH) as http:
             service.http = http
             status, error = await request(service, "POST", "/v1/calls", json={"to": USER})

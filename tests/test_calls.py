@@ -140,6 +140,8 @@ async def test_offer_without_candidates_is_refused_with_typed_138014(settings, t
     from gateway.app import Service
 
     async with Service(replace(settings, media_addresses=[]), sandbox=True) as service:
+
+        await service.sandbox.grant(USER, permanent=True)
         # the sandbox's phones still use loopback; the gateway has no address to offer
         call = await service.manager.place_call(USER)
         await wait_ended(call)
@@ -175,6 +177,8 @@ async def test_meta_provider_places_a_call_through_the_sandbox(settings):
     from gateway.app import Service
 
     async with Service(replace(settings, provider="meta"), sandbox=True) as service:
+
+        await service.sandbox.grant(USER, permanent=True)
         assert isinstance(service.provider, MetaProvider)
         service.sandbox.users.update(USER, {"answer_after_ms": 0})
         call = await service.manager.place_call(USER, sources=[ToneSource(900, 0.4)])
@@ -263,6 +267,7 @@ async def test_service_media_uses_the_port_range_and_advertised_address(settings
     configured = replace(settings, media_port_range=(low, low + 9), media_addresses=["0.0.0.0"],
                          advertised_address="127.0.0.1")
     async with Service(configured, sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
         service.sandbox.users.update(USER, {"answer_after_ms": 0})
         call = await service.manager.place_call(USER, sources=[ToneSource(700, 0.4)])
         offer = call.local_sdp
@@ -284,6 +289,8 @@ async def test_rtp_inactivity_ends_the_call_as_media_failure(settings):
     from gateway.app import Service
 
     async with Service(replace(settings, rtp_timeout_s=1.0), sandbox=True) as service:
+
+        await service.sandbox.grant(USER, permanent=True)
         service.sandbox.users.update(USER, {"answer_after_ms": 0})
         call = await service.manager.place_call(USER)
         await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)

@@ -51,6 +51,11 @@ async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path
     try:
         await wait_healthy(base, server)
         async with aiohttp.ClientSession() as http:
+            # the user granted earlier (the webhook went elsewhere): `wacall call` asks the
+            # provider's permission-state endpoint before dialing
+            async with http.post(f"{base}/sandbox/users/{USER}/permission",
+                                 json={"permanent": True, "notify": False}) as resp:
+                assert resp.status == 200, await resp.text()
             async with http.post(f"{base}/sandbox/users/{USER}",
                                  json={"say": str(ROOT / "fixtures/audio/user.ogg"),
                                        "answer_after_ms": 200}) as resp:

@@ -140,10 +140,17 @@ async def test_outbound_call_over_http_with_sse_and_signed_webhooks(served):
     watcher = asyncio.ensure_future(sse_events(
         http, connected, lambda e: e["type"] == "call.ended" and e["call_id"] == call.get("id"), sse))
     await asyncio.wait_for(connected.wait(), TIMEOUT)
-    async with http.post("/v1/calls", json={"to": USER, "play": "greeting.ogg", "record": True},
+    # no permission yet: refused locally with the provider's code, before any network call
+    async with http.post("/v1/calls", json={"to": USER}, headers=AUTH) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == 138006
+    # ask, then call: the call waits for the GRANTED webhook
+    async with http.post("/v1/calls", json={"to": USER, "play": "greeting.ogg", "record": True,
+                                            "if_no_permission": "request"},
                          headers=AUTH) as resp:
         assert resp.status == 201, await resp.text()
         call.update(await resp.json())
+    assert call["state"] == "created"
 
     async def state():
         async with http.get(f"/v1/calls/{call['id']}", headers=AUTH) as resp:
@@ -162,8 +169,8 @@ async def test_outbound_call_over_http_with_sse_and_signed_webhooks(served):
     # SSE: the call's events in order, ending with call.ended
     sse = [e for e in sse if e["call_id"] == call["id"]]
     types = [e["type"] for e in sse]
-    for name in ("call.created", "call.offer_sent", "call.ringing", "call.accepted",
-                 "call.media_connected", "call.ended"):
+    for name in ("call.created", "call.permission_requested", "call.permission_granted", "call.offer_sent",
+                 "call.ringing", "call.accepted", "call.media_connected", "call.ended"):
         assert name in types
     assert types.index("call.accepted") < types.index("call.media_connected") < types.index("call.ended")
     final = sse[-1]["data"]["call"]
@@ -218,6 +225,8 @@ async def test_inbound_call_is_answered_and_recorded(served):
 async def test_sigterm_hangs_up_live_calls_and_delivers_the_last_events(served):
     http, receiver, proc, _ = served
     async with http.post(f"/sandbox/users/{USER}", json={"answer_after_ms": 0}) as resp:
+        assert resp.status == 200
+    async with http.post(f"/sandbox/users/{USER}/permission", json={"permanent": True}) as resp:
         assert resp.status == 200
     async with http.post("/v1/calls", json={"to": USER, "record": True}, headers=AUTH) as resp:
         call = await resp.json()

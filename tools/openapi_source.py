@@ -5,7 +5,9 @@ The JSON file is what is served and tested; this script only keeps it readable t
 import json
 
 END_REASONS = ["rejected", "user_hangup", "business_hangup", "ring_timeout", "not_answered",
-               "max_duration", "media_failure", "provider_error", "shutdown", "declined"]
+               "max_duration", "media_failure", "provider_error", "shutdown", "declined",
+               "permission_denied", "permission_timeout"]
+PERMISSION_STATES = ["none", "requested", "granted", "rejected", "revoked", "expired"]
 STATES = ["created", "offer_sent", "ringing", "accepted", "media_connected", "ended"]
 
 
@@ -83,6 +85,32 @@ doc = {
                                    **ERRORS, "404": error("No such call"),
                                    "409": error("The call has ended")}},
         },
+        "/v1/permissions": {
+            "get": {"operationId": "listPermissions", "summary": "Every user the ledger knows",
+                    "responses": {"200": {"description": "Permission states",
+                                          **json_body(ref("PermissionList"))}, "401": ERRORS["401"]}},
+        },
+        "/v1/permissions/{user}": {
+            "parameters": [{"name": "user", "in": "path", "required": True, "schema": {"type": "string"},
+                            "description": "E.164 number"}],
+            "get": {"operationId": "getPermission", "summary": "What the rules allow for this user now",
+                    "parameters": [{"name": "refresh", "in": "query", "schema": {"type": "string", "enum": ["1", "true"]},
+                                    "description": "reconcile with the provider's permission-state endpoint first"}],
+                    "responses": {"200": {"description": "Permission state", **json_body(ref("Permission"))},
+                                  **ERRORS, "502": error("The provider refused the lookup"),
+                                  "503": error("Provider unreachable")}},
+        },
+        "/v1/permissions/{user}/request": {
+            "parameters": [{"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {"operationId": "requestPermission", "summary": "Send a call-permission request",
+                     "requestBody": {"required": False, **json_body(ref("PermissionRequest"))},
+                     "responses": {"202": {"description": "Sent", **json_body(ref("PermissionRequested"))},
+                                   **ERRORS,
+                                   "409": error("A permanent permission exists (138017)"),
+                                   "429": error("Too many requests (138011); retry_at says when"),
+                                   "502": error("The provider refused the request"),
+                                   "503": error("Provider unreachable")}},
+        },
         "/v1/events": {
             "get": {"operationId": "events", "summary": "Server-Sent Events: every call state change",
                     "parameters": [
@@ -132,8 +160,45 @@ doc = {
                     "ring_timeout_s": {"type": "number", "exclusiveMinimum": 0},
                     "max_duration_s": {"type": "number", "exclusiveMinimum": 0},
                     "bot": {"type": "object", "description": "Reserved for voice-bot bridges"},
+                    "if_no_permission": {"type": "string", "enum": ["fail", "request"], "default": "fail",
+                                         "description": "request: park the call, ask for permission, dial on GRANTED"},
+                    "permission_request": ref("PermissionRequest"),
+                    "permission_wait_s": {"type": "number", "exclusiveMinimum": 0},
                 },
             },
+            "PermissionRequest": {
+                "type": "object",
+                "properties": {
+                    "via": {"type": "string", "enum": ["interactive", "template"], "default": "interactive"},
+                    "text": {"type": "string", "description": "Body of the interactive request"},
+                    "template": {"type": "object", "required": ["name"],
+                                 "properties": {"name": {"type": "string"}, "language": {"type": "string"},
+                                                "parameters": {"oneOf": [
+                                                    {"type": "array", "items": {"type": "string"}},
+                                                    {"type": "object"}]}}},
+                },
+            },
+            "Permission": {
+                "type": "object",
+                "required": ["user", "status", "permanent", "expires_at", "requests_last_7d", "calls_last_24h",
+                             "unanswered_in_a_row", "next_request_allowed_at", "next_call_allowed_at"],
+                "properties": {
+                    "user": {"type": "string"},
+                    "status": {"type": "string", "enum": PERMISSION_STATES},
+                    "permanent": {"type": "boolean"},
+                    "expires_at": nullable({"type": "string", "format": "date-time"}),
+                    "requests_last_7d": {"type": "integer"},
+                    "calls_last_24h": {"type": "integer"},
+                    "unanswered_in_a_row": {"type": "integer"},
+                    "next_request_allowed_at": nullable({"type": "string", "format": "date-time"}),
+                    "next_call_allowed_at": nullable({"type": "string", "format": "date-time"}),
+                },
+            },
+            "PermissionRequested": {"allOf": [ref("Permission"), {
+                "type": "object", "required": ["message_id", "via"],
+                "properties": {"message_id": {"type": "string"}, "via": {"type": "string"}}}]},
+            "PermissionList": {"type": "object", "required": ["permissions"],
+                               "properties": {"permissions": {"type": "array", "items": ref("Permission")}}},
             "Play": {"type": "object", "required": ["play"],
                      "properties": {"play": {"oneOf": [{"type": "string"},
                                                        {"type": "array", "items": {"type": "string"}}]}}},

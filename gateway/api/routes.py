@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 MAX_PAGE = 200
 #: Provider codes that mean "not allowed" (403) or "not now" (429).
 _FORBIDDEN = {138006, 138010, 138000, 138001}
-_TOO_MANY = {138011, 138012, 138002, 138005, 613}
+_TOO_MANY = {138011, 138012, 138009, 138002, 138005, 613}
+_CONFLICT = {138017, 138003}
 
 
 def error_response(status: int, code: str | int, message: str, resolution: str | None = None,
@@ -41,6 +42,13 @@ def error_response(status: int, code: str | int, message: str, resolution: str |
     return web.json_response({"error": error}, status=status)
 
 
+def _retry_at(exc: ProviderError) -> str | None:
+    from ..permissions import iso
+
+    retry_at = getattr(exc, "retry_at", None)
+    return iso(retry_at) if retry_at is not None else None
+
+
 def provider_error_response(exc: ProviderError, **extra: Any) -> web.Response:
     if isinstance(exc, ProviderUnavailableError):
         status = 503
@@ -48,10 +56,13 @@ def provider_error_response(exc: ProviderError, **extra: Any) -> web.Response:
         status = 403
     elif exc.code in _TOO_MANY:
         status = 429
+    elif exc.code in _CONFLICT:
+        status = 409
     else:
         status = 502
     return error_response(status, exc.code if exc.code is not None else "provider_unavailable",
-                          exc.message, exc.resolution, details=exc.details, **extra)
+                          exc.message, exc.resolution, details=exc.details, retry_at=_retry_at(exc),
+                          **extra)
 
 
 class BadRequest(Exception):
@@ -111,9 +122,10 @@ async def _json_body(request: web.Request) -> dict:
 
 
 class ControlApi:
-    def __init__(self, manager: CallManager, library: MediaLibrary):
+    def __init__(self, manager: CallManager, library: MediaLibrary, gate: Any = None):
         self.manager = manager
         self.library = library
+        self.gate = gate
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -123,6 +135,9 @@ class ControlApi:
             web.get("/v1/calls/{id}", self._guard(self.get_call)),
             web.delete("/v1/calls/{id}", self._guard(self.hangup)),
             web.post("/v1/calls/{id}/play", self._guard(self.play)),
+            web.get("/v1/permissions", self._guard(self.list_permissions)),
+            web.get("/v1/permissions/{user}", self._guard(self.get_permission)),
+            web.post("/v1/permissions/{user}/request", self._guard(self.request_permission)),
         ]
 
     @staticmethod
@@ -156,7 +171,8 @@ class ControlApi:
     async def create_call(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         unknown = sorted(set(body) - {"to", "play", "record", "biz_opaque_callback_data",
-                                      "ring_timeout_s", "max_duration_s", "bot"})
+                                      "ring_timeout_s", "max_duration_s", "bot", "if_no_permission",
+                                      "permission_request", "permission_wait_s"})
         if unknown:
             raise BadRequest(f"unknown fields: {', '.join(unknown)}")
         try:
@@ -171,13 +187,25 @@ class ControlApi:
         callback = body.get("biz_opaque_callback_data")
         if callback is not None and (not isinstance(callback, str) or len(callback) > 512):
             raise BadRequest("biz_opaque_callback_data must be a string of at most 512 characters")
+        if_no_permission = body.get("if_no_permission", "fail")
+        if if_no_permission not in ("fail", "request"):
+            raise BadRequest("if_no_permission must be 'fail' or 'request'")
+        from ..gatekeeper import PermissionRequest
+
+        try:
+            how = PermissionRequest.from_dict(body.get("permission_request"))
+        except ValueError as exc:
+            raise BadRequest(f"permission_request: {exc}") from None
+        permission_wait_s = _number(body, "permission_wait_s")
         ring_timeout_s = _number(body, "ring_timeout_s")
         max_duration_s = _number(body, "max_duration_s")
         sources = self.library.sources(_plays(body.get("play")))
         try:
             call = await self.manager.place_call(
                 "+" + to, sources=sources, biz_opaque_callback_data=callback,
-                ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record)
+                ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record,
+                if_no_permission=if_no_permission, permission_request=how,
+                permission_wait_s=permission_wait_s)
         except CapacityError as exc:
             return error_response(503, "over_capacity", str(exc), "retry when a call has ended")
         if call.error is not None and call.state is CallState.ENDED:
@@ -230,3 +258,34 @@ class ControlApi:
         return web.json_response({"id": call.id, "queued": len(names), "state": call.state.value},
                                  status=202)
 
+    # -- permissions -----------------------------------------------------------------------
+
+    def _user(self, request: web.Request) -> str:
+        try:
+            return normalize_number(request.match_info["user"])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def get_permission(self, request: web.Request) -> web.Response:
+        user = self._user(request)
+        if request.query.get("refresh") in ("1", "true"):
+            await self.gate.refresh(user)
+        return web.json_response({"user": "+" + user, **self.gate.ledger.status(user).to_dict()})
+
+    async def list_permissions(self, request: web.Request) -> web.Response:
+        users = self.gate.ledger.list()
+        return web.json_response({"permissions": [
+            {"user": "+" + user, **self.gate.ledger.status(user).to_dict()} for user in users]})
+
+    async def request_permission(self, request: web.Request) -> web.Response:
+        from ..gatekeeper import PermissionRequest
+
+        user = self._user(request)
+        body = await _json_body(request) if request.can_read_body else {}
+        try:
+            how = PermissionRequest.from_dict(body)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        message_id = await self.gate.request(user, how)
+        return web.json_response({"user": "+" + user, "message_id": message_id, "via": how.via,
+                                  **self.gate.ledger.status(user).to_dict()}, status=202)

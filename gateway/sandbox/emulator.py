@@ -37,6 +37,8 @@ from media import sdp as sdp_rules
 from media.peer import MediaError, PeerConfig
 
 from ..redact import mask_phone
+from ..permissions import PermissionLimits
+from .messaging import Refusal, SandboxClock, SandboxMessaging
 from .phone import Phone
 from .users import DEFAULT_ORDER, UserBehaviour, UserDirectory, normalize_number
 
@@ -45,19 +47,8 @@ log = logging.getLogger(__name__)
 MAX_CALLBACK_DATA = 512
 
 
-class SandboxRefusal(Exception):
-    """An API request the provider would refuse; becomes a Graph error response."""
-
-    def __init__(self, http_status: int, code: int, message: str, details: str | None = None):
-        super().__init__(message)
-        self.http_status, self.code, self.message, self.details = http_status, code, message, details
-
-    def response(self) -> web.Response:
-        error: dict[str, Any] = {"message": self.message, "type": "OAuthException", "code": self.code,
-                                 "fbtrace_id": "sandbox-" + secrets.token_hex(6)}
-        if self.details:
-            error["error_data"] = {"details": self.details}
-        return web.json_response({"error": error}, status=self.http_status)
+#: A request the provider refuses; becomes a Graph error response.
+SandboxRefusal = Refusal
 
 
 @dataclass(slots=True)
@@ -123,6 +114,9 @@ class Sandbox:
         media_timeout_s: float = 20.0,
         answer_window_s: float = 60.0,
         phone_factory: Callable[..., Phone] = Phone,
+        clock: SandboxClock | None = None,
+        permission_limits: PermissionLimits | None = None,
+        permission_webhook_shape: str = "meta",
     ):
         self.webhook_url = webhook_url
         self.api_key = api_key
@@ -140,6 +134,9 @@ class Sandbox:
         #: The default is an aiortc peer; interop tests plug in a browser.
         self.phone_factory = phone_factory
         self.users = UserDirectory()
+        self.clock = clock or SandboxClock()
+        self.messaging = SandboxMessaging(self.users, self.clock, self._deliver, limits=permission_limits,
+                                          webhook_shape=permission_webhook_shape)
         self.calls: dict[str, SandboxCall] = {}
         self.webhooks_sent = 0
         self._session: aiohttp.ClientSession | None = None
@@ -155,9 +152,75 @@ class Sandbox:
         app.router.add_get("/users/{user}", self._get_user)
         app.router.add_get("/users/{user}/calls", self._user_calls)
         app.router.add_post("/users/{user}/call", self._user_calls_business)
+        app.router.add_post("/clock", self._advance_clock)
+        app.router.add_post("/users/{user}/permission", self._set_permission)
+        app.add_routes(self.messaging.routes(self._authenticated))
         return app
 
+    def _authenticated(self, kind: str, handler):
+        """Wrap a messaging handler with the provider's authentication and error shape."""
+
+        async def wrapped(request: web.Request) -> web.Response:
+            if kind == "d360":
+                ok = hmac.compare_digest(request.headers.get("D360-API-KEY", ""), self.api_key)
+            else:
+                ok = hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.token}")
+            if not ok:
+                return Refusal(401, 190, "Invalid credentials").response()
+            if kind == "meta" and request.match_info.get("phone_number_id") != self.phone_number_id:
+                return Refusal(400, 100, "Invalid parameter", "unknown phone number id").response()
+            body: dict = {}
+            if request.method == "POST":
+                try:
+                    body = await request.json()
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return Refusal(400, 100, "Invalid parameter", "body is not JSON").response()
+                if not isinstance(body, dict):
+                    return Refusal(400, 100, "Invalid parameter", "body must be an object").response()
+            try:
+                return await handler(request, body)
+            except Refusal as refusal:
+                log.info("sandbox refused: %s %s", refusal.code, refusal.details or refusal.message)
+                return refusal.response()
+
+        return wrapped
+
+    async def grant(self, user: str, *, permanent: bool = False, granted: bool = True,
+                    notify: bool = True) -> None:
+        """Sandbox only: the user grants (or declines) call permission unprompted, e.g.
+        from the business profile; ``notify`` sends the webhook as the provider would."""
+        user = normalize_number(user)
+        if notify:
+            await self.messaging.user_replies(user, granted, permanent=permanent)
+        else:
+            self.messaging.ledger.reply(user, granted, permanent=permanent)
+
+    async def _set_permission(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+            if not isinstance(body, dict) or set(body) - {"granted", "permanent", "notify"}:
+                raise ValueError("body: {'granted': bool, 'permanent': bool, 'notify': bool}")
+            if not all(isinstance(v, bool) for v in body.values()):
+                raise ValueError("granted, permanent and notify must be true or false")
+            await self.grant(request.match_info["user"], permanent=body.get("permanent", False),
+                             granted=body.get("granted", True), notify=body.get("notify", True))
+        except (ValueError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+        return web.json_response(self.messaging.permission_state(request.match_info["user"]))
+
+    async def _advance_clock(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            seconds = body.get("advance_seconds") if isinstance(body, dict) else None
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise ValueError("advance_seconds must be a number")
+            now = self.clock.advance(float(seconds))
+        except (ValueError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+        return web.json_response({"now": now, "offset_s": self.clock.offset})
+
     async def close(self) -> None:
+        await self.messaging.close()
         for call in list(self.calls.values()):
             if not call.ended:
                 await self._end(call, ended_by="sandbox", notify=False)
@@ -229,6 +292,7 @@ class Sandbox:
                                           or len(callback_data) > MAX_CALLBACK_DATA):
             raise SandboxRefusal(400, 100, "Invalid parameter",
                                  f"biz_opaque_callback_data must be a string of at most {MAX_CALLBACK_DATA} chars")
+        self.messaging.check_call(user)
         if any(c.user == user and not c.ended for c in self.calls.values()):
             raise SandboxRefusal(400, 138003, "Duplicate call",
                                  "a call with this user is already ongoing")
@@ -245,6 +309,7 @@ class Sandbox:
             await self._end(call, ended_by="sandbox", notify=False)
             raise SandboxRefusal(400, 138014, "Invalid SDP", str(exc)) from None
         log.info("sandbox: call %s to %s", wacid[:16], mask_phone(user))
+        self.messaging.call_placed(user, wacid)
 
         order = list(behaviour.event_order or DEFAULT_ORDER)
         split = order.index("response")
@@ -333,6 +398,7 @@ class Sandbox:
         call = SandboxCall(wacid, user, self.users.get(user), phone, direction="USER_INITIATED",
                            hangup_after_s=hangup_after_s)
         self.calls[wacid] = call
+        await self.messaging.inbound_call(user, wacid)
         offer = await phone.offer()
         log.info("sandbox: %s calls the business (%s)", mask_phone(user), wacid[:16])
         self._spawn(self._inbound_ring(call, offer))
@@ -383,6 +449,7 @@ class Sandbox:
             call.state = "accepted"
             call.accepted_at = time.time()
             call.biz_opaque_callback_data = body.get("biz_opaque_callback_data")
+            self.messaging.inbound_answered(call.user, call.wacid)
             talking = call.phone.pick_up(self.media_timeout_s)
             talking.add_done_callback(lambda task: self._on_talk_done(call, task))
             if call.hangup_after_s:
@@ -411,6 +478,8 @@ class Sandbox:
         call.ended_at = time.time()
         call.end_status = "COMPLETED" if call.accepted_at and not errors else "FAILED"
         await call.phone.hang_up()
+        if call.direction == "BUSINESS_INITIATED":
+            await self.messaging.call_outcome(call.user, call.wacid, answered=call.accepted_at is not None)
         call.finished.set()
         if notify:
             extra: dict[str, Any] = {"status": call.end_status}
@@ -451,7 +520,7 @@ class Sandbox:
     # -- webhooks ------------------------------------------------------------------------
 
     def _timestamp(self) -> str:
-        return str(int(time.time()))
+        return str(int(self.clock.now()))
 
     async def _send_calls_event(self, call: SandboxCall, event: str, *,
                                 errors: list[dict] | None = None, **fields: Any) -> None:
@@ -475,16 +544,20 @@ class Sandbox:
             item["biz_opaque_callback_data"] = call.biz_opaque_callback_data
         await self._deliver({"statuses": [item]})
 
-    async def _deliver(self, value: dict, field_name: str = "calls") -> bool:
-        """POST one webhook the way Meta does; retry with backoff until acknowledged."""
+    async def _deliver(self, value: dict | None, field_name: str = "calls", *, flat: dict | None = None) -> bool:
+        """POST one webhook the way Meta does (or ``flat``, a body sent as is, like
+        360dialog's ``call_permission_status``); retry with backoff until acknowledged."""
         if not self.webhook_url:
             log.warning("sandbox has no webhook URL; dropping a %s webhook", field_name)
             return False
-        value = {"messaging_product": "whatsapp",
-                 "metadata": {"display_phone_number": self.display_phone_number,
-                              "phone_number_id": self.phone_number_id}, **value}
-        envelope = {"object": "whatsapp_business_account",
-                    "entry": [{"id": self.waba_id, "changes": [{"field": field_name, "value": value}]}]}
+        if flat is not None:
+            envelope = flat
+        else:
+            value = {"messaging_product": "whatsapp",
+                     "metadata": {"display_phone_number": self.display_phone_number,
+                                  "phone_number_id": self.phone_number_id}, **(value or {})}
+            envelope = {"object": "whatsapp_business_account",
+                        "entry": [{"id": self.waba_id, "changes": [{"field": field_name, "value": value}]}]}
         body = json.dumps(envelope).encode()
         headers = {"Content-Type": "application/json"}
         if self.app_secret:

@@ -35,6 +35,8 @@ class UserBehaviour:
     hangup_after_s: float | None = None
     say: str | None = None
     on_permission_request: str = "grant"
+    #: How long the user takes to answer a permission request.
+    permission_after_ms: int = 300
     #: Order of the provider's steps for a call to this user (a permutation of
     #: :data:`CALL_STEPS`); ``None`` = the usual order.
     event_order: tuple[str, ...] | None = None
@@ -56,9 +58,10 @@ class UserBehaviour:
             raise ValueError(f"on_call must be one of {', '.join(ON_CALL)}")
         if self.on_permission_request not in ON_PERMISSION_REQUEST:
             raise ValueError(f"on_permission_request must be one of {', '.join(ON_PERMISSION_REQUEST)}")
-        if not isinstance(self.answer_after_ms, int) or isinstance(self.answer_after_ms, bool) \
-                or self.answer_after_ms < 0:
-            raise ValueError("answer_after_ms must be a non-negative integer")
+        for name in ("answer_after_ms", "permission_after_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer")
         if self.hangup_after_s is not None and (
             not isinstance(self.hangup_after_s, (int, float)) or self.hangup_after_s <= 0
         ):
