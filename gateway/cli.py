@@ -59,6 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sandbox", action="store_true", help="also run the embedded sandbox provider")
 
     sub.add_parser("config", help="print the effective settings (secrets masked) as JSON")
+
+    perm = sub.add_parser("permission", help="call permissions, through a running `wacall serve`")
+    perm.add_argument("--url", default=None, help="the service (WACALL_API_URL, default http://127.0.0.1:8080)")
+    perm_sub = perm.add_subparsers(dest="action", required=True)
+    req = perm_sub.add_parser("request", help="send a call-permission request")
+    req.add_argument("user", help="E.164 number")
+    req.add_argument("--text", help="body of the interactive request")
+    req.add_argument("--template", help="send this approved template instead")
+    req.add_argument("--language", default="en", help="template language (default en)")
+    req.add_argument("--param", action="append", default=[], help="template body parameter (repeatable)")
+    status = perm_sub.add_parser("status", help="what the rules allow for a user now")
+    status.add_argument("user", help="E.164 number")
+    status.add_argument("--refresh", action="store_true", help="ask the provider first")
+    perm_sub.add_parser("list", help="every user the ledger knows")
     return parser
 
 
@@ -79,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wacall: configuration error: {exc}", file=sys.stderr)
         return 2
-    handler = {"demo": _demo, "call": _call, "serve": _serve, "config": _config}[args.command]
+    handler = {"demo": _demo, "call": _call, "serve": _serve, "config": _config,
+               "permission": _permission}[args.command]
     serving = args.command == "serve"
     _setup_logging(args.verbose, logging.INFO if serving else logging.WARNING, settings,
                    json_format=serving and settings.log_format == "json")
@@ -169,6 +184,39 @@ async def _play_then_hangup(call) -> None:
         await call.wait_playback()
         await asyncio.sleep(0.5)
         await call.hangup()
+
+
+async def _permission(args, settings: Settings) -> int:
+    """Thin client of the control API: prints its JSON; exit 1 on an API error."""
+    import os
+
+    import aiohttp
+
+    base = (args.url or os.environ.get("WACALL_API_URL") or f"http://127.0.0.1:{settings.port}").rstrip("/")
+    headers = {"Authorization": f"Bearer {settings.api_token or ''}"}
+    if args.action == "request":
+        body: dict = {"via": "interactive"}
+        if args.template:
+            body = {"via": "template", "template": {"name": args.template, "language": args.language,
+                                                    "parameters": args.param}}
+        elif args.text:
+            body["text"] = args.text
+        method, path = "POST", f"/v1/permissions/{args.user}/request"
+    elif args.action == "status":
+        body, method = None, "GET"
+        path = f"/v1/permissions/{args.user}" + ("?refresh=1" if args.refresh else "")
+    else:
+        body, method, path = None, "GET", "/v1/permissions"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, base + path, json=body, headers=headers) as resp:
+                data = await resp.json(content_type=None)
+                ok = resp.status < 400
+    except aiohttp.ClientError as exc:
+        print(f"wacall: cannot reach {base}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(data, indent=2, ensure_ascii=False), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 async def _config(args, settings: Settings) -> int:
