@@ -238,3 +238,32 @@ async def test_sigterm_hangs_up_live_calls_and_delivers_the_last_events(served):
     [recording] = ended[0]["data"]["call"]["recordings"]
     x, rate = analysis.read_audio(recording)  # closed properly: a readable WAV
     assert len(x) > 0
+
+
+async def test_permission_cli_against_the_service(served):
+    http, receiver, proc, _ = served
+    port = str(http._base_url.port)
+    env = {**os.environ, "WACALL_API_TOKEN": TOKEN, "WACALL_API_URL": f"http://127.0.0.1:{port}"}
+
+    async def cli(*args):
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "permission", *args, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(child.communicate(), TIMEOUT)
+        return child.returncode, json.loads(out or err)
+
+    code, status = await cli("status", USER)
+    assert code == 0 and status["status"] == "none" and status["next_call_allowed_at"] is None
+    code, sent = await cli("request", USER, "--text", "May we call you?")
+    assert code == 0 and sent["message_id"].startswith("wamid.") and sent["requests_last_7d"] == 1
+
+    async def granted():
+        while (await cli("status", USER))[1]["status"] != "granted":
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(granted(), TIMEOUT)
+    code, listing = await cli("list")
+    assert code == 0 and [p["user"] for p in listing["permissions"]] == [USER]
+    await cli("request", USER)
+    code, refused = await cli("request", USER)  # third in 7 days
+    assert code == 1 and refused["error"]["code"] == 138011 and refused["error"]["retry_at"].endswith("Z")
