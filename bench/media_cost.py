@@ -39,6 +39,7 @@ from media.frames import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from media.opus import OpusEncoder, encode_pcm  # noqa: E402
 from media.sinks.meter import LevelMeter, SpeechDetector  # noqa: E402
 from media.sinks.ogg import OggOpusPassthrough, OggOpusSink  # noqa: E402
+from media.sinks.recorder import CallRecorder  # noqa: E402
 from media.sinks.stereo import AlignedStereoRecorder  # noqa: E402
 from media.sinks.wav import WavSink  # noqa: E402
 from media.sources.file import FileSource  # noqa: E402
@@ -184,6 +185,26 @@ def passthrough_run(path: Path, packets: list[bytes]):
     return run
 
 
+def call_recorder_run(directory: Path, user: list[np.ndarray], business: list[np.ndarray], packets: list[bytes]):
+    """The whole per-call recorder as the gateway would use it: user.wav, stereo.wav
+    (both legs) and user.ogg pass-through, fed what a peer feeds it."""
+
+    def run(frames: int) -> None:
+        now = [0.0]
+        rec = CallRecorder(directory / "call", ogg=False, clock=lambda: now[0])
+        ogg = OggOpusPassthrough(directory / "call" / "user.ogg")
+        n, m = len(user), len(packets)
+        for i in range(frames):
+            now[0] = i * FRAME_S
+            ogg.add(i * FRAME_SAMPLES, packets[i % m])
+            rec.business.write(business[i % n], SAMPLE_RATE, 1)
+            rec.user.write(user[i % n], SAMPLE_RATE, 2)
+        ogg.close()
+        rec.close()
+
+    return run
+
+
 async def main(seconds: float, repeat: int) -> None:
     frames = int(seconds / FRAME_S)
     pcm = speechlike(PROMPT_S)
@@ -215,6 +236,7 @@ async def main(seconds: float, repeat: int) -> None:
         add("record: stereo.wav aligned (both legs)", stereo_run(tmp / "s.wav", user, business))
         add("record: user.ogg pass-through (RTP payloads)", passthrough_run(tmp / "p.ogg", packets))
         add("record: user.ogg encode (OggOpusSink)", sink_run(lambda: OggOpusSink(tmp / "e.ogg"), user))
+        add("record: CallRecorder (wav + stereo + ogg pass-through)", call_recorder_run(tmp, user, business, packets))
         add("meter: LevelMeter", sink_run(LevelMeter, user))
         add("meter: SpeechDetector", sink_run(SpeechDetector, user))
 

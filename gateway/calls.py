@@ -165,6 +165,9 @@ class Call:
         self.local_sdp: str | None = None
         for sink in self.sinks:
             peer.add_sink(sink)
+        #: Digits received from the user, in order (RFC 4733 and, if enabled, in-band).
+        self.dtmf_received: list[str] = []
+        peer.on_dtmf(self._on_dtmf)
         self._mark(CallState.CREATED.value)
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -369,6 +372,19 @@ class Call:
                 self.playbacks.append(self.peer.play(source))
             self._pending_sources.clear()
 
+    def _on_dtmf(self, event) -> None:
+        if self.ended or self._ending:
+            return
+        self.dtmf_received.append(event.digit)
+        self._mark("dtmf", digit=event.digit, duration_ms=event.duration_ms, source=event.source)
+
+    async def send_dtmf(self, digits: str, duration_ms: int = 160, gap_ms: int = 80) -> None:
+        """Send DTMF digits to the user (RFC 4733 on the audio stream)."""
+        if self.state is not CallState.MEDIA_CONNECTED:
+            raise RuntimeError(f"call {self.id} is {self.state.value}, not media_connected")
+        await self.peer.send_dtmf(digits, duration_ms, gap_ms)
+        self._mark("dtmf_sent", digits=digits)
+
     # -- control -------------------------------------------------------------------------
 
     def play(self, source: Source) -> Playback | None:
@@ -508,6 +524,7 @@ class Call:
             "provider_duration_s": self.duration_s,
             "timeline": [e.as_dict() for e in self.timeline],
             "recordings": self.recording_paths(),
+            "dtmf_received": "".join(self.dtmf_received),
             "media": self.media_stats or self.peer.stats(),
         }
 

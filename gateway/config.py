@@ -116,6 +116,8 @@ class Settings:
     gather_timeout_s: float = 5.0
     media_timeout_s: float = 20.0
     rtp_timeout_s: float = 15.0
+    #: Also detect DTMF sent as audio tones (Goertzel), besides RFC 4733 events.
+    inband_dtmf: bool = False
     max_calls: int = 100
     inbound: str = "answer"
     inbound_play: list[str] = field(default_factory=list)
@@ -175,6 +177,7 @@ class Settings:
             advertised_address=self.advertised_address,
             gather_timeout_s=self.gather_timeout_s,
             connect_timeout_s=self.media_timeout_s,
+            inband_dtmf=self.inband_dtmf,
         )
 
     def provider_kwargs(self) -> dict:
@@ -237,6 +240,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "gather_timeout_s": _positive(float),
     "media_timeout_s": _positive(float),
     "rtp_timeout_s": _positive(float),
+    "inband_dtmf": _bool,
     "max_calls": int,
     "inbound": _choice(INBOUND),
     "inbound_play": _list,

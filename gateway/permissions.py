@@ -52,6 +52,7 @@ remembered for ``dedupe_horizon_s`` (8 days). A call's first outcome wins.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -438,7 +439,7 @@ class PermissionLedger:
         self.dedupe_horizon_s = dedupe_horizon_s
 
     @classmethod
-    def in_data_dir(cls, data_dir: Any, clock: Clock | None = None,
+    def in_data_dir(cls, data_dir: str | os.PathLike[str], clock: Clock | None = None,
                     limits: PermissionLimits | None = None, **kw: Any) -> PermissionLedger:
         """A ledger on ``<data_dir>/permissions.sqlite3``."""
         return cls(SQLitePermissionStore.in_data_dir(data_dir), clock, limits, **kw)
@@ -503,8 +504,11 @@ class PermissionLedger:
         call = self._call(rec, call_id)
         if call is None:
             rec.calls.append(_Call(call_id, at, rec.next_seq()))
-        elif call.placed_at is None:
+        elif call.placed_at is None:  # its outcome arrived first
             call.placed_at, call.seq = at, rec.next_seq()
+        else:
+            self._save(rec, now)  # known from before the horizon: remember the id again
+            return False
         self._save(rec, now)
         return True
 
@@ -597,7 +601,8 @@ class PermissionLedger:
             exhausted = any(lim.usage >= lim.max_allowed for lim in limits)
             rec.provider[name] = _ProviderAction(at, rec.next_seq(), can, limits,
                                                  opaque_block=can is False and not exhausted)
-            rec.blocks.pop(name, None)
+            if can is not None or limits:  # newer provider truth replaces a refusal's block
+                rec.blocks.pop(name, None)
         self._save(rec, now)
         return True
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,9 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import ice, sdp as sdp_rules
+from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
 from .frames import FRAME_MS, Sink, Source
+from .taps import RtpTap
 from .track import OutboundAudioTrack, Playback
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,9 @@ class PeerConfig:
     #: Public IP of a 1:1 NAT: written in place of the bound address in our host
     #: candidates (same IP version only) and ``c=``; the NAT must forward the same ports.
     advertised_address: str | None = None
+    #: Also detect in-band DTMF tones in the received audio (Goertzel); digits are
+    #: reported through ``on_dtmf`` with ``source="inband"``.
+    inband_dtmf: bool = False
 
     def __post_init__(self) -> None:
         self.port_range = ice.validate_port_range(self.port_range)
@@ -83,6 +89,8 @@ class PeerConfig:
 @dataclass(slots=True)
 class ReceiveStats:
     frames: int = 0
+    #: Stream timestamp (48 kHz samples, RTP-derived) of the frame the sinks are handed.
+    pts: int | None = None
 
     @property
     def seconds(self) -> float:
@@ -106,6 +114,8 @@ class MediaPeer:
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         self.outbound = OutboundAudioTrack()
         self.received = ReceiveStats()
+        #: The far side's Opus payloads before decoding (see media.taps).
+        self.rtp_tap = RtpTap()
         self._sinks: list[Sink] = []
         self._pump: asyncio.Task | None = None
         self._connected = asyncio.Event()
@@ -113,6 +123,9 @@ class MediaPeer:
         self._closed = False
         self._pc.on("connectionstatechange", self._on_connection_state)
         self._pc.on("track", self._on_track)
+        self._dtmf = PeerDtmf(label)
+        if self.config.inband_dtmf:
+            self._sinks.append(GoertzelDtmfDetector(self._dtmf.emit))
 
     # -- signalling ----------------------------------------------------------------------
 
@@ -144,7 +157,7 @@ class MediaPeer:
                 raise MediaError(str(exc)) from exc
         if config.advertised_address is not None:
             sdp = sdp_rules.advertise_address(sdp, config.advertised_address)
-        return sdp_rules.for_whatsapp(sdp)
+        return self._dtmf.shape_local_sdp(sdp_rules.for_whatsapp(sdp), description.type)
 
     async def create_offer(self) -> str:
         """A WhatsApp-compatible offer with every candidate inside."""
@@ -157,6 +170,7 @@ class MediaPeer:
             await self._pc.setRemoteDescription(RTCSessionDescription(remote_sdp, kind))
         except (ValueError, AssertionError) as exc:
             raise MediaError(f"cannot apply the SDP {kind}: {exc}") from exc
+        self._dtmf.remote_description(remote_sdp, self._pc.getTransceivers())
 
     async def apply_answer(self, answer_sdp: str) -> None:
         """Apply the answer from the ``connect`` webhook (an ICE-lite answerer is fine)."""
@@ -211,9 +225,38 @@ class MediaPeer:
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
 
+    # -- DTMF (see media.dtmf) -----------------------------------------------------------
+
+    @property
+    def dtmf_payload_type(self) -> int | None:
+        """The telephone-event/8000 payload type the remote SDP negotiated, or ``None``
+        (then :meth:`send_dtmf` fails; digits are still received on PT 126)."""
+        return self._dtmf.pt
+
+    def on_dtmf(self, callback: Callable[[DtmfEvent], None]) -> Callable[[], None]:
+        """Call ``callback(DtmfEvent)`` once per digit received, in order (RFC 4733,
+        and in-band tones with ``PeerConfig.inband_dtmf``). Returns an unsubscriber."""
+        return self._dtmf.subscribe(callback)
+
+    async def send_dtmf(self, digits: str, duration_ms: int = 160, gap_ms: int = 80) -> None:
+        """Send ``digits`` (``0-9 * # A-D``) as RFC 4733 events on the audio stream,
+        each ``duration_ms`` long (rounded up to 20 ms) followed by ``gap_ms`` of audio;
+        returns once the last end packet is out. Audio is not sent during an event.
+        Raises :class:`media.dtmf.DtmfError` when telephone-event was not negotiated or
+        the call ends first, ``ValueError`` for bad arguments."""
+        await self._dtmf.send(digits, duration_ms, gap_ms, self._ended)
+
     def remove_sink(self, sink: Sink) -> None:
         if sink in self._sinks:
             self._sinks.remove(sink)
+
+    def add_outbound_sink(self, sink: Sink) -> None:
+        """Tap what we send: ``sink`` gets every outgoing frame as it goes out (see
+        :meth:`media.track.OutboundAudioTrack.add_sink`)."""
+        self.outbound.add_sink(sink)
+
+    def remove_outbound_sink(self, sink: Sink) -> None:
+        self.outbound.remove_sink(sink)
 
     def _on_connection_state(self) -> None:
         state = self._pc.connectionState
@@ -225,6 +268,9 @@ class MediaPeer:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self._pump is None:
+            for transceiver in self._pc.getTransceivers():
+                if transceiver.receiver.track is track:
+                    self.rtp_tap.install(transceiver.receiver)
             self._pump = asyncio.ensure_future(self._receive(track))
 
     async def _receive(self, track: MediaStreamTrack) -> None:
@@ -236,6 +282,7 @@ class MediaPeer:
                     raise MediaError(f"unexpected decoded sample format {frame.format.name}")
                 channels = len(frame.layout.channels)
                 self.received.frames += 1
+                self.received.pts = frame.pts
                 for sink in self._sinks:
                     sink.write(pcm, frame.sample_rate, channels)
         except MediaStreamError:
@@ -262,6 +309,7 @@ class MediaPeer:
             return
         self._closed = True
         self.outbound.stop()
+        self._dtmf.close()
         await self._pc.close()
         if self._pump is not None:
             self._pump.cancel()

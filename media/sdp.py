@@ -286,6 +286,62 @@ def for_whatsapp(sdp: str) -> str:
     return add_ptime(keep_sha256_fingerprint(sdp))
 
 
+#: Payload type of telephone-event/8000 in Meta's samples, and the one we offer.
+TELEPHONE_EVENT_PT = 126
+
+
+def telephone_event_pt(sdp: str) -> int | None:
+    """The payload type of ``telephone-event/8000`` (RFC 4733 DTMF) on the audio
+    m-line of ``sdp``, or ``None`` when it is not negotiated there. Raises
+    :class:`SdpError` if the SDP cannot be parsed."""
+    audio = parse(sdp).audio
+    if audio is None:
+        return None
+    for pt in audio.formats:
+        codec = audio.codecs.get(pt)
+        if codec and codec.name.lower() == "telephone-event" and codec.clock_rate == DTMF_CLOCK_RATE:
+            return pt
+    return None
+
+
+def add_telephone_event(sdp: str, pt: int = TELEPHONE_EVENT_PT) -> str:
+    """Offer RFC 4733 DTMF: add ``telephone-event/8000`` to the audio m-line.
+
+    The payload type is appended after the existing formats (Opus stays first), with
+    ``a=rtpmap:<pt> telephone-event/8000`` and ``a=fmtp:<pt> 0-15`` written after the
+    section's last ``a=rtpmap``/``a=fmtp``/``a=rtcp-fb`` line. ``pt`` is used unless the
+    section already uses it, in which case the highest free dynamic type (127…96) is
+    taken. An SDP whose audio already carries telephone-event/8000, or that has no
+    audio section, is returned unchanged (line ends normalised to CRLF).
+    """
+    lines = _lines(sdp)
+    start = next((i for i, line in enumerate(lines) if line.startswith("m=audio ")), None)
+    if start is None:
+        return _join(lines)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")), len(lines))
+    fields = lines[start].split()
+    used = {int(f) for f in fields[3:] if f.isdigit()}
+    for line in lines[start + 1 : end]:
+        if not line.startswith("a=rtpmap:"):
+            continue
+        match = _RTPMAP.match(line[len("a=rtpmap:") :].strip())
+        if match:
+            used.add(int(match.group(1)))
+            if match.group(2).lower() == "telephone-event" and int(match.group(3)) == DTMF_CLOCK_RATE:
+                return _join(lines)
+    if pt in used:
+        pt = next((p for p in range(127, 95, -1) if p not in used), -1)
+        if pt < 0:
+            raise SdpError("no free dynamic payload type for telephone-event")
+    codec_lines = [
+        i for i in range(start + 1, end) if lines[i].startswith(("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"))
+    ]
+    insert_at = codec_lines[-1] + 1 if codec_lines else end
+    lines[insert_at:insert_at] = [f"a=rtpmap:{pt} telephone-event/{DTMF_CLOCK_RATE}", f"a=fmtp:{pt} 0-15"]
+    lines[start] = " ".join(fields + [str(pt)])
+    return _join(lines)
+
+
 def whatsapp_problems(
     sdp: str,
     *,

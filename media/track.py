@@ -5,158 +5,243 @@ mid-call), so from the moment media is up this track yields a 20 ms frame every 
 the current playback's audio, or silence when nothing plays.
 
 Pacing uses a drift-free clock: frame *n* is due at ``start + n * 20 ms`` on the event
-loop's monotonic clock, so small scheduling delays never accumulate. Lateness and
-underruns (the loop was too busy to keep up) are counted in :class:`PacingStats`.
+loop's monotonic clock, so small scheduling delays never accumulate. Lateness, underruns
+(a frame more than one frame period late: the far side's jitter buffer ran dry) and the
+jitter of the actual intervals between frames are counted in :class:`PacingStats`.
+
+Encoding. By default the track encodes Opus itself, on the event loop (one mono
+encoder per call, see :mod:`media.opus`), and returns ``av.Packet`` objects, which
+aiortc packs into RTP without touching them. That saves aiortc's per-frame thread-pool
+hop and its stereo 96 kbit/s encode, and lets pre-encoded prompts
+(:class:`media.sources.prompt.PromptSource`) go out as stored packets: every packet's
+``pts`` is ``frame index × 960``, so RTP timestamps are continuous whether a frame was
+encoded here, replayed from a prompt cache, or is the cached silence packet sent while
+nothing plays. ``OutboundAudioTrack(opus=None)`` restores the old behaviour (PCM
+``av.AudioFrame`` objects, encoded by aiortc; needed only for non-Opus codecs).
+
+Outbound taps. :meth:`OutboundAudioTrack.add_sink` registers sinks that get every frame
+as it is sent (the PCM, also for pre-encoded packets), e.g. the business leg of a call
+recording. ``sent_pts`` / ``sent_at`` describe the frame being tapped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import fractions
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Source, silence
+from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Sink, Source, silence
+from .mix import Playback, PlayQueue
+from .opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
+
+__all__ = ["OutboundAudioTrack", "PacingStats", "Playback", "FRAME_S"]
 
 FRAME_S = FRAME_MS / 1000
 _TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 #: Behind schedule by more than this many frames: resynchronise instead of bursting.
 MAX_CATCH_UP_FRAMES = 5
+#: Interval histogram: 0.1 ms bins up to 200 ms (the last bin takes anything longer).
+_BIN_S = 1e-4
+_BINS = 2000
 
 
 @dataclass(slots=True)
 class PacingStats:
     frames: int = 0
     silent_frames: int = 0
+    #: Frames encoded by the track (PCM from a source).
+    encoded_frames: int = 0
+    #: Frames sent as pre-encoded packets (prompt cache), without encoding.
+    passthrough_frames: int = 0
     late_frames: int = 0
+    #: Frames sent more than one frame period after their due time.
+    underruns: int = 0
     resyncs: int = 0
     max_late_ms: float = 0.0
+    max_interval_ms: float = 0.0
+    _hist: list[int] = field(default_factory=lambda: [0] * _BINS, repr=False)
+    _intervals: int = 0
+
+    def _interval(self, seconds: float) -> None:
+        b = int(seconds / _BIN_S)
+        self._hist[b if b < _BINS else _BINS - 1] += 1
+        self._intervals += 1
+        ms = seconds * 1000
+        if ms > self.max_interval_ms:
+            self.max_interval_ms = ms
+
+    def interval_percentile_ms(self, p: float) -> float | None:
+        """The ``p``-th percentile of the intervals between frames sent (0.1 ms bins)."""
+        if not self._intervals:
+            return None
+        rank = max(1, int(np.ceil(p / 100 * self._intervals)))
+        seen = 0
+        for b, count in enumerate(self._hist):
+            seen += count
+            if seen >= rank:
+                return round((b + 0.5) * _BIN_S * 1000, 2)
+        return round(self.max_interval_ms, 2)  # pragma: no cover
 
     def as_dict(self) -> dict:
         return {
             "frames": self.frames,
             "silent_frames": self.silent_frames,
+            "encoded_frames": self.encoded_frames,
+            "passthrough_frames": self.passthrough_frames,
             "late_frames": self.late_frames,
+            "underruns": self.underruns,
             "resyncs": self.resyncs,
             "max_late_ms": round(self.max_late_ms, 2),
+            "interval_ms": {
+                "p50": self.interval_percentile_ms(50),
+                "p95": self.interval_percentile_ms(95),
+                "max": round(self.max_interval_ms, 2) if self._intervals else None,
+            },
         }
 
 
-class Playback:
-    """One queued source. ``done`` resolves (to the seconds played) when it ends."""
-
-    def __init__(self, source: Source):
-        if source.sample_rate != SAMPLE_RATE:
-            raise ValueError(f"sources must be {SAMPLE_RATE} Hz here, got {source.sample_rate}")
-        self.source = source
-        self.frames = 0
-        self.started_at: float | None = None
-        self.done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-
-    @property
-    def seconds(self) -> float:
-        return self.frames * FRAME_S
-
-    def _finish(self) -> None:
-        self.source.close()
-        if not self.done.done():
-            self.done.set_result(self.seconds)
-
-
 class OutboundAudioTrack(MediaStreamTrack):
-    """An aiortc audio track fed by a queue of :class:`~media.frames.Source` objects."""
+    """An aiortc audio track fed by a queue of :class:`~media.frames.Source` objects.
+
+    Args:
+        opus: encoder settings; ``None`` sends PCM frames for aiortc to encode.
+        passthrough: send pre-encoded packets of sources that have them (only with
+            ``opus``); ``False`` encodes their PCM instead.
+    """
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, *, opus: OpusSettings | None = DEFAULT_SETTINGS, passthrough: bool = True) -> None:
         super().__init__()
-        self._queue: collections.deque[Playback] = collections.deque()
+        self.queue = PlayQueue()
+        self.opus = opus
+        self.passthrough = passthrough and opus is not None
+        self._encoder: OpusEncoder | None = None
+        self._silence_packet = silence_packet(opus) if opus is not None else None
         self._start: float | None = None
         self._index = 0
+        self._last_sent: float | None = None
         self.stats = PacingStats()
         self._silence = silence()
-        self._mono = np.empty(FRAME_SAMPLES, dtype=np.int16)
+        self._silence.flags.writeable = False
+        self._sinks: list[Sink] = []
+        #: ``pts`` (samples at 48 kHz) and loop time of the frame being sent.
+        self.sent_pts = 0
+        self.sent_at = 0.0
 
     # -- playback control -------------------------------------------------------------
 
     def play(self, source: Source) -> Playback:
         """Queue ``source`` after whatever is playing; returns its :class:`Playback`."""
-        playback = Playback(source)
-        self._queue.append(playback)
-        return playback
+        return self.queue.play(source)
 
     def clear(self) -> None:
-        """Stop the current playback and drop everything queued (barge-in)."""
-        while self._queue:
-            self._queue.popleft()._finish()
+        """Stop the current playback and drop everything queued (barge-in): the next
+        frame sent is silence."""
+        self.queue.clear()
 
     @property
     def playing(self) -> bool:
-        return bool(self._queue)
+        return bool(self.queue)
 
     @property
     def started(self) -> bool:
         """True once the first frame went out (media is flowing)."""
         return self._start is not None
 
+    # -- outbound taps ----------------------------------------------------------------
+
+    def add_sink(self, sink: Sink) -> None:
+        """Call ``sink.write(pcm, 48000, 1)`` with every frame sent, as it is sent.
+
+        Sinks run on the event loop inside the pacing path: they must be cheap and must
+        not modify or keep the frame (copy it). ``sent_pts``/``sent_at`` give the frame's
+        position on the stream timeline and its loop time."""
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: Sink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
     # -- aiortc side ------------------------------------------------------------------
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet | av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         await self._wait_for_slot()
-        pcm = self._next_pcm()
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = self._index * FRAME_SAMPLES
-        frame.time_base = _TIME_BASE
-        self._index += 1
-        self.stats.frames += 1
-        return frame
+        return self.next_frame()
 
     def stop(self) -> None:
         self.clear()
         super().stop()
+
+    def next_frame(self) -> av.Packet | av.AudioFrame:
+        """Produce the next frame now (no pacing): what :meth:`recv` returns once the
+        frame is due. Benchmarks drive this directly."""
+        pcm = self.queue.read()
+        pts = self._index * FRAME_SAMPLES
+        stats = self.stats
+        out: av.Packet | av.AudioFrame
+        if self.opus is None:
+            if pcm is None:
+                pcm = self._silence
+                stats.silent_frames += 1
+            out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            out.sample_rate = SAMPLE_RATE
+        elif pcm is None:
+            pcm = self._silence
+            stats.silent_frames += 1
+            out = av.Packet(self._silence_packet)
+        else:
+            encoded = self.queue.packet
+            if encoded is not None and self.passthrough:
+                out = av.Packet(encoded)
+                stats.passthrough_frames += 1
+                self.queue.current.packets += 1
+            else:
+                encoder = self._encoder
+                if encoder is None:
+                    encoder = self._encoder = OpusEncoder(self.opus)
+                out = encoder.encode(pcm)
+                stats.encoded_frames += 1
+        out.pts = pts
+        out.time_base = _TIME_BASE
+        self._index += 1
+        stats.frames += 1
+        self.sent_pts = pts
+        if self._sinks:
+            for sink in self._sinks:
+                sink.write(pcm, SAMPLE_RATE, 1)
+        return out
 
     async def _wait_for_slot(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._start is None:
             self._start = now
+            self._last_sent = self.sent_at = now
             return
         due = self._start + self._index * FRAME_S
         delay = due - now
         if delay > 0:
             await asyncio.sleep(delay)
-            return
-        late_ms = -delay * 1000
-        if late_ms > 1.0:
-            self.stats.late_frames += 1
-            self.stats.max_late_ms = max(self.stats.max_late_ms, late_ms)
-        if late_ms > MAX_CATCH_UP_FRAMES * FRAME_MS:
-            # The loop stalled: start a new schedule rather than sending a burst.
-            self.stats.resyncs += 1
-            self._start = now - self._index * FRAME_S
-
-    def _next_pcm(self) -> np.ndarray:
-        while self._queue:
-            playback = self._queue[0]
-            pcm = playback.source.read()
-            if pcm is None:
-                self._queue.popleft()._finish()
-                continue
-            if playback.started_at is None:
-                playback.started_at = asyncio.get_running_loop().time()
-            playback.frames += 1
-            if playback.source.channels == 2:
-                # Downmix interleaved stereo into a reused buffer.
-                np.right_shift(pcm[0::2], 1, out=self._mono)
-                self._mono += pcm[1::2] >> 1
-                return self._mono
-            return pcm
-        self.stats.silent_frames += 1
-        return self._silence
+            now = loop.time()
+        else:
+            late_ms = -delay * 1000
+            stats = self.stats
+            if late_ms > 1.0:
+                stats.late_frames += 1
+                if late_ms > stats.max_late_ms:
+                    stats.max_late_ms = late_ms
+                if late_ms > FRAME_MS:
+                    stats.underruns += 1
+            if late_ms > MAX_CATCH_UP_FRAMES * FRAME_MS:
+                # The loop stalled: start a new schedule rather than sending a burst.
+                stats.resyncs += 1
+                self._start = now - self._index * FRAME_S
+        self.stats._interval(now - self._last_sent)
+        self._last_sent = self.sent_at = now

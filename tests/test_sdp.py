@@ -109,7 +109,7 @@ async def test_live_aiortc_offer_follows_the_rules():
         await peer.close()
     assert sdp.whatsapp_problems(offer, role="offer") == []
     summary = sdp.parse(offer)
-    assert summary.audio.codec_names() == ["opus"]
+    assert summary.audio.codec_names() == ["opus", "telephone-event"]  # RFC 4733 DTMF, 8000 Hz
     assert [c.split()[4] for c in summary.audio.candidates] == ["127.0.0.1"]
     assert summary.audio.ptime == 20
     assert len(summary.audio.ssrcs) == 1

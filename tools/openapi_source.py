@@ -85,6 +85,14 @@ doc = {
                                    **ERRORS, "404": error("No such call"),
                                    "409": error("The call has ended")}},
         },
+        "/v1/calls/{id}/dtmf": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {"operationId": "sendDtmf", "summary": "Send DTMF digits to the user (RFC 4733)",
+                     "requestBody": {"required": True, **json_body(ref("Dtmf"))},
+                     "responses": {"202": {"description": "Sent", **json_body(ref("DtmfSent"))},
+                                   **ERRORS, "404": error("No such call"),
+                                   "409": error("The call is not connected, or DTMF was not negotiated")}},
+        },
         "/v1/permissions": {
             "get": {"operationId": "listPermissions", "summary": "Every user the ledger knows",
                     "responses": {"200": {"description": "Permission states",
@@ -166,6 +174,12 @@ doc = {
                     "permission_wait_s": {"type": "number", "exclusiveMinimum": 0},
                 },
             },
+            "Dtmf": {"type": "object", "required": ["digits"],
+                     "properties": {"digits": {"type": "string", "pattern": "^[0-9*#A-Da-d]+$"},
+                                    "duration_ms": {"type": "integer", "minimum": 40, "maximum": 2000}}},
+            "DtmfSent": {"type": "object", "required": ["id", "sent", "state"],
+                         "properties": {"id": {"type": "string"}, "sent": {"type": "string"},
+                                        "state": {"type": "string"}}},
             "PermissionRequest": {
                 "type": "object",
                 "properties": {
@@ -229,6 +243,7 @@ doc = {
                     "provider_duration_s": nullable({"type": "integer"}),
                     "timeline": {"type": "array", "items": ref("TimelineEntry")},
                     "recordings": {"type": "array", "items": {"type": "string"}},
+                    "dtmf_received": {"type": "string", "description": "Digits the user pressed, in order"},
                     "media": {"type": "object"},
                 },
             },

@@ -135,6 +135,7 @@ class ControlApi:
             web.get("/v1/calls/{id}", self._guard(self.get_call)),
             web.delete("/v1/calls/{id}", self._guard(self.hangup)),
             web.post("/v1/calls/{id}/play", self._guard(self.play)),
+            web.post("/v1/calls/{id}/dtmf", self._guard(self.dtmf)),
             web.get("/v1/permissions", self._guard(self.list_permissions)),
             web.get("/v1/permissions/{user}", self._guard(self.get_permission)),
             web.post("/v1/permissions/{user}/request", self._guard(self.request_permission)),
@@ -257,6 +258,28 @@ class ControlApi:
             call.play(source)
         return web.json_response({"id": call.id, "queued": len(names), "state": call.state.value},
                                  status=202)
+
+    async def dtmf(self, request: web.Request) -> web.Response:
+        from media.dtmf import DtmfError
+
+        call = self._call(request)
+        body = await _json_body(request)
+        digits = body.get("digits")
+        if not isinstance(digits, str) or not digits:
+            raise BadRequest("digits must be a non-empty string of 0-9 * # A-D")
+        duration_ms = body.get("duration_ms", 160)
+        if isinstance(duration_ms, bool) or not isinstance(duration_ms, int) or not 40 <= duration_ms <= 2000:
+            raise BadRequest("duration_ms must be an integer between 40 and 2000")
+        if call.state is not CallState.MEDIA_CONNECTED:
+            raise BadRequest(f"call {call.id} is {call.state.value}; DTMF needs a connected call",
+                             "not_connected", 409)
+        try:
+            await call.send_dtmf(digits, duration_ms)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        except DtmfError as exc:
+            raise BadRequest(str(exc), "dtmf_unavailable", 409) from None
+        return web.json_response({"id": call.id, "sent": digits, "state": call.state.value}, status=202)
 
     # -- permissions -----------------------------------------------------------------------
 

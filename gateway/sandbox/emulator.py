@@ -86,6 +86,7 @@ class SandboxCall:
             "duration_s": self.duration,
             "phone_recording": str(self.phone.recording_path),
             "heard_seconds": round(self.phone.peer.received.seconds, 3),
+            "dtmf_received": "".join(self.phone.dtmf_received),
         }
 
     @property
@@ -154,6 +155,7 @@ class Sandbox:
         app.router.add_post("/users/{user}/call", self._user_calls_business)
         app.router.add_post("/clock", self._advance_clock)
         app.router.add_post("/users/{user}/permission", self._set_permission)
+        app.router.add_post("/calls/{call_id}/dtmf", self._press)
         app.add_routes(self.messaging.routes(self._authenticated))
         return app
 
@@ -207,6 +209,22 @@ class Sandbox:
         except (ValueError, json.JSONDecodeError) as exc:
             return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
         return web.json_response(self.messaging.permission_state(request.match_info["user"]))
+
+    async def _press(self, request: web.Request) -> web.Response:
+        """Sandbox only: the user presses keys (``{"digits", "mode": "rfc4733"|"inband"}``)."""
+        call = self.calls.get(request.match_info["call_id"])
+        if call is None or call.ended:
+            return web.json_response({"error": {"code": "not_found", "message": "no live call with that id"}},
+                                     status=404)
+        try:
+            body = await request.json()
+            digits, mode = body.get("digits"), body.get("mode", "rfc4733")
+            if not isinstance(digits, str) or mode not in ("rfc4733", "inband"):
+                raise ValueError("body: {'digits': '123#', 'mode': 'rfc4733' | 'inband'}")
+            await call.phone.press(digits, inband=mode == "inband")
+        except (ValueError, json.JSONDecodeError, RuntimeError) as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+        return web.json_response(call.as_dict())
 
     async def _advance_clock(self, request: web.Request) -> web.Response:
         try:

@@ -1,7 +1,7 @@
 """A simulated user's phone: a real WebRTC peer that answers like WhatsApp's relay.
 
 Its answer is ICE-lite (``a=ice-lite``), carries its candidates, a single sha-256
-fingerprint, Opus only and ``a=setup:active`` (Meta takes the DTLS client role in its
+fingerprint, Opus (plus ``telephone-event/8000`` when offered) and ``a=setup:active`` (Meta takes the DTLS client role in its
 sample answers). Once the user picks up and media is up it plays what the user "says"
 and records everything it hears.
 """
@@ -26,6 +26,9 @@ class Phone:
         self.recording_path = recording_path
         self.recorder = WavSink(recording_path)
         self.peer.add_sink(self.recorder)
+        #: Digits the business sent, as the phone decoded them (RFC 4733).
+        self.dtmf_received: list[str] = []
+        self.peer.on_dtmf(lambda event: self.dtmf_received.append(event.digit))
         self._say_source = FileSource(say) if say else None
         #: Resolves with the seconds said once the user's audio has been played out.
         self.said: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -64,6 +67,15 @@ class Phone:
         seconds = await playback.done
         if not self.said.done():
             self.said.set_result(seconds)
+
+    async def press(self, digits: str, *, inband: bool = False) -> None:
+        """The user presses keys: RFC 4733 events, or dual tones in the audio."""
+        if inband:
+            from media.dtmf import DtmfToneSource
+
+            await self.peer.play(DtmfToneSource(digits)).done
+        else:
+            await self.peer.send_dtmf(digits)
 
     async def hang_up(self) -> None:
         if self._task is not None and not self._task.done():

@@ -1,36 +1,206 @@
-"""Record frames to a 16-bit PCM WAV file (stdlib :mod:`wave`)."""
+"""Record frames to 16-bit PCM WAV files that survive a crash.
+
+:class:`WavWriter` is the file: a 44-byte header, then samples appended through one
+preallocated buffer. Every ``flush_interval_s`` of audio (1 s by default) the buffer
+goes to the kernel with one ``write`` and the header's two length fields are rewritten
+(two 4-byte ``pwrite`` calls) to match, so at any moment the file on disk is a valid
+WAV of everything flushed: a process killed with SIGKILL leaves a file that plays up to
+the last flush (at most ``flush_interval_s`` before the kill). :func:`repair_wav`
+re-derives the lengths from the file size for files whose header lags behind their
+data (killed between the data write and the header update, or written by another
+tool), and is what :func:`media.sinks.recorder.repair_directory` runs at startup.
+
+Files are created with mode 0600 (recordings are personal data). The data reaches the
+page cache, not necessarily the disk: a crash of the *machine* can lose more.
+
+:class:`WavSink` is the :class:`~media.frames.Sink` on top (channel mixing, counters).
+"""
 
 from __future__ import annotations
 
 import os
-import wave
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..frames import FRAME_MS, PCM_DTYPE, SAMPLE_RATE
 
-__all__ = ["WavSink"]
+__all__ = ["WavSink", "WavWriter", "repair_wav", "wav_header"]
+
+_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+HEADER_SIZE = _HEADER.size  # 44
+_MAX_DATA = 0xFFFFFFFF - 36
+
+
+def wav_header(sample_rate: int, channels: int, data_bytes: int) -> bytes:
+    """A canonical 44-byte PCM s16le WAV header for ``data_bytes`` of samples."""
+    data_bytes = min(data_bytes, _MAX_DATA)
+    block = 2 * channels
+    return _HEADER.pack(
+        b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, channels, sample_rate,
+        sample_rate * block, block, 16, b"data", data_bytes,
+    )
+
+
+def open_private(path: Path, mode: int = 0o600) -> int:
+    """Create/truncate ``path`` for writing with permissions ``mode`` (exactly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        os.fchmod(fd, mode)
+    except (AttributeError, OSError):  # pragma: no cover - non-POSIX
+        pass
+    return fd
+
+
+class WavWriter:
+    """An s16le WAV file written in ``flush_interval_s`` chunks with a header that is
+    always valid for what has been flushed (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        channels: int = 1,
+        flush_interval_s: float = 1.0,
+        mode: int = 0o600,
+    ) -> None:
+        self.path = Path(path)
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.data_bytes = 0  # flushed to the file
+        capacity = max(1, round(sample_rate * flush_interval_s)) * channels
+        self._buf = np.empty(capacity, dtype=PCM_DTYPE)
+        self._used = 0
+        self._fd: int | None = open_private(self.path, mode)
+        os.write(self._fd, wav_header(sample_rate, channels, 0))
+
+    @property
+    def samples(self) -> int:
+        """Samples per channel written (flushed or buffered)."""
+        return (self.data_bytes // 2 + self._used) // self.channels
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def append(self, pcm: np.ndarray) -> None:
+        """Append interleaved int16 samples (a multiple of ``channels``)."""
+        if self._fd is None:
+            return
+        n = pcm.size
+        if self._used + n > self._buf.size:
+            self.flush()
+            if n >= self._buf.size:
+                self._write(np.ascontiguousarray(pcm, dtype=PCM_DTYPE))
+                self._sync_header()
+                return
+        self._buf[self._used : self._used + n] = pcm.reshape(-1)
+        self._used += n
+        if self._used == self._buf.size:
+            self.flush()
+
+    def append_direct(self, pcm: np.ndarray) -> None:
+        """Write ``pcm`` straight to the file and update the header (no buffering)."""
+        if self._fd is None:
+            return
+        self.flush()
+        self._write(np.ascontiguousarray(pcm, dtype=PCM_DTYPE))
+        self._sync_header()
+
+    def flush(self) -> None:
+        """Buffered samples to the file, then the header lengths to match."""
+        if self._fd is None or self._used == 0:
+            return
+        self._write(self._buf[: self._used])
+        self._used = 0
+        self._sync_header()
+
+    def _write(self, data: np.ndarray) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.data_bytes += data.size * 2
+
+    def _sync_header(self) -> None:
+        size = min(self.data_bytes, _MAX_DATA)
+        os.pwrite(self._fd, struct.pack("<I", 36 + size), 4)
+        os.pwrite(self._fd, struct.pack("<I", size), 40)
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def repair_wav(path: str | os.PathLike[str]) -> bool:
+    """Make a WAV file's RIFF/data lengths match the samples actually in the file.
+
+    Handles any RIFF/WAVE file whose ``data`` chunk is the last chunk (what every
+    recorder writes). A trailing partial sample frame is left out of the declared
+    length. Returns ``True`` when the header was changed.
+
+    Raises:
+        ValueError: not a RIFF/WAVE file, or no ``data`` chunk.
+    """
+    p = Path(path)
+    with open(p, "r+b") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError(f"{p} is not a RIFF/WAVE file")
+        file_size = os.fstat(f.fileno()).st_size
+        offset = 12
+        block_align = 1
+        while True:
+            f.seek(offset)
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise ValueError(f"{p} has no data chunk")
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt ":
+                fmt = f.read(16)
+                if len(fmt) == 16:
+                    block_align = max(1, struct.unpack("<H", fmt[12:14])[0])
+            if cid == b"data":
+                data_start = offset + 8
+                break
+            offset += 8 + size + (size & 1)
+        actual = max(0, file_size - data_start)
+        actual -= actual % block_align
+        actual = min(actual, _MAX_DATA)
+        riff = data_start - 8 + actual  # everything after the RIFF size field
+        changed = size != actual or struct.unpack("<I", head[4:8])[0] != riff
+        if changed:
+            f.seek(4)
+            f.write(struct.pack("<I", riff))
+            f.seek(data_start - 4)
+            f.write(struct.pack("<I", actual))
+        return changed
 
 
 class WavSink:
-    """A :class:`~media.frames.Sink` writing 16-bit PCM WAV.
+    """A :class:`~media.frames.Sink` writing 16-bit PCM WAV, crash-safe (see module).
 
     Args:
-        path: output file; missing parent directories are created. The file is
-            opened (and truncated) by the constructor.
+        path: output file (mode 0600); missing parent directories are created. The
+            file is opened (and truncated) by the constructor.
         sample_rate: the file's rate. Frames at another rate are refused with
-            ``ValueError`` (resampling is not this sink's job).
+            ``ValueError`` (wrap the sink in :class:`media.mix.ResampledSink`).
         channels: the file's channel count. Frames with a different count are mixed:
             several channels down to mono by averaging, mono up by duplication (and
             anything else via mono).
+        flush_interval_s: how much audio may sit in memory before it is written and
+            the header updated (what a SIGKILL can lose).
 
     Counters: ``frames_written`` counts :meth:`write` calls that wrote audio,
     ``samples_written`` counts samples *per channel* (WAV "sample frames"), and
     ``duration_s`` is ``samples_written / sample_rate``.
-
-    The WAV header's length fields are fixed up by :meth:`close`; close the sink (or
-    use it as a context manager) to get a well-formed file.
     """
 
     def __init__(
@@ -39,6 +209,7 @@ class WavSink:
         *,
         sample_rate: int = SAMPLE_RATE,
         channels: int = 1,
+        flush_interval_s: float = 1.0,
     ) -> None:
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
@@ -56,10 +227,9 @@ class WavSink:
         self._mix = np.empty(frame * channels, dtype=PCM_DTYPE)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._wav = wave.open(str(self.path), "wb")
-        self._wav.setnchannels(channels)
-        self._wav.setsampwidth(2)
-        self._wav.setframerate(sample_rate)
+        self._wav = WavWriter(
+            self.path, sample_rate=sample_rate, channels=channels, flush_interval_s=flush_interval_s
+        )
 
     @property
     def duration_s(self) -> float:
@@ -92,12 +262,17 @@ class WavSink:
         if pcm.size == 0:
             return
         out = self._convert(pcm.reshape(-1), channels)
-        self._wav.writeframesraw(np.ascontiguousarray(out))
+        self._wav.append(out)
         self.frames_written += 1
         self.samples_written += out.size // self.channels
 
+    def flush(self) -> None:
+        """Write what is buffered and update the header now."""
+        if not self._closed:
+            self._wav.flush()
+
     def close(self) -> None:
-        """Finish the WAV header and close the file. Idempotent."""
+        """Flush and close the file. Idempotent."""
         if self._closed:
             return
         self._closed = True

@@ -1,0 +1,142 @@
+"""Opus encoding for the outbound track, prompts and Ogg recordings (PyAV libopus).
+
+aiortc encodes every outgoing frame itself: stereo at 96 kbit/s, through an
+``av.AudioResampler`` and a thread-pool hop per frame. Here the outbound track encodes
+on the event loop instead (one mono encoder per call, configured by
+:class:`OpusSettings`) and hands aiortc finished ``av.Packet`` objects, which aiortc
+only packs into RTP. Pre-encoded prompts take the same route without any encoding.
+
+Every packet carries ``pts`` in 1/48000 s units, which aiortc turns into the RTP
+timestamp (``timestamp_origin + pts``); the track numbers packets by frame index, so
+encoded PCM and pre-encoded prompt packets form one continuous timeline.
+"""
+
+from __future__ import annotations
+
+import fractions
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from .frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
+
+__all__ = ["OpusSettings", "OpusEncoder", "encode_pcm", "silence_packet", "TIME_BASE"]
+
+TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+#: libopus' encoder lookahead at 48 kHz (the Ogg "pre-skip" of what it encodes).
+ENCODER_DELAY = 312
+
+
+@dataclass(frozen=True, slots=True)
+class OpusSettings:
+    """How the gateway encodes Opus.
+
+    ``bitrate`` in bit/s (mono). ``complexity`` 0..10 (libopus' default is 10; in this
+    libopus build ``voip`` at 10 is also among the cheapest settings, see
+    ``bench/media_cost.py``). ``application``: ``voip`` (speech, SILK/hybrid with
+    in-band FEC), ``audio`` or ``lowdelay`` (CELT only, cheaper, music-friendly).
+    """
+
+    bitrate: int = 32_000
+    complexity: int = 10
+    application: str = "voip"
+
+    def __post_init__(self) -> None:
+        if not 6_000 <= self.bitrate <= 510_000:
+            raise ValueError(f"bitrate must be 6000..510000 bit/s, got {self.bitrate}")
+        if not 0 <= self.complexity <= 10:
+            raise ValueError(f"complexity must be 0..10, got {self.complexity}")
+        if self.application not in ("voip", "audio", "lowdelay"):
+            raise ValueError(f"application must be voip, audio or lowdelay, got {self.application!r}")
+
+
+DEFAULT_SETTINGS = OpusSettings()
+
+
+class OpusEncoder:
+    """A mono 48 kHz libopus encoder taking 20 ms int16 frames, one packet per frame.
+
+    The input ``av.AudioFrame`` is allocated once and refilled for every frame (the
+    encoder consumes it before :meth:`encode` returns), so the steady state allocates
+    only the packet PyAV returns.
+    """
+
+    def __init__(self, settings: OpusSettings = DEFAULT_SETTINGS) -> None:
+        self.settings = settings
+        ctx = av.CodecContext.create("libopus", "w")
+        ctx.sample_rate = SAMPLE_RATE
+        ctx.layout = "mono"
+        ctx.format = "s16"
+        ctx.bit_rate = settings.bitrate
+        ctx.time_base = TIME_BASE
+        ctx.options = {
+            "application": settings.application,
+            "compression_level": str(settings.complexity),
+            "frame_duration": "20",
+        }
+        ctx.thread_count = 1
+        ctx.open()
+        self._ctx = ctx
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.sample_rate = SAMPLE_RATE
+        frame.time_base = TIME_BASE
+        self._frame = frame
+        self._input = np.frombuffer(frame.planes[0], dtype=PCM_DTYPE, count=FRAME_SAMPLES)
+        self._pts = 0
+        self.frames = 0
+
+    def encode(self, pcm: np.ndarray) -> av.Packet | None:
+        """Encode one 20 ms mono frame (960 int16 samples); returns its packet.
+
+        The packet's ``pts`` is libopus' (shifted by the encoder delay); callers that
+        send it set their own ``pts``.
+        """
+        self._input[:] = pcm
+        self._frame.pts = self._pts
+        self._pts += FRAME_SAMPLES
+        self.frames += 1
+        packets = self._ctx.encode(self._frame)
+        return packets[0] if packets else None
+
+    def flush(self) -> list[av.Packet]:
+        """The packets still inside the encoder (its lookahead) at the end of a stream."""
+        return list(self._ctx.encode(None))
+
+
+def encode_pcm(pcm: np.ndarray, settings: OpusSettings = DEFAULT_SETTINGS) -> list[bytes]:
+    """Encode mono 48 kHz int16 PCM (a whole number of 20 ms frames) to Opus packets.
+
+    Returns one packet per frame *plus* the packet flushed out of the encoder's
+    lookahead, so decoding every packet and dropping :data:`ENCODER_DELAY` samples at
+    the start gives back all of ``pcm``.
+    """
+    if pcm.size % FRAME_SAMPLES:
+        raise ValueError(f"{pcm.size} samples are not whole 20 ms frames")
+    encoder = OpusEncoder(settings)
+    out: list[bytes] = []
+    for start in range(0, pcm.size, FRAME_SAMPLES):
+        packet = encoder.encode(pcm[start : start + FRAME_SAMPLES])
+        if packet is not None:
+            out.append(bytes(packet))
+    out.extend(bytes(p) for p in encoder.flush())
+    return out
+
+
+_SILENCE: dict[OpusSettings, bytes] = {}
+
+
+def silence_packet(settings: OpusSettings = DEFAULT_SETTINGS) -> bytes:
+    """A 20 ms Opus packet of digital silence (a few bytes), encoded once and cached.
+
+    Used to fill timestamp gaps (lost packets, DTX) in pass-through Ogg recordings.
+    """
+    packet = _SILENCE.get(settings)
+    if packet is None:
+        encoder = OpusEncoder(settings)
+        zeros = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
+        # The first packets still carry the encoder's start-up; a steady one is smaller.
+        for _ in range(3):
+            encoded = encoder.encode(zeros)
+        packet = _SILENCE[settings] = bytes(encoded)
+    return packet

@@ -1,0 +1,223 @@
+"""Level meter and energy-based speech start/stop detection (sinks).
+
+:class:`LevelMeter` measures each frame (RMS and peak, dBFS: a full-scale sine reads
+-3.01 dBFS like :func:`media.analysis.rms_dbfs`) and keeps running totals.
+
+:class:`SpeechDetector` turns levels into :class:`SpeechEvent` s with hysteresis: speech
+*starts* once the level stayed at or above ``start_dbfs`` for ``start_ms`` (60 ms), and
+*stops* once it stayed below ``stop_dbfs`` for ``stop_ms`` (300 ms). Event times are
+audio times (seconds of audio the detector has seen): ``at_s`` is where the speech
+began (the first loud frame) or ended (the end of the last loud frame);
+``detected_at_s`` is when the decision could be made (``at_s`` + the hold time).
+Events go to callbacks and, optionally, an ``asyncio.Queue``.
+
+Per frame the work is a handful of numpy calls on preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ..frames import FRAME_MS
+
+__all__ = ["Levels", "LevelMeter", "SpeechDetector", "SpeechEvent", "dbfs"]
+
+SILENCE_DBFS = -120.0
+_max = np.maximum.reduce  # without ndarray.max()'s Python-level wrapper
+_min = np.minimum.reduce
+_FULL_SCALE_SQ = 32768.0 * 32768.0
+
+
+def dbfs(mean_square_int16: float) -> float:
+    """dBFS of a mean square of int16 samples (floored at -120)."""
+    if mean_square_int16 <= 0:
+        return SILENCE_DBFS
+    return max(SILENCE_DBFS, 10 * math.log10(mean_square_int16 / _FULL_SCALE_SQ))
+
+
+class Levels:
+    """Running RMS / peak of int16 audio, one frame at a time, without allocating."""
+
+    __slots__ = ("_scratch", "sum_sq", "samples", "peak", "last_ms")
+
+    def __init__(self, frame_samples: int = 1920) -> None:
+        self._scratch = np.empty(frame_samples, dtype=np.float32)
+        self.sum_sq = 0.0
+        self.samples = 0
+        self.peak = 0
+        #: Mean square of the last frame (int16 units).
+        self.last_ms = 0.0
+
+    def add(self, pcm: np.ndarray) -> float:
+        """Measure one frame; returns its mean square."""
+        n = pcm.size
+        if n == 0:
+            return 0.0
+        if n > self._scratch.size:
+            self._scratch = np.empty(n, dtype=np.float32)
+        f = self._scratch[:n]
+        np.copyto(f, pcm, casting="unsafe")
+        sq = float(np.dot(f, f))
+        hi = int(_max(pcm))
+        lo = -int(_min(pcm))
+        peak = hi if hi > lo else lo
+        if peak > self.peak:
+            self.peak = peak
+        self.sum_sq += sq
+        self.samples += n
+        self.last_ms = sq / n
+        return self.last_ms
+
+    @property
+    def rms_dbfs(self) -> float:
+        return round(dbfs(self.sum_sq / self.samples), 2) if self.samples else SILENCE_DBFS
+
+    @property
+    def peak_dbfs(self) -> float:
+        if self.peak <= 0:
+            return SILENCE_DBFS
+        return round(20 * math.log10(self.peak / 32768.0), 2)
+
+    def as_dict(self) -> dict:
+        return {"rms_dbfs": self.rms_dbfs, "peak_dbfs": self.peak_dbfs, "peak": self.peak}
+
+
+class LevelMeter:
+    """A sink measuring each frame: ``level_dbfs`` (last frame's RMS), ``peak_dbfs``
+    (last frame's peak), and overall ``levels``. ``on_level(level_dbfs)`` is called per
+    frame when given."""
+
+    def __init__(self, on_level: Callable[[float], None] | None = None) -> None:
+        self.levels = Levels()
+        self.on_level = on_level
+        self.level_dbfs = SILENCE_DBFS
+        self.frames = 0
+        self._closed = False
+
+    def write(self, pcm: np.ndarray, sample_rate: int, channels: int = 1) -> None:
+        if self._closed:
+            return
+        self.level_dbfs = dbfs(self.levels.add(pcm))
+        self.frames += 1
+        if self.on_level is not None:
+            self.on_level(self.level_dbfs)
+
+    @property
+    def peak_dbfs(self) -> float:
+        return self.levels.peak_dbfs
+
+    def close(self) -> None:
+        self._closed = True
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEvent:
+    kind: Literal["start", "stop"]
+    #: Audio time where speech began / ended (seconds since the detector's first frame).
+    at_s: float
+    #: Audio time at which the event was decided (``at_s`` plus the hold time).
+    detected_at_s: float
+    #: Level of the frame that decided it, dBFS.
+    level_dbfs: float
+
+
+class SpeechDetector:
+    """Energy-based speech start/stop with hysteresis (a :class:`~media.frames.Sink`).
+
+    Args:
+        start_dbfs: a frame at or above this level counts towards a start.
+        stop_dbfs: while speaking, a frame below this counts towards a stop
+            (default ``start_dbfs - 6``).
+        start_ms / stop_ms: how long the level must stay above / below.
+        on_event: called with each :class:`SpeechEvent` (on the caller's thread).
+        queue: an ``asyncio.Queue`` that also gets each event (dropped when full).
+    """
+
+    def __init__(
+        self,
+        *,
+        start_dbfs: float = -40.0,
+        stop_dbfs: float | None = None,
+        start_ms: float = 60,
+        stop_ms: float = 300,
+        on_event: Callable[[SpeechEvent], None] | None = None,
+        queue: asyncio.Queue | None = None,
+    ) -> None:
+        self.start_dbfs = start_dbfs
+        self.stop_dbfs = start_dbfs - 6 if stop_dbfs is None else stop_dbfs
+        if self.stop_dbfs > self.start_dbfs:
+            raise ValueError("stop_dbfs must not be above start_dbfs")
+        self._start_ms_sq = 10 ** (self.start_dbfs / 10) * _FULL_SCALE_SQ
+        self._stop_ms_sq = 10 ** (self.stop_dbfs / 10) * _FULL_SCALE_SQ
+        self._start_frames = max(1, math.ceil(start_ms / FRAME_MS))
+        self._stop_frames = max(1, math.ceil(stop_ms / FRAME_MS))
+        self._callbacks: list[Callable[[SpeechEvent], None]] = [on_event] if on_event else []
+        self.queue = queue
+        self.levels = Levels()
+        self.speaking = False
+        self.events: list[SpeechEvent] = []
+        self._frame = 0  # frames seen
+        self._run = 0  # consecutive frames counting towards a change of state
+        self._run_start = 0  # first frame of that run
+        self._last_loud = 0  # last frame at/above the stop threshold while speaking
+        self._closed = False
+
+    def subscribe(self, callback: Callable[[SpeechEvent], None]) -> None:
+        self._callbacks.append(callback)
+
+    def write(self, pcm: np.ndarray, sample_rate: int, channels: int = 1) -> None:
+        if self._closed:
+            return
+        ms = self.levels.add(pcm)
+        i = self._frame
+        self._frame = i + 1
+        frame_s = FRAME_MS / 1000
+        if not self.speaking:
+            if ms >= self._start_ms_sq:
+                if self._run == 0:
+                    self._run_start = i
+                self._run += 1
+                if self._run >= self._start_frames:
+                    self.speaking = True
+                    self._run = 0
+                    self._last_loud = i
+                    self._emit("start", self._run_start * frame_s, (i + 1) * frame_s, ms)
+            else:
+                self._run = 0
+        else:
+            if ms < self._stop_ms_sq:
+                self._run += 1
+                if self._run >= self._stop_frames:
+                    self.speaking = False
+                    self._run = 0
+                    self._emit("stop", (self._last_loud + 1) * frame_s, (i + 1) * frame_s, ms)
+            else:
+                self._run = 0
+                self._last_loud = i
+
+    def _emit(self, kind: str, at_s: float, detected_at_s: float, ms: float) -> None:
+        event = SpeechEvent(kind, round(at_s, 3), round(detected_at_s, 3), round(dbfs(ms), 1))
+        self.events.append(event)
+        for callback in self._callbacks:
+            callback(event)
+        if self.queue is not None:
+            try:
+                self.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                pass
+
+    def close(self) -> None:
+        """Ends an ongoing utterance with a stop event at the last loud frame."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.speaking:
+            self.speaking = False
+            frame_s = FRAME_MS / 1000
+            self._emit("stop", (self._last_loud + 1) * frame_s, self._frame * frame_s, self.levels.last_ms)

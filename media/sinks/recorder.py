@@ -1,0 +1,532 @@
+"""Per-call QA recordings: what the user said, both legs aligned, Ogg/Opus, a JSON sidecar.
+
+One :class:`CallRecorder` per call, one directory per call (mode 0700, files 0600)::
+
+    recorder = CallRecorder(recordings_dir / call_id, call_id=call_id)
+    recorder.attach(peer)            # before media flows; taps both directions
+    ...
+    stats = await peer.get_stats()
+    await peer.close()               # the recorder finalises its files here already
+    recorder.close(media_stats=stats)  # adds the stats to the sidecar
+
+Files (each optional):
+
+* ``user.wav`` — the user's audio as decoded, mono 48 kHz, frames end to end.
+* ``stereo.wav`` — left = user, right = business, both placed at the wall-clock time
+  they were received / sent (:mod:`media.sinks.stereo`), so gaps stay where they were.
+* ``user.ogg`` — the user's Opus packets exactly as received (pass-through, no
+  decoding or re-encoding; timestamp gaps filled with silence packets), or, when no RTP
+  tap is available, the decoded audio encoded again.
+* ``recording.json`` — the sidecar: call id, start/end time (ISO 8601, UTC), durations
+  and levels (RMS dBFS, peak) per leg, the media stats passed to :meth:`close`, and
+  ``complete`` (``false`` until the recorder closed; :func:`repair_directory` marks
+  crashed recordings ``"recovered": true``).
+
+Crash safety: WAV headers are kept valid (rewritten every second), Ogg pages written
+every second; a SIGKILL loses about the last second. Run :func:`repair_directory` at
+startup to fix up whatever a crash left (header lengths, torn Ogg pages, sidecars).
+:func:`apply_retention` deletes the oldest call directories by age, count or size.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..frames import FRAME_MS, SAMPLE_RATE
+from ..opus import DEFAULT_SETTINGS, OpusSettings
+from .meter import Levels
+from .ogg import OggOpusPassthrough, OggOpusSink, read_ogg_packets, repair_ogg
+from .stereo import AlignedStereoRecorder
+from .wav import HEADER_SIZE, WavSink, open_private, repair_wav
+
+__all__ = [
+    "CallRecorder",
+    "SIDECAR",
+    "apply_retention",
+    "repair",
+    "repair_directory",
+]
+
+log = logging.getLogger(__name__)
+
+SIDECAR = "recording.json"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+#: Call directories with an open recorder (never deleted or repaired under its feet).
+_ACTIVE: set[Path] = set()
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _private_dir(path: Path) -> None:
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass
+    os.chmod(path, DIR_MODE)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = open_private(tmp, FILE_MODE)
+    try:
+        payload = json.dumps(data, indent=2, sort_keys=False, default=str).encode()
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class _UserLeg:
+    """Inbound sink: user.wav, the stereo left channel, levels, Ogg (encode mode)."""
+
+    def __init__(self, rec: CallRecorder) -> None:
+        self._rec = rec
+        self.frames = 0
+        self.closed = False
+        self._acc = np.empty(960, dtype=np.int32)
+        self._mono = np.empty(960, dtype=np.int16)
+
+    def write(self, pcm: np.ndarray, sample_rate: int, channels: int = 1) -> None:
+        rec = self._rec
+        if self.closed or rec._finished:
+            return
+        self.frames += 1
+        if channels == 2 and pcm.size == 2 * self._mono.size:
+            # aiortc decodes to stereo (both sides equal for a mono stream): mix once
+            # for every file instead of once per file.
+            acc = self._acc
+            np.add(pcm[0::2], pcm[1::2], out=acc, dtype=np.int32)
+            np.right_shift(acc, 1, out=acc)
+            np.copyto(self._mono, acc, casting="unsafe")
+            pcm, channels = self._mono, 1
+        if rec._wav is not None:
+            rec._wav.write(pcm, sample_rate, channels)
+        if rec._stereo is not None:
+            peer = rec._peer
+            pts = at = None
+            if peer is not None:
+                pts = peer.received.pts
+                at = peer.rtp_tap.arrival(pts)
+                if at is None:
+                    pts = None  # no packet timing: lay frames end to end instead
+            rec._stereo.left.write_timed(pcm, sample_rate, channels, pts, at)
+        else:
+            rec._user_levels.add(pcm)
+        if rec._ogg_pending_auto:
+            rec._resolve_ogg_mode()
+        if rec._ogg_sink is not None:
+            rec._ogg_sink.write(pcm, sample_rate, channels)
+
+    def close(self) -> None:
+        # The peer closes its sinks when it closes: the call is over, finish the files.
+        self.closed = True
+        self._rec._finish()
+
+
+class _BusinessLeg:
+    """Outbound tap: the stereo right channel and levels."""
+
+    def __init__(self, rec: CallRecorder) -> None:
+        self._rec = rec
+        self.frames = 0
+
+    def write(self, pcm: np.ndarray, sample_rate: int, channels: int = 1) -> None:
+        rec = self._rec
+        if rec._finished:
+            return
+        self.frames += 1
+        if rec._stereo is not None:
+            track = rec._peer.outbound if rec._peer is not None else None
+            if track is not None:
+                rec._stereo.right.write_timed(pcm, sample_rate, channels, track.sent_pts, track.sent_at)
+            else:
+                rec._stereo.right.write_timed(pcm, sample_rate, channels, None, None)
+        else:
+            rec._business_levels.add(pcm)
+
+    def close(self) -> None:
+        pass
+
+
+class CallRecorder:
+    """The recordings of one call in ``directory`` (created, mode 0700).
+
+    Args:
+        directory: the call's own directory (e.g. ``<recordings>/<call id>``).
+        call_id: written to the sidecar (default: the directory name).
+        stereo / ogg / wav: which files to make (``stereo.wav``, ``user.ogg``,
+            ``user.wav``).
+        ogg_mode: ``"auto"`` (pass-through when the peer's RTP tap delivers Opus, else
+            encode), ``"passthrough"`` or ``"encode"``.
+        opus: encoder settings for ``ogg_mode="encode"``.
+        meta: extra JSON-able data for the sidecar.
+        clock: monotonic clock for the stereo alignment (the event loop's by default).
+
+    Without a peer, feed :attr:`user` (a Sink) and :attr:`business` (a Sink) directly.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        call_id: str | None = None,
+        stereo: bool = True,
+        ogg: bool = True,
+        wav: bool = True,
+        ogg_mode: Literal["auto", "passthrough", "encode"] = "auto",
+        opus: OpusSettings = DEFAULT_SETTINGS,
+        meta: dict[str, Any] | None = None,
+        clock=None,
+    ) -> None:
+        if ogg_mode not in ("auto", "passthrough", "encode"):
+            raise ValueError(f"ogg_mode must be auto, passthrough or encode, got {ogg_mode!r}")
+        self.directory = Path(directory)
+        _private_dir(self.directory)
+        self.call_id = call_id or self.directory.name
+        self.meta = dict(meta or {})
+        self.opus = opus
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self._peer = None
+        self._finished = False
+        self._closed = False
+        self.media_stats: dict = {}
+        self._user_levels = Levels()
+        self._business_levels = Levels()
+
+        self.paths: dict[str, Path] = {}
+        self._wav: WavSink | None = None
+        self._stereo: AlignedStereoRecorder | None = None
+        self._ogg_pass: OggOpusPassthrough | None = None
+        self._ogg_sink: OggOpusSink | None = None
+        self._ogg_pending_auto = False
+        self.ogg_mode: str | None = None
+        self._ogg_requested = ogg_mode if ogg else None
+        comments = {"CALL_ID": self.call_id, "DATE": _iso(self.started_at)}
+        self._ogg_comments = comments
+        if wav:
+            self.paths["user_wav"] = self.directory / "user.wav"
+            self._wav = WavSink(self.paths["user_wav"])
+        if stereo:
+            self.paths["stereo_wav"] = self.directory / "stereo.wav"
+            self._stereo = AlignedStereoRecorder(self.paths["stereo_wav"], clock=clock)
+        if ogg:
+            self.paths["user_ogg"] = self.directory / "user.ogg"
+            if ogg_mode == "encode":
+                self._start_ogg_encode()
+            # pass-through needs a peer: decided in attach()
+        self.paths["sidecar"] = self.directory / SIDECAR
+        self.user = _UserLeg(self)
+        self.business = _BusinessLeg(self)
+        _ACTIVE.add(self.directory.resolve())
+        self._write_sidecar()
+
+    # -- wiring ------------------------------------------------------------------------
+
+    def attach(self, peer) -> None:
+        """Record ``peer`` (a :class:`media.peer.MediaPeer`): its received audio, what it
+        sends (outbound tap) and, for pass-through Ogg, its RTP payloads."""
+        if self._peer is not None:
+            raise RuntimeError("this recorder is already attached")
+        self._peer = peer
+        peer.add_sink(self.user)
+        peer.add_outbound_sink(self.business)
+        if self._ogg_requested in ("auto", "passthrough"):
+            self._ogg_pass = OggOpusPassthrough(self.paths["user_ogg"], comments=self._ogg_comments)
+            peer.rtp_tap.add_listener(self._ogg_pass)
+            self.ogg_mode = "passthrough"
+            self._ogg_pending_auto = self._ogg_requested == "auto"
+
+    def _start_ogg_encode(self) -> None:
+        self._ogg_sink = OggOpusSink(self.paths["user_ogg"], settings=self.opus, comments=self._ogg_comments)
+        self.ogg_mode = "encode"
+
+    def _resolve_ogg_mode(self) -> None:
+        """``auto``: audio is being decoded; if no Opus packet came through the tap,
+        there is nothing to pass through (another codec): encode instead."""
+        self._ogg_pending_auto = False
+        peer = self._peer
+        if self._ogg_pass is not None and self._ogg_pass.packets_received == 0 and peer.rtp_tap.packets == 0:
+            peer.rtp_tap.remove_listener(self._ogg_pass)
+            self._ogg_pass.close()
+            self._ogg_pass = None
+            self._start_ogg_encode()
+
+    # -- results -----------------------------------------------------------------------
+
+    @property
+    def t0(self) -> float | None:
+        """Time zero of ``stereo.wav`` on the stereo clock (the event loop's), or ``None``
+        without a stereo recording."""
+        return self._stereo.t0 if self._stereo is not None else None
+
+    @property
+    def user_seconds(self) -> float:
+        return self.user.frames * FRAME_MS / 1000
+
+    @property
+    def business_seconds(self) -> float:
+        return self.business.frames * FRAME_MS / 1000
+
+    def sidecar(self) -> dict:
+        user_levels = self._stereo.left.levels if self._stereo is not None else self._user_levels
+        business_levels = self._stereo.right.levels if self._stereo is not None else self._business_levels
+        durations: dict[str, float | None] = {
+            "user": round(self.user_seconds, 3),
+            "business": round(self.business_seconds, 3),
+        }
+        if self._wav is not None:
+            durations["user_wav"] = round(self._wav.duration_s, 3)
+        if self._stereo is not None:
+            durations["stereo_wav"] = round(self._stereo.duration_s, 3)
+        ogg = self._ogg_pass or self._ogg_sink
+        if ogg is not None:
+            durations["user_ogg"] = round(ogg.duration_s, 3)
+        data: dict[str, Any] = {
+            "call_id": self.call_id,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at) if self.ended_at else None,
+            "complete": self._finished,
+            "files": {k: p.name for k, p in self.paths.items() if k != "sidecar"},
+            "ogg_mode": self.ogg_mode,
+            "sample_rate": SAMPLE_RATE,
+            "durations_s": durations,
+            "levels": {"user": user_levels.as_dict(), "business": business_levels.as_dict()},
+            "media_stats": self.media_stats,
+        }
+        if self._stereo is not None:
+            data["alignment"] = {
+                "user_first_s": _rel(self._stereo.left.first_at, self._stereo.t0),
+                "business_first_s": _rel(self._stereo.right.first_at, self._stereo.t0),
+                "user_resyncs": self._stereo.left.resyncs,
+                "business_resyncs": self._stereo.right.resyncs,
+            }
+        if self._ogg_pass is not None:
+            data["ogg_passthrough"] = {
+                "packets": self._ogg_pass.packets_received,
+                "filled": self._ogg_pass.packets_filled,
+                "dropped": self._ogg_pass.packets_dropped,
+            }
+        if self.meta:
+            data["meta"] = self.meta
+        return data
+
+    def _write_sidecar(self) -> None:
+        try:
+            _write_json(self.paths["sidecar"], self.sidecar())
+        except OSError:
+            log.exception("cannot write the recording sidecar %s", self.paths["sidecar"])
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Close every file (idempotent); the sidecar says ``complete``."""
+        if self._finished:
+            return
+        self._finished = True
+        self.ended_at = time.time()
+        peer = self._peer
+        if peer is not None:
+            peer.remove_outbound_sink(self.business)
+            if self._ogg_pass is not None:
+                peer.rtp_tap.remove_listener(self._ogg_pass)
+        for closer in (self._wav, self._stereo, self._ogg_pass, self._ogg_sink):
+            if closer is not None:
+                try:
+                    closer.close()
+                except OSError:
+                    log.exception("closing a recording of call %s failed", self.call_id)
+        _ACTIVE.discard(self.directory.resolve())
+        self._write_sidecar()
+
+    def close(self, media_stats: dict | None = None) -> dict:
+        """Finish the recordings (if the peer has not already) and write the sidecar,
+        with ``media_stats`` when given. May be called again to add stats. Returns the
+        sidecar data."""
+        if not self._closed and self._peer is not None and not self._peer.closed:
+            self._peer.remove_sink(self.user)
+        self._closed = True
+        if media_stats is not None:
+            self.media_stats = dict(media_stats)
+        if not self._finished:
+            self._finish()
+        else:
+            self._write_sidecar()
+        return self.sidecar()
+
+    async def __aenter__(self) -> CallRecorder:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _rel(at: float | None, t0: float) -> float | None:
+    return None if at is None else round(at - t0, 3)
+
+
+# -- startup repair -------------------------------------------------------------------
+
+
+def repair(path: str | os.PathLike[str]) -> bool:
+    """Fix one recording file left by a crash: WAV header lengths, torn Ogg pages.
+    Returns ``True`` when the file was changed; other file types are left alone."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".wav":
+        return repair_wav(p)
+    if suffix in (".ogg", ".opus"):
+        return repair_ogg(p)
+    return False
+
+
+def _wav_seconds(path: Path) -> float | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+        channels, rate = struct.unpack("<HI", head[22:28])
+        size = struct.unpack("<I", head[40:44])[0]
+        return round(size / (2 * channels) / rate, 3)
+    except (OSError, struct.error, ZeroDivisionError):
+        return None
+
+
+def repair_directory(directory: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Repair every call directory under ``directory`` (or ``directory`` itself when it
+    is a call directory): files via :func:`repair`, sidecars of recordings that never
+    closed get ``"recovered": true`` and durations measured from the files. Directories
+    of recorders open in this process are skipped. Returns ``{"repaired": [...files],
+    "recovered": [...call dirs], "errors": [...]}``."""
+    root = Path(directory)
+    report: dict[str, list[str]] = {"repaired": [], "recovered": [], "errors": []}
+    if not root.is_dir():
+        return report
+    calls = [root] if (root / SIDECAR).exists() else [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]
+    for call_dir in sorted(calls):
+        if call_dir.resolve() in _ACTIVE:
+            continue
+        for f in sorted(call_dir.iterdir()):
+            if f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+                continue
+            try:
+                if f.is_file() and repair(f):
+                    report["repaired"].append(str(f))
+            except (OSError, ValueError) as exc:
+                report["errors"].append(f"{f}: {exc}")
+        sidecar = call_dir / SIDECAR
+        try:
+            data = json.loads(sidecar.read_text()) if sidecar.exists() else None
+        except (OSError, ValueError) as exc:
+            report["errors"].append(f"{sidecar}: {exc}")
+            continue
+        if data is None or data.get("complete") or data.get("recovered"):
+            continue
+        durations = data.setdefault("durations_s", {})
+        for key, name in (data.get("files") or {}).items():
+            f = call_dir / name
+            if not f.exists():
+                continue
+            if name.endswith(".wav"):
+                durations[key] = _wav_seconds(f)
+            elif name.endswith(".ogg"):
+                try:
+                    packets, granule = read_ogg_packets(f)
+                    durations[key] = round(granule / SAMPLE_RATE, 3) if packets else 0.0
+                except OSError:
+                    pass
+        data["recovered"] = True
+        data["recovered_at"] = _iso(time.time())
+        try:
+            _write_json(sidecar, data)
+            report["recovered"].append(str(call_dir))
+        except OSError as exc:
+            report["errors"].append(f"{sidecar}: {exc}")
+    return report
+
+
+# -- retention ------------------------------------------------------------------------
+
+
+def _usage(path: Path) -> tuple[float, int]:
+    """``(newest mtime, total bytes)`` of a call directory and its files."""
+    newest = path.stat().st_mtime
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_size
+            newest = max(newest, st.st_mtime)
+    return newest, total
+
+
+def apply_retention(
+    directory: str | os.PathLike[str],
+    *,
+    max_age_s: float | None = None,
+    max_count: int | None = None,
+    max_bytes: int | None = None,
+    now: float | None = None,
+) -> list[Path]:
+    """Delete call directories under ``directory``, oldest first (by the newest file
+    inside), until every limit holds: none older than ``max_age_s``, at most
+    ``max_count`` directories, at most ``max_bytes`` in total. Directories of
+    recorders open in this process are never deleted (they still count). Returns the
+    deleted directories, oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    entries = []
+    for d in root.iterdir():
+        if d.is_dir() and not d.is_symlink():
+            try:
+                mtime, size = _usage(d)
+            except OSError:
+                continue
+            entries.append((mtime, d.name, d, size))
+    entries.sort()
+    total_bytes = sum(e[3] for e in entries)
+    count = len(entries)
+    removed: list[Path] = []
+    for mtime, _, d, size in entries:
+        if d.resolve() in _ACTIVE:
+            continue
+        too_old = max_age_s is not None and now - mtime > max_age_s
+        too_many = max_count is not None and count > max_count
+        too_big = max_bytes is not None and total_bytes > max_bytes
+        if not (too_old or too_many or too_big):
+            continue
+        try:
+            shutil.rmtree(d)
+        except OSError:
+            log.exception("retention: cannot delete %s", d)
+            continue
+        removed.append(d)
+        count -= 1
+        total_bytes -= size
+    return removed

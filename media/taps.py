@@ -1,0 +1,147 @@
+"""Inbound RTP tap: the far side's Opus payloads and their arrival times, before aiortc
+decodes them.
+
+:class:`RtpTap` wraps ``RTCRtpReceiver._handle_rtp_packet`` *on the receiver instance*
+(aiortc's DTLS transport looks the method up on the instance for every packet, so the
+class and other peers are untouched). For each RTP packet of the negotiated Opus
+payload type it
+
+* calls the registered listeners with an :class:`RtpArrival` (payload bytes, the RTP
+  timestamp mapped to the stream timeline like aiortc's decoder does, arrival time on
+  the event loop's clock): an Ogg recorder stores those payloads as they are, without
+  decoding and re-encoding;
+* remembers the arrival times of the last ~2.5 s of packets (:meth:`arrival`), so a
+  recorder (attached at any time) can place each *decoded* frame at the time its packet
+  arrived rather than when aiortc's jitter buffer released it, ~80 ms later (that
+  buffer also holds the last packets back until newer ones arrive, e.g. across a pause
+  in sending).
+
+Timestamps are mapped like aiortc's ``TimestampMapper``: the first packet's timestamp
+is 0, and wrap-arounds keep counting up, so ``mapped == frame.pts`` of the decoded frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RtpArrival", "RtpTap"]
+
+#: Arrival times kept for lookup (packets): ~2.5 s of 20 ms packets.
+_ARRIVALS_KEPT = 128
+
+
+@dataclass(slots=True)
+class RtpArrival:
+    payload: bytes
+    #: RTP timestamp on the stream timeline (first packet = 0), 48 kHz units.
+    pts: int
+    sequence_number: int
+    #: ``loop.time()`` when the packet reached the receiver.
+    at: float
+    marker: int = 0
+
+
+Listener = Callable[[RtpArrival], None]
+
+
+class RtpTap:
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+        self._receiver = None
+        self._original = None
+        self._opus_types: dict[int, bool] = {}
+        self._origin: int | None = None
+        self._last: int | None = None
+        self._wraps = 0
+        self._times: dict[int, float] = {}
+        self._order: collections.deque[int] = collections.deque()
+        self.packets = 0
+
+    @property
+    def installed(self) -> bool:
+        return self._receiver is not None
+
+    def install(self, receiver) -> None:
+        """Start tapping ``receiver`` (an ``RTCRtpReceiver``). Idempotent."""
+        if self._receiver is not None:
+            return
+        original = receiver._handle_rtp_packet
+        loop = asyncio.get_running_loop()
+        on_packet = self._on_packet
+
+        async def _handle_rtp_packet(packet, arrival_time_ms: int) -> None:
+            on_packet(packet, loop.time())
+            await original(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = _handle_rtp_packet
+        self._receiver = receiver
+        self._original = original
+
+    def uninstall(self) -> None:
+        if self._receiver is not None:
+            try:
+                del self._receiver._handle_rtp_packet
+            except AttributeError:
+                pass
+            self._receiver = None
+
+    # -- consumers -------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def arrival(self, pts: int | None) -> float | None:
+        """Arrival time (loop clock) of the packet with stream timestamp ``pts``."""
+        if pts is None:
+            return None
+        return self._times.get(pts)
+
+    # -- the hook --------------------------------------------------------------------
+
+    def _is_opus(self, payload_type: int) -> bool:
+        known = self._opus_types.get(payload_type)
+        if known is None:
+            codecs = getattr(self._receiver, "_RTCRtpReceiver__codecs", None) or {}
+            codec = codecs.get(payload_type)
+            if codec is None:
+                return False  # not negotiated (yet): decide again next time
+            known = self._opus_types[payload_type] = codec.name.lower() == "opus"
+        return known
+
+    def _on_packet(self, packet, at: float) -> None:
+        try:
+            if not packet.payload or not self._is_opus(packet.payload_type):
+                return
+            ts = packet.timestamp
+            if self._origin is None:
+                self._origin = ts
+            elif ts < self._last and self._last - ts > 0x80000000:
+                self._wraps += 1
+            elif ts > self._last and ts - self._last > 0x80000000:
+                return  # a late packet from before a wrap: too old to matter
+            self._last = ts
+            pts = ts - self._origin + (self._wraps << 32)
+            self.packets += 1
+            times = self._times
+            if pts not in times:
+                times[pts] = at
+                order = self._order
+                order.append(pts)
+                if len(order) > _ARRIVALS_KEPT:
+                    times.pop(order.popleft(), None)
+            if self._listeners:
+                event = RtpArrival(packet.payload, pts, packet.sequence_number, at, packet.marker)
+                for listener in self._listeners:
+                    listener(event)
+        except Exception:  # a tap must never break the receive path
+            log.exception("RTP tap listener failed")
