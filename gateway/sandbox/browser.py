@@ -231,9 +231,10 @@ class ChromiumHost:
         warm, self._warm = self._warm, None
         if warm is not None:
             warm.cancel()
-            with contextlib.suppress(BaseException):
-                context, _, _ = await warm
-                await asyncio.wait_for(context.close(), 10)
+            [opened] = await asyncio.gather(warm, return_exceptions=True)
+            if isinstance(opened, tuple):  # it had finished loading
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(opened[0].close(), 10)
         browser, self.browser = self.browser, None
         if browser is not None:
             with contextlib.suppress(Exception):

@@ -367,9 +367,17 @@ class Sandbox:
             call.accepted_at = time.time()
             talking = call.phone.pick_up(self.media_timeout_s)
             talking.add_done_callback(lambda task: self._on_talk_done(call, task))
+            self._watch_phone_hangup(call)
             await self._send_status(call, "ACCEPTED")
             if call.behaviour.hangup_after_s:
                 self._spawn(self._hang_up_later(call, call.behaviour.hangup_after_s))
+
+    def _watch_phone_hangup(self, call: SandboxCall) -> None:
+        """A phone that can hang up by itself (a browser) ends the call like a user."""
+        hung_up = getattr(call.phone, "hung_up", None)
+        if hung_up is not None:
+            hung_up.add_done_callback(
+                lambda _: call.ended or self._spawn(self._end(call, ended_by="user_hangup")))
 
     def _on_talk_done(self, call: SandboxCall, task: asyncio.Task) -> None:
         if task.cancelled() or call.ended:
@@ -470,6 +478,7 @@ class Sandbox:
             self.messaging.inbound_answered(call.user, call.wacid)
             talking = call.phone.pick_up(self.media_timeout_s)
             talking.add_done_callback(lambda task: self._on_talk_done(call, task))
+            self._watch_phone_hangup(call)
             if call.hangup_after_s:
                 self._spawn(self._hang_up_later(call, call.hangup_after_s))
         else:
