@@ -226,7 +226,7 @@ async def main(seconds: float, repeat: int) -> None:
         print(f"{frames} frames ({seconds:g} call-seconds) per scenario, best of {repeat}", file=sys.stderr)
         add("reference: aiortc encoder per frame (stereo 96k)", aiortc_encoder(pcm))
         add("reference: aiortc decoder per frame (receive)", aiortc_decoder(packets))
-        add("reference: OpusEncoder alone (mono 32k voip)", lambda n: _encode_only(n, business))
+        add("reference: OpusEncoder alone (default settings)", lambda n: _encode_only(n, business))
         add("playback: idle (cached silence packet)", idle)
         add("playback: uncached file, WAV", playback(lambda: FileSource(files["wav"])))
         add("playback: uncached file, Ogg/Opus", playback(lambda: FileSource(files["ogg"])))

@@ -21,26 +21,31 @@ import numpy as np
 
 from .frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 
-__all__ = ["OpusSettings", "OpusEncoder", "encode_pcm", "silence_packet", "TIME_BASE"]
+__all__ = ["DEFAULT_SETTINGS", "PROMPT_SETTINGS", "OpusSettings", "OpusEncoder", "encode_pcm", "silence_packet", "TIME_BASE"]
 
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
-#: libopus' encoder lookahead at 48 kHz (the Ogg "pre-skip" of what it encodes).
+#: libopus' encoder lookahead at 48 kHz (the Ogg "pre-skip" of what it encodes);
+#: ``lowdelay`` has 120 (see :attr:`OpusEncoder.delay`).
 ENCODER_DELAY = 312
 
 
 @dataclass(frozen=True, slots=True)
 class OpusSettings:
-    """How the gateway encodes Opus.
+    """How the gateway encodes Opus (mono, 48 kHz, 20 ms packets).
 
-    ``bitrate`` in bit/s (mono). ``complexity`` 0..10 (libopus' default is 10; in this
-    libopus build ``voip`` at 10 is also among the cheapest settings, see
-    ``bench/media_cost.py``). ``application``: ``voip`` (speech, SILK/hybrid with
-    in-band FEC), ``audio`` or ``lowdelay`` (CELT only, cheaper, music-friendly).
+    ``bitrate`` in bit/s. ``complexity`` 0..10. ``application``: ``audio`` (CELT at
+    these rates: full band, cheapest), ``voip`` (SILK/hybrid speech modes; in-band FEC
+    possible) or ``lowdelay`` (CELT only, 2.5 ms less lookahead).
+
+    The default, ``audio`` at complexity 5 and 32 kbit/s, costs about 60 µs of CPU per
+    20 ms frame, against ~110 µs for ``voip`` at 10 (libopus' own default) and ~165 µs
+    for aiortc's stereo 96 kbit/s encode (``bench/media_cost.py``). Prompts are
+    pre-encoded once, so the prompt cache uses complexity 10 (:data:`PROMPT_SETTINGS`).
     """
 
     bitrate: int = 32_000
-    complexity: int = 10
-    application: str = "voip"
+    complexity: int = 5
+    application: str = "audio"
 
     def __post_init__(self) -> None:
         if not 6_000 <= self.bitrate <= 510_000:
@@ -52,6 +57,8 @@ class OpusSettings:
 
 
 DEFAULT_SETTINGS = OpusSettings()
+#: For one-off encodes (prompts): the best quality at the same bitrate.
+PROMPT_SETTINGS = OpusSettings(complexity=10)
 
 
 class OpusEncoder:
@@ -85,6 +92,8 @@ class OpusEncoder:
         self._input = np.frombuffer(frame.planes[0], dtype=PCM_DTYPE, count=FRAME_SAMPLES)
         self._pts = 0
         self.frames = 0
+        #: Samples of lookahead: decoded audio lags the input by this much.
+        self.delay = 120 if settings.application == "lowdelay" else ENCODER_DELAY
 
     def encode(self, pcm: np.ndarray) -> av.Packet | None:
         """Encode one 20 ms mono frame (960 int16 samples); returns its packet.

@@ -39,6 +39,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from . import ice, sdp as sdp_rules
 from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
 from .frames import FRAME_MS, Sink, Source
+from .opus import OpusSettings
 from .taps import RtpTap
 from .track import OutboundAudioTrack, Playback
 
@@ -79,6 +80,9 @@ class PeerConfig:
     #: Also detect in-band DTMF tones in the received audio (Goertzel); digits are
     #: reported through ``on_dtmf`` with ``source="inband"``.
     inband_dtmf: bool = False
+    #: How the outgoing audio is encoded (on the event loop, see media.opus); ``None``
+    #: hands PCM to aiortc's encoder instead.
+    opus: OpusSettings | None = field(default_factory=OpusSettings)
 
     def __post_init__(self) -> None:
         self.port_range = ice.validate_port_range(self.port_range)
@@ -112,7 +116,7 @@ class MediaPeer:
             for s in self.config.ice_servers
         ]
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-        self.outbound = OutboundAudioTrack()
+        self.outbound = OutboundAudioTrack(opus=self.config.opus)
         self.received = ReceiveStats()
         #: The far side's Opus payloads before decoding (see media.taps).
         self.rtp_tap = RtpTap()

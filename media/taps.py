@@ -34,6 +34,10 @@ __all__ = ["RtpArrival", "RtpTap"]
 
 #: Arrival times kept for lookup (packets): ~2.5 s of 20 ms packets.
 _ARRIVALS_KEPT = 128
+#: Later packets consulted to correct an arrival time stamped late (see RtpTap.arrival).
+LOOKAHEAD = 10
+_FRAME = 960
+_FRAME_S = 0.02
 
 
 @dataclass(slots=True)
@@ -101,10 +105,29 @@ class RtpTap:
             self._listeners.remove(listener)
 
     def arrival(self, pts: int | None) -> float | None:
-        """Arrival time (loop clock) of the packet with stream timestamp ``pts``."""
+        """When the packet with stream timestamp ``pts`` arrived (loop clock), or ``None``.
+
+        Arrival is stamped when the event loop gets to the packet, so a busy loop stamps
+        a batch of packets late, all at once. The estimate is therefore the earliest
+        time *implied* by this packet and the ones after it that are already known
+        (``arrival(pts + k·960) - k·20 ms``, up to :data:`LOOKAHEAD` packets): packets
+        processed in a burst are pulled back to their pace, while a real gap in sending
+        (every later packet late too) is kept. By the time aiortc decodes a frame, its
+        jitter buffer has seen at least the next four packets.
+        """
         if pts is None:
             return None
-        return self._times.get(pts)
+        times = self._times
+        at = times.get(pts)
+        if at is None:
+            return None
+        for k in range(1, LOOKAHEAD + 1):
+            later = times.get(pts + k * _FRAME)
+            if later is not None:
+                implied = later - k * _FRAME_S
+                if implied < at:
+                    at = implied
+        return at
 
     # -- the hook --------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ hop and its stereo 96 kbit/s encode, and lets pre-encoded prompts
 (:class:`media.sources.prompt.PromptSource`) go out as stored packets: every packet's
 ``pts`` is ``frame index × 960``, so RTP timestamps are continuous whether a frame was
 encoded here, replayed from a prompt cache, or is the cached silence packet sent while
-nothing plays. ``OutboundAudioTrack(opus=None)`` restores the old behaviour (PCM
-``av.AudioFrame`` objects, encoded by aiortc; needed only for non-Opus codecs).
+nothing plays. ``OutboundAudioTrack(opus=None)`` (``PeerConfig(opus=None)``) restores
+the old behaviour (PCM ``av.AudioFrame`` objects, encoded by aiortc; needed only for
+non-Opus codecs).
 
 Outbound taps. :meth:`OutboundAudioTrack.add_sink` registers sinks that get every frame
 as it is sent (the PCM, also for pre-encoded packets), e.g. the business leg of a call

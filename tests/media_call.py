@@ -19,11 +19,11 @@ LOOPBACK = PeerConfig(host_addresses=["127.0.0.1"])
 
 
 @contextlib.asynccontextmanager
-async def call_pair(before_connect=None):
+async def call_pair(before_connect=None, *, business_config: PeerConfig = LOOPBACK):
     """``(business, user)`` peers with media up: offer → accept_offer → ICE-lite answer →
     apply_answer → media_up. ``before_connect(business, user)`` runs after the offer (to
     attach recorders before any media flows). Both peers are closed on exit."""
-    business = MediaPeer(LOOPBACK, label="business")
+    business = MediaPeer(business_config, label="business")
     user = MediaPeer(LOOPBACK, label="user")
     try:
         offer = await business.create_offer()
@@ -131,3 +131,62 @@ def locate(needle: np.ndarray, haystack: np.ndarray) -> tuple[int, float]:
     score = corr / (window * np.sqrt(np.dot(a, a)))
     k = int(np.argmax(score))
     return k, float(score[k])
+
+
+def sent_segments(rows, t0: float, *, resync_s: float = 0.1, merge_s: float = 0.06) -> list[tuple[float, float]]:
+    """Where a sender's frames (``SendLog`` rows) belong on a recording's timeline that
+    starts at ``t0``, by the stereo recorder's documented rule: on the sender's
+    timestamp timeline, re-anchored on the send time when the two disagree by more than
+    ``resync_s``. Runs closer than ``merge_s`` are merged (like ``tone_segments``)."""
+    segments: list[list[float]] = []
+    anchor = None
+    for sent_at, pts, _ in rows:
+        if anchor is None or abs(sent_at - (anchor[0] + (pts - anchor[1]) / SAMPLE_RATE)) > resync_s:
+            anchor = (sent_at, pts)
+        start = anchor[0] + (pts - anchor[1]) / SAMPLE_RATE - t0
+        if segments and start - segments[-1][1] < merge_s:
+            segments[-1][1] = max(segments[-1][1], start + 0.02)
+        else:
+            segments.append([start, start + 0.02])
+    return [(a, b) for a, b in segments]
+
+
+def assert_segments_match(got, expected, tol: float = 0.04) -> None:
+    assert len(got) == len(expected), (got, expected)
+    for (g0, g1), (e0, e1) in zip(got, expected):
+        assert abs(g0 - e0) <= tol and abs(g1 - e1) <= tol, (got, expected)
+
+
+class PtsRecorder:
+    """A receive-side sink keeping each decoded frame at its stream position
+    (``received.pts``), so frames a jitter buffer dropped leave silence instead of
+    shifting everything after them."""
+
+    def __init__(self, peer: MediaPeer) -> None:
+        self._peer = peer
+        self.frames: list[tuple[int, np.ndarray]] = []
+
+    def write(self, pcm, sample_rate, channels=1) -> None:
+        mono = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16)
+        self.frames.append((self._peer.received.pts, mono))
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def first_pts(self) -> int:
+        return self.frames[0][0]
+
+    @property
+    def gaps(self) -> list[int]:
+        """Stream positions where frames are missing."""
+        return [a + FRAME_SAMPLES for (a, _), (b, _) in zip(self.frames, self.frames[1:]) if b - a != FRAME_SAMPLES]
+
+    def timeline(self) -> np.ndarray:
+        """Mono samples from the first frame's position on, gaps as silence."""
+        first = self.first_pts
+        end = max(p for p, _ in self.frames) + FRAME_SAMPLES - first
+        out = np.zeros(end, dtype=np.int16)
+        for pts, mono in self.frames:
+            out[pts - first : pts - first + mono.size] = mono
+        return out

@@ -71,5 +71,33 @@ async def test_tap_sees_every_packet_with_its_timeline_and_arrival_time():
     found = [(p, t) for p, t in decoded if t is not None]
     assert len(found) >= len(decoded) - 1
     assert all(t <= loop_now for _, t in found)
+    # The estimate is the packet's own arrival, or earlier when later packets show it
+    # was stamped late (a busy loop); never later.
     by_pts = {a.pts: a.at for a in arrivals}
-    assert all(by_pts[p] == pytest.approx(t) for p, t in found if p in by_pts)
+    assert all(by_pts[p] - 0.2 < t <= by_pts[p] for p, t in found if p in by_pts)
+
+
+def test_arrival_times_stamped_late_in_a_burst_are_pulled_back():
+    """A busy event loop stamps a backlog of packets at once; a real pause in sending
+    makes every later packet late too. Only the second is a gap."""
+    from aiortc.rtp import RtpPacket
+
+    from media.taps import RtpTap
+
+    tap = RtpTap()
+    tap._opus_types[111] = True  # what install() learns from the negotiated codecs
+    t = 100.0
+    schedule = [(i, t + 0.02 * i) for i in range(10)]  # on time
+    schedule += [(i, t + 0.02 * 14 + 0.001 * (i - 10)) for i in range(10, 15)]  # a 5-packet backlog
+    schedule += [(i, t + 0.02 * i) for i in range(15, 20)]  # on time again
+    schedule += [(i, t + 0.02 * i + 1.0) for i in range(20, 30)]  # the sender paused 1 s
+    for i, at in schedule:
+        tap._on_packet(RtpPacket(payload_type=111, sequence_number=i, timestamp=5000 + 960 * i, payload=b"\xf8\xff\xfe"), at)
+    assert tap.packets == 30
+    # The backlog reads as on time ...
+    for i in range(10, 15):
+        assert tap.arrival(960 * i) == pytest.approx(t + 0.02 * i, abs=0.002)
+    # ... the pause does not.
+    assert tap.arrival(960 * 20) == pytest.approx(t + 0.02 * 20 + 1.0)
+    assert tap.arrival(960 * 19) == pytest.approx(t + 0.02 * 19)
+    assert tap.arrival(None) is None and tap.arrival(960 * 99) is None

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
-from ..opus import DEFAULT_SETTINGS, ENCODER_DELAY, OpusEncoder, OpusSettings, silence_packet
+from ..opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
 from .wav import open_private
 
 __all__ = [
@@ -308,9 +308,11 @@ class OggOpusSink:
         flush_interval_s: float = 1.0,
         comments: dict[str, str] | None = None,
     ) -> None:
-        self.writer = OggOpusWriter(path, channels=1, pre_skip=ENCODER_DELAY, flush_interval_s=flush_interval_s, comments=comments)
-        self.path = self.writer.path
         self._encoder = OpusEncoder(settings)
+        self.writer = OggOpusWriter(
+            path, channels=1, pre_skip=self._encoder.delay, flush_interval_s=flush_interval_s, comments=comments
+        )
+        self.path = self.writer.path
         self._mono = np.empty(FRAME_SAMPLES, dtype=PCM_DTYPE)
         self._acc = np.empty(FRAME_SAMPLES, dtype=np.int32)
         self._stage = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)

@@ -486,10 +486,10 @@ def _usage(path: Path) -> tuple[float, int]:
 
 def apply_retention(
     directory: str | os.PathLike[str],
-    *,
     max_age_s: float | None = None,
     max_count: int | None = None,
     max_bytes: int | None = None,
+    *,
     now: float | None = None,
 ) -> list[Path]:
     """Delete call directories under ``directory``, oldest first (by the newest file

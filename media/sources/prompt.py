@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
-from ..opus import DEFAULT_SETTINGS, OpusSettings, encode_pcm
+from ..opus import PROMPT_SETTINGS, OpusSettings, encode_pcm
 from .file import FileSource
 
 __all__ = ["Prompt", "PromptCache", "PromptSource"]
@@ -87,7 +87,7 @@ class Prompt:
     def nbytes(self) -> int:
         return self.pcm.nbytes + (sum(map(len, self.packets)) if self.packets else 0)
 
-    def encode(self, settings: OpusSettings = DEFAULT_SETTINGS) -> tuple[bytes, ...]:
+    def encode(self, settings: OpusSettings = PROMPT_SETTINGS) -> tuple[bytes, ...]:
         """Pre-encode to 20 ms Opus packets (once; thread-safe). Returns the packets."""
         with self._encode_lock:
             if self.packets is None or self.opus != settings:
@@ -158,7 +158,7 @@ class PromptCache:
     """Decoded (and pre-encoded) prompts by file, shared by every call.
 
     Args:
-        opus: settings for pre-encoding (the same the outbound tracks use, ideally).
+        opus: settings for pre-encoding (done once per prompt, so the best quality).
         encode_after: pre-encode a prompt once it has been requested this many times
             (``0``: never automatically; ``1``: on first use).
         max_bytes: evict least recently used prompts beyond this much memory.
@@ -167,7 +167,7 @@ class PromptCache:
     def __init__(
         self,
         *,
-        opus: OpusSettings = DEFAULT_SETTINGS,
+        opus: OpusSettings = PROMPT_SETTINGS,
         encode_after: int = 2,
         max_bytes: int = 256 * 1024 * 1024,
     ) -> None:
