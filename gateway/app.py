@@ -132,8 +132,11 @@ class Service:
             ring_timeout_s=settings.ring_timeout_s, max_duration_s=settings.max_duration_s,
             rtp_timeout_s=settings.rtp_timeout_s, max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
             inbound_policy=inbound_policy(settings, library), gate=self.gate,
+            speech_events=settings.speech_events,
             permission_wait_s=settings.permission_wait_s)
         self.manager.subscribe(self.gate.observe)
+        self._recordings_maintenance(startup=True)
+        self.manager.subscribe(lambda call, entry: entry.name == "ended" and self._recordings_maintenance())
         self.events = EventFanout(settings.event_webhooks, settings.event_secret)
         self.events.start()
         self.manager.subscribe(CallTelemetry(self.manager, self.metrics, self.events))
@@ -147,6 +150,30 @@ class Service:
         log.info("wacall listening on %s (provider %s%s)", self.url, settings.provider,
                  ", sandbox" if self.sandbox else "")
         return self
+
+    def _recordings_maintenance(self, startup: bool = False) -> None:
+        """Repair recordings a killed process left behind (at startup), and apply the
+        retention settings (at startup, then at most once a minute after calls)."""
+        import time
+
+        from media.sinks.recorder import apply_retention, repair_directory
+
+        settings, directory = self.settings, Path(self.settings.data_dir) / "recordings"
+        if not directory.exists():
+            return
+        now = time.monotonic()
+        if startup or now - getattr(self, "_retention_at", 0.0) >= 60:
+            self._retention_at = now
+            if settings.recording_max_age_s or settings.recording_max_count or settings.recording_max_bytes:
+                removed = apply_retention(directory, settings.recording_max_age_s,
+                                          settings.recording_max_count, settings.recording_max_bytes)
+                if removed:
+                    log.info("retention removed %d old recording(s)", len(removed))
+        if startup:  # after retention: repairing touches the files it keeps
+            result = repair_directory(directory)
+            if result["repaired"] or result["recovered"]:
+                log.warning("repaired %d recording file(s) of %d interrupted call(s)",
+                            len(result["repaired"]), len(result["recovered"]))
 
     async def _enable_callback_permission(self) -> None:
         if self.sandbox is not None and self._runner is None:

@@ -161,6 +161,7 @@ class Call:
         self.ended_at: float | None = None
         self.finished = asyncio.Event()  # set once media and recordings are closed
         self.media_stats: dict = {}
+        self.recorder = None  # a media.sinks.recorder.CallRecorder once record_to() is called
         #: The SDP we sent (offer or answer), as the provider received it.
         self.local_sdp: str | None = None
         for sink in self.sinks:
@@ -168,6 +169,10 @@ class Call:
         #: Digits received from the user, in order (RFC 4733 and, if enabled, in-band).
         self.dtmf_received: list[str] = []
         peer.on_dtmf(self._on_dtmf)
+        if manager.speech_events:
+            from media.sinks.meter import SpeechDetector
+
+            peer.add_sink(SpeechDetector(on_event=self._on_speech))
         self._mark(CallState.CREATED.value)
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -372,6 +377,11 @@ class Call:
                 self.playbacks.append(self.peer.play(source))
             self._pending_sources.clear()
 
+    def _on_speech(self, event) -> None:
+        if not (self.ended or self._ending):
+            self._mark(f"speech_{event.kind}", audio_s=round(event.at_s, 3),
+                       level_dbfs=round(event.level_dbfs, 1))
+
     def _on_dtmf(self, event) -> None:
         if self.ended or self._ending:
             return
@@ -455,6 +465,9 @@ class Call:
         # (and the event made from it) carries the statistics and finished files.
         await self.refresh_stats()
         await self.peer.close()
+        if self.recorder is not None:
+            self.recorder.meta["wacid"] = self.wacid
+            self.recorder.close(media_stats=self.media_stats)
         for playback in self.playbacks:
             playback._finish()
         for source in self._pending_sources:
@@ -491,19 +504,25 @@ class Call:
         return self.media_stats
 
     def record_to(self, directory: Path) -> Path:
-        """Record the user's audio to ``<directory>/<call id>/user.wav``."""
-        from media.sinks.wav import WavSink
+        """Record the call for QA in ``<directory>/<call id>/``: ``user.wav`` (what the
+        user said), ``stereo.wav`` (left = user, right = business, aligned in wall-clock
+        time so gaps stay where they happened), ``user.ogg`` (the user's Opus packets as
+        received) and ``recording.json`` (durations, levels, media statistics). Files are
+        0600 in a 0700 directory and stay playable if the process is killed."""
+        from media.sinks.recorder import CallRecorder
 
-        path = Path(directory) / self.id / "user.wav"
-        sink = WavSink(path)
-        self.sinks.append(sink)
-        self.peer.add_sink(sink)
-        return path
+        self.recorder = CallRecorder(Path(directory) / self.id, call_id=self.id,
+                                     meta={"direction": self.direction.value, "wacid": self.wacid})
+        self.recorder.attach(self.peer)
+        return self.recorder.directory
 
     # -- reporting -----------------------------------------------------------------------
 
     def recording_paths(self) -> list[str]:
-        return [str(s.path) for s in self.sinks if getattr(s, "path", None) is not None]
+        paths = [str(s.path) for s in self.sinks if getattr(s, "path", None) is not None]
+        if self.recorder is not None:
+            paths += [str(p) for p in self.recorder.paths.values()]
+        return paths
 
     def summary(self) -> dict:
         connected = None
@@ -551,6 +570,7 @@ class CallManager:
         max_calls: int = 100,
         recordings_dir: Path | None = None,
         inbound_policy: InboundPolicy | None = None,
+        speech_events: bool = False,
         gate: Any = None,
         permission_wait_s: float = 3600.0,
     ):
@@ -559,6 +579,7 @@ class CallManager:
         self.gate = gate
         self.permission_wait_s = permission_wait_s
         self.max_calls = max_calls
+        self.speech_events = speech_events
         self.recordings_dir = Path(recordings_dir) if recordings_dir else Path("wacall-data/recordings")
         self.inbound_policy: InboundPolicy = inbound_policy or (lambda event: InboundPlan())
         self.media_end_grace_s = media_end_grace_s

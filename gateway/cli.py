@@ -136,8 +136,11 @@ def _print_demo_summary(summary: dict) -> None:
             continue
         print(f"  {title}: played {side['played_s']:.2f} s, heard {side['active_s']:.2f} s of sound "
               f"in {side['recorded_s']:.2f} s recorded (peak {side['dominant_hz']} Hz)")
-    print(f"  recordings: {summary['recordings']['gateway']} (what the gateway heard), "
-          f"{summary['recordings']['phone']} (what the phone heard)")
+    recordings = summary["recordings"]
+    print(f"  recordings: {recordings['gateway']} (what the gateway heard), "
+          f"{recordings['phone']} (what the phone heard),")
+    print(f"              {recordings['stereo']} (left = user, right = business), "
+          f"{recordings['ogg']} (the user's Opus)")
 
 
 async def _call(args, settings: Settings) -> int:

@@ -125,6 +125,12 @@ class Settings:
     event_webhooks: list[str] = field(default_factory=list)
     event_secret: str | None = None
     log_format: str = "json"
+    #: Recordings retention (applied at startup and after calls; unset = keep all).
+    recording_max_age_s: float | None = None
+    recording_max_count: int | None = None
+    recording_max_bytes: int | None = None
+    #: Speech start/stop events (energy based) on the user's audio, as call events.
+    speech_events: bool = True
     #: Permission rules: ``seed`` (2 requests / 7 days, 5 calls / 24 h) or ``meta``.
     permission_limits: str = "seed"
     #: Turn ``callback_permission_status`` on at the provider at startup; a user who
@@ -248,6 +254,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "event_webhooks": _list,
     "event_secret": str,
     "log_format": _choice(("json", "text")),
+    "recording_max_age_s": _positive(float),
+    "recording_max_count": _positive(int),
+    "recording_max_bytes": _positive(int),
+    "speech_events": _bool,
     "permission_limits": _choice(("seed", "meta")),
     "callback_permission": _bool,
     "permission_reconcile": _bool,

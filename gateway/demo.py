@@ -69,7 +69,7 @@ async def run_demo(settings: Settings, *, play: Path | None, phone_play: Path | 
             call = await service.manager.place_call(
                 DEMO_USER, sources=[source], sinks=[WavSink(out / "gateway.wav")],
                 biz_opaque_callback_data="wacall-demo", if_no_permission="request",
-                permission_wait_s=30)
+                permission_wait_s=30, record=True)
             try:
                 await asyncio.wait_for(_converse(service, call), DEMO_TIMEOUT_S)
             finally:
@@ -86,6 +86,11 @@ async def run_demo(settings: Settings, *, play: Path | None, phone_play: Path | 
                 phone_recording = sandbox_call.phone.recording_path
             if phone_recording is not None and phone_recording.exists():
                 shutil.move(phone_recording, out / "phone.wav")
+            if call.recorder is not None:  # the QA recordings: stereo and the user's Opus
+                for name, target in (("stereo_wav", "stereo.wav"), ("user_ogg", "call.ogg")):
+                    source_path = call.recorder.paths.get(name)
+                    if source_path is not None and source_path.exists():
+                        shutil.copyfile(source_path, out / target)
     played_s = sum(p.seconds for p in call.playbacks)
     summary = call.summary()
     summary["setup_ms"] = _setup_ms(call)
@@ -93,7 +98,8 @@ async def run_demo(settings: Settings, *, play: Path | None, phone_play: Path | 
         "business_to_user": _side(out / "phone.wav", played_s),
         "user_to_business": _side(out / "gateway.wav", said_s),
     }
-    summary["recordings"] = {"gateway": str(out / "gateway.wav"), "phone": str(out / "phone.wav")}
+    summary["recordings"] = {"gateway": str(out / "gateway.wav"), "phone": str(out / "phone.wav"),
+                             "stereo": str(out / "stereo.wav"), "ogg": str(out / "call.ogg")}
     summary["ok"] = call.end_reason is EndReason.BUSINESS_HANGUP and call.connected_at is not None
     return summary
 

@@ -12,6 +12,19 @@ from media import analysis
 BUSINESS_HZ, USER_HZ, PLAYED_S = 1000, 600, 3.0
 
 
+def read_stereo(path):
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray() for f in container.decode(audio=0)]
+        rate = container.streams.audio[0].rate
+    data = np.concatenate(frames, axis=1) if frames[0].shape[0] == 2 else \
+        np.concatenate([f.reshape(-1, 2).T for f in frames], axis=1)
+    data = data.astype(np.float32) / 32768
+    return data[0], data[1], rate
+
+
 def run_demo(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "gateway.cli", "demo", *args],
                           capture_output=True, text=True, timeout=timeout)
@@ -36,7 +49,8 @@ def test_demo_json_both_directions_heard(tmp_path):
     assert summary["setup_ms"]["offer_sent"] > 0 and summary["setup_ms"]["media_up"] > 0
 
     phone, gateway = tmp_path / "phone.wav", tmp_path / "gateway.wav"
-    assert summary["recordings"] == {"gateway": str(gateway), "phone": str(phone)}
+    assert summary["recordings"] == {"gateway": str(gateway), "phone": str(phone),
+                                     "stereo": str(tmp_path / "stereo.wav"), "ogg": str(tmp_path / "call.ogg")}
     # What the phone heard: the business's 1 kHz file, all of it, and nothing of the user's.
     x, rate = analysis.read_audio(phone)
     assert analysis.dominant_frequency(x, rate) == pytest.approx(BUSINESS_HZ, abs=5)
@@ -47,6 +61,14 @@ def test_demo_json_both_directions_heard(tmp_path):
     assert analysis.dominant_frequency(y, rate) == pytest.approx(USER_HZ, abs=5)
     assert analysis.tone_seconds(y, rate, USER_HZ) == pytest.approx(PLAYED_S, rel=0.10)
     assert analysis.tone_seconds(y, rate, BUSINESS_HZ) == 0
+    # stereo.wav: the user on the left, the business on the right, each where it happened
+    left, right, rate = read_stereo(tmp_path / "stereo.wav")
+    assert analysis.tone_seconds(left, rate, USER_HZ) == pytest.approx(PLAYED_S, rel=0.10)
+    assert analysis.tone_seconds(right, rate, BUSINESS_HZ) == pytest.approx(PLAYED_S, rel=0.10)
+    assert analysis.tone_seconds(left, rate, BUSINESS_HZ) == 0 and analysis.tone_seconds(right, rate, USER_HZ) == 0
+    # call.ogg: the user's side as Opus
+    z, rate = analysis.read_audio(tmp_path / "call.ogg")
+    assert analysis.tone_seconds(z, rate, USER_HZ) == pytest.approx(PLAYED_S, rel=0.10)
     audio = summary["audio"]
     assert audio["business_to_user"]["played_s"] == pytest.approx(PLAYED_S, abs=0.05)
     assert audio["user_to_business"]["active_s"] == pytest.approx(PLAYED_S, rel=0.10)

@@ -1,0 +1,71 @@
+"""The service's recordings: QA files per call, speech events, repair and retention at startup."""
+
+import asyncio
+import os
+import struct
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from gateway.app import Service
+from gateway.calls import CallState
+from media import analysis
+from media.sources.tone import SilenceSource, ToneSource
+
+USER = "+4915112345678"
+TIMEOUT = 20
+
+
+async def test_recorded_call_has_qa_files_and_speech_events(service):
+    service.sandbox.users.update(USER, {"answer_after_ms": 0})
+    call = await service.manager.place_call(USER, record=True)
+    await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+    phone = service.sandbox.calls[call.wacid].phone
+    phone.peer.play(SilenceSource(0.4))
+    phone.peer.play(ToneSource(600, 0.8))
+    last = phone.peer.play(SilenceSource(0.8))
+    await asyncio.wait_for(last.done, TIMEOUT)
+    await call.hangup()
+    names = [e.name for e in call.timeline]
+    assert names.count("speech_start") == 1 and names.count("speech_stop") == 1
+    start = next(e for e in call.timeline if e.name == "speech_start").detail["audio_s"]
+    stop = next(e for e in call.timeline if e.name == "speech_stop").detail["audio_s"]
+    assert stop - start == pytest.approx(0.8, abs=0.1)
+    files = {os.path.basename(p): p for p in call.recording_paths()}
+    assert set(files) == {"user.wav", "stereo.wav", "user.ogg", "recording.json"}
+    for name, path in files.items():
+        assert os.stat(path).st_mode & 0o777 == 0o600, name
+    assert os.stat(os.path.dirname(files["user.wav"])).st_mode & 0o777 == 0o700
+    x, rate = analysis.read_audio(files["user.ogg"])
+    assert analysis.tone_seconds(x, rate, 600) == pytest.approx(0.8, abs=0.1)
+    import json
+
+    sidecar = json.loads(open(files["recording.json"]).read())
+    assert sidecar["call_id"] == call.id and sidecar["media_stats"]["packets_sent"] > 0
+
+
+def _broken_wav(path, seconds=1.0, rate=48000):
+    """A WAV as a killed writer leaves it: samples on disk, header sizes still zero."""
+    samples = (0.3 * 32767 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)).astype("<i2")
+    header = b"RIFF" + struct.pack("<I", 0) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    path.write_bytes(header + b"data" + struct.pack("<I", 0) + samples.tobytes())
+
+
+async def test_startup_repairs_interrupted_recordings_and_applies_retention(settings):
+    recordings = settings.data_dir / "recordings"
+    for n, age in enumerate((3 * 86400, 2 * 86400, 60)):
+        directory = recordings / f"call_{n:012x}"
+        directory.mkdir(parents=True)
+        _broken_wav(directory / "user.wav")
+        old = time.time() - age
+        os.utime(directory / "user.wav", (old, old))
+        os.utime(directory, (old, old))
+    async with Service(replace(settings, recording_max_age_s=86400.0), sandbox=True):
+        pass
+    remaining = sorted(p.name for p in recordings.iterdir())
+    assert remaining == ["call_000000000002"]  # older than a day: removed
+    x, rate = analysis.read_audio(recordings / remaining[0] / "user.wav")  # header repaired
+    assert len(x) / rate == pytest.approx(1.0, abs=0.01)
+    assert analysis.dominant_frequency(x, rate) == pytest.approx(440, abs=2)
