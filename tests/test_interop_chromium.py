@@ -224,3 +224,21 @@ async def test_chromium_unavailable_is_reported():
     with pytest.raises(ChromiumUnavailable, match="no Chromium at /nonexistent/chromium"):
         await host.start()
     await host.close()
+
+
+async def test_chromium_dtmf_reaches_wacall_in_order(settings, chromium):
+    """The page presses keys with RTCDTMFSender.insertDTMF; wacall decodes RFC 4733."""
+    async with browser_service(settings, chromium) as service:
+        call, sandbox_call, phone = await connected_call(service)
+        assert call.peer.dtmf_payload_type is not None  # Chromium kept telephone-event/8000
+        await phone.press("159#*0AD")
+
+        async def received():
+            while len(call.dtmf_received) < 8:
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(received(), TIMEOUT)
+        assert "".join(call.dtmf_received) == "159#*0AD"
+        durations = [e.detail["duration_ms"] for e in call.timeline if e.name == "dtmf"]
+        assert all(100 <= d <= 160 for d in durations), durations
+        await call.hangup()

@@ -518,6 +518,14 @@ class BrowserPhone:
         self.peer.received.packets = int(self.rtp_stats.get("packets_received") or 0)
         return self.rtp_stats
 
+    async def press(self, digits: str, *, inband: bool = False) -> None:
+        """The user presses keys: ``RTCDTMFSender.insertDTMF`` in the page (RFC 4733)."""
+        if inband:
+            raise NotImplementedError("the browser phone sends DTMF as RFC 4733 events only")
+        if self._page is None or self._closed:
+            raise RuntimeError("the browser phone is not in a call")
+        await asyncio.wait_for(self._page.evaluate("([d]) => window.wacall.press(d)", [digits]), 30)
+
     async def user_hang_up(self) -> None:
         """The user presses the red button: the page closes its peer connection
         (``pc.close()``) and :attr:`hung_up` resolves (the sandbox then terminates)."""
