@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import frames as _frames
 from ..frames import FRAME_MS, FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from .resample import Decimator, Interpolator
 
@@ -241,8 +242,15 @@ class BotAudio:
         self._marks: collections.deque[tuple[int, str]] = collections.deque()
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque()
         self._in = np.zeros(self._frame, dtype=PCM_DTYPE)
-        self._silence = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
-        self._silence.flags.writeable = False
+        # If the track knows a shared silent frame (returned by identity: "nothing to
+        # say now, not finished"), use it so the track can send its cached silence
+        # packet instead of encoding zeros.
+        silent = getattr(_frames, "SILENT_FRAME", None)
+        if silent is None:
+            silent = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
+            silent.flags.writeable = False
+        self._silence = silent
+        self._playing = False  # the last frame read carried bot audio
         self._ending = False  # play out what is queued, then end
         self._ended = False
         #: Set when the track dropped this source (``close``): the bridge re-queues it.
@@ -278,10 +286,11 @@ class BotAudio:
         self._stats.audio_from_bot_s += n / self.wire_rate
 
     def mark(self, name: str) -> None:
-        """Queue a mark after the audio pushed so far (echoed at once if all of it has
-        already been played)."""
+        """Queue a mark after the audio pushed so far. It is echoed at once when nothing
+        is queued or still playing and no earlier mark is pending; otherwise by the
+        ``read`` after its audio's last frame (marks are always echoed in order)."""
         self._stats.marks_received += 1
-        if self.buffered == 0:
+        if self.buffered == 0 and not self._marks and not self._playing:
             self._echo(name)
         else:
             self._marks.append((self.queued, name))
@@ -302,6 +311,7 @@ class BotAudio:
             self._stats.audio_cleared_s += dropped / self.wire_rate
         self._chunks.clear()
         self._head = 0
+        self._playing = False
         self.consumed = self.queued
         self._arrivals.clear()
         marks = self._marks
@@ -332,6 +342,7 @@ class BotAudio:
         avail = self.queued - consumed
         stats = self._stats
         if avail == 0:
+            self._playing = False
             interp = self._interp
             if self._ending and (interp is None or interp.quiet):
                 self._ended = True
@@ -358,6 +369,7 @@ class BotAudio:
         if take < n:
             buf[take:] = 0
         self.consumed = consumed = consumed + take
+        self._playing = True
         stats.frames_played += 1
         arrivals = self._arrivals
         if arrivals:
@@ -812,14 +824,18 @@ class Bridge(abc.ABC):
                 await asyncio.wait_for(self._stop_sent.wait(), self.close_timeout_s)
             except asyncio.TimeoutError:
                 log.warning("%s bridge for call %s: stop not sent within %.1f s", self.protocol, self.call_id, self.close_timeout_s)
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if sender is not None and sender is not asyncio.current_task():
+            sender.cancel()
+        # Close while the receiver still runs: a WebSocket close handshake needs it
+        # (aiohttp's close() takes over the receive loop and waits for the bot's reply).
         try:
             await asyncio.wait_for(self._close_transport(), self.close_timeout_s)
         except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - best effort
             log.debug("%s bridge: close: %r", self.protocol, exc)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _connect_reason(exc: BaseException, timeout_s: float) -> str | None:

@@ -85,7 +85,8 @@ class TwilioBridge(WebSocketBridge):
                 "accountSid": self.account_sid,
                 "callSid": self.call_id,
                 "tracks": ["inbound"],
-                "customParameters": self.parameters,
+                # Twilio's <Parameter> values are strings.
+                "customParameters": {str(k): str(v) for k, v in self.parameters.items() if v is not None},
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             },
         }
@@ -146,7 +147,8 @@ class TwilioBridge(WebSocketBridge):
             else:
                 self.stats.ignored_messages += 1
         elif event == "mark":
-            name = (message.get("mark") or {}).get("name") if isinstance(message.get("mark"), dict) else None
+            mark = message.get("mark")
+            name = mark.get("name") if isinstance(mark, dict) else None
             if isinstance(name, str):
                 self._bot_mark(name)
             else:
