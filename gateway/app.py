@@ -38,10 +38,17 @@ SANDBOX_PREFIX = "/sandbox"
 def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
     """The configured answer to a user's call: play ``inbound_play`` and record, or reject."""
 
+    bot = None
+    if settings.inbound_bot_url:
+        from .bots import BotSpec
+
+        bot = BotSpec.from_dict({"protocol": settings.inbound_bot_protocol, "url": settings.inbound_bot_url})
+
     def policy(event) -> InboundPlan | None:
         if settings.inbound == "reject":
             return None
-        return InboundPlan(sources=library.sources(settings.inbound_play), record=settings.inbound_record)
+        return InboundPlan(sources=library.sources(settings.inbound_play), record=settings.inbound_record,
+                           bot=bot)
 
     return policy
 

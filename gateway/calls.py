@@ -72,6 +72,9 @@ class EndReason(enum.StrEnum):
     #: A call waiting for a permission request: the user declined, or did not answer.
     PERMISSION_DENIED = "permission_denied"
     PERMISSION_TIMEOUT = "permission_timeout"
+    #: The voice bot ended the call, or could not be reached / broke its protocol / went idle.
+    BOT_HANGUP = "bot_hangup"
+    BOT_FAILURE = "bot_failure"
 
 
 @dataclass(slots=True)
@@ -83,6 +86,8 @@ class InboundPlan:
     record: bool = False
     biz_opaque_callback_data: str | None = None
     max_duration_s: float | None = None
+    #: A voice bot that takes the call (:class:`gateway.bots.BotSpec`).
+    bot: Any = None
 
 
 #: Decides about an inbound call: a plan to answer it, or ``None`` to reject it.
@@ -128,6 +133,7 @@ class Call:
         max_duration_s: float,
         media_timeout_s: float,
         wacid: str | None = None,
+        bot: Any = None,
     ):
         self.id = f"call_{secrets.token_hex(6)}"
         self.log = logging.LoggerAdapter(log, {"call_id": self.id})
@@ -162,6 +168,8 @@ class Call:
         self.finished = asyncio.Event()  # set once media and recordings are closed
         self.media_stats: dict = {}
         self.recorder = None  # a media.sinks.recorder.CallRecorder once record_to() is called
+        self.bot = bot  # gateway.bots.BotSpec
+        self.bridge = None  # its media.bridges.Bridge once started
         #: The SDP we sent (offer or answer), as the provider received it.
         self.local_sdp: str | None = None
         for sink in self.sinks:
@@ -248,6 +256,14 @@ class Call:
         (``sdp_type`` "answer", see the protocol notes). A failure before accept
         rejects the call; the caller hanging up meanwhile just ends it."""
         self._mark("offer_received")
+        if self.bot is not None:
+            from .bots import BridgeUnavailable, probe
+
+            try:
+                await probe(self.bot)
+            except BridgeUnavailable as exc:
+                await self._end(EndReason.BOT_FAILURE, notify_provider=True, detail=str(exc))
+                return
         try:
             answer = await self.peer.accept_offer(offer)
             self.local_sdp = answer
@@ -376,6 +392,33 @@ class Call:
             for source in self._pending_sources:
                 self.playbacks.append(self.peer.play(source))
             self._pending_sources.clear()
+            if self.bot is not None:
+                self._spawn(self._run_bot())
+
+    async def _run_bot(self) -> None:
+        """Attach the voice bot; when it hangs up (or fails), end the WhatsApp call."""
+        from .bots import BridgeUnavailable
+
+        self.bridge = bridge = self.bot.bridge()
+        parameters = {"wacall_call_id": self.id, "whatsapp_call_id": self.wacid or "",
+                      "direction": self.direction.value, "user": "+" + self.user.lstrip("+"),
+                      **self.bot.parameters}
+        try:
+            await bridge.start(self.peer, call_id=self.id, parameters=parameters)
+        except BridgeUnavailable as exc:
+            await self._end(EndReason.BOT_FAILURE, notify_provider=True, detail=str(exc))
+            return
+        self._mark("bot_connected", protocol=self.bot.protocol)
+        reason = await bridge.closed
+        if self.ended or self._ending or bridge.ended_by == "local":
+            return
+        if bridge.ended_by == "bot":
+            try:  # let the bot's goodbye play out
+                await asyncio.wait_for(asyncio.shield(bridge.playback.done), 10)
+            except (asyncio.TimeoutError, AttributeError):
+                pass
+        ending = EndReason.BOT_HANGUP if bridge.ended_by == "bot" else EndReason.BOT_FAILURE
+        await self._end(ending, notify_provider=True, detail=f"bot: {reason}")
 
     def _on_speech(self, event) -> None:
         if not (self.ended or self._ending):
@@ -464,6 +507,11 @@ class Call:
         # Statistics first, media and recordings closed next, so that the "ended" entry
         # (and the event made from it) carries the statistics and finished files.
         await self.refresh_stats()
+        if self.bridge is not None:
+            try:  # the user hung up (or we did): the bot gets its stop message
+                await self.bridge.stop(reason.value)
+            except Exception:
+                self.log.exception("call %s: stopping the bot failed", self.id)
         await self.peer.close()
         if self.recorder is not None:
             self.recorder.meta["wacid"] = self.wacid
@@ -623,6 +671,7 @@ class CallManager:
         ring_timeout_s: float | None = None,
         max_duration_s: float | None = None,
         record: bool = False,
+        bot: Any = None,
         if_no_permission: str = "fail",
         permission_request: Any = None,
         permission_wait_s: float | None = None,
@@ -642,6 +691,15 @@ class CallManager:
         a decline or no answer within ``permission_wait_s`` ends it."""
         if if_no_permission not in ("fail", "request"):
             raise ValueError("if_no_permission must be 'fail' or 'request'")
+        if bot is not None:  # no bot, no call: probe it before anything is placed
+            from .bots import probe
+
+            try:
+                await probe(bot)
+            except Exception:
+                for source in sources:
+                    source.close()
+                raise
         park = False
         if self.gate is not None:
             try:
@@ -668,6 +726,7 @@ class CallManager:
             ring_timeout_s=ring_timeout_s or self.ring_timeout_s,
             max_duration_s=max_duration_s or self.max_duration_s,
             media_timeout_s=self.peer_config.connect_timeout_s,
+            bot=bot,
         )
         if record:
             call.record_to(self.recordings_dir)
@@ -752,6 +811,7 @@ class CallManager:
             max_duration_s=(plan.max_duration_s if plan else None) or self.max_duration_s,
             media_timeout_s=self.peer_config.connect_timeout_s,
             wacid=event.call_id,
+            bot=plan.bot if plan else None,
         )
         self.calls[call.id] = call
         self._by_wacid[call.wacid] = call

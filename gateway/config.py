@@ -122,6 +122,9 @@ class Settings:
     inbound: str = "answer"
     inbound_play: list[str] = field(default_factory=list)
     inbound_record: bool = True
+    #: Route inbound calls to this voice bot (``ws://…`` or ``tcp://host:port``).
+    inbound_bot_url: str | None = None
+    inbound_bot_protocol: str = "twilio"
     event_webhooks: list[str] = field(default_factory=list)
     event_secret: str | None = None
     log_format: str = "json"
@@ -251,6 +254,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "inbound": _choice(INBOUND),
     "inbound_play": _list,
     "inbound_record": _bool,
+    "inbound_bot_url": str,
+    "inbound_bot_protocol": _choice(("twilio", "pcm", "audiosocket")),
     "event_webhooks": _list,
     "event_secret": str,
     "log_format": _choice(("json", "text")),

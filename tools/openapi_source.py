@@ -6,7 +6,7 @@ import json
 
 END_REASONS = ["rejected", "user_hangup", "business_hangup", "ring_timeout", "not_answered",
                "max_duration", "media_failure", "provider_error", "shutdown", "declined",
-               "permission_denied", "permission_timeout"]
+               "permission_denied", "permission_timeout", "bot_hangup", "bot_failure"]
 PERMISSION_STATES = ["none", "requested", "granted", "rejected", "revoked", "expired"]
 STATES = ["created", "offer_sent", "ringing", "accepted", "media_connected", "ended"]
 
@@ -49,7 +49,7 @@ doc = {
                     "403": error("The provider refused: no permission (138006) or it expired (138010)"),
                     "429": error("A limit was hit (e.g. 138012 calls per 24 h)"),
                     "501": error("A requested feature is not available in this version"),
-                    "502": error("The provider refused the call for another reason"),
+                    "502": error("The provider refused the call for another reason, or the bot is unreachable"),
                     "503": error("Over capacity or provider unreachable"),
                 },
             },
@@ -167,11 +167,25 @@ doc = {
                     "biz_opaque_callback_data": {"type": "string", "maxLength": 512},
                     "ring_timeout_s": {"type": "number", "exclusiveMinimum": 0},
                     "max_duration_s": {"type": "number", "exclusiveMinimum": 0},
-                    "bot": {"type": "object", "description": "Reserved for voice-bot bridges"},
+                    "bot": ref("Bot"),
                     "if_no_permission": {"type": "string", "enum": ["fail", "request"], "default": "fail",
                                          "description": "request: park the call, ask for permission, dial on GRANTED"},
                     "permission_request": ref("PermissionRequest"),
                     "permission_wait_s": {"type": "number", "exclusiveMinimum": 0},
+                },
+            },
+            "Bot": {
+                "type": "object", "required": ["url"],
+                "description": "A voice bot takes the call once the user picked up",
+                "properties": {
+                    "protocol": {"type": "string", "enum": ["twilio", "pcm", "audiosocket"], "default": "twilio"},
+                    "url": {"type": "string", "description": "ws:// or wss:// (twilio, pcm), tcp://host:port (audiosocket)"},
+                    "parameters": {"type": "object", "additionalProperties": {"type": "string"},
+                                   "description": "customParameters of the start message"},
+                    "idle_timeout_s": {"type": ["number", "null"]},
+                    "connect_timeout_s": {"type": "number"},
+                    "sample_rate": {"type": "integer", "enum": [8000, 16000, 24000, 48000]},
+                    "account_sid": {"type": "string"},
                 },
             },
             "Dtmf": {"type": "object", "required": ["digits"],

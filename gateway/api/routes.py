@@ -19,6 +19,8 @@ from aiohttp import web
 
 from media.errors import MediaFileError
 
+from media.bridges import BridgeUnavailable
+
 from ..calls import Call, CallManager, CallState, CapacityError
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
@@ -180,8 +182,14 @@ class ControlApi:
             to = normalize_number(body.get("to", ""))
         except ValueError as exc:
             raise BadRequest(f"to: {exc}") from None
+        bot = None
         if body.get("bot") is not None:
-            raise BadRequest("bot bridges are not available in this version", "not_implemented", 501)
+            from ..bots import BotSpec
+
+            try:
+                bot = BotSpec.from_dict(body["bot"])
+            except ValueError as exc:
+                raise BadRequest(f"bot: {exc}") from None
         record = body.get("record", False)
         if not isinstance(record, bool):
             raise BadRequest("record must be true or false")
@@ -206,9 +214,12 @@ class ControlApi:
                 "+" + to, sources=sources, biz_opaque_callback_data=callback,
                 ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record,
                 if_no_permission=if_no_permission, permission_request=how,
-                permission_wait_s=permission_wait_s)
+                permission_wait_s=permission_wait_s, bot=bot)
         except CapacityError as exc:
             return error_response(503, "over_capacity", str(exc), "retry when a call has ended")
+        except BridgeUnavailable as exc:
+            return error_response(502, "bot_unavailable", f"{exc}; the call was not placed",
+                                  "check that the bot is running and reachable from wacall")
         if call.error is not None and call.state is CallState.ENDED:
             return provider_error_response(call.error, call_id=call.id)
         return web.json_response(call.summary(), status=201)
