@@ -17,7 +17,8 @@ from pathlib import Path
 from aiohttp import web
 
 from .api.routes import ControlApi, auth_middleware
-from .calls import CallManager, InboundPlan, InboundPolicy
+from .calls import InboundPlan, InboundPolicy
+from .manager import CallManager
 from .config import Settings
 from .eventbus import EventFanout
 from .gatekeeper import Gatekeeper

@@ -8,7 +8,7 @@ A business-initiated call moves forward only::
 provider's error, when there is one). Webhooks may arrive in any order, twice, or late:
 
 * a ``connect`` answer that arrives before the HTTP response of our ``connect`` request
-  is buffered by the :class:`CallManager` and applied once the call id is known;
+  is buffered by the :class:`~gateway.manager.CallManager` and applied once the call id is known;
 * ``ACCEPTED`` may come before or after media is up; playback starts only when both
   are true (``media_connected``), so the user hears the first word;
 * duplicates and events for ended calls change nothing.
@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from media.frames import Sink, Source
-from media.peer import MediaError, MediaPeer, PeerConfig
+from media.peer import MediaError, MediaPeer
 from media.track import Playback
 
 from .errors import ProviderError
@@ -37,6 +35,9 @@ from .logs import bind_call_id
 from .events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
 from .providers.base import CallingProvider
 from .redact import mask_phone
+
+if TYPE_CHECKING:
+    from .manager import CallManager
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class TimelineEntry:
 
 
 Listener = Callable[["Call", TimelineEntry], None]
-_ids = itertools.count(1)
 
 
 class Call:
@@ -161,7 +161,6 @@ class Call:
         self._media_ready = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._created = time.time()
         self._created_mono = time.monotonic()
         self.connected_at: float | None = None
         self.ended_at: float | None = None
@@ -594,264 +593,3 @@ class Call:
             "dtmf_received": "".join(self.dtmf_received),
             "media": self.media_stats or self.peer.stats(),
         }
-
-
-class CallManager:
-    """Places calls, routes webhook events to them by WhatsApp call id, buffers early ones."""
-
-    #: How long events for a not-yet-known call id are kept (the answer can beat the
-    #: HTTP response of ``connect``).
-    EARLY_EVENT_TTL_S = 60.0
-    MAX_EARLY_EVENTS = 1000
-    #: Ended calls kept for routing late events and for inspection.
-    MAX_ENDED_CALLS = 1000
-
-    def __init__(
-        self,
-        provider: CallingProvider,
-        *,
-        peer_config: PeerConfig | None = None,
-        ring_timeout_s: float = 60.0,
-        max_duration_s: float = 3600.0,
-        media_end_grace_s: float = 2.0,
-        rtp_timeout_s: float = 15.0,
-        max_calls: int = 100,
-        recordings_dir: Path | None = None,
-        inbound_policy: InboundPolicy | None = None,
-        speech_events: bool = False,
-        gate: Any = None,
-        permission_wait_s: float = 3600.0,
-    ):
-        self.provider = provider
-        #: The permission gate (:class:`gateway.gatekeeper.Gatekeeper`), if any.
-        self.gate = gate
-        self.permission_wait_s = permission_wait_s
-        self.max_calls = max_calls
-        self.speech_events = speech_events
-        self.recordings_dir = Path(recordings_dir) if recordings_dir else Path("wacall-data/recordings")
-        self.inbound_policy: InboundPolicy = inbound_policy or (lambda event: InboundPlan())
-        self.media_end_grace_s = media_end_grace_s
-        self.rtp_timeout_s = rtp_timeout_s
-        self.peer_config = peer_config or PeerConfig()
-        self.ring_timeout_s = ring_timeout_s
-        self.max_duration_s = max_duration_s
-        self.closing = False
-        self.calls: OrderedDict[str, Call] = OrderedDict()
-        self._by_wacid: dict[str, Call] = {}
-        self._early: OrderedDict[str, list[tuple[float, Any]]] = OrderedDict()
-        self._listeners: list[Listener] = []
-        self._once: list[tuple[Call, asyncio.Future]] = []
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener(call, entry)`` on every timeline entry; returns an unsubscribe."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
-
-    def _notify(self, call: Call, entry: TimelineEntry) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(call, entry)
-            except Exception:
-                log.exception("call listener failed")
-        waiting, self._once = self._once, []
-        for owner, future in waiting:
-            if owner is call:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                self._once.append((owner, future))
-
-    async def place_call(
-        self,
-        to: str,
-        *,
-        sources: Iterable[Source] = (),
-        sinks: Iterable[Sink] = (),
-        biz_opaque_callback_data: str | None = None,
-        ring_timeout_s: float | None = None,
-        max_duration_s: float | None = None,
-        record: bool = False,
-        bot: Any = None,
-        if_no_permission: str = "fail",
-        permission_request: Any = None,
-        permission_wait_s: float | None = None,
-    ) -> Call:
-        """Place a business-initiated call. Returns once the provider answered the
-        ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
-        is ``ended`` with ``call.error``/``call.end_reason`` saying why).
-
-        ``record`` adds a WAV recording of the user's audio at
-        ``<recordings_dir>/<call id>/user.wav``. Raises :class:`CapacityError` when
-        ``max_calls`` calls are live.
-
-        With a permission gate, a call the rules forbid is refused here, before any
-        network call, with the provider's error (138006, 138010, 138012 and
-        ``retry_at``). ``if_no_permission="request"`` instead parks the call, sends a
-        permission request (``permission_request``) and dials once the user grants it;
-        a decline or no answer within ``permission_wait_s`` ends it."""
-        if if_no_permission not in ("fail", "request"):
-            raise ValueError("if_no_permission must be 'fail' or 'request'")
-        if bot is not None:  # no bot, no call: probe it before anything is placed
-            from .bots import probe
-
-            try:
-                await probe(bot)
-            except Exception:
-                for source in sources:
-                    source.close()
-                raise
-        park = False
-        if self.gate is not None:
-            try:
-                await self.gate.check_call(to)
-            except ProviderError as exc:
-                if if_no_permission != "request" or exc.code not in (138006, 138010):
-                    for source in sources:
-                        source.close()
-                    raise
-                park = True
-        if self.closing or len(self.live_calls) >= self.max_calls:
-            for source in sources:
-                source.close()
-            raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
-        peer = MediaPeer(self.peer_config, label=f"call to {mask_phone(to)}")
-        call = Call(
-            self,
-            user=to,
-            direction=Direction.BUSINESS_INITIATED,
-            peer=peer,
-            sources=sources,
-            sinks=sinks,
-            biz_opaque_callback_data=biz_opaque_callback_data,
-            ring_timeout_s=ring_timeout_s or self.ring_timeout_s,
-            max_duration_s=max_duration_s or self.max_duration_s,
-            media_timeout_s=self.peer_config.connect_timeout_s,
-            bot=bot,
-        )
-        if record:
-            call.record_to(self.recordings_dir)
-        if park:
-            try:
-                message_id = await self.gate.request(to, permission_request)
-            except ProviderError:
-                await call._end(EndReason.PROVIDER_ERROR)
-                raise
-            self.calls[call.id] = call
-            call._mark("permission_requested", message_id=message_id)
-            call._spawn(self._dial_when_granted(call, permission_wait_s or self.permission_wait_s))
-            return call
-        self.calls[call.id] = call
-        await self._dial(call)
-        return call
-
-    async def _dial(self, call: Call) -> None:
-        call.log.info("call %s: dialing %s", call.id, mask_phone(call.user))
-        await call._dial(self.provider)
-        if call.wacid:
-            self._by_wacid[call.wacid] = call
-            for _, event in self._early.pop(call.wacid, []):
-                call.handle(event)
-
-    async def _dial_when_granted(self, call: Call, wait_s: float) -> None:
-        granted = await self.gate.wait_for_reply(call.user, wait_s)
-        if call.ended or call._ending:
-            return
-        if granted is None:
-            await call._end(EndReason.PERMISSION_TIMEOUT,
-                            detail=f"no answer to the permission request within {wait_s:g} s")
-            return
-        if not granted:
-            await call._end(EndReason.PERMISSION_DENIED, detail="the user declined the permission request")
-            return
-        call._mark("permission_granted")
-        try:
-            await self.gate.check_call(call.user)
-        except ProviderError as exc:
-            await call._end(EndReason.PROVIDER_ERROR, error=exc)
-            return
-        await self._dial(call)
-
-    async def handle_event(self, event) -> None:
-        """Dispatch target for the webhook receiver."""
-        call_id = getattr(event, "call_id", None)
-        if not call_id:
-            return
-        call = self._by_wacid.get(call_id)
-        if call is not None:
-            call.handle(event)
-            return
-        if isinstance(event, CallConnect) and event.direction is Direction.USER_INITIATED:
-            self._inbound(event)
-            return
-        self._buffer_early(call_id, event)
-
-    def _inbound(self, event: CallConnect) -> None:
-        """A user calls the business: answer per policy (in the background: the webhook
-        must be acknowledged quickly) or reject."""
-        if not event.sdp or (event.sdp_type or "offer") != "offer":
-            log.warning("inbound call %s: connect without an SDP offer, ignored", event.call_id)
-            return
-        plan = None
-        if self.closing or len(self.live_calls) >= self.max_calls:
-            log.warning("inbound call %s: over capacity (%d live), rejecting", event.call_id, self.max_calls)
-        else:
-            try:
-                plan = self.inbound_policy(event)
-            except Exception:
-                log.exception("inbound policy failed for %s; rejecting", event.call_id)
-        call = Call(
-            self,
-            user=event.from_ or "",
-            direction=Direction.USER_INITIATED,
-            peer=MediaPeer(self.peer_config, label=f"call from {mask_phone(event.from_)}"),
-            sources=plan.sources if plan else (),
-            sinks=plan.sinks if plan else (),
-            biz_opaque_callback_data=plan.biz_opaque_callback_data if plan else None,
-            ring_timeout_s=self.ring_timeout_s,
-            max_duration_s=(plan.max_duration_s if plan else None) or self.max_duration_s,
-            media_timeout_s=self.peer_config.connect_timeout_s,
-            wacid=event.call_id,
-            bot=plan.bot if plan else None,
-        )
-        self.calls[call.id] = call
-        self._by_wacid[call.wacid] = call
-        call.log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))
-        if plan is None:
-            call._spawn(call._end(EndReason.DECLINED, notify_provider=True))
-            return
-        if plan.record:
-            call.record_to(self.recordings_dir)
-        call._spawn(call._answer(self.provider, event.sdp))
-
-    def _buffer_early(self, call_id: str, event) -> None:
-        now = time.monotonic()
-        while self._early:
-            first = next(iter(self._early.values()))
-            if now - first[0][0] <= self.EARLY_EVENT_TTL_S and len(self._early) < self.MAX_EARLY_EVENTS:
-                break
-            dropped, _ = self._early.popitem(last=False)
-            log.info("dropping early events for unknown call %s", dropped)
-        self._early.setdefault(call_id, []).append((now, event))
-        log.debug("buffered %s for not-yet-known call %s", type(event).__name__, call_id)
-
-    def _forget_later(self, call: Call) -> None:
-        ended = [c for c in self.calls.values() if c.ended]
-        for old in ended[: max(0, len(ended) - self.MAX_ENDED_CALLS)]:
-            self.calls.pop(old.id, None)
-            if old.wacid:
-                self._by_wacid.pop(old.wacid, None)
-
-    def get(self, call_id: str) -> Call | None:
-        return self.calls.get(call_id) or self._by_wacid.get(call_id)
-
-    @property
-    def live_calls(self) -> list[Call]:
-        return [c for c in self.calls.values() if not c.ended]
-
-    async def shutdown(self) -> None:
-        """Hang up every live call through the provider and close their media."""
-        self.closing = True
-        await asyncio.gather(
-            *(c._end(EndReason.SHUTDOWN, notify_provider=True) for c in self.live_calls),
-            return_exceptions=True,
-        )

@@ -8,7 +8,8 @@ summary: end reason, provider error, durations and media statistics.
 
 from __future__ import annotations
 
-from .calls import Call, CallManager, CallState, TimelineEntry
+from .calls import Call, CallState, TimelineEntry
+from .manager import CallManager
 from .eventbus import EventFanout
 from .metrics import Metrics
 

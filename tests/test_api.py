@@ -1,6 +1,5 @@
 """The control API over real HTTP, every response checked against gateway/api/openapi.json."""
 
-import asyncio
 import json
 import shutil
 from dataclasses import replace

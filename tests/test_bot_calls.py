@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from gateway.app import Service
-from gateway.calls import CallState, EndReason
+from gateway.calls import EndReason
 from media import analysis
 
 ROOT = Path(__file__).resolve().parent.parent

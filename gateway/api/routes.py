@@ -21,7 +21,8 @@ from media.errors import MediaFileError
 
 from media.bridges import BridgeUnavailable
 
-from ..calls import Call, CallManager, CallState, CapacityError
+from ..calls import Call, CallState, CapacityError
+from ..manager import CallManager
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
 from ..sandbox.users import normalize_number
