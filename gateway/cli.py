@@ -23,6 +23,8 @@ from . import logs
 from .app import Service
 from .calls import CallState
 from .config import ConfigError, Settings
+from .errors import ProviderError
+from .permissions import iso
 from .progress import ProgressPrinter
 from .redact import mask_phone
 
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, MediaFileError) as exc:
         print(f"wacall: {exc}", file=sys.stderr)
         return 2
+    except ProviderError as exc:  # e.g. refused by the permission gate before dialing
+        retry = getattr(exc, "retry_at", None)
+        print(f"wacall: {exc.code}: {exc.message}" + (f" - {exc.resolution}" if exc.resolution else "")
+              + (f" (possible again at {iso(retry)})" if retry else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

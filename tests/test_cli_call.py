@@ -53,6 +53,16 @@ async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path
         async with aiohttp.ClientSession() as http:
             # the user granted earlier (the webhook went elsewhere): `wacall call` asks the
             # provider's permission-state endpoint before dialing
+            call_env = {**os.environ, "WACALL_PROVIDER": "360dialog",
+                        "WACALL_BASE_URL": f"{base}/sandbox", "WACALL_D360_API_KEY": "sandbox-key",
+                        "WACALL_PORT": str(call_port), "WACALL_MEDIA_ADDRESSES": "127.0.0.1",
+                        "WACALL_DATA_DIR": str(tmp_path / "call-data")}
+            refused = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.cli", "call", "--to", USER, env=call_env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, err = await asyncio.wait_for(refused.communicate(), 60)
+            assert refused.returncode == 1  # no permission yet: refused before dialing
+            assert "138006" in err.decode() and "Traceback" not in err.decode()
             async with http.post(f"{base}/sandbox/users/{USER}/permission",
                                  json={"permanent": True, "notify": False}) as resp:
                 assert resp.status == 200, await resp.text()
@@ -60,9 +70,6 @@ async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path
                                  json={"say": str(ROOT / "fixtures/audio/user.ogg"),
                                        "answer_after_ms": 200}) as resp:
                 assert resp.status == 200, await resp.text()
-            call_env = {**os.environ, "WACALL_PROVIDER": "360dialog",
-                        "WACALL_BASE_URL": f"{base}/sandbox", "WACALL_D360_API_KEY": "sandbox-key",
-                        "WACALL_PORT": str(call_port), "WACALL_MEDIA_ADDRESSES": "127.0.0.1"}
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.cli", "call", "--to", USER,
                 "--play", str(ROOT / "fixtures/audio/business.ogg"), "--record", str(tmp_path / "out"),
