@@ -1,9 +1,12 @@
 """One call's media: an aiortc peer connection that follows WhatsApp's SDP rules.
 
 A :class:`MediaPeer` owns the peer connection, the outgoing paced track
-(:class:`~media.track.OutboundAudioTrack`) and the pump that hands the far side's audio
-to sinks. It is self-contained (no gateway imports, no globals besides aiortc's), so a
-call's media can later move to a worker process as a unit.
+(:class:`~media.track.OutboundAudioTrack`) and the receive path that hands the far
+side's audio to sinks: :class:`~media.receiver.OpusReceiver` (adaptive jitter buffer,
+loss concealment, Opus decoded on the event loop, a frame every 20 ms while RTP flows),
+or aiortc's own track with ``PeerConfig(receive="aiortc")``. It is self-contained (no
+gateway imports, no globals besides aiortc's), so a call's media can later move to a
+worker process as a unit.
 
 Offerer (business-initiated call)::
 
@@ -38,8 +41,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import ice, sdp as sdp_rules
 from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
-from .frames import FRAME_MS, Sink, Source
+from .frames import FRAME_MS, SAMPLE_RATE, Sink, Source
 from .opus import OpusSettings
+from .receiver import OpusReceiver, aiortc_problems as receiver_problems
 from .taps import RtpTap
 from .track import OutboundAudioTrack, Playback
 
@@ -83,9 +87,15 @@ class PeerConfig:
     #: How the outgoing audio is encoded (on the event loop, see media.opus); ``None``
     #: hands PCM to aiortc's encoder instead.
     opus: OpusSettings | None = field(default_factory=OpusSettings)
+    #: How received audio is played: ``"wacall"`` (media.receiver: adaptive jitter
+    #: buffer, loss concealment, decoding on the event loop, one frame per 20 ms while
+    #: RTP flows) or ``"aiortc"`` (aiortc's jitter buffer and decoder thread).
+    receive: str = "wacall"
 
     def __post_init__(self) -> None:
         self.port_range = ice.validate_port_range(self.port_range)
+        if self.receive not in ("wacall", "aiortc"):
+            raise ValueError(f"receive must be 'wacall' or 'aiortc', got {self.receive!r}")
         if self.advertised_address is not None:
             ipaddress.ip_address(self.advertised_address)  # ValueError if not an IP
 
@@ -122,6 +132,8 @@ class MediaPeer:
         self.rtp_tap = RtpTap()
         self._sinks: list[Sink] = []
         self._pump: asyncio.Task | None = None
+        #: Our receive path (media.receiver), when PeerConfig.receive == "wacall".
+        self._receiver: OpusReceiver | None = None
         self._connected = asyncio.Event()
         self._ended = asyncio.get_running_loop().create_future()
         self._closed = False
@@ -271,11 +283,43 @@ class MediaPeer:
             self._ended.set_result(f"transport {state}")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio" and self._pump is None:
+        if track.kind == "audio" and self._pump is None and self._receiver is None:
             for transceiver in self._pc.getTransceivers():
                 if transceiver.receiver.track is track:
+                    if self.config.receive == "wacall":
+                        self._install_receiver(transceiver.receiver, track)
+                    # After our receiver: the tap wraps its hook and sees packets first.
                     self.rtp_tap.install(transceiver.receiver)
-            self._pump = asyncio.ensure_future(self._receive(track))
+            if self._receiver is None:
+                self._pump = asyncio.ensure_future(self._receive(track))
+
+    def _install_receiver(self, receiver, track: MediaStreamTrack) -> None:
+        problems = receiver_problems(receiver)
+        if problems:
+            log.error("%s: aiortc internals changed, using aiortc's receive path: %s",
+                      self.label, "; ".join(problems))
+            return
+
+        def fallback() -> None:  # no Opus negotiated: aiortc decodes
+            if self._pump is None and not self._closed:
+                self._pump = asyncio.ensure_future(self._receive(track))
+
+        dtmf = self._dtmf
+        self._receiver = OpusReceiver(
+            self._deliver,
+            on_fallback=fallback,
+            events_received=lambda: dtmf.packets_received,
+            label=self.label,
+        )
+        self._receiver.install(receiver)
+
+    def _deliver(self, pcm: np.ndarray, pts: int | None) -> None:
+        """One 20 ms mono frame from our receive path to the sinks."""
+        received = self.received
+        received.frames += 1
+        received.pts = pts
+        for sink in self._sinks:
+            sink.write(pcm, SAMPLE_RATE, 1)
 
     async def _receive(self, track: MediaStreamTrack) -> None:
         try:
@@ -299,13 +343,18 @@ class MediaPeer:
         out = await collect(self._pc)
         out["pacing"] = self.outbound.stats.as_dict()
         out["received_seconds"] = round(self.received.seconds, 3)
+        if self._receiver is not None and not self._receiver.fallback:
+            out["playout"] = self._receiver.stats()
         return out
 
     def stats(self) -> dict:
-        return {
+        out = {
             "sent": self.outbound.stats.as_dict(),
             "received_seconds": round(self.received.seconds, 3),
         }
+        if self._receiver is not None and not self._receiver.fallback:
+            out["playout"] = self._receiver.stats()
+        return out
 
     async def close(self) -> None:
         """Stop media, close sinks and the peer connection. Idempotent."""
@@ -314,6 +363,8 @@ class MediaPeer:
         self._closed = True
         self.outbound.stop()
         self._dtmf.close()
+        if self._receiver is not None:
+            self._receiver.close(flush=True)  # buffered audio reaches the sinks
         await self._pc.close()
         if self._pump is not None:
             self._pump.cancel()

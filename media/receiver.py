@@ -1,0 +1,441 @@
+"""wacall's audio receive path: the far side's Opus RTP into an adaptive playout buffer,
+decoded on the event loop, one 20 ms frame per 20 ms of wall-clock time.
+
+aiortc 1.16 plays received audio through ``JitterBuffer(capacity=16, prefetch=4)``: a
+frame leaves only when four complete frames follow it, one per arriving packet, and a
+loss evicts several frames with nothing concealing them; every frame is decoded in a
+thread of its own (a thread hop per frame). :class:`OpusReceiver` replaces that for
+one :class:`aiortc.RTCRtpReceiver`:
+
+* **Intercept** — it wraps ``receiver._handle_rtp_packet`` *on the instance* (the hook
+  point :class:`media.taps.RtpTap` uses; the tap is installed after us and wraps our
+  hook, so it still sees every packet first). Opus packets stop here; anything else
+  goes on to aiortc. DTMF is untouched: :mod:`media.dtmf` takes telephone-events out
+  one level earlier, in the DTLS transport, and closes their sequence-number gap.
+* **Buffer** — :class:`media.jitterbuffer.PlayoutBuffer` (ordering, duplicates, late
+  packets, adaptive target delay, loss concealment decisions).
+* **Clock** — ``loop.call_at`` ticks every 20 ms on a drift-free schedule (tick *n* at
+  ``start + n × 20 ms``; a tick more than :data:`RESYNC_S` late starts a new schedule
+  rather than a burst, like :mod:`media.track`). Playout stops once nothing is
+  buffered and no packet came for ``PlayoutBuffer.hold_s`` (200 ms), so frames stop on
+  a dead network (the RTP watchdog counts them); no tick runs while it is stopped.
+* **Decode** — :class:`OpusDecoder`: one persistent libopus context (PyAV), mono
+  48 kHz s16, on the event loop. Concealment is libopus' own PLC, reached through
+  PyAV by decoding a TOC-only packet (a 0-byte frame, what DTX sends: libopus then
+  extrapolates from its state and fades out). PyAV cannot reach in-band FEC: FFmpeg's
+  libopus wrapper always decodes with ``decode_fec=0``.
+* **Deliver** — ``deliver(pcm, pts)`` with a 960-sample int16 array (a read-only view
+  of the decoded frame: sinks copy what they keep) and the frame's stream position
+  (``None`` for a frame inserted to grow the delay). One frame per tick while playing,
+  except for slots the sender sent no audio for (telephone-events replacing the audio,
+  which media.dtmf reports through ``events_received``; timestamp jumps): those pass
+  without a frame, as they did with aiortc's path, so the far side's DTMF does not
+  turn into concealed audio.
+
+aiortc's receiver keeps doing the cheap part. Its decoder thread is stopped as soon as
+``receive()`` started it (so the remote track never yields frames: nothing reads it),
+and for each Opus packet we feed its per-SSRC ``StreamStatistics`` ourselves, so its
+RTCP receiver reports (fraction / cumulative lost, highest sequence number, jitter,
+LSR/DLSR) and ``getStats()`` ``inbound-rtp`` (what :mod:`media.stats` reads) keep
+describing the network exactly as before. Not kept: ``getSynchronizationSources()``
+(aiortc's "active SSRC" bookkeeping) stays empty.
+
+aiortc internals relied on (checked by :func:`aiortc_problems`; any problem makes
+:class:`media.peer.MediaPeer` fall back to aiortc's own path):
+
+1. ``RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)``, a coroutine the
+   DTLS transport calls through the instance for each routed RTP packet (and
+   ``receiver._enabled``, which it checks first). ``RtpTap.uninstall()`` deletes the
+   instance attribute, which would drop our hook too: MediaPeer never uninstalls.
+2. ``RTCRtpReceiver.receive(parameters)``, called through the instance when DTLS is up;
+   it starts the decoder thread; ``parameters.codecs`` names the payload types.
+3. ``RTCRtpReceiver.__stop_decoder()`` (name-mangled), which stops that thread.
+4. ``RTCRtpReceiver.__remote_streams`` (name-mangled ``{ssrc: StreamStatistics}``) and
+   ``aiortc.rtcrtpreceiver.StreamStatistics(clockrate).add(packet)``: what its RTCP
+   task and ``getStats()`` read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+
+import av
+import numpy as np
+
+from .frames import FRAME_MS, FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
+from .jitterbuffer import DISCARD, GAP, IDLE, PLAY, PlayoutBuffer
+
+__all__ = ["OpusDecoder", "OpusReceiver", "aiortc_problems", "RESYNC_S"]
+
+log = logging.getLogger(__name__)
+
+FRAME_S = FRAME_MS / 1000
+#: A tick this late (the event loop stalled) starts a new schedule instead of catching
+#: up: the stall becomes playout delay, which the buffer then shrinks again.
+RESYNC_S = 3 * FRAME_S
+
+Deliver = Callable[[np.ndarray, "int | None"], None]
+
+
+def _plc_tocs() -> tuple[bytes, ...]:
+    """For each TOC byte: a TOC-only packet asking libopus for 20 ms of concealment in
+    the same mode, bandwidth and channel count (code 0 = one frame, here of 0 bytes)."""
+    out = []
+    for toc in range(256):
+        config, stereo = toc >> 3, toc & 0x04
+        if config < 12:  # SILK: 20 ms is config % 4 == 1
+            config = (config & ~3) | 1
+        elif config < 16:  # Hybrid: 20 ms is odd
+            config |= 1
+        else:  # CELT: 20 ms is config % 4 == 3
+            config |= 3
+        out.append(bytes([(config << 3) | stereo]))
+    return tuple(out)
+
+
+_PLC = _plc_tocs()
+#: Before anything was decoded: CELT fullband 20 ms mono.
+_DEFAULT_TOC = 0xF8
+
+
+class OpusDecoder:
+    """A persistent libopus decoder (PyAV) giving mono 48 kHz int16, with PLC.
+
+    Returned arrays are read-only views of the decoded ``av.AudioFrame`` (no copy)."""
+
+    def __init__(self) -> None:
+        ctx = av.CodecContext.create("libopus", "r")
+        ctx.sample_rate = SAMPLE_RATE
+        ctx.layout = "mono"
+        ctx.format = "s16"
+        ctx.thread_count = 1
+        self._ctx = ctx
+        self._toc = _DEFAULT_TOC
+        self._silence = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
+        self._silence.flags.writeable = False
+        self.packets = 0
+        self.concealed = 0
+        self.errors = 0
+
+    def _run(self, data: bytes) -> np.ndarray | None:
+        try:
+            frames = self._ctx.decode(av.Packet(data))
+        except (av.FFmpegError, ValueError) as exc:
+            self.errors += 1
+            if self.errors == 1 or self.errors % 1000 == 0:
+                log.warning("Opus decode failed (%d so far): %s", self.errors, exc)
+            return None
+        if len(frames) == 1:
+            frame = frames[0]
+            pcm = np.frombuffer(frame.planes[0], dtype=PCM_DTYPE, count=frame.samples)
+        elif frames:
+            pcm = np.concatenate(
+                [np.frombuffer(f.planes[0], dtype=PCM_DTYPE, count=f.samples) for f in frames]
+            )
+        else:
+            return None
+        pcm.flags.writeable = False  # a view of libopus' output: sinks must not modify it
+        return pcm
+
+    def decode(self, payload: bytes) -> np.ndarray | None:
+        """PCM of one packet, or ``None`` if libopus rejected it."""
+        self.packets += 1
+        pcm = self._run(payload)
+        if pcm is not None:
+            self._toc = payload[0]
+        return pcm
+
+    def conceal(self) -> np.ndarray:
+        """20 ms of libopus packet-loss concealment (silence if that fails)."""
+        self.concealed += 1
+        pcm = self._run(_PLC[self._toc])
+        if pcm is None or pcm.size != FRAME_SAMPLES:
+            return self._silence
+        return pcm
+
+
+def aiortc_problems(receiver=None) -> list[str]:
+    """What is missing from the aiortc internals this module relies on (empty: fine).
+    ``receiver``: an ``RTCRtpReceiver`` instance to check as well."""
+    problems = list(_class_problems())
+    if receiver is not None and not isinstance(
+        getattr(receiver, "_RTCRtpReceiver__remote_streams", None), dict
+    ):
+        problems.append("RTCRtpReceiver.__remote_streams is missing")
+    return problems
+
+
+@functools.lru_cache(maxsize=1)
+def _class_problems() -> tuple[str, ...]:
+    try:
+        from aiortc.rtcrtpreceiver import RTCRtpReceiver, StreamStatistics
+    except ImportError as exc:  # pragma: no cover - aiortc layout changed
+        return (f"cannot import aiortc.rtcrtpreceiver internals: {exc}",)
+    problems = []
+    fn = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
+    if fn is None or not inspect.iscoroutinefunction(fn):
+        problems.append("RTCRtpReceiver._handle_rtp_packet is not a coroutine function any more")
+    elif list(inspect.signature(fn).parameters) != ["self", "packet", "arrival_time_ms"]:
+        problems.append("RTCRtpReceiver._handle_rtp_packet parameters changed")
+    if not inspect.iscoroutinefunction(getattr(RTCRtpReceiver, "receive", None)):
+        problems.append("RTCRtpReceiver.receive is not a coroutine function any more")
+    if not callable(getattr(RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", None)):
+        problems.append("RTCRtpReceiver.__stop_decoder is missing")
+    if not callable(getattr(StreamStatistics, "add", None)):
+        problems.append("StreamStatistics.add is missing")
+    return tuple(problems)
+
+
+class OpusReceiver:
+    """One call's received audio (see the module docstring).
+
+    Args:
+        deliver: called once per 20 ms frame while playing: ``deliver(pcm, pts)``.
+        buffer: the playout buffer (a default :class:`PlayoutBuffer` if omitted).
+        on_fallback: called if the negotiated codecs have no Opus: aiortc's own path
+            must then play the audio (its decoder thread is left running).
+        events_received: ``() -> int``, telephone-event packets received so far (from
+            :class:`media.dtmf.PeerDtmf`): while events arrive instead of audio, empty
+            slots are the sender's (no frame), not losses (no concealment).
+        clock: arrival timestamps and tick times (the event loop's clock by default;
+            the schedule always runs on the loop).
+    """
+
+    def __init__(
+        self,
+        deliver: Deliver,
+        *,
+        buffer: PlayoutBuffer | None = None,
+        on_fallback: Callable[[], None] | None = None,
+        events_received: Callable[[], int] | None = None,
+        label: str = "peer",
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.buffer = buffer if buffer is not None else PlayoutBuffer()
+        self.decoder: OpusDecoder | None = None
+        self.label = label
+        self._deliver = deliver
+        self._on_fallback = on_fallback
+        self._loop = asyncio.get_running_loop()
+        self._clock = clock or self._loop.time
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._receiver = None
+        self._opus_pts: frozenset[int] = frozenset()
+        self._streams: dict | None = None
+        self._stream_statistics = None
+        self._carry: np.ndarray | None = None  # decoded samples beyond one frame
+        self._carry_pts: int | None = None
+        self._events = events_received
+        self._events_at_audio = 0  # events_received() when the last audio packet came
+        if events_received is not None:
+            self.buffer.events_hint = self._events_instead_of_audio
+        self._closed = False
+        #: True when aiortc plays the audio instead (no Opus negotiated).
+        self.fallback = False
+        self.resyncs = 0
+        self.errors = 0
+
+    # -- wiring ------------------------------------------------------------------------
+
+    @property
+    def installed(self) -> bool:
+        return self._receiver is not None
+
+    def install(self, receiver) -> None:
+        """Take over ``receiver``'s (an ``RTCRtpReceiver``) audio; before any packet
+        arrives, and before :meth:`media.taps.RtpTap.install` (which then wraps us)."""
+        if self._receiver is not None:
+            return
+        from aiortc.rtcrtpreceiver import StreamStatistics
+
+        self._stream_statistics = StreamStatistics
+        self._receiver = receiver
+        original_handle = receiver._handle_rtp_packet
+        original_receive = receiver.receive
+        on_packet = self._on_packet
+
+        async def _handle_rtp_packet(packet, arrival_time_ms: int) -> None:
+            if not on_packet(packet):
+                await original_handle(packet, arrival_time_ms)
+
+        async def receive(parameters) -> None:
+            await original_receive(parameters)
+            self._started(parameters)
+
+        receiver._handle_rtp_packet = _handle_rtp_packet
+        receiver.receive = receive
+
+    def _started(self, parameters) -> None:
+        """aiortc's receiver started (codecs known, decoder thread running)."""
+        receiver = self._receiver
+        self._opus_pts = frozenset(
+            c.payloadType for c in parameters.codecs if c.mimeType.lower() == "audio/opus"
+        )
+        if self.fallback:
+            return
+        if not self._opus_pts:
+            log.info("%s: no Opus negotiated, aiortc plays the received audio", self.label)
+            self.fallback = True
+            if self._on_fallback is not None:
+                self._on_fallback()
+            return
+        self._streams = receiver._RTCRtpReceiver__remote_streams
+        receiver._RTCRtpReceiver__stop_decoder()  # we decode; the remote track stays silent
+
+    def close(self, *, flush: bool = False) -> None:
+        """Stop playout (idempotent); ``flush``: first deliver what is still buffered
+        (packets that arrived but whose time has not come). aiortc's receiver is
+        closed by its peer connection."""
+        if self._closed:
+            return
+        if flush and not self.fallback:
+            try:
+                self.flush()
+            except Exception:
+                log.exception("%s: flushing the receive buffer failed", self.label)
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- packets -----------------------------------------------------------------------
+
+    def _on_packet(self, packet) -> bool:
+        """One routed RTP packet; ``False`` hands it on to aiortc."""
+        if self.fallback or packet.payload_type not in self._opus_pts or not self._receiver._enabled:
+            return False
+        streams = self._streams
+        ssrc = packet.ssrc
+        stream = streams.get(ssrc)
+        if stream is None:
+            stream = streams[ssrc] = self._stream_statistics(SAMPLE_RATE)
+        stream.add(packet)
+        if self._events is not None:
+            self._events_at_audio = self._events()
+        payload = packet.payload
+        if self._closed or not payload:
+            return True
+        buffer = self.buffer
+        buffer.push(packet.sequence_number, packet.timestamp, payload, self._clock(), ssrc)
+        if self._timer is None:
+            start = buffer.start_at
+            if start is not None:
+                self._schedule(start)
+        return True
+
+    def _events_instead_of_audio(self) -> bool:
+        return self._events() != self._events_at_audio
+
+    # -- playout -----------------------------------------------------------------------
+
+    def _schedule(self, due: float) -> None:
+        self._due = due
+        self._timer = self._loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        due = self._due
+        now = self._clock()
+        if now - due > RESYNC_S:
+            self.resyncs += 1
+            due = now
+        try:
+            played = self.play(due)
+        except Exception:
+            played = True  # keep the clock going; a sink or the decoder failed once
+            self.errors += 1
+            if self.errors == 1 or self.errors % 500 == 0:
+                log.exception("%s: receive playout failed (%d so far)", self.label, self.errors)
+        if self._closed:
+            return
+        if played:
+            self._schedule(due + FRAME_S)
+        else:
+            start = self.buffer.start_at
+            if start is not None:
+                self._schedule(max(start, now))
+
+    def play(self, now: float) -> bool:
+        """Do what the tick due at ``now`` does: deliver a frame (or, for a slot the
+        sender sent no audio for, nothing); ``False`` when playout is stopped.
+        Benchmarks and tests drive this directly."""
+        carry = self._carry
+        if carry is not None and carry.size >= FRAME_SAMPLES:
+            return self._emit_carry()
+        pop = self.buffer.pop
+        while True:
+            kind, payload, pts = pop(now)
+            if kind == DISCARD:
+                self._decoder().decode(payload)
+                continue
+            if kind == IDLE:
+                return False
+            if kind == GAP:
+                return True
+            if self._render(kind, payload, pts):
+                return True
+
+    def _decoder(self) -> OpusDecoder:
+        decoder = self.decoder
+        if decoder is None:
+            decoder = self.decoder = OpusDecoder()
+        return decoder
+
+    def _render(self, kind: int, payload: bytes | None, pts: int | None) -> bool:
+        """Decode (or conceal) one slot and deliver a frame; ``False`` if less than a
+        frame is available yet (packets shorter than 20 ms)."""
+        decoder = self._decoder()
+        if kind == PLAY:
+            pcm = decoder.decode(payload)
+            if pcm is None:
+                pcm = decoder.conceal()
+        else:
+            pcm = decoder.conceal()
+        carry = self._carry
+        if carry is None and pcm.size == FRAME_SAMPLES:
+            self._deliver(pcm, pts)
+            return True
+        # Packets of another duration than 20 ms: cut the audio into frames.
+        if carry is not None:
+            pcm = np.concatenate([carry, pcm])
+            pts = self._carry_pts
+        self._carry, self._carry_pts = pcm, pts
+        if pcm.size >= FRAME_SAMPLES:
+            return self._emit_carry()
+        return False
+
+    def flush(self) -> int:
+        """Deliver what is still buffered now (the call is ending); returns frames."""
+        frames = 0
+        for kind, payload, pts in self.buffer.drain():
+            if kind != GAP:
+                frames += self._render(kind, payload, pts)
+        while self._carry is not None and self._carry.size >= FRAME_SAMPLES:
+            frames += self._emit_carry()
+        return frames
+
+    def _emit_carry(self) -> bool:
+        carry, pts = self._carry, self._carry_pts
+        rest = carry[FRAME_SAMPLES:]
+        if rest.size:
+            self._carry = rest
+            self._carry_pts = None if pts is None else pts + FRAME_SAMPLES
+        else:
+            self._carry = self._carry_pts = None
+        self._deliver(carry[:FRAME_SAMPLES], pts)
+        return True
+
+    # -- stats -------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        out = self.buffer.stats.as_dict()
+        out["decode_errors"] = self.decoder.errors if self.decoder is not None else 0
+        out["resyncs"] = self.resyncs
+        return out
