@@ -27,6 +27,7 @@ from gateway.sandbox.netem import (
 from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.tone import SilenceSource, ToneSource
+from tests.helpers import drain
 
 USER = "+4915112345678"
 TIMEOUT = 30
@@ -253,7 +254,6 @@ async def test_blackhole_and_restore(net_factory):
     assert net.gateway.payloads() == [b"after"] and net.phone.payloads() == [b"after"]
 
 
-
 async def test_blackhole_for_a_while_and_one_direction(net_factory):
     net = await net_factory(seed=5)
     net.relay.blackhole(0.3, direction="to_phone")
@@ -307,16 +307,6 @@ def recording_sink(path: Path):
     """wacall's recording of the user. Today's WavSink writes the frames it gets; swap
     in the wall-clock aligned recording here once media has it."""
     return WavSink(path)
-
-
-async def drain(*peers, frames=8):
-    targets = [(p, p.received.frames + frames) for p in peers]
-
-    async def poll():
-        while any(p.received.frames < target for p, target in targets):
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), TIMEOUT)
 
 
 @dataclass

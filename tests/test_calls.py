@@ -13,6 +13,7 @@ from gateway.providers import D360Provider, MetaProvider
 from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.tone import ToneSource
+from tests.helpers import drain
 
 USER = "+4915112345678"
 TIMEOUT = 20
@@ -21,18 +22,6 @@ TIMEOUT = 20
 async def wait_ended(call, timeout=TIMEOUT):
     await call.wait_state(CallState.ENDED, timeout)
     await call.wait_finished(timeout)
-
-
-async def drain(*peers, frames=8):
-    """Wait until each peer has received ``frames`` more frames: whatever was still in
-    flight (encoder, network, the receiver's jitter buffer) has arrived."""
-    targets = [(p, p.received.frames + frames) for p in peers]
-
-    async def poll():
-        while any(p.received.frames < target for p, target in targets):
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), TIMEOUT)
 
 
 def tone_seconds(path, freq):

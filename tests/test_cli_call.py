@@ -4,7 +4,6 @@ user with real credentials would run it against 360dialog."""
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,10 @@ import aiohttp
 import pytest
 
 from media import analysis
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = "+4915112345678"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:

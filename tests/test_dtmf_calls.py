@@ -1,6 +1,5 @@
 """DTMF through the gateway: the user's keys reach the call's events, ours reach the phone."""
 
-import asyncio
 from dataclasses import replace
 
 import aiohttp
@@ -8,19 +7,12 @@ import pytest
 
 from gateway.app import Service
 from gateway.calls import CallState
+from tests.helpers import until
 
 USER = "+4915112345678"
 TOKEN = "dtmf-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUT = 20
-
-
-async def until(predicate, timeout=TIMEOUT):
-    async def poll():
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 @pytest.mark.parametrize("mode", ["rfc4733", "inband"])

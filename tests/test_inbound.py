@@ -10,6 +10,7 @@ from gateway.calls import CallState, EndReason, InboundPlan
 from gateway.events import Direction
 from media import analysis
 from media.sources.tone import ToneSource
+from tests.helpers import drain
 
 USER = "+4915112345678"
 TIMEOUT = 20
@@ -43,8 +44,6 @@ async def test_inbound_call_is_answered_played_and_recorded(service, tmp_path):
     said = sandbox_call.phone.peer.play(ToneSource(600, 0.6))
     await call.wait_playback()
     await asyncio.wait_for(said.done, TIMEOUT)
-    from tests.test_calls import drain
-
     await drain(call.peer, sandbox_call.phone.peer)
     await call.hangup()
     await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)

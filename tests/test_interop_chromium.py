@@ -25,6 +25,7 @@ from gateway.sandbox.browser import (
 from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.tone import ToneSource
+from tests.helpers import drain
 
 USER = "+4915112345678"
 TIMEOUT = 30
@@ -83,16 +84,6 @@ def tone_frequency(path, freq):
     if not segments:
         return None
     return analysis.dominant_frequency(np.concatenate([x[int(s * rate): int(e * rate)] for s, e in segments]), rate)
-
-
-async def drain(peer, frames=8):
-    target = peer.received.frames + frames
-
-    async def poll():
-        while peer.received.frames < target:
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), TIMEOUT)
 
 
 async def heard_tone(phone: BrowserPhone, freq: float, min_s: float) -> dict:

@@ -16,17 +16,10 @@ from gateway.errors import (
     TooManyPermissionRequestsError,
 )
 from gateway.permissions import DAY, WEEK, PermissionState
+from tests.helpers import until
 
 USER = "+4915199990000"
 TIMEOUT = 20
-
-
-async def until(predicate, timeout=TIMEOUT):
-    async def poll():
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def gateway_status(service, user=USER):

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.eventbus import verify_signature
 from media import analysis
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "service-test-token-0123456789"
@@ -24,12 +24,6 @@ SECRET = "event-secret-abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 USER = "+4915112345678"
 TIMEOUT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class EventReceiver:
