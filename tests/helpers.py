@@ -28,3 +28,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class ToneEars:
+    """A Sink for the far side's ears: keeps every frame (mono) and counts how many
+    seconds carried ``freq_hz``; :meth:`hears` waits until enough did."""
+
+    def __init__(self, freq_hz: float) -> None:
+        self.freq_hz = freq_hz
+        self.frames: list = []
+        self.tone_s = 0.0
+        self._waiters: list[tuple[float, asyncio.Future]] = []
+
+    def write(self, pcm, sample_rate, channels=1) -> None:
+        import numpy as np
+
+        from media import analysis
+
+        frame = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16) if channels > 1 else pcm.copy()
+        self.frames.append(frame)
+        self.tone_s += analysis.tone_seconds(frame, sample_rate, self.freq_hz)
+        for want, fut in list(self._waiters):
+            if self.tone_s >= want and not fut.done():
+                fut.set_result(self.tone_s)
+
+    def close(self) -> None:
+        pass
+
+    async def hears(self, seconds: float, timeout: float = TIMEOUT) -> float:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((seconds, fut))
+        return await asyncio.wait_for(fut, timeout)
+
+    @property
+    def audio(self):
+        import numpy as np
+
+        return np.concatenate(self.frames) if self.frames else np.zeros(0, np.int16)

@@ -20,6 +20,7 @@ from media.bridges.audiosocket import session_uuid_for
 from media.peer import MediaPeer
 from media.sources.tone import ToneSource
 from media_call import LOOPBACK, TIMEOUT, call_pair
+from tests.helpers import ToneEars
 
 CALLER_HZ = 600.0
 BOT_HZ = 1000.0
@@ -106,34 +107,11 @@ class AudioSocketServer:
         return [p for k, p in self.frames if k == kind]
 
 
-class Ears:
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-        self.tone_s = 0.0
-        self._waiters: list[tuple[float, asyncio.Future]] = []
-
-    def write(self, pcm, sample_rate, channels=1) -> None:
-        frame = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16) if channels > 1 else pcm.copy()
-        self.frames.append(frame)
-        self.tone_s += analysis.tone_seconds(frame, sample_rate, BOT_HZ)
-        for want, fut in list(self._waiters):
-            if self.tone_s >= want and not fut.done():
-                fut.set_result(None)
-
-    def close(self) -> None:
-        pass
-
-    async def hears(self, seconds: float) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((seconds, fut))
-        await asyncio.wait_for(fut, TIMEOUT)
-
-
 @pytest.mark.parametrize("rate, kind", [(8000, 0x10), (16000, 0x12)])
 async def test_tone_in_tone_out_and_user_hangup(rate, kind):
     session = uuid.UUID("40325ec2-5efd-4bd3-805f-53576e581d13")
     async with AudioSocketServer(reply_kind=kind) as bot:
-        ears = Ears()
+        ears = ToneEars(BOT_HZ)
         async with call_pair(lambda business, user: user.add_sink(ears)) as (business, user):
             bridge = make_bridge("audiosocket", bot.url, sample_rate=rate, session_uuid=session)
             assert isinstance(bridge, AudioSocketBridge)

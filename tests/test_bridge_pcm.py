@@ -15,6 +15,7 @@ from media import analysis
 from media.bridges import PcmBridge, make_bridge
 from media.sources.tone import ToneSource
 from media_call import TIMEOUT, call_pair
+from tests.helpers import ToneEars
 
 CALLER_HZ = 600.0
 BOT_HZ = 1000.0
@@ -107,37 +108,10 @@ class PcmBot:
         return self.ws
 
 
-class Ears:
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-        self.tone_s = 0.0
-        self._waiters: list[tuple[float, asyncio.Future]] = []
-
-    def write(self, pcm, sample_rate, channels=1) -> None:
-        frame = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16) if channels > 1 else pcm.copy()
-        self.frames.append(frame)
-        self.tone_s += analysis.tone_seconds(frame, sample_rate, BOT_HZ)
-        for want, fut in list(self._waiters):
-            if self.tone_s >= want and not fut.done():
-                fut.set_result(None)
-
-    def close(self) -> None:
-        pass
-
-    async def hears(self, seconds: float) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((seconds, fut))
-        await asyncio.wait_for(fut, TIMEOUT)
-
-    @property
-    def audio(self) -> np.ndarray:
-        return np.concatenate(self.frames)
-
-
 @pytest.mark.parametrize("rate", [16000, 24000, 48000])
 async def test_tone_in_tone_out_at_each_rate(rate):
     async with PcmBot() as bot:
-        ears = Ears()
+        ears = ToneEars(BOT_HZ)
         async with call_pair(lambda business, user: user.add_sink(ears)) as (business, user):
             bridge = make_bridge("pcm", bot.url, sample_rate=rate)
             assert isinstance(bridge, PcmBridge)

@@ -25,6 +25,7 @@ from media import analysis
 from media.bridges import make_bridge
 from media.sources.tone import ToneSource
 from media_call import TIMEOUT, call_pair
+from tests.helpers import ToneEars
 
 CALLER_HZ = 600.0
 BOT_HZ = 1000.0
@@ -167,36 +168,6 @@ class PipecatTwilioBot:
         self._sock.close()
 
 
-class Recorder:
-    """The simulated user's ears: every received frame (mono, 48 kHz), and how many
-    seconds of them carried the bot's 1000 Hz tone."""
-
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-        self.tone_s = 0.0
-        self._waiters: list[tuple[float, asyncio.Future]] = []
-
-    def write(self, pcm, sample_rate, channels=1) -> None:
-        frame = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16) if channels > 1 else pcm.copy()
-        self.frames.append(frame)
-        self.tone_s += analysis.tone_seconds(frame, sample_rate, BOT_HZ)
-        for want, fut in list(self._waiters):
-            if self.tone_s >= want and not fut.done():
-                fut.set_result(self.tone_s)
-
-    def close(self) -> None:
-        pass
-
-    async def hears(self, seconds: float, timeout: float) -> float:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((seconds, fut))
-        return await asyncio.wait_for(fut, timeout)
-
-    @property
-    def audio(self) -> np.ndarray:
-        return np.concatenate(self.frames) if self.frames else np.zeros(0, np.int16)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_pipecat():
     if PIPECAT_MISSING is not None:
@@ -208,7 +179,7 @@ def _quiet_pipecat():
 
 async def test_pipecat_twilio_bot_answers_a_whatsapp_call_unchanged():
     async with PipecatTwilioBot() as bot:
-        recorder = Recorder()
+        recorder = ToneEars(BOT_HZ)
         async with call_pair(lambda business, user: user.add_sink(recorder)) as (business, user):
             bridge = make_bridge("twilio", bot.url, idle_timeout_s=30)
             await bridge.start(business, call_id="CA0123456789abcdef0123456789abcdef",
