@@ -25,7 +25,7 @@ from .events import Direction, MessageStatus, PermissionReply, PermissionRespons
 from .permissions import PermissionLedger, PermissionState
 from .providers.base import CallingProvider
 from .redact import mask_phone
-from .sandbox.users import normalize_number
+from .numbers import normalize_number
 
 log = logging.getLogger(__name__)
 

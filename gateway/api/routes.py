@@ -25,7 +25,7 @@ from ..calls import Call, CallState, CapacityError
 from ..manager import CallManager
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
-from ..sandbox.users import normalize_number
+from ..numbers import normalize_number
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,9 @@ never hangs up first and says nothing (the phone still sends silence, like a rea
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass, fields
+
+from ..numbers import normalize_number
 
 ON_CALL = ("answer", "reject", "ignore")
 ON_PERMISSION_REQUEST = ("grant", "reject", "ignore")
@@ -16,17 +17,6 @@ ON_PERMISSION_REQUEST = ("grant", "reject", "ignore")
 #: HTTP response to ``connect``; the others are webhooks. Tests reorder them.
 CALL_STEPS = ("response", "connect", "ringing", "accepted")
 DEFAULT_ORDER = CALL_STEPS
-
-_E164 = re.compile(r"^\d{8,15}$")
-
-
-def normalize_number(number: str) -> str:
-    """``+49 151 1234-5678`` -> ``4915112345678``; ValueError if not an E.164 number."""
-    digits = re.sub(r"[\s\-().]", "", str(number)).removeprefix("+")
-    if not _E164.match(digits):
-        raise ValueError(f"not an E.164 phone number: {number!r}")
-    return digits
-
 
 @dataclass(slots=True)
 class UserBehaviour:
