@@ -122,10 +122,12 @@ async def test_audio_both_ways_with_chromium(settings, chromium, tmp_path, capsy
         await call.hangup()
         await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
 
+    recorded = tone_seconds(phone.recording_path, 1000)
     with capsys.disabled():
         print(f"\nChromium {chromium.version}: offer -> media up {gateway_media_up * 1000:.0f} ms "
               f"(wacall: offer created -> ICE+DTLS up), {phone.media_up_s * 1000:.0f} ms "
-              f"(page: offer in -> connected; {phone.timings()}); Chromium launch {chromium.launch_s:.2f} s")
+              f"(page: offer in -> connected; {phone.timings()}); Chromium launch {chromium.launch_s:.2f} s; "
+              f"NetEq made up {phone.stretched_s * 1000:.0f} ms; 1 kHz recorded {recorded:.2f} s of 2.0")
     assert call.end_reason is EndReason.BUSINESS_HANGUP
     assert sandbox_call.ended_by == "business"
     assert gateway_media_up < 5.0
@@ -133,11 +135,13 @@ async def test_audio_both_ways_with_chromium(settings, chromium, tmp_path, capsy
     tone = next(t for t in report["tones"] if abs(t["hz"] - 1000) < 30)
     assert tone is report["tones"][0]  # the dominant tone
     assert tone["hz"] == pytest.approx(1000, abs=3)
-    # (upper bound: the analyser's 43 ms windows smear each edge, and Chromium's NetEq may
-    # stretch playout a little; 2.22 s has been measured for 2.0 s sent)
-    assert 0.8 * 2.0 <= tone["seconds"] <= 2.0 + 0.3
+    # Upper bound: the analyser's 43 ms windows smear each edge, and Chromium's NetEq
+    # stretches playout when packets come late (a loaded 2-core machine): it reports how
+    # much it made up, and only that much may be added to the 2.0 s that were sent.
+    stretched = phone.stretched_s
+    assert 0.8 * 2.0 <= tone["seconds"] <= 2.0 + 0.3 + stretched
     # and the page's own recording agrees
-    assert tone_seconds(phone.recording_path, 1000) == pytest.approx(2.0, abs=0.2)
+    assert 2.0 - 0.2 <= recorded <= 2.0 + 0.2 + stretched
     # wacall's recording has the browser's capture tone.
     assert said == pytest.approx(CAPTURE_S)
     assert tone_frequency(heard, CAPTURE_HZ) == pytest.approx(CAPTURE_HZ, abs=3)

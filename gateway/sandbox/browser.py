@@ -518,6 +518,18 @@ class BrowserPhone:
         self.peer.received.packets = int(self.rtp_stats.get("packets_received") or 0)
         return self.rtp_stats
 
+    @property
+    def stretched_s(self) -> float:
+        """Seconds of audio Chromium's jitter buffer (NetEq) made up rather than received,
+        from the last :meth:`stats`: concealment of non-silent audio plus time-stretching
+        (inserted for deceleration minus removed for acceleration), at 48 kHz. A tone the
+        page heard can be this much longer than the tone that was sent."""
+        s = self.rtp_stats
+        made_up = (s.get("concealed_samples") or 0) - (s.get("silent_concealed_samples") or 0)
+        made_up += (s.get("inserted_samples_for_deceleration") or 0)
+        made_up -= (s.get("removed_samples_for_acceleration") or 0)
+        return max(0.0, made_up / 48000)
+
     async def press(self, digits: str, *, inband: bool = False) -> None:
         """The user presses keys: ``RTCDTMFSender.insertDTMF`` in the page (RFC 4733)."""
         if inband:
