@@ -9,10 +9,13 @@ The relay unit tests use plain UDP sockets; the call tests run real calls throug
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from datetime import datetime
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gateway.app import Service
@@ -28,6 +31,7 @@ from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.tone import SilenceSource, ToneSource
 from tests.helpers import drain
+from tests.media_call import read_wav
 
 USER = "+4915112345678"
 TIMEOUT = 30
@@ -303,10 +307,18 @@ def tone_frequency(path, freq):
     return analysis.dominant_frequency(np.concatenate(parts), rate)
 
 
-def recording_sink(path: Path):
-    """wacall's recording of the user. Today's WavSink writes the frames it gets; swap
-    in the wall-clock aligned recording here once media has it."""
-    return WavSink(path)
+class FirstFrameClock:
+    """A sink that notes when the first received frame was played (loop clock)."""
+
+    def __init__(self):
+        self.first_at: float | None = None
+
+    def write(self, pcm, rate, channels) -> None:
+        if self.first_at is None:
+            self.first_at = asyncio.get_running_loop().time()
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -321,6 +333,13 @@ class ImpairedCall:
     gateway_frames: int
     phone_frames: int
     media_up_s: float
+    #: loop-clock seconds from the first received frame played to the hang-up
+    played_span_s: float
+    #: the playout buffer's delay when the call was hung up (flushed into the recording)
+    final_delay_s: float
+    playout: dict
+    sidecar: dict
+    stereo: Path
 
 
 async def run_impaired_call(tmp: Path, impairment: Impairment, seed: int) -> ImpairedCall:
@@ -334,15 +353,18 @@ async def run_impaired_call(tmp: Path, impairment: Impairment, seed: int) -> Imp
             on_relay=relays.append)
         service.sandbox.users.update(USER, {"answer_after_ms": 0})
         recording = tmp / "gateway-heard.wav"
+        clock = FirstFrameClock()
         call = await service.manager.place_call(
             USER, sources=[ToneSource(1000, BUSINESS_TONE_S), SilenceSource(HOLD_S)],
-            sinks=[recording_sink(recording)])
+            sinks=[WavSink(recording), clock], record=True)
         await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
         sandbox_call = service.sandbox.calls[call.wacid]
         said = sandbox_call.phone.peer.play(ToneSource(600, USER_TONE_S))
         await asyncio.wait_for(said.done, TIMEOUT)
         await asyncio.wait_for(call.wait_playback(), TIMEOUT)
         state = call.state
+        playout = (await call.peer.get_stats()).get("playout") or {}  # none on aiortc's path
+        hangup_at = asyncio.get_running_loop().time()
         await call.hangup()
         await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
         summary = call.summary()
@@ -353,7 +375,10 @@ async def run_impaired_call(tmp: Path, impairment: Impairment, seed: int) -> Imp
             phone_recording=Path(sandbox_call.phone.recording_path),
             relay_stats={k: v.as_dict() for k, v in relays[0].stats().items()},
             gateway_frames=call.peer.received.frames, phone_frames=sandbox_call.phone.peer.received.frames,
-            media_up_s=call.elapsed_until("media_up") - call.elapsed_until("offer_created"))
+            media_up_s=call.elapsed_until("media_up") - call.elapsed_until("offer_created"),
+            played_span_s=hangup_at - clock.first_at, final_delay_s=playout.get("delay_s") or 0.0,
+            playout=playout, sidecar=json.loads((call.recorder.directory / "recording.json").read_text()),
+            stereo=call.recorder.paths["stereo_wav"])
 
 
 @pytest.fixture(scope="module")
@@ -400,15 +425,36 @@ def test_tones_are_mostly_intact_through_5pct_loss(impaired_call):
 
 
 def test_recording_keeps_wall_clock_time_through_loss(impaired_call):
-    """The recording is as long as the call was connected (within 1 %), packets lost or
-    not. Fails with today's WavSink, which writes only the frames it is handed: every
-    frame aiortc does not deliver (lost, or dropped by its jitter buffer) is missing
-    from the file and the recording comes out shorter than the call."""
-    connected, recorded = impaired_call.connected_s, impaired_call.recording_s
-    assert recorded == pytest.approx(connected, rel=0.01), (
-        f"recording {recorded:.2f} s vs connected {connected:.2f} s "
-        f"({recorded / connected - 1:+.1%}); wacall decoded {impaired_call.gateway_frames} frames "
-        f"= {impaired_call.gateway_frames * 0.02:.2f} s")
+    """Lost packets do not shorten the recording: every 20 ms slot from the first frame
+    played to the hang-up is in user.wav (concealed where the packet was lost), plus what
+    was still buffered at the hang-up. Fails with aiortc's receive path, which delivers
+    no frame for a lost packet (5 % loss: ~0.4 s short on this call)."""
+    call = impaired_call
+    expected = call.played_span_s + call.final_delay_s
+    assert call.recording_s == pytest.approx(expected, abs=0.05), (
+        f"recording {call.recording_s:.3f} s vs {call.played_span_s:.3f} s played + "
+        f"{call.final_delay_s:.3f} s buffered; playout {call.playout}")
+    assert call.playout["frames_concealed"] > 0  # the loss happened and was concealed
+    # The recording misses only the audio still in flight when the call connected: the
+    # user's first packets cross the 40 ms-jitter relay and the playout delay.
+    assert call.connected_s - 0.3 <= call.recording_s <= call.connected_s + 0.1
+
+
+def test_stereo_recording_is_aligned_on_the_wall_clock_through_loss(impaired_call):
+    """The QA file (stereo.wav) lasts as long as the recorder ran, and the user's tone
+    sits in its left channel, whole, at its true pitch."""
+    call = impaired_call
+    durations = call.sidecar["durations_s"]
+    started = datetime.fromisoformat(call.sidecar["started_at"])
+    ended = datetime.fromisoformat(call.sidecar["ended_at"])
+    assert durations["stereo_wav"] == pytest.approx((ended - started).total_seconds(), rel=0.01)
+    assert durations["stereo_wav"] >= call.connected_s
+    stereo, rate = read_wav(call.stereo)
+    x = stereo[:, 0].astype(np.float32) / 32768  # left: the user
+    assert analysis.tone_seconds(x, rate, 600) == pytest.approx(USER_TONE_S, abs=0.15)
+    segments = analysis.tone_segments(x, rate, 600)
+    tone = np.concatenate([x[int(a * rate): int(b * rate)] for a, b in segments])
+    assert analysis.dominant_frequency(tone, rate) == pytest.approx(600, abs=5)
 
 
 # -- a dead network --------------------------------------------------------------------
