@@ -1,0 +1,250 @@
+"""Whole-gateway load: N concurrent playback + recording calls, CPU and memory per call.
+
+Two processes, as in a deployment: the *provider* (``wacall serve --sandbox`` in a child
+process: the emulated calling API and N simulated users whose phones are aiortc peers)
+and the *gateway* under test (this process: a :class:`gateway.app.Service` whose
+provider client points at the child's ``/sandbox``). Only the gateway's CPU and memory
+are measured, so the phones' cost does not count against it.
+
+Every call: the business plays a pre-encoded prompt (Opus pass-through, the cheap path
+a voice-prompt campaign takes), records the call (``record=True``: user.wav, the
+wall-clock stereo.wav, Ogg/Opus pass-through of the user, sidecar), and receives the
+user's audio through wacall's playout buffer (decoded for the recordings). The user
+says a 600 Hz tone for the whole call; the prompt is 1 kHz.
+
+Printed per N: gateway CPU ms per call-second and the calls one core carries at that
+cost, RSS added per call, and the quality the calls had meanwhile: sends later than
+one frame (underruns) and the worst lateness, received frames concealed, and, for a
+sample of calls, the tones found in the recordings on both sides (FFT), as a fraction
+of the measured window.
+
+The machine's other core(s) run the provider's phones; when the machine is saturated
+the gateway's lateness shows it. Run:
+
+    python bench/load.py [--calls 25 50 100] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.app import Service  # noqa: E402
+from gateway.calls import CallState  # noqa: E402
+from gateway.config import Settings  # noqa: E402
+from media import analysis  # noqa: E402
+from media.sources.prompt import PromptCache  # noqa: E402
+
+BUSINESS_HZ = 1000.0
+USER_HZ = 600.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tone(path: Path, hz: float, seconds: float) -> Path:
+    import wave
+
+    t = np.arange(int(48_000 * seconds)) / 48_000
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * hz * t)).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48_000)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Provider:
+    """``wacall serve --sandbox`` in a child process, its webhooks aimed at us."""
+
+    def __init__(self, workdir: Path, gateway_port: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ,
+                   WACALL_DATA_DIR=str(workdir / "provider"),
+                   WACALL_PORT=str(self.port),
+                   WACALL_HOST="127.0.0.1",
+                   WACALL_SANDBOX_WEBHOOK_URL=f"http://127.0.0.1:{gateway_port}/webhooks/whatsapp")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
+            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+            stderr=(workdir / "provider.log").open("wb"))
+
+    async def ready(self, session: aiohttp.ClientSession, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the provider exited with {self.process.returncode}")
+            try:
+                async with session.get(f"{self.url}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError("the provider did not come up")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: bool = True) -> dict:
+    run_dir = workdir / f"n{n}"
+    run_dir.mkdir()
+    gateway_port = free_port()
+    provider = Provider(run_dir, gateway_port)
+    say = write_tone(run_dir / "user-600hz.wav", USER_HZ, seconds + 30)
+    prompt_file = write_tone(run_dir / "prompt-1khz.wav", BUSINESS_HZ, seconds + 30)
+    users = [f"+1555031{i:04d}" for i in range(n)]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await provider.ready(session)
+            settings = Settings(
+                data_dir=run_dir / "gateway", host="127.0.0.1", port=gateway_port,
+                provider="360dialog", base_url=f"{provider.url}/sandbox", d360_api_key="sandbox-key",
+                media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
+                max_duration_s=seconds + 120)
+            async with Service(settings) as service:
+                for user in users:
+                    async with session.post(f"{provider.url}/sandbox/users/{user}",
+                                            json={"answer_after_ms": 0, "say": str(say)}) as r:
+                        r.raise_for_status()
+                    async with session.post(f"{provider.url}/sandbox/users/{user}/permission",
+                                            json={"granted": True, "permanent": True}) as r:
+                        r.raise_for_status()
+                prompts = PromptCache()
+                await prompts.preload(prompt_file)  # pre-encoded once, shared by every call
+                base_rss = rss_mb()
+                calls = []
+                for user in users:  # a steady stream of dialling, not one burst
+                    calls.append(await service.manager.place_call(
+                        user, sources=[prompts.source(prompt_file)], record=record))
+                await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in calls))
+                await asyncio.sleep(1.0)  # let every playout buffer settle
+                for c in calls:  # count the sends' quality from here on
+                    c.peer.outbound.stats = type(c.peer.outbound.stats)()
+                me = os.getpid()
+                profiler = None
+                if profile:
+                    import cProfile
+
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                cpu0, wall0 = cpu_seconds(me), time.monotonic()
+                await asyncio.sleep(seconds)
+                cpu1, wall1 = cpu_seconds(me), time.monotonic()
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(profile)
+                rss = rss_mb()
+                stats = [await c.peer.get_stats() for c in calls]
+                alive = sum(c.state is CallState.MEDIA_CONNECTED for c in calls)
+                sample = calls[:: max(1, n // 4)][:4]
+                for c in calls:
+                    await c.hangup()
+                await asyncio.gather(*(c.wait_finished(30) for c in calls))
+                heard = []
+                for c in sample if record else ():
+                    user_wav = Path(c.recorder.paths["user_wav"])
+                    x, rate = analysis.read_audio(user_wav)
+                    heard.append(analysis.tone_seconds(x, rate, USER_HZ) / (x.size / rate))
+    finally:
+        provider.stop()
+    phone_heard = []
+    for wav in sorted((run_dir / "provider").rglob("*.wav"))[:4]:
+        x, rate = analysis.read_audio(wav)
+        if x.size:
+            phone_heard.append(analysis.tone_seconds(x, rate, BUSINESS_HZ) / (x.size / rate))
+    wall = wall1 - wall0
+    cpu_ms_per_call_s = (cpu1 - cpu0) * 1000 / (n * wall)
+    pacing = [s["pacing"] for s in stats]
+    playout = [s.get("playout") or {} for s in stats]
+    played = sum(p.get("frames_played", 0) + p.get("frames_concealed", 0) for p in playout)
+    concealed = sum(p.get("frames_concealed", 0) for p in playout)
+    return {
+        "calls": n,
+        "record": record,
+        "alive": alive,
+        "window_s": round(wall, 2),
+        "cpu_ms_per_call_s": round(cpu_ms_per_call_s, 2),
+        "calls_per_core": round(1000 / cpu_ms_per_call_s) if cpu_ms_per_call_s else None,
+        "rss_mb_per_call": round((rss - base_rss) / n, 2),
+        "sent_frames": sum(p["frames"] for p in pacing),
+        "underruns": sum(p["underruns"] for p in pacing),
+        "max_late_ms": round(max(p["max_late_ms"] for p in pacing), 1),
+        "p50_call_max_late_ms": round(statistics.median(p["max_late_ms"] for p in pacing), 1),
+        "received_frames": played,
+        "concealed_pct": round(100 * concealed / played, 3) if played else None,
+        "user_tone_in_recording": [round(h, 3) for h in heard],
+        "prompt_at_phone": [round(h, 3) for h in phone_heard],
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, record: bool) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
+        for n in counts:
+            result = await run(n, seconds, Path(tmp), profile, record)
+            if as_json:
+                print(json.dumps(result), flush=True)
+                continue
+            print(f"{n:4d} calls{'' if record else ' (no recording)'} ({result['alive']} up through {result['window_s']} s): "
+                  f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
+                  f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call; "
+                  f"sends: {result['underruns']} underruns of {result['sent_frames']}, worst "
+                  f"{result['max_late_ms']} ms late (median call {result['p50_call_max_late_ms']} ms); "
+                  f"received: {result['concealed_pct']} % concealed; tones found: user's in "
+                  f"recordings {result['user_tone_in_recording']}, prompt at phones "
+                  f"{result['prompt_at_phone']}", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, nargs="+", default=[25, 50, 100])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the measured window into FILE (numbers then include its overhead)")
+    parser.add_argument("--no-record", dest="record", action="store_false",
+                        help="playback and receive only (the user's audio is still decoded)")
+    args = parser.parse_args()
+    asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record))
