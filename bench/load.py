@@ -178,6 +178,11 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 rss = rss_mb()
                 stats = [await c.peer.get_stats() for c in calls]
                 alive = sum(c.state is CallState.MEDIA_CONNECTED for c in calls)
+                ended: dict[str, int] = {}
+                for c in calls:
+                    if c.end_reason is not None:
+                        why = f"{c.end_reason.value}: {c.end_detail or ''}"[:80]
+                        ended[why] = ended.get(why, 0) + 1
                 sample = calls[:: max(1, n // 4)][:4]
                 for c in calls:
                     await c.hangup()
@@ -204,6 +209,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "calls": n,
         "record": record,
         "alive": alive,
+        "ended_early": ended,
         "window_s": round(wall, 2),
         "cpu_ms_per_call_s": round(cpu_ms_per_call_s, 2),
         "calls_per_core": round(1000 / cpu_ms_per_call_s) if cpu_ms_per_call_s else None,
@@ -228,6 +234,8 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
             if as_json:
                 print(json.dumps(result), flush=True)
                 continue
+            if result["ended_early"]:
+                print(f"     ended before the hang-up: {result['ended_early']}")
             print(f"{n:4d} calls{'' if record else ' (no recording)'} ({result['alive']} up through {result['window_s']} s): "
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
                   f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call; "

@@ -248,19 +248,36 @@ async def test_chromium_dtmf_reaches_wacall_in_order(settings, chromium):
         await call.hangup()
 
 
-def chromium_threads() -> list[tuple[int, str]]:
-    """(tid, name) of every thread of every Chromium process on this machine."""
-    out = []
+def chromium_threads(host: ChromiumHost) -> list[tuple[int, str]]:
+    """(tid, name) of every thread of this host's Chromium: the browser process (the
+    one whose command line names the host's fake-capture file, generated in a directory
+    of its own) and its descendants. Other Chromiums on the machine (another test run)
+    are not ours to judge."""
+    parents: dict[int, int] = {}
+    roots = set()
+    mark = f"--use-file-for-fake-audio-capture={host.capture_wav}"
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-            if "chrom" not in os.path.basename(exe):
-                continue
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if mark.encode() in f.read() and "chrom" in os.path.basename(os.readlink(f"/proc/{pid}/exe")):
+                    roots.add(int(pid))
+        except OSError:
+            continue  # gone, or not ours to read
+    ours, grew = set(roots), True
+    while grew:
+        children = {pid for pid, ppid in parents.items() if ppid in ours} - ours
+        ours |= children
+        grew = bool(children)
+    out = []
+    for pid in ours:
+        try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/comm") as f:
                     out.append((int(tid), f.read().strip()))
         except OSError:
-            continue  # gone, or not ours to read
+            continue
     return out
 
 
@@ -272,7 +289,7 @@ async def test_chromium_runs_as_a_background_process_during_a_call(settings, chr
         call, sandbox_call, phone = await connected_call(service, sources=[ToneSource(1000, 0.5)])
         await asyncio.wait_for(phone.connected.wait(), TIMEOUT)
         await call.wait_playback()
-        threads = chromium_threads()
+        threads = chromium_threads(chromium)
         policies = {}
         for tid, name in threads:
             with contextlib.suppress(OSError):
@@ -280,5 +297,10 @@ async def test_chromium_runs_as_a_background_process_during_a_call(settings, chr
         await call.hangup()
     assert any("Audio" in name for name in policies), sorted(policies)  # the call's audio threads
     realtime = {n for n, (policy, _) in policies.items() if policy in (os.SCHED_RR, os.SCHED_FIFO)}
+    if not chromium.realtime_dropped:
+        # root without CAP_SETPCAP: CAP_SYS_NICE cannot be dropped, and with it Chromium
+        # sets its own thread priorities (real-time audio, nice -8). Logged at launch.
+        pytest.skip(f"this machine does not let wacall drop Chromium's CAP_SYS_NICE "
+                    f"(real-time threads: {sorted(realtime)})")
     assert not realtime
     assert {nice for _, nice in policies.values()} == {10}

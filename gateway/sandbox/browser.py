@@ -137,6 +137,8 @@ class ChromiumHost:
     ):
         self.prewarm = prewarm
         self.background = background
+        #: Whether Chromium runs without CAP_SYS_NICE (no real-time threads); see _launcher.
+        self.realtime_dropped = False
         self._warm: asyncio.Future | None = None
         self.executable_path = executable_path or os.environ.get("WACALL_CHROMIUM") or DEFAULT_CHROMIUM
         self.extra_args = tuple(extra_args)
@@ -174,7 +176,7 @@ class ChromiumHost:
         try:
             self._playwright = await async_playwright().start()
             self.browser = await self._playwright.chromium.launch(
-                executable_path=self._launcher(),
+                executable_path=await self._launcher(),
                 headless=True,
                 args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={self.capture_wav}",
                       *self.extra_args],
@@ -190,7 +192,7 @@ class ChromiumHost:
             self._warm = asyncio.ensure_future(self._open_page())
         return self
 
-    def _launcher(self) -> str:
+    async def _launcher(self) -> str:
         """The program Playwright starts: Chromium itself, or (``background``, on Linux)
         a small script that starts it as a background process of this machine.
 
@@ -199,19 +201,33 @@ class ChromiumHost:
         (SCHED_RR, which needs CAP_SYS_NICE), and while it sets up a call its threads
         pre-empt the gateway for 100-600 ms: the gateway then sends its 20 ms packets late
         in bursts, exactly what a loaded phone would *not* cause. So the script drops
-        CAP_SYS_NICE (``setpriv``, no real-time threads) and raises the niceness to 10:
-        the gateway keeps its schedule and Chromium still gets every idle cycle.
-        Measured on 2 cores: the gateway's send lateness went from up to 640 ms to 0 ms.
+        CAP_SYS_NICE (``setpriv``, no real-time threads; :attr:`realtime_dropped` says
+        whether that was possible here) and raises the niceness to 10: the gateway keeps
+        its schedule and Chromium still gets every idle cycle. Measured on 2 cores: the
+        gateway's send lateness went from up to 640 ms to 0 ms.
         """
+        self.realtime_dropped = os.name == "posix" and os.geteuid() != 0  # no CAP_SYS_NICE anyway
         if not self.background or os.name != "posix":
             return self.executable_path
         nice = shutil.which("nice")
-        setpriv = shutil.which("setpriv")
         if nice is None:
             return self.executable_path
         command = [nice, "-n", "10"]
+        setpriv = shutil.which("setpriv")
         if setpriv is not None and os.geteuid() == 0:
-            command += [setpriv, "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"]
+            drop = [setpriv, "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"]
+            # Dropping from the bounding set needs CAP_SETPCAP (and setpriv may not say
+            # when it could not): look at what a program started that way really has.
+            probe = await asyncio.create_subprocess_exec(
+                *drop, "cat", "/proc/self/status",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            status, _ = await probe.communicate()
+            if probe.returncode == 0 and not _has_capability(status.decode(), CAP_SYS_NICE):
+                command += drop
+                self.realtime_dropped = True
+            else:
+                log.warning("chromium: cannot drop CAP_SYS_NICE here; its audio threads may "
+                            "run real-time and delay the gateway's packets")
         script = self._tmp / "chromium-background"
         quoted = shlex.join([*command, self.executable_path])
         script.write_text(f'#!/bin/sh\nexec {quoted} "$@"\n')
@@ -625,6 +641,19 @@ class BrowserPhone:
         if context is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(context.close(), 10)
+
+
+#: linux/capability.h
+CAP_SYS_NICE = 23
+
+
+def _has_capability(proc_status: str, cap: int) -> bool:
+    """Whether the permitted or bounding set in a ``/proc/<pid>/status`` text has ``cap``."""
+    for line in proc_status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("CapPrm", "CapBnd") and int(value.strip(), 16) >> cap & 1:
+            return True
+    return False
 
 
 def _first_line(exc: BaseException) -> str:
