@@ -170,8 +170,10 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     profiler = cProfile.Profile()
                     profiler.enable()
                 cpu0, wall0 = cpu_seconds(me), time.monotonic()
+                provider_cpu0 = cpu_seconds(provider.process.pid)
                 await asyncio.sleep(seconds)
                 cpu1, wall1 = cpu_seconds(me), time.monotonic()
+                provider_cpu1 = cpu_seconds(provider.process.pid)
                 if profiler is not None:
                     profiler.disable()
                     profiler.dump_stats(profile)
@@ -194,6 +196,8 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     heard.append(analysis.tone_seconds(x, rate, USER_HZ) / (x.size / rate))
     finally:
         provider.stop()
+    provider_says = [line for line in (run_dir / "provider.log").read_text(errors="replace").splitlines()
+                     if '"WARNING"' in line or '"ERROR"' in line][:5]
     phone_heard = []
     for wav in sorted((run_dir / "provider").rglob("*.wav"))[:4]:
         x, rate = analysis.read_audio(wav)
@@ -210,10 +214,13 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "record": record,
         "alive": alive,
         "ended_early": ended,
+        "provider_warnings": provider_says,
         "window_s": round(wall, 2),
         "cpu_ms_per_call_s": round(cpu_ms_per_call_s, 2),
         "calls_per_core": round(1000 / cpu_ms_per_call_s) if cpu_ms_per_call_s else None,
         "rss_mb_per_call": round((rss - base_rss) / n, 2),
+        "gateway_cores": round((cpu1 - cpu0) / wall, 2),
+        "provider_cores": round((provider_cpu1 - provider_cpu0) / wall, 2),
         "sent_frames": sum(p["frames"] for p in pacing),
         "underruns": sum(p["underruns"] for p in pacing),
         "max_late_ms": round(max(p["max_late_ms"] for p in pacing), 1),
@@ -236,9 +243,12 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                 continue
             if result["ended_early"]:
                 print(f"     ended before the hang-up: {result['ended_early']}")
+                for line in result["provider_warnings"]:
+                    print(f"     provider: {line[:300]}")
             print(f"{n:4d} calls{'' if record else ' (no recording)'} ({result['alive']} up through {result['window_s']} s): "
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
                   f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call; "
+                  f"cores busy: gateway {result['gateway_cores']}, provider+phones {result['provider_cores']}; "
                   f"sends: {result['underruns']} underruns of {result['sent_frames']}, worst "
                   f"{result['max_late_ms']} ms late (median call {result['p50_call_max_late_ms']} ms); "
                   f"received: {result['concealed_pct']} % concealed; tones found: user's in "
