@@ -235,6 +235,7 @@ async def test_chromium_dtmf_reaches_wacall_in_order(settings, chromium):
     async with browser_service(settings, chromium) as service:
         call, sandbox_call, phone = await connected_call(service)
         assert call.peer.dtmf_payload_type is not None  # Chromium kept telephone-event/8000
+        await asyncio.wait_for(phone.connected.wait(), TIMEOUT)
         await phone.press("159#*0AD")
 
         async def received():
@@ -303,4 +304,6 @@ async def test_chromium_runs_as_a_background_process_during_a_call(settings, chr
         pytest.skip(f"this machine does not let wacall drop Chromium's CAP_SYS_NICE "
                     f"(real-time threads: {sorted(realtime)})")
     assert not realtime
-    assert {nice for _, nice in policies.values()} == {10}
+    # none above the niceness it was started with (threads may lower their own priority:
+    # Chromium's background workers can go nicer still)
+    assert min(nice for _, nice in policies.values()) == 10, policies
