@@ -3,6 +3,10 @@
 import asyncio
 import socket
 
+import numpy as np
+
+from media import analysis
+
 TIMEOUT = 20
 
 
@@ -65,3 +69,24 @@ class ToneEars:
         import numpy as np
 
         return np.concatenate(self.frames) if self.frames else np.zeros(0, np.int16)
+
+
+def tone_seconds(path, freq: float) -> float:
+    """Seconds of ``freq`` in an audio file (see :func:`media.analysis.tone_seconds`)."""
+    x, rate = analysis.read_audio(path)
+    return analysis.tone_seconds(x, rate, freq)
+
+
+def segments_frequency(x: np.ndarray, rate: int, freq: float) -> float | None:
+    """The measured frequency of the windows of ``x`` where ``freq`` plays (None if absent)."""
+    segments = analysis.tone_segments(x, rate, freq)
+    if not segments:
+        return None
+    parts = [x[int(start * rate): int(end * rate)] for start, end in segments]
+    return analysis.dominant_frequency(np.concatenate(parts), rate)
+
+
+def tone_frequency(path, freq: float) -> float | None:
+    """:func:`segments_frequency` of an audio file."""
+    x, rate = analysis.read_audio(path)
+    return segments_frequency(x, rate, freq)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from gateway.sandbox.netem import (
 from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.tone import SilenceSource, ToneSource
-from tests.helpers import drain
+from tests.helpers import drain, segments_frequency, tone_frequency, tone_seconds
 from tests.media_call import read_wav
 
 USER = "+4915112345678"
@@ -290,23 +290,6 @@ USER_TONE_S = 2.0
 HOLD_S = 6.0
 
 
-def tone_seconds(path, freq):
-    x, rate = analysis.read_audio(path)
-    return analysis.tone_seconds(x, rate, freq)
-
-
-def tone_frequency(path, freq):
-    """The measured frequency of the windows where ``freq`` plays (None if absent)."""
-    x, rate = analysis.read_audio(path)
-    segments = analysis.tone_segments(x, rate, freq)
-    if not segments:
-        return None
-    import numpy as np
-
-    parts = [x[int(s * rate): int(e * rate)] for s, e in segments]
-    return analysis.dominant_frequency(np.concatenate(parts), rate)
-
-
 class FirstFrameClock:
     """A sink that notes when the first received frame was played (loop clock)."""
 
@@ -452,9 +435,7 @@ def test_stereo_recording_is_aligned_on_the_wall_clock_through_loss(impaired_cal
     stereo, rate = read_wav(call.stereo)
     x = stereo[:, 0].astype(np.float32) / 32768  # left: the user
     assert analysis.tone_seconds(x, rate, 600) == pytest.approx(USER_TONE_S, abs=0.15)
-    segments = analysis.tone_segments(x, rate, 600)
-    tone = np.concatenate([x[int(a * rate): int(b * rate)] for a, b in segments])
-    assert analysis.dominant_frequency(tone, rate) == pytest.approx(600, abs=5)
+    assert segments_frequency(x, rate, 600) == pytest.approx(600, abs=5)
 
 
 # -- a dead network --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from gateway.providers import D360Provider, MetaProvider
 from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.tone import ToneSource
-from tests.helpers import drain
+from tests.helpers import drain, tone_seconds
 
 USER = "+4915112345678"
 TIMEOUT = 20
@@ -23,11 +23,6 @@ TIMEOUT = 20
 async def wait_ended(call, timeout=TIMEOUT):
     await call.wait_state(CallState.ENDED, timeout)
     await call.wait_finished(timeout)
-
-
-def tone_seconds(path, freq):
-    x, rate = analysis.read_audio(path)
-    return analysis.tone_seconds(x, rate, freq)
 
 
 async def test_audio_flows_both_ways_and_playback_waits_for_accept(service, tmp_path):

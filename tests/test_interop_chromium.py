@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 
-import numpy as np
 import pytest
 
 from gateway.app import Service
@@ -23,10 +22,9 @@ from gateway.sandbox.browser import (
     ChromiumUnavailable,
     browser_phone_factory,
 )
-from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.tone import ToneSource
-from tests.helpers import drain
+from tests.helpers import drain, tone_frequency, tone_seconds
 
 USER = "+4915112345678"
 TIMEOUT = 30
@@ -72,19 +70,6 @@ def browser_service(settings, chromium, **phone_kwargs):
             await self.service.stop()
 
     return Ctx()
-
-
-def tone_seconds(path, freq):
-    x, rate = analysis.read_audio(path)
-    return analysis.tone_seconds(x, rate, freq)
-
-
-def tone_frequency(path, freq):
-    x, rate = analysis.read_audio(path)
-    segments = analysis.tone_segments(x, rate, freq)
-    if not segments:
-        return None
-    return analysis.dominant_frequency(np.concatenate([x[int(s * rate): int(e * rate)] for s, e in segments]), rate)
 
 
 async def heard_tone(phone: BrowserPhone, freq: float, min_s: float) -> dict:
