@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.app import Service  # noqa: E402
 from gateway.calls import CallState  # noqa: E402
 from gateway.config import Settings  # noqa: E402
+from gateway.sandbox.browser import write_tone_wav  # noqa: E402
 from media import analysis  # noqa: E402
 from media.sources.prompt import PromptCache  # noqa: E402
 
@@ -61,19 +62,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_tone(path: Path, hz: float, seconds: float) -> Path:
-    import wave
-
-    t = np.arange(int(48_000 * seconds)) / 48_000
-    pcm = (0.3 * 32767 * np.sin(2 * np.pi * hz * t)).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48_000)
-        w.writeframes(pcm.tobytes())
-    return path
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,8 +120,8 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     run_dir.mkdir()
     gateway_port = free_port()
     provider = Provider(run_dir, gateway_port)
-    say = write_tone(run_dir / "user-600hz.wav", USER_HZ, seconds + 30)
-    prompt_file = write_tone(run_dir / "prompt-1khz.wav", BUSINESS_HZ, seconds + 30)
+    say = write_tone_wav(run_dir / "user-600hz.wav", USER_HZ, seconds + 30, amplitude=0.3)
+    prompt_file = write_tone_wav(run_dir / "prompt-1khz.wav", BUSINESS_HZ, seconds + 30, amplitude=0.3)
     users = [f"+1555031{i:04d}" for i in range(n)]
     try:
         async with aiohttp.ClientSession() as session:

@@ -52,22 +52,11 @@ from media.frames import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from media.opus import OpusEncoder, OpusSettings  # noqa: E402
 from media.receiver import OpusReceiver  # noqa: E402
 from media.taps import RtpTap  # noqa: E402
+# bench/ is on sys.path when this runs as a script
+from media_cost import speechlike  # noqa: E402
 
 FRAME_S = 0.02
 PT = 111
-
-
-def speechlike(seconds: float, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    f0 = 130 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
-    x = sum(np.sin(k * phase) / k for k in range(1, 12))
-    envelope = np.clip(np.sin(2 * np.pi * 2.5 * t), 0, None) ** 0.5
-    envelope *= np.sin(2 * np.pi * 0.2 * t) > -0.6
-    x = x * envelope + rng.normal(0, 0.02, n)
-    return (x / np.abs(x).max() * 0.5 * 32767).astype(np.int16)
 
 
 def opus_payloads(settings: OpusSettings, seconds: float = 10.0) -> list[bytes]:
