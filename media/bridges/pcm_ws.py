@@ -98,13 +98,7 @@ class PcmBridge(WebSocketBridge):
             self._bot_audio(pcm.astype(np.int16) if not _LITTLE else pcm, received_at)
         return None
 
-    def _on_text(self, data: str, received_at: float) -> str | None:
-        try:
-            message = json.loads(data)
-            event = message["event"]
-        except (ValueError, TypeError, KeyError):
-            self.stats.ignored_messages += 1
-            return None
+    def _on_event(self, event: object, message: dict, received_at: float) -> str | None:
         if event == "clear":
             self._bot_clear()
         elif event == "mark":

@@ -129,13 +129,7 @@ class TwilioBridge(WebSocketBridge):
 
     # -- from the bot -------------------------------------------------------------------
 
-    def _on_text(self, data: str, received_at: float) -> str | None:
-        try:
-            message = json.loads(data)
-            event = message["event"]
-        except (ValueError, TypeError, KeyError):
-            self.stats.ignored_messages += 1
-            return None
+    def _on_event(self, event: object, message: dict, received_at: float) -> str | None:
         if event == "media":
             try:
                 ulaw = base64.b64decode(message["media"]["payload"])

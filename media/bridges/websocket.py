@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -100,7 +101,19 @@ class WebSocketBridge(Bridge):
                 return reason
 
     def _on_text(self, data: str, received_at: float) -> str | None:
-        """Handle a text message; return a reason to end the bridge (bot hang-up)."""
+        """Handle a text message: a JSON object with an ``"event"`` (what both JSON bot
+        protocols send), handed to :meth:`_on_event`; anything else is ignored (counted).
+        Returns a reason to end the bridge (bot hang-up)."""
+        try:
+            message = json.loads(data)
+            event = message["event"]
+        except (ValueError, TypeError, KeyError):
+            self.stats.ignored_messages += 1
+            return None
+        return self._on_event(event, message, received_at)
+
+    def _on_event(self, event: object, message: dict, received_at: float) -> str | None:
+        """One ``{"event": ...}`` message from the bot; return a reason to end the bridge."""
         self.stats.ignored_messages += 1
         return None
 
