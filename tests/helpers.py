@@ -27,6 +27,28 @@ async def drain(*peers, frames: int = 8, timeout: float = TIMEOUT) -> None:
     await until(lambda: all(p.received.frames >= target for p, target in targets), timeout)
 
 
+class Conditions:
+    """Wait for conditions over some changing state without polling: the owner calls
+    :meth:`changed` whenever the state changes; :meth:`until` returns once ``pred()``
+    holds (checked then), or raises TimeoutError after ``timeout``."""
+
+    def __init__(self) -> None:
+        self._waiters: list[tuple[object, asyncio.Future]] = []
+
+    def changed(self) -> None:
+        for pred, fut in list(self._waiters):
+            if not fut.done() and pred():
+                fut.set_result(None)
+                self._waiters.remove((pred, fut))
+
+    async def until(self, pred, timeout: float = TIMEOUT) -> None:
+        if pred():
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((pred, fut))
+        await asyncio.wait_for(fut, timeout)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:

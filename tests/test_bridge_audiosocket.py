@@ -20,7 +20,7 @@ from media.bridges.audiosocket import session_uuid_for
 from media.peer import MediaPeer
 from media.sources.tone import ToneSource
 from media_call import LOOPBACK, TIMEOUT, call_pair
-from tests.helpers import ToneEars
+from tests.helpers import Conditions, ToneEars
 
 CALLER_HZ = 600.0
 BOT_HZ = 1000.0
@@ -37,7 +37,7 @@ class AudioSocketServer:
         self.heard_frames = 0
         self.writer: asyncio.StreamWriter | None = None
         self._connected = asyncio.Event()
-        self._waiters: list[tuple[object, asyncio.Future]] = []
+        self._conditions = Conditions()
         self._phase = 0.0
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
@@ -68,10 +68,10 @@ class AudioSocketServer:
                 self.frames.append((kind, payload))
                 if kind in KIND_RATE and self.reply_kind is not None:
                     await self._answer(np.frombuffer(payload, "<i2").astype(np.float64), KIND_RATE[kind])
-                self._check()
+                self._conditions.changed()
         except (asyncio.IncompleteReadError, ConnectionError):
             self.eof.set()
-            self._check()
+            self._conditions.changed()
 
     async def _answer(self, pcm: np.ndarray, rate: int) -> None:
         power = np.abs(np.fft.rfft(pcm * np.hanning(pcm.size))) ** 2
@@ -87,18 +87,8 @@ class AudioSocketServer:
     def send(self, kind: int, payload: bytes = b"") -> None:
         self.writer.write(struct.pack("!BH", kind, len(payload)) + payload)
 
-    def _check(self) -> None:
-        for pred, fut in list(self._waiters):
-            if not fut.done() and pred():
-                fut.set_result(None)
-                self._waiters.remove((pred, fut))
-
     async def until(self, pred, timeout: float = TIMEOUT) -> None:
-        if pred():
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((pred, fut))
-        await asyncio.wait_for(fut, timeout)
+        await self._conditions.until(pred, timeout)
 
     async def connected(self) -> None:
         await asyncio.wait_for(self._connected.wait(), TIMEOUT)

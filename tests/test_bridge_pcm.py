@@ -15,7 +15,7 @@ from media import analysis
 from media.bridges import PcmBridge, make_bridge
 from media.sources.tone import ToneSource
 from media_call import TIMEOUT, call_pair
-from tests.helpers import ToneEars
+from tests.helpers import Conditions, ToneEars
 
 CALLER_HZ = 600.0
 BOT_HZ = 1000.0
@@ -32,7 +32,7 @@ class PcmBot:
         self.ws: web.WebSocketResponse | None = None
         self.socket_closed = asyncio.Event()
         self._connected = asyncio.Event()
-        self._waiters: list[tuple[object, asyncio.Future]] = []
+        self._conditions = Conditions()
         self._phase = 0.0
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -71,7 +71,7 @@ class PcmBot:
                 self.frames.append(msg.data)
                 if self.respond:
                     await self._answer(np.frombuffer(msg.data, "<i2").astype(np.float64))
-            self._check()
+            self._conditions.changed()
         self.socket_closed.set()
         return ws
 
@@ -87,18 +87,8 @@ class PcmBot:
             self._phase = (self._phase + step * pcm.size) % (2 * np.pi)
             await self.ws.send_bytes(tone.astype("<i2").tobytes())
 
-    def _check(self) -> None:
-        for pred, fut in list(self._waiters):
-            if not fut.done() and pred():
-                fut.set_result(None)
-                self._waiters.remove((pred, fut))
-
     async def until(self, pred, timeout: float = TIMEOUT) -> None:
-        if pred():
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((pred, fut))
-        await asyncio.wait_for(fut, timeout)
+        await self._conditions.until(pred, timeout)
 
     def events(self, name: str) -> list[dict]:
         return [m for _, m in self.texts if m["event"] == name]

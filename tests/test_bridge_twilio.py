@@ -25,6 +25,7 @@ from media.g711 import decode_ulaw, encode_ulaw
 from media.peer import MediaPeer
 from media.sources.tone import ToneSource
 from media_call import LOOPBACK, TIMEOUT, call_pair
+from tests.helpers import Conditions
 
 CALLER_HZ = 600.0
 CALL_ID = "CA9b2e00000000000000000000000000aa"
@@ -126,25 +127,18 @@ class Tap:
     def __init__(self, track) -> None:
         self.track = track
         self.rows: list[tuple[float, np.ndarray]] = []
-        self._waiters: list[tuple[object, asyncio.Future]] = []
+        self._conditions = Conditions()
 
     def write(self, pcm, sample_rate, channels=1) -> None:
         self.rows.append((self.track.sent_at, pcm.copy()))
-        for pred, fut in list(self._waiters):
-            if not fut.done() and pred():
-                fut.set_result(None)
-                self._waiters.remove((pred, fut))
+        self._conditions.changed()
 
     def close(self) -> None:
         pass
 
     async def until(self, pred, timeout: float = TIMEOUT) -> None:
         """Wait until ``pred()`` holds, checked as each frame is sent."""
-        if pred():
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((pred, fut))
-        await asyncio.wait_for(fut, timeout)
+        await self._conditions.until(pred, timeout)
 
     async def loud_frames(self, n: int) -> None:
         await self.until(lambda: sum(1 for _, pcm in self.rows if loud(pcm)) >= n)
