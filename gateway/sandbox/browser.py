@@ -88,12 +88,7 @@ def write_tone_wav(path: str | os.PathLike[str], freq_hz: float = CAPTURE_HZ, se
     n = int(round(seconds * rate))
     x = np.rint(amplitude * 32767 * np.sin(2 * np.pi * freq_hz * np.arange(n) / rate)).astype("<i2")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(x.tobytes())
+    _write_pcm_wav(path, x, rate)
     return path
 
 
