@@ -179,7 +179,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 await asyncio.gather(*(c.wait_finished(30) for c in calls))
                 heard = []
                 for c in sample if record else ():
-                    user_wav = Path(c.recorder.paths["user_wav"])
+                    user_wav = Path(c.recording_files["user_wav"])
                     x, rate = analysis.read_audio(user_wav)
                     heard.append(analysis.tone_seconds(x, rate, USER_HZ) / (x.size / rate))
     finally:

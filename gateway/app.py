@@ -141,11 +141,12 @@ class Service:
             rtp_timeout_s=settings.rtp_timeout_s, max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
             inbound_policy=inbound_policy(settings, library), gate=self.gate,
             speech_events=settings.speech_events,
-            permission_wait_s=settings.permission_wait_s)
+            permission_wait_s=settings.permission_wait_s, history=settings.call_history)
         self.manager.subscribe(self.gate.observe)
         self._recordings_maintenance(startup=True)
         self.manager.subscribe(lambda call, entry: entry.name == "ended" and self._recordings_maintenance())
-        self.events = EventFanout(settings.event_webhooks, settings.event_secret)
+        self.events = EventFanout(settings.event_webhooks, settings.event_secret,
+                                  history=settings.event_history)
         self.events.start()
         self.manager.subscribe(CallTelemetry(self.manager, self.metrics, self.events))
         self.app = create_app(settings, self.manager, library, self.metrics, self.events, self.gate,

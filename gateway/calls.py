@@ -167,6 +167,14 @@ class Call:
         self.finished = asyncio.Event()  # set once media and recordings are closed
         self.media_stats: dict = {}
         self.recorder = None  # a media.sinks.recorder.CallRecorder once record_to() is called
+        #: The recording's files by kind (``user_wav``, ``stereo_wav``, ``user_ogg``,
+        #: ``sidecar``), kept after the call ends (when the recorder itself is let go).
+        self.recording_files: dict[str, Path] = {}
+        self._recordings: list[str] | None = None  # recording_paths() once ended
+        #: What the far side's audio amounted to (frames received); kept after the end.
+        self.received = peer.received
+        #: Seconds played to the user (set when the call ends).
+        self.played_s = 0.0
         self.bot = bot  # gateway.bots.BotSpec
         self.bridge = None  # its media.bridges.Bridge once started
         #: The SDP we sent (offer or answer), as the provider received it.
@@ -176,6 +184,9 @@ class Call:
         #: Digits received from the user, in order (RFC 4733 and, if enabled, in-band).
         self.dtmf_received: list[str] = []
         peer.on_dtmf(self._on_dtmf)
+        #: Why the recording stopped early (``{"code", "reason"}``), e.g. a full disk.
+        self.recording_error: dict[str, str] | None = None
+        peer.on_sink_fault(self._on_sink_fault)
         if manager.speech_events:
             from media.sinks.meter import SpeechDetector
 
@@ -233,7 +244,7 @@ class Call:
 
     async def _dial(self, provider: CallingProvider) -> None:
         try:
-            offer = await self.peer.create_offer()
+            offer = await self.peer.create_offer()  # (the peer is let go only by _end)
         except MediaError as exc:
             await self._end(EndReason.MEDIA_FAILURE, detail=str(exc))
             return
@@ -263,13 +274,14 @@ class Call:
             except BridgeUnavailable as exc:
                 await self._end(EndReason.BOT_FAILURE, notify_provider=True, detail=str(exc))
                 return
+        peer = self.peer  # _end lets go of self.peer while we wait
         try:
-            answer = await self.peer.accept_offer(offer)
+            answer = await peer.accept_offer(offer)
             self.local_sdp = answer
             self._mark("answer_created")
             await provider.pre_accept(self.wacid, answer)
             self._mark("pre_accepted")
-            await self.peer.media_up(self._media_timeout_s)
+            await peer.media_up(self._media_timeout_s)
             if self.ended:
                 return
             self._media_ready = True
@@ -313,9 +325,10 @@ class Call:
         self._spawn(self._bring_media_up(event.sdp))
 
     async def _bring_media_up(self, answer: str) -> None:
+        peer = self.peer  # _end lets go of self.peer while we wait
         try:
-            await self.peer.apply_answer(answer)
-            await self.peer.media_up(self._media_timeout_s)
+            await peer.apply_answer(answer)
+            await peer.media_up(self._media_timeout_s)
         except MediaError as exc:
             await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=str(exc))
             return
@@ -332,10 +345,11 @@ class Call:
         leaves ICE and DTLS "connected" for a long time; silence from WhatsApp is still
         RTP, so a stall means the path is gone)."""
         timeout = self._manager.rtp_timeout_s
-        last_frames, last_change = self.peer.received.frames, time.monotonic()
+        received = self.received
+        last_frames, last_change = received.frames, time.monotonic()
         while not (self.ended or self._ending):
             await asyncio.sleep(min(1.0, timeout / 4))
-            frames = self.peer.received.frames
+            frames = received.frames
             now = time.monotonic()
             if frames != last_frames:
                 last_frames, last_change = frames, now
@@ -398,6 +412,8 @@ class Call:
         """Attach the voice bot; when it hangs up (or fails), end the WhatsApp call."""
         from .bots import BridgeUnavailable
 
+        if self.ended or self._ending:
+            return
         self.bridge = bridge = self.bot.bridge()
         parameters = {"wacall_call_id": self.id, "whatsapp_call_id": self.wacid or "",
                       "direction": self.direction.value, "user": "+" + self.user.lstrip("+"),
@@ -423,6 +439,21 @@ class Call:
         if not (self.ended or self._ending):
             self._mark(f"speech_{event.kind}", audio_s=round(event.at_s, 3),
                        level_dbfs=round(event.level_dbfs, 1))
+
+    def _on_sink_fault(self, fault) -> None:
+        """A sink raised and was detached (media.sinkset); the audio goes on. A file
+        recording among them makes the recording fail; the recorder reports for itself."""
+        if self.recorder is not None and self.recorder.owns(fault.sink):
+            return
+        if getattr(fault.sink, "path", None) is not None:
+            self._recording_failed({"code": fault.code, "reason": fault.reason})
+
+    def _recording_failed(self, error: dict[str, str]) -> None:
+        if self.recording_error is not None:
+            return
+        self.recording_error = error
+        if not self.ended:
+            self._mark("recording_failed", error=error)
 
     def _on_dtmf(self, event) -> None:
         if self.ended or self._ending:
@@ -534,6 +565,7 @@ class Call:
                     self.log.warning("call %s: %s failed: %s", self.id,
                                 "reject" if inbound_unaccepted else "terminate", exc)
         finally:
+            self._release_media()
             self.state = CallState.ENDED
             self._mark(CallState.ENDED.value, **info)
             self.log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
@@ -541,9 +573,30 @@ class Call:
             self.finished.set()
             self._manager._forget_later(self)
 
+    def _release_media(self) -> None:
+        """The call is over: keep what describes it (statistics, file paths, seconds
+        played), let go of every media object (peer, recorder, bridge, sources), so an
+        ended call kept in the history holds no codec context, buffer or socket."""
+        peer = self.peer
+        if peer is not None:
+            self.received = peer.received
+            if not self.media_stats:
+                self.media_stats = peer.stats()
+        self.peer = None
+        self._recordings = self.recording_paths()
+        if self.recorder is not None:
+            self.recording_files = dict(self.recorder.paths)
+        self.recorder = None
+        self.bridge = None
+        self.sinks = []
+        self.played_s = round(sum(p.seconds for p in self.playbacks), 3)
+        self.playbacks = []
+        for name in list(self._timers):
+            self._cancel_timer(name)
+
     async def refresh_stats(self) -> dict:
         """Read the media statistics now (kept after the call ends)."""
-        if not self.peer.closed:
+        if self.peer is not None and not self.peer.closed:
             try:
                 self.media_stats = await asyncio.wait_for(self.peer.get_stats(), 2.0)
             except (asyncio.TimeoutError, Exception):  # stats must never break a call
@@ -560,16 +613,26 @@ class Call:
 
         self.recorder = CallRecorder(Path(directory) / self.id, call_id=self.id,
                                      meta={"direction": self.direction.value, "wacid": self.wacid})
+        self.recorder.on_error = self._recording_failed
         self.recorder.attach(self.peer)
+        self.recording_files = dict(self.recorder.paths)
         return self.recorder.directory
 
     # -- reporting -----------------------------------------------------------------------
 
     def recording_paths(self) -> list[str]:
+        if self._recordings is not None:  # the call is over
+            return list(self._recordings)
         paths = [str(s.path) for s in self.sinks if getattr(s, "path", None) is not None]
         if self.recorder is not None:
             paths += [str(p) for p in self.recorder.paths.values()]
         return paths
+
+    def _recording_summary(self) -> dict | None:
+        if not self.recording_files and self.recording_error is None:
+            return None
+        return {"files": {kind: str(path) for kind, path in self.recording_files.items()},
+                "error": self.recording_error}
 
     def summary(self) -> dict:
         connected = None
@@ -591,5 +654,6 @@ class Call:
             "timeline": [e.as_dict() for e in self.timeline],
             "recordings": self.recording_paths(),
             "dtmf_received": "".join(self.dtmf_received),
-            "media": self.media_stats or self.peer.stats(),
+            "recording": self._recording_summary(),
+            "media": self.media_stats or (self.peer.stats() if self.peer is not None else {}),
         }

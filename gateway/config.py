@@ -70,6 +70,16 @@ def _positive(kind: type) -> Callable[[Any], Any]:
     return parse
 
 
+def _non_negative(kind: type) -> Callable[[Any], Any]:
+    def parse(raw: Any) -> Any:
+        value = kind(raw)
+        if value < 0:
+            raise ValueError(f"must be zero or more, got {raw!r}")
+        return value
+
+    return parse
+
+
 def _choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         value = str(raw).strip().lower()
@@ -146,6 +156,13 @@ class Settings:
     #: Sandbox only: where the sandbox POSTs its webhooks (default: this service's own
     #: ``/webhooks/whatsapp``). Lets a separate ``wacall call`` process use the sandbox.
     sandbox_webhook_url: str | None = None
+    #: Ended calls kept in memory for ``GET /v1/calls`` and late webhooks (oldest go first).
+    call_history: int = 1000
+    #: Events kept for SSE replay (``Last-Event-ID``).
+    event_history: int = 1000
+    #: Below this much free space in the data dir, recording is refused (507) and
+    #: ``/readyz`` is 503. The default holds ~5 minutes of 100 recorded calls.
+    min_free_mb: int = 256
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, config_file: str | Path | None = None) -> Settings:
@@ -268,6 +285,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "permission_reconcile": _bool,
     "permission_wait_s": _positive(float),
     "sandbox_webhook_url": str,
+    "call_history": _non_negative(int),
+    "event_history": _non_negative(int),
+    "min_free_mb": _non_negative(int),
 }
 
 

@@ -86,12 +86,12 @@ async def run_demo(settings: Settings, *, play: Path | None, phone_play: Path | 
                 phone_recording = sandbox_call.phone.recording_path
             if phone_recording is not None and phone_recording.exists():
                 shutil.move(phone_recording, out / "phone.wav")
-            if call.recorder is not None:  # the QA recordings: stereo and the user's Opus
-                for name, target in (("stereo_wav", "stereo.wav"), ("user_ogg", "call.ogg")):
-                    source_path = call.recorder.paths.get(name)
-                    if source_path is not None and source_path.exists():
-                        shutil.copyfile(source_path, out / target)
-    played_s = sum(p.seconds for p in call.playbacks)
+            # The QA recordings: stereo and the user's Opus.
+            for name, target in (("stereo_wav", "stereo.wav"), ("user_ogg", "call.ogg")):
+                source_path = call.recording_files.get(name)
+                if source_path is not None and source_path.exists():
+                    shutil.copyfile(source_path, out / target)
+    played_s = call.played_s
     summary = call.summary()
     summary["setup_ms"] = _setup_ms(call)
     summary["audio"] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,6 @@ class CallManager:
     #: HTTP response of ``connect``).
     EARLY_EVENT_TTL_S = 60.0
     MAX_EARLY_EVENTS = 1000
-    #: Ended calls kept for routing late events and for inspection.
-    MAX_ENDED_CALLS = 1000
 
     def __init__(
         self,
@@ -61,6 +59,7 @@ class CallManager:
         speech_events: bool = False,
         gate: Any = None,
         permission_wait_s: float = 3600.0,
+        history: int = 1000,
     ):
         self.provider = provider
         #: The permission gate (:class:`gateway.gatekeeper.Gatekeeper`), if any.
@@ -76,7 +75,15 @@ class CallManager:
         self.ring_timeout_s = ring_timeout_s
         self.max_duration_s = max_duration_s
         self.closing = False
+        if history < 0:
+            raise ValueError("history must be zero or more")
+        #: Ended calls kept in memory (for ``GET /v1/calls``, late events, inspection);
+        #: an ended call holds only data (its media was let go when it ended).
+        self.history = history
+        #: Live calls and the last ``history`` ended ones, oldest first.
         self.calls: OrderedDict[str, Call] = OrderedDict()
+        self._live: dict[str, Call] = {}
+        self._ended: deque[Call] = deque()
         self._by_wacid: dict[str, Call] = {}
         self._early: OrderedDict[str, list[tuple[float, Any]]] = OrderedDict()
         self._listeners: list[Listener] = []
@@ -176,11 +183,11 @@ class CallManager:
             except ProviderError:
                 await call._end(EndReason.PROVIDER_ERROR)
                 raise
-            self.calls[call.id] = call
+            self._track(call)
             call._mark("permission_requested", message_id=message_id)
             call._spawn(self._dial_when_granted(call, permission_wait_s or self.permission_wait_s))
             return call
-        self.calls[call.id] = call
+        self._track(call)
         await self._dial(call)
         return call
 
@@ -253,7 +260,7 @@ class CallManager:
             wacid=event.call_id,
             bot=plan.bot if plan else None,
         )
-        self.calls[call.id] = call
+        self._track(call)
         self._by_wacid[call.wacid] = call
         call.log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))
         if plan is None:
@@ -274,19 +281,27 @@ class CallManager:
         self._early.setdefault(call_id, []).append((now, event))
         log.debug("buffered %s for not-yet-known call %s", type(event).__name__, call_id)
 
+    def _track(self, call: Call) -> None:
+        self.calls[call.id] = call
+        self._live[call.id] = call
+
     def _forget_later(self, call: Call) -> None:
-        ended = [c for c in self.calls.values() if c.ended]
-        for old in ended[: max(0, len(ended) - self.MAX_ENDED_CALLS)]:
+        """``call`` ended: it leaves the live map and joins the capped history."""
+        if self._live.pop(call.id, None) is None:
+            return
+        self._ended.append(call)
+        while len(self._ended) > self.history:
+            old = self._ended.popleft()
             self.calls.pop(old.id, None)
-            if old.wacid:
-                self._by_wacid.pop(old.wacid, None)
+            if old.wacid and self._by_wacid.get(old.wacid) is old:
+                del self._by_wacid[old.wacid]
 
     def get(self, call_id: str) -> Call | None:
         return self.calls.get(call_id) or self._by_wacid.get(call_id)
 
     @property
     def live_calls(self) -> list[Call]:
-        return [c for c in self.calls.values() if not c.ended]
+        return list(self._live.values())
 
     async def shutdown(self) -> None:
         """Hang up every live call through the provider and close their media."""

@@ -650,6 +650,14 @@ class PeerDtmf:
                 tick.owner.exception()  # retrieved: no "never retrieved" warning
         self._ticks.clear()
 
+    def release(self) -> None:
+        """After :meth:`close`: forget subscribers and aiortc objects (the hooks on
+        the call's transports go with them)."""
+        self.close()
+        self._callbacks = []
+        self._sender = self._send_transport = self._receive_transport = None
+        self._rx.clear()
+
 
 # -- in-band tones ---------------------------------------------------------------------
 

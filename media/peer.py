@@ -44,6 +44,7 @@ from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
 from .frames import FRAME_MS, SAMPLE_RATE, Sink, Source
 from .opus import OpusSettings
 from .receiver import OpusReceiver, aiortc_problems as receiver_problems
+from .sinkset import SinkFault, SinkSet
 from .taps import RtpTap
 from .track import OutboundAudioTrack, Playback
 
@@ -130,7 +131,12 @@ class MediaPeer:
         self.received = ReceiveStats()
         #: The far side's Opus payloads before decoding (see media.taps).
         self.rtp_tap = RtpTap()
-        self._sinks: list[Sink] = []
+        self._sinks = SinkSet("receive", label=label, on_fault=self._sink_fault)
+        self.outbound.sinks.label = label
+        self.outbound.sinks.on_fault = self._sink_fault
+        self.rtp_tap.label = label
+        self.rtp_tap.on_fault = self._sink_fault
+        self._fault_handlers: list[Callable[[SinkFault], None]] = []
         self._pump: asyncio.Task | None = None
         #: Our receive path (media.receiver), when PeerConfig.receive == "wacall".
         self._receiver: OpusReceiver | None = None
@@ -141,7 +147,7 @@ class MediaPeer:
         self._pc.on("track", self._on_track)
         self._dtmf = PeerDtmf(label)
         if self.config.inband_dtmf:
-            self._sinks.append(GoertzelDtmfDetector(self._dtmf.emit))
+            self._sinks.add(GoertzelDtmfDetector(self._dtmf.emit))
 
     # -- signalling ----------------------------------------------------------------------
 
@@ -239,7 +245,18 @@ class MediaPeer:
         self.outbound.clear()
 
     def add_sink(self, sink: Sink) -> None:
-        self._sinks.append(sink)
+        """Hand ``sink`` every received frame (see :mod:`media.sinkset`: a sink that
+        raises is detached and reported through :meth:`on_sink_fault`)."""
+        self._sinks.add(sink)
+
+    def on_sink_fault(self, callback: Callable[[SinkFault], None]) -> None:
+        """Call ``callback(SinkFault)`` when a sink, outbound tap or RTP listener of
+        this peer raised and was detached (the audio goes on)."""
+        self._fault_handlers.append(callback)
+
+    def _sink_fault(self, fault: SinkFault) -> None:
+        for callback in self._fault_handlers:
+            callback(fault)
 
     # -- DTMF (see media.dtmf) -----------------------------------------------------------
 
@@ -263,8 +280,7 @@ class MediaPeer:
         await self._dtmf.send(digits, duration_ms, gap_ms, self._ended)
 
     def remove_sink(self, sink: Sink) -> None:
-        if sink in self._sinks:
-            self._sinks.remove(sink)
+        self._sinks.remove(sink)
 
     def add_outbound_sink(self, sink: Sink) -> None:
         """Tap what we send: ``sink`` gets every outgoing frame as it goes out (see
@@ -318,8 +334,7 @@ class MediaPeer:
         received = self.received
         received.frames += 1
         received.pts = pts
-        for sink in self._sinks:
-            sink.write(pcm, SAMPLE_RATE, 1)
+        self._sinks.write(pcm, SAMPLE_RATE, 1)
 
     async def _receive(self, track: MediaStreamTrack) -> None:
         try:
@@ -331,8 +346,7 @@ class MediaPeer:
                 channels = len(frame.layout.channels)
                 self.received.frames += 1
                 self.received.pts = frame.pts
-                for sink in self._sinks:
-                    sink.write(pcm, frame.sample_rate, channels)
+                self._sinks.write(pcm, frame.sample_rate, channels)
         except MediaStreamError:
             pass
 
@@ -369,7 +383,24 @@ class MediaPeer:
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
-        for sink in self._sinks:
-            sink.close()
+            self._pump = None
+        for sink in self._sinks.clear():
+            try:
+                sink.close()
+            except Exception:  # one sink failing to close must not keep the others open
+                log.exception("%s: closing a sink failed", self.label)
         if not self._ended.done():
             self._ended.set_result("closed")
+        self._release()
+
+    def _release(self) -> None:
+        """Drop what a closed peer no longer needs (codec contexts, buffers, callbacks
+        registered on aiortc objects), so that whatever still refers to this peer
+        keeps only its statistics alive."""
+        self._pc.remove_all_listeners()
+        self._fault_handlers = []
+        self.outbound.release()
+        self.rtp_tap.release()
+        self._dtmf.release()
+        if self._receiver is not None:
+            self._receiver.release()

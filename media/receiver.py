@@ -239,6 +239,7 @@ class OpusReceiver:
         self.fallback = False
         self.resyncs = 0
         self.errors = 0
+        self._released_errors = 0  # decode errors of a decoder freed by release()
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -302,6 +303,15 @@ class OpusReceiver:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def release(self) -> None:
+        """After :meth:`close`: free the decoder (libopus context) and the buffered
+        packets; statistics stay readable."""
+        self.close()
+        if self.decoder is not None:
+            self._released_errors += self.decoder.errors
+        self.decoder = None
+        self._carry = None
 
     # -- packets -----------------------------------------------------------------------
 
@@ -436,6 +446,6 @@ class OpusReceiver:
 
     def stats(self) -> dict:
         out = self.buffer.stats.as_dict()
-        out["decode_errors"] = self.decoder.errors if self.decoder is not None else 0
+        out["decode_errors"] = self._released_errors + (self.decoder.errors if self.decoder is not None else 0)
         out["resyncs"] = self.resyncs
         return out

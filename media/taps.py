@@ -28,6 +28,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .sinkset import SinkFault, report
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RtpArrival", "RtpTap"]
@@ -57,6 +59,9 @@ Listener = Callable[[RtpArrival], None]
 class RtpTap:
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        #: A listener that raises is removed and reported here (see media.sinkset).
+        self.on_fault: Callable[[SinkFault], None] | None = None
+        self.label = "peer"
         self._receiver = None
         self._original = None
         self._opus_types: dict[int, bool] = {}
@@ -94,6 +99,13 @@ class RtpTap:
             except AttributeError:
                 pass
             self._receiver = None
+
+    def release(self) -> None:
+        """The call is over: drop listeners and the arrival times (counters stay)."""
+        self._listeners = []
+        self.on_fault = None
+        self._times = {}
+        self._order = collections.deque()
 
     # -- consumers -------------------------------------------------------------------
 
@@ -164,7 +176,11 @@ class RtpTap:
                     times.pop(order.popleft(), None)
             if self._listeners:
                 event = RtpArrival(packet.payload, pts, packet.sequence_number, at, packet.marker)
-                for listener in self._listeners:
-                    listener(event)
+                for listener in tuple(self._listeners):
+                    try:
+                        listener(event)
+                    except Exception as exc:  # noqa: BLE001 - never into the receive path
+                        self.remove_listener(listener)
+                        report(SinkFault(listener, exc, "rtp"), self.label, self.on_fault)
         except Exception:  # a tap must never break the receive path
-            log.exception("RTP tap listener failed")
+            log.exception("RTP tap failed")

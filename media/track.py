@@ -38,6 +38,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Sink, Source, silence
 from .mix import Playback, PlayQueue
 from .opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
+from .sinkset import SinkSet
 
 __all__ = ["OutboundAudioTrack", "PacingStats", "Playback", "FRAME_S"]
 
@@ -129,7 +130,9 @@ class OutboundAudioTrack(MediaStreamTrack):
         self.stats = PacingStats()
         self._silence = silence()
         self._silence.flags.writeable = False
-        self._sinks: list[Sink] = []
+        #: Outbound taps; one that raises is detached (see media.sinkset), the send
+        #: loop never sees the error. Set ``sinks.on_fault`` to hear about it.
+        self.sinks = SinkSet("send")
         #: ``pts`` (samples at 48 kHz) and loop time of the frame being sent.
         self.sent_pts = 0
         self.sent_at = 0.0
@@ -162,11 +165,10 @@ class OutboundAudioTrack(MediaStreamTrack):
         Sinks run on the event loop inside the pacing path: they must be cheap and must
         not modify or keep the frame (copy it). ``sent_pts``/``sent_at`` give the frame's
         position on the stream timeline and its loop time."""
-        self._sinks.append(sink)
+        self.sinks.add(sink)
 
     def remove_sink(self, sink: Sink) -> None:
-        if sink in self._sinks:
-            self._sinks.remove(sink)
+        self.sinks.remove(sink)
 
     # -- aiortc side ------------------------------------------------------------------
 
@@ -179,6 +181,13 @@ class OutboundAudioTrack(MediaStreamTrack):
     def stop(self) -> None:
         self.clear()
         super().stop()
+
+    def release(self) -> None:
+        """After :meth:`stop`: free the encoder and the taps (statistics stay)."""
+        self.stop()
+        self._encoder = None
+        self.sinks.clear()
+        self.sinks.on_fault = None
 
     def next_frame(self) -> av.Packet | av.AudioFrame:
         """Produce the next frame now (no pacing): what :meth:`recv` returns once the
@@ -214,9 +223,8 @@ class OutboundAudioTrack(MediaStreamTrack):
         self._index += 1
         stats.frames += 1
         self.sent_pts = pts
-        if self._sinks:
-            for sink in self._sinks:
-                sink.write(pcm, SAMPLE_RATE, 1)
+        if self.sinks:
+            self.sinks.write(pcm, SAMPLE_RATE, 1)
         return out
 
     async def _wait_for_slot(self) -> None:

@@ -357,11 +357,11 @@ async def run_impaired_call(tmp: Path, impairment: Impairment, seed: int) -> Imp
             connected_s=summary["connected_seconds"], recording=recording, recording_s=x.size / rate,
             phone_recording=Path(sandbox_call.phone.recording_path),
             relay_stats={k: v.as_dict() for k, v in relays[0].stats().items()},
-            gateway_frames=call.peer.received.frames, phone_frames=sandbox_call.phone.peer.received.frames,
+            gateway_frames=call.received.frames, phone_frames=sandbox_call.phone.received.frames,
             media_up_s=call.elapsed_until("media_up") - call.elapsed_until("offer_created"),
             played_span_s=hangup_at - clock.first_at, final_delay_s=playout.get("delay_s") or 0.0,
-            playout=playout, sidecar=json.loads((call.recorder.directory / "recording.json").read_text()),
-            stereo=call.recorder.paths["stereo_wav"])
+            playout=playout, sidecar=json.loads(call.recording_files["sidecar"].read_text()),
+            stereo=call.recording_files["stereo_wav"])
 
 
 @pytest.fixture(scope="module")

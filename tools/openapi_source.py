@@ -258,6 +258,19 @@ doc = {
                     "timeline": {"type": "array", "items": ref("TimelineEntry")},
                     "recordings": {"type": "array", "items": {"type": "string"}},
                     "dtmf_received": {"type": "string", "description": "Digits the user pressed, in order"},
+                    "recording": nullable({
+                        "type": "object", "required": ["files", "error"],
+                        "description": "The QA recording (null when the call is not recorded)",
+                        "properties": {
+                            "files": {"type": "object", "additionalProperties": {"type": "string"},
+                                      "description": "user_wav, stereo_wav, user_ogg, sidecar"},
+                            "error": nullable({
+                                "type": "object", "required": ["code", "reason"],
+                                "description": "Why the recording stopped early; the call went on",
+                                "properties": {"code": {"type": "string",
+                                                        "enum": ["disk_full", "io_error", "sink_error"]},
+                                               "reason": {"type": "string"}}}),
+                        }}),
                     "media": {"type": "object"},
                 },
             },

@@ -410,6 +410,7 @@ class BrowserPhone:
         self.await_remote_close_s = await_remote_close_s
         self.gather_timeout_s = gather_timeout_s
         self.peer = _PeerView("browser phone")
+        self.received = self.peer.received
         loop = asyncio.get_running_loop()
         #: Resolves with the seconds said once the user's audio has been played out.
         self.said: asyncio.Future[float] = loop.create_future()

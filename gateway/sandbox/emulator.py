@@ -85,7 +85,7 @@ class SandboxCall:
             "accepted": self.accepted_at is not None,
             "duration_s": self.duration,
             "phone_recording": str(self.phone.recording_path),
-            "heard_seconds": round(self.phone.peer.received.seconds, 3),
+            "heard_seconds": round(self.phone.received.seconds, 3),
             "dtmf_received": "".join(self.phone.dtmf_received),
         }
 

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 class Phone:
     def __init__(self, peer_config: PeerConfig, *, recording_path: Path, say: str | None = None):
-        self.peer = MediaPeer(peer_config, label="sandbox phone")
+        self.peer: MediaPeer | None = MediaPeer(peer_config, label="sandbox phone")
+        #: What the phone heard (frames, seconds); kept when the peer is let go.
+        self.received = self.peer.received
         self.recording_path = recording_path
         self.recorder = WavSink(recording_path)
         self.peer.add_sink(self.recorder)
@@ -58,7 +60,10 @@ class Phone:
         return self._task
 
     async def _talk(self, media_timeout_s: float) -> None:
-        await self.peer.media_up(media_timeout_s)
+        peer = self.peer
+        await peer.media_up(media_timeout_s)
+        if self.peer is None:  # hung up meanwhile
+            return
         if self._say_source is None:
             self.said.set_result(0.0)
             return
@@ -78,11 +83,17 @@ class Phone:
             await self.peer.send_dtmf(digits)
 
     async def hang_up(self) -> None:
+        """End the phone's side: close its media and let go of the peer (the sandbox
+        keeps ended calls for inspection; they must not keep codecs and sockets)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        await self.peer.close()
+        peer = self.peer
+        if peer is not None:
+            await peer.close()
+        self.peer = self.recorder = None
         if self._say_source is not None:
             self._say_source.close()
+            self._say_source = None
         if not self.said.done():
             self.said.set_result(0.0)
 

@@ -220,6 +220,23 @@ class OggOpusWriter:
             os.close(self._fd)
             self._fd = None
 
+    def abort(self) -> None:
+        """Stop after a write failed (e.g. a full disk): write nothing more, close, and
+        cut a torn last page, so the file plays up to its last whole page. Never raises."""
+        fd, self._fd = self._fd, None
+        self._body.clear()
+        self._segments.clear()
+        if fd is None:
+            return
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        try:
+            repair_ogg(self.path)
+        except (OSError, ValueError):
+            pass
+
 
 class OggOpusPassthrough:
     """An :class:`media.taps.RtpTap` listener storing received Opus payloads unchanged.
@@ -296,6 +313,15 @@ class OggOpusPassthrough:
         self._held.clear()
         self.writer.close()
 
+    def abort(self) -> None:
+        """Close without writing more (after a write failed); see :meth:`OggOpusWriter.abort`."""
+        self._closed = True
+        self._held.clear()
+        self.writer.abort()
+
+    def fail(self, exc: BaseException) -> None:
+        self.abort()
+
 
 class OggOpusSink:
     """A :class:`~media.frames.Sink` encoding 48 kHz frames (mono mix) to Ogg/Opus."""
@@ -369,6 +395,14 @@ class OggOpusSink:
                 self.writer.write_packet(bytes(packet), FRAME_SAMPLES)
         finally:
             self.writer.close(samples=samples)
+
+    def abort(self) -> None:
+        """Close without writing more (after a write failed); see :meth:`OggOpusWriter.abort`."""
+        self._closed = True
+        self.writer.abort()
+
+    def fail(self, exc: BaseException) -> None:
+        self.abort()
 
 
 def _pages(data: bytes):

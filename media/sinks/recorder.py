@@ -38,12 +38,14 @@ import shutil
 import struct
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 
 from ..frames import FRAME_MS, SAMPLE_RATE
 from ..opus import DEFAULT_SETTINGS, OpusSettings
+from ..sinkset import fault_code
 from .meter import Levels
 from .ogg import OggOpusPassthrough, OggOpusSink, read_ogg_packets, repair_ogg
 from .stereo import AlignedStereoRecorder
@@ -104,6 +106,7 @@ class _UserLeg:
         self._rec = rec
         self.frames = 0
         self.closed = False
+        self._stage = 0  # which file write() was at: 0 user.wav, 1 stereo.wav, 2 user.ogg
         self._acc = np.empty(960, dtype=np.int32)
         self._mono = np.empty(960, dtype=np.int16)
 
@@ -111,6 +114,15 @@ class _UserLeg:
         rec = self._rec
         if self.closed or rec._finished:
             return
+        part = "user.wav"
+        try:
+            self._write(rec, pcm, sample_rate, channels)
+        except Exception as exc:  # noqa: BLE001 - the recording stops, the call goes on
+            part = "stereo.wav" if self._stage == 1 else "user.ogg" if self._stage == 2 else part
+            rec._fail(exc, part)
+
+    def _write(self, rec: CallRecorder, pcm: np.ndarray, sample_rate: int, channels: int) -> None:
+        self._stage = 0
         self.frames += 1
         if channels == 2 and pcm.size == 2 * self._mono.size:
             # aiortc decodes to stereo (both sides equal for a mono stream): mix once
@@ -123,6 +135,7 @@ class _UserLeg:
         if rec._wav is not None:
             rec._wav.write(pcm, sample_rate, channels)
         if rec._stereo is not None:
+            self._stage = 1
             peer = rec._peer
             pts = at = None
             if peer is not None:
@@ -133,6 +146,7 @@ class _UserLeg:
             rec._stereo.left.write_timed(pcm, sample_rate, channels, pts, at)
         else:
             rec._user_levels.add(pcm)
+        self._stage = 2
         if rec._ogg_pending_auto:
             rec._resolve_ogg_mode()
         if rec._ogg_sink is not None:
@@ -158,10 +172,13 @@ class _BusinessLeg:
         self.frames += 1
         if rec._stereo is not None:
             track = rec._peer.outbound if rec._peer is not None else None
-            if track is not None:
-                rec._stereo.right.write_timed(pcm, sample_rate, channels, track.sent_pts, track.sent_at)
-            else:
-                rec._stereo.right.write_timed(pcm, sample_rate, channels, None, None)
+            try:
+                if track is not None:
+                    rec._stereo.right.write_timed(pcm, sample_rate, channels, track.sent_pts, track.sent_at)
+                else:
+                    rec._stereo.right.write_timed(pcm, sample_rate, channels, None, None)
+            except Exception as exc:  # noqa: BLE001 - never into the send path
+                rec._fail(exc, "stereo.wav")
         else:
             rec._business_levels.add(pcm)
 
@@ -212,6 +229,11 @@ class CallRecorder:
         self._finished = False
         self._closed = False
         self.media_stats: dict = {}
+        #: Why the recording stopped early (``{"code": "disk_full" | "io_error" |
+        #: "sink_error", "reason": ...}``), or ``None``.
+        self.error: dict[str, str] | None = None
+        #: Called once with :attr:`error` when the recording fails during the call.
+        self.on_error: Callable[[dict[str, str]], None] | None = None
         self._user_levels = Levels()
         self._business_levels = Levels()
 
@@ -254,7 +276,7 @@ class CallRecorder:
         peer.add_outbound_sink(self.business)
         if self._ogg_requested in ("auto", "passthrough"):
             self._ogg_pass = OggOpusPassthrough(self.paths["user_ogg"], comments=self._ogg_comments)
-            peer.rtp_tap.add_listener(self._ogg_pass)
+            peer.rtp_tap.add_listener(self._ogg_listener)
             self.ogg_mode = "passthrough"
             self._ogg_pending_auto = self._ogg_requested == "auto"
 
@@ -268,10 +290,61 @@ class CallRecorder:
         self._ogg_pending_auto = False
         peer = self._peer
         if self._ogg_pass is not None and self._ogg_pass.packets_received == 0 and peer.rtp_tap.packets == 0:
-            peer.rtp_tap.remove_listener(self._ogg_pass)
+            peer.rtp_tap.remove_listener(self._ogg_listener)
             self._ogg_pass.close()
             self._ogg_pass = None
             self._start_ogg_encode()
+
+    def _ogg_listener(self, arrival) -> None:
+        """RTP tap listener for pass-through Ogg; a write error fails the recording."""
+        ogg = self._ogg_pass
+        if ogg is None or self._finished:
+            return
+        try:
+            ogg.add(arrival.pts, arrival.payload)
+        except Exception as exc:  # noqa: BLE001 - never into the receive path
+            self._fail(exc, "user.ogg")
+
+    def owns(self, sink: object) -> bool:
+        """Whether ``sink`` (a peer sink, outbound tap or RTP listener) is part of this recorder."""
+        return sink is self.user or sink is self.business or sink == self._ogg_listener
+
+    def _detach(self) -> None:
+        peer = self._peer
+        if peer is None:
+            return
+        peer.remove_sink(self.user)
+        peer.remove_outbound_sink(self.business)
+        peer.rtp_tap.remove_listener(self._ogg_listener)
+
+    def _writers(self) -> list:
+        return [w for w in (self._wav, self._stereo, self._ogg_pass, self._ogg_sink) if w is not None]
+
+    def _fail(self, exc: BaseException, part: str) -> None:
+        """A write failed (a full disk, an I/O error): stop recording for good, keep
+        what was written playable (headers fixed, torn pages cut), tell ``on_error``.
+        The call and its audio go on."""
+        if self._finished:
+            return
+        self._finished = True
+        self.ended_at = time.time()
+        reason = f"{part}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+        self.error = {"code": fault_code(exc), "reason": reason}
+        if isinstance(exc, OSError):
+            log.warning("recording of call %s stopped: %s", self.call_id, reason)
+        else:
+            log.error("recording of call %s stopped: %s", self.call_id, reason,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+        self._detach()
+        for writer in self._writers():
+            writer.abort()
+        _ACTIVE.discard(self.directory.resolve())
+        self._write_sidecar()  # may fail on a full disk: the files stand on their own
+        if self.on_error is not None:
+            try:
+                self.on_error(self.error)
+            except Exception:  # noqa: BLE001
+                log.exception("recording error handler failed")
 
     # -- results -----------------------------------------------------------------------
 
@@ -315,6 +388,8 @@ class CallRecorder:
             "levels": {"user": user_levels.as_dict(), "business": business_levels.as_dict()},
             "media_stats": self.media_stats,
         }
+        if self.error is not None:
+            data["error"] = self.error
         if self._stereo is not None:
             data["alignment"] = {
                 "user_first_s": _rel(self._stereo.left.first_at, self._stereo.t0),
@@ -335,8 +410,8 @@ class CallRecorder:
     def _write_sidecar(self) -> None:
         try:
             _write_json(self.paths["sidecar"], self.sidecar())
-        except OSError:
-            log.exception("cannot write the recording sidecar %s", self.paths["sidecar"])
+        except OSError as exc:
+            log.warning("cannot write the recording sidecar %s: %s", self.paths["sidecar"], exc.strerror or exc)
 
     # -- the end -----------------------------------------------------------------------
 
@@ -349,14 +424,16 @@ class CallRecorder:
         peer = self._peer
         if peer is not None:
             peer.remove_outbound_sink(self.business)
-            if self._ogg_pass is not None:
-                peer.rtp_tap.remove_listener(self._ogg_pass)
-        for closer in (self._wav, self._stereo, self._ogg_pass, self._ogg_sink):
-            if closer is not None:
-                try:
-                    closer.close()
-                except OSError:
-                    log.exception("closing a recording of call %s failed", self.call_id)
+            peer.rtp_tap.remove_listener(self._ogg_listener)
+        for closer in self._writers():
+            try:
+                closer.close()
+            except OSError as exc:  # the last flush hit a full disk: keep what is there
+                closer.abort()
+                if self.error is None:
+                    self.error = {"code": fault_code(exc), "reason": f"{closer.path.name}: {exc.strerror or exc}"}
+                    log.warning("recording of call %s: closing %s failed: %s", self.call_id,
+                                closer.path.name, exc.strerror or exc)
         _ACTIVE.discard(self.directory.resolve())
         self._write_sidecar()
 

@@ -248,3 +248,9 @@ class AlignedStereoRecorder:
         finally:
             self.closed = True
             self._writer.close()
+
+    def abort(self) -> None:
+        """Close without writing more (after a write failed); the file keeps what
+        reached the disk, with a header to match (see :meth:`WavWriter.abort`)."""
+        self.closed = True
+        self._writer.abort()

@@ -138,6 +138,23 @@ class WavWriter:
             os.close(self._fd)
             self._fd = None
 
+    def abort(self) -> None:
+        """Stop after a write failed (e.g. a full disk): write nothing more, close the
+        file and make its header match what did reach it, so it plays up to there.
+        Idempotent; never raises."""
+        fd, self._fd = self._fd, None
+        self._used = 0
+        if fd is None:
+            return
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        try:
+            repair_wav(self.path)  # rewrites 8 header bytes in place: no new blocks needed
+        except (OSError, ValueError):
+            pass
+
 
 def repair_wav(path: str | os.PathLike[str]) -> bool:
     """Make a WAV file's RIFF/data lengths match the samples actually in the file.
@@ -277,6 +294,15 @@ class WavSink:
             return
         self._closed = True
         self._wav.close()
+
+    def abort(self) -> None:
+        """Close without writing more (after a write failed); see :meth:`WavWriter.abort`."""
+        self._closed = True
+        self._wav.abort()
+
+    def fail(self, exc: BaseException) -> None:
+        """Detached after ``exc`` (see :mod:`media.sinkset`): keep what was written."""
+        self.abort()
 
     def __enter__(self) -> WavSink:
         return self

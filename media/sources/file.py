@@ -40,6 +40,8 @@ _LAYOUTS = {1: "mono", 2: "stereo"}
 _DIRECT_FORMATS = frozenset({"s16", "s16p", "flt", "fltp"})
 #: Staging buffer size, in frames; grows on its own if a decoder emits bigger chunks.
 _INITIAL_BUFFER_FRAMES = 8
+#: What a closed source's buffers become (their memory is freed at close).
+_EMPTY = np.empty(0, dtype=PCM_DTYPE)
 
 
 def open_audio(path: str | os.PathLike[str]) -> tuple[InputContainer, AudioStream]:
@@ -191,6 +193,9 @@ class FileSource:
         self._done = True
         self._chunks.close()
         self._container.close()
+        # Free the decoder and buffers now, not when the last reference goes.
+        self._chunks = self._container = self._stream = None
+        self._buf = self._scratch = self._scratch16 = self._stereo = _EMPTY
 
     # -- extras ----------------------------------------------------------------------
 
