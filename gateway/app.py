@@ -20,6 +20,7 @@ from .api.routes import ControlApi, auth_middleware
 from .calls import InboundPlan, InboundPolicy
 from .manager import CallManager
 from .config import Settings
+from .disk import DiskGuard, default_min_free_mb
 from .eventbus import EventFanout
 from .gatekeeper import Gatekeeper
 from .permissions import PermissionLedger, PermissionLimits, SystemClock
@@ -48,8 +49,8 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
     def policy(event) -> InboundPlan | None:
         if settings.inbound == "reject":
             return None
-        return InboundPlan(sources=library.sources(settings.inbound_play), record=settings.inbound_record,
-                           bot=bot)
+        return InboundPlan(sources=library.sources(settings.inbound_play), record=bool(settings.inbound_record),
+                           record_required=settings.inbound_record == "required", bot=bot)
 
     return policy
 
@@ -74,9 +75,21 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
 
     async def readyz(request: web.Request) -> web.Response:
         live = len(manager.live_calls)
-        ready = not manager.closing and live < manager.max_calls
-        return web.json_response({"ready": ready, "live_calls": live, "max_calls": manager.max_calls},
-                                 status=200 if ready else 503)
+        reasons = []
+        if manager.closing:
+            reasons.append("shutting down")
+        if live >= manager.max_calls:
+            reasons.append(f"at capacity ({live} of {manager.max_calls} calls live)")
+        body = {"ready": not reasons, "live_calls": live, "max_calls": manager.max_calls}
+        if manager.disk is not None:
+            body["disk"] = disk = manager.disk.status()
+            if disk["low"]:
+                reasons.append(f"low disk: {disk['free_mb']} MB free in the data dir, "
+                               f"below WACALL_MIN_FREE_MB={disk['min_free_mb']}")
+        body["ready"] = not reasons
+        if reasons:
+            body["reason"] = "; ".join(reasons)
+        return web.json_response(body, status=200 if not reasons else 503)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -135,13 +148,19 @@ class Service:
         self.gate = Gatekeeper(self.ledger, self.provider, reconcile=settings.permission_reconcile)
         if settings.callback_permission:
             await self._enable_callback_permission()
+        min_free_mb = settings.min_free_mb
+        if min_free_mb is None:
+            min_free_mb = default_min_free_mb(settings.max_calls, sandbox=self.use_sandbox)
+        self.disk = DiskGuard(settings.data_dir, min_free_mb)
+        self.metrics.watch_disk(self.disk.free_bytes, self.disk.min_free_bytes)
         self.manager = CallManager(
             self.provider, peer_config=settings.peer_config(),
             ring_timeout_s=settings.ring_timeout_s, max_duration_s=settings.max_duration_s,
             rtp_timeout_s=settings.rtp_timeout_s, max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
             inbound_policy=inbound_policy(settings, library), gate=self.gate,
             speech_events=settings.speech_events,
-            permission_wait_s=settings.permission_wait_s, history=settings.call_history)
+            permission_wait_s=settings.permission_wait_s, history=settings.call_history,
+            disk=self.disk)
         self.manager.subscribe(self.gate.observe)
         self._recordings_maintenance(startup=True)
         self.manager.subscribe(lambda call, entry: entry.name == "ended" and self._recordings_maintenance())

@@ -85,6 +85,9 @@ class InboundPlan:
     sources: list[Source] = field(default_factory=list)
     sinks: list[Sink] = field(default_factory=list)
     record: bool = False
+    #: With ``record``: reject the call rather than answer it unrecorded when
+    #: recording cannot start (low disk).
+    record_required: bool = False
     biz_opaque_callback_data: str | None = None
     max_duration_s: float | None = None
     #: A voice bot that takes the call (:class:`gateway.bots.BotSpec`).

@@ -22,6 +22,7 @@ from media.sources.file import FileSource
 from . import logs
 from .app import Service
 from .calls import CallState
+from .disk import LowDiskError
 from .config import ConfigError, Settings
 from .errors import ProviderError
 from .permissions import iso
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         retry = getattr(exc, "retry_at", None)
         print(f"wacall: {exc.code}: {exc.message}" + (f" - {exc.resolution}" if exc.resolution else "")
               + (f" (possible again at {iso(retry)})" if retry else ""), file=sys.stderr)
+        return 1
+    except LowDiskError as exc:
+        print(f"wacall: {exc.message} - {exc.resolution}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -80,6 +80,12 @@ def _non_negative(kind: type) -> Callable[[Any], Any]:
     return parse
 
 
+def _record_policy(raw: Any) -> bool | str:
+    if str(raw).strip().lower() == "required":
+        return "required"
+    return _bool(raw)
+
+
 def _choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         value = str(raw).strip().lower()
@@ -131,7 +137,9 @@ class Settings:
     max_calls: int = 100
     inbound: str = "answer"
     inbound_play: list[str] = field(default_factory=list)
-    inbound_record: bool = True
+    #: Record callers: ``true`` (answered unrecorded when the disk is low), ``false``,
+    #: or ``required`` (rejected when recording cannot start).
+    inbound_record: bool | str = True
     #: Route inbound calls to this voice bot (``ws://…`` or ``tcp://host:port``).
     inbound_bot_url: str | None = None
     inbound_bot_protocol: str = "twilio"
@@ -161,8 +169,8 @@ class Settings:
     #: Events kept for SSE replay (``Last-Event-ID``).
     event_history: int = 1000
     #: Below this much free space in the data dir, recording is refused (507) and
-    #: ``/readyz`` is 503. The default holds ~5 minutes of 100 recorded calls.
-    min_free_mb: int = 256
+    #: ``/readyz`` is 503. Unset: two minutes of recording at ``max_calls`` (see gateway.disk).
+    min_free_mb: int | None = None
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, config_file: str | Path | None = None) -> Settings:
@@ -270,7 +278,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_calls": int,
     "inbound": _choice(INBOUND),
     "inbound_play": _list,
-    "inbound_record": _bool,
+    "inbound_record": _record_policy,
     "inbound_bot_url": str,
     "inbound_bot_protocol": _choice(("twilio", "pcm", "audiosocket")),
     "event_webhooks": _list,

@@ -130,6 +130,8 @@ class Gatekeeper:
             waiters = self._waiters.get(user, [])
             if future in waiters:
                 waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(user, None)  # no key left behind per user asked
 
     def handle_event(self, event) -> bool:
         """Apply a permission webhook; True if it was one."""

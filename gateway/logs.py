@@ -34,6 +34,7 @@ __all__ = [
     "HumanFormatter",
     "JsonFormatter",
     "RedactingFilter",
+    "RepeatFilter",
     "bind_call_id",
     "configure",
     "current_call_id",
@@ -256,6 +257,75 @@ class HumanFormatter(logging.Formatter):
 _HANDLER_MARK = "_wacall_handler"
 
 
+class RepeatFilter(logging.Filter):
+    """Folds a flood of one log line into that line plus a count.
+
+    Lines are "the same" when logger, level, message template (before ``%`` args) and
+    call id agree. The first passes; repeats within ``window_s`` are dropped and
+    counted; the count is written as one line (``… repeated N times in the last 60 s``)
+    when the window ends, on the next record this filter sees, or at :meth:`flush`.
+    At most ``max_keys`` distinct lines are tracked (the oldest are summarised and
+    forgotten first)."""
+
+    def __init__(self, handler: logging.Handler | None = None, *, window_s: float = 60.0,
+                 max_keys: int = 1024, clock=None) -> None:
+        super().__init__()
+        import time
+
+        self.handler = handler
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._clock = clock or time.monotonic
+        #: key -> [window start, repeats dropped, last dropped record]
+        self._seen: dict[tuple, list] = {}
+        self._next_sweep = 0.0
+        #: Lines dropped since start.
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_wacall_repeat_summary", False):
+            return True
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        key = (record.name, record.levelno, str(record.msg), _record_call_id(record))
+        seen = self._seen.get(key)
+        if seen is None or now - seen[0] >= self.window_s:
+            if seen is not None:
+                self._summarise(key, seen)
+            self._seen[key] = [now, 0, None]
+            if len(self._seen) > self.max_keys:
+                oldest = next(iter(self._seen))
+                self._summarise(oldest, self._seen.pop(oldest))
+            return True
+        seen[1] += 1
+        seen[2] = record
+        self.suppressed += 1
+        return False
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + min(1.0, self.window_s)
+        for key in [k for k, v in self._seen.items() if now - v[0] >= self.window_s]:
+            self._summarise(key, self._seen.pop(key))
+
+    def _summarise(self, key: tuple, seen: list) -> None:
+        count, last = seen[1], seen[2]
+        if not count or last is None or self.handler is None:
+            return
+        summary = logging.makeLogRecord(last.__dict__)
+        summary.msg = "%s (repeated %d times in the last %d s)"
+        summary.args = (last.getMessage(), count, round(self.window_s))
+        summary.exc_info = summary.exc_text = summary.stack_info = None
+        summary._wacall_repeat_summary = True
+        self.handler.handle(summary)
+        seen[1], seen[2] = 0, None
+
+    def flush(self) -> None:
+        """Write the counts of every open window now (e.g. at shutdown)."""
+        for key, seen in list(self._seen.items()):
+            self._summarise(key, seen)
+
+
 def configure(
     json: bool = True,
     level: int | str = logging.INFO,
@@ -275,9 +345,13 @@ def configure(
     for old in list(root.handlers):
         if getattr(old, _HANDLER_MARK, False):
             root.removeHandler(old)
+            for f in old.filters:
+                if isinstance(f, RepeatFilter):
+                    f.flush()
             old.close()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(RepeatFilter(handler))  # before redaction: the template is the key
     handler.addFilter(RedactingFilter(secrets))
     handler.setFormatter(JsonFormatter() if json else HumanFormatter())
     root.addHandler(handler)

@@ -28,6 +28,7 @@ from .calls import (
     Listener,
     TimelineEntry,
 )
+from .disk import DiskGuard
 from .errors import ProviderError
 from .events import CallConnect, Direction
 from .providers.base import CallingProvider
@@ -60,6 +61,7 @@ class CallManager:
         gate: Any = None,
         permission_wait_s: float = 3600.0,
         history: int = 1000,
+        disk: DiskGuard | None = None,
     ):
         self.provider = provider
         #: The permission gate (:class:`gateway.gatekeeper.Gatekeeper`), if any.
@@ -75,6 +77,8 @@ class CallManager:
         self.ring_timeout_s = ring_timeout_s
         self.max_duration_s = max_duration_s
         self.closing = False
+        #: Free space in the data dir (recordings are refused below its reserve).
+        self.disk = disk
         if history < 0:
             raise ValueError("history must be zero or more")
         #: Ended calls kept in memory (for ``GET /v1/calls``, late events, inspection);
@@ -138,6 +142,13 @@ class CallManager:
         a decline or no answer within ``permission_wait_s`` ends it."""
         if if_no_permission not in ("fail", "request"):
             raise ValueError("if_no_permission must be 'fail' or 'request'")
+        if record and self.disk is not None:
+            try:
+                self.disk.check_recording()  # LowDiskError: nothing placed
+            except Exception:
+                for source in sources:
+                    source.close()
+                raise
         if bot is not None:  # no bot, no call: probe it before anything is placed
             from .bots import probe
 
@@ -267,7 +278,17 @@ class CallManager:
             call._spawn(call._end(EndReason.DECLINED, notify_provider=True))
             return
         if plan.record:
-            call.record_to(self.recordings_dir)
+            if self.disk is not None and self.disk.low:
+                if plan.record_required:
+                    log.warning("inbound call %s: recording required but the disk is low, rejecting",
+                                event.call_id)
+                    call._spawn(call._end(EndReason.DECLINED, notify_provider=True,
+                                          detail="low disk: recording is required and cannot start"))
+                    return
+                call._recording_failed({"code": "low_disk",
+                                        "reason": "the data dir is below WACALL_MIN_FREE_MB: answered unrecorded"})
+            else:
+                call.record_to(self.recordings_dir)
         call._spawn(call._answer(self.provider, event.sdp))
 
     def _buffer_early(self, call_id: str, event) -> None:

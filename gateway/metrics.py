@@ -155,6 +155,18 @@ class Metrics:
             "wacall_events_delivered_total", "Outgoing event webhook deliveries, by result.",
             ["result"], registry=r,
         )
+        self.data_free = Gauge(
+            "wacall_data_free_bytes", "Free bytes in the data dir's file system (recordings).",
+            registry=r,
+        )
+        self.data_min_free = Gauge(
+            "wacall_data_min_free_bytes", "Below this, recordings are refused and /readyz is 503.",
+            registry=r,
+        )
+        self.recording_failures = Counter(
+            "wacall_recording_failures_total", "Recordings stopped early, by code (disk_full...).",
+            ["code"], registry=r,
+        )
         # Caps on label values that outsiders can influence.
         self._direction = _Bounded(8)
         self._state = _Bounded(16)
@@ -163,6 +175,7 @@ class Metrics:
         self._result = _Bounded(16)
         self._code = _Bounded()
         self._delivery = _Bounded(16)
+        self._recording_code = _Bounded(8)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -180,6 +193,14 @@ class Metrics:
 
     def set_live_calls(self, n: int) -> None:
         self.live_calls.set(max(0, int(n)))
+
+    def watch_disk(self, free_bytes: Callable[[], int | None], min_free_bytes: int) -> None:
+        """Read the data dir's free space at every scrape."""
+        self.data_free.set_function(lambda: float(free_bytes() or 0))
+        self.data_min_free.set(min_free_bytes)
+
+    def recording_failed(self, code: str) -> None:
+        self.recording_failures.labels(self._recording_code(code)).inc()
 
     # -- webhooks and provider -----------------------------------------------------------
 

@@ -27,6 +27,8 @@ class CallTelemetry:
         if entry.name in _STATES:
             self.metrics.call_state(direction, entry.name)
         self.metrics.set_live_calls(len(self.manager.live_calls))
+        if entry.name == "recording_failed":
+            self.metrics.recording_failed(str((entry.detail.get("error") or {}).get("code")))
         if entry.name == CallState.ENDED.value:
             self.metrics.call_ended(direction, call.end_reason.value if call.end_reason else None,
                                     call.elapsed_until(CallState.MEDIA_CONNECTED.value))

@@ -51,6 +51,8 @@ doc = {
                     "501": error("A requested feature is not available in this version"),
                     "502": error("The provider refused the call for another reason, or the bot is unreachable"),
                     "503": error("Over capacity or provider unreachable"),
+                    "507": error("Recording asked for, but the data dir is below WACALL_MIN_FREE_MB "
+                                 "(code insufficient_storage); a call without recording still goes through"),
                 },
             },
             "get": {
@@ -268,7 +270,8 @@ doc = {
                                 "type": "object", "required": ["code", "reason"],
                                 "description": "Why the recording stopped early; the call went on",
                                 "properties": {"code": {"type": "string",
-                                                        "enum": ["disk_full", "io_error", "sink_error"]},
+                                                        "enum": ["disk_full", "io_error", "sink_error",
+                                                                 "low_disk"]},
                                                "reason": {"type": "string"}}}),
                         }}),
                     "media": {"type": "object"},

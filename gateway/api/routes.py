@@ -22,6 +22,7 @@ from media.errors import MediaFileError
 from media.bridges import BridgeUnavailable
 
 from ..calls import Call, CallState, CapacityError
+from ..disk import LowDiskError
 from ..manager import CallManager
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
@@ -218,6 +219,8 @@ class ControlApi:
                 permission_wait_s=permission_wait_s, bot=bot)
         except CapacityError as exc:
             return error_response(503, "over_capacity", str(exc), "retry when a call has ended")
+        except LowDiskError as exc:
+            return error_response(507, exc.code, exc.message, exc.resolution)
         except BridgeUnavailable as exc:
             return error_response(502, "bot_unavailable", f"{exc}; the call was not placed",
                                   "check that the bot is running and reachable from wacall")

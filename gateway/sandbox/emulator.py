@@ -19,6 +19,7 @@ Admin routes (sandbox only): ``POST /users/{user}`` sets a user's behaviour,
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
@@ -138,7 +139,10 @@ class Sandbox:
         self.clock = clock or SandboxClock()
         self.messaging = SandboxMessaging(self.users, self.clock, self._deliver, limits=permission_limits,
                                           webhook_shape=permission_webhook_shape)
+        #: Calls by WhatsApp call id: live ones and the last ``max_ended_calls`` ended.
         self.calls: dict[str, SandboxCall] = {}
+        self.max_ended_calls = 1000
+        self._ended: collections.deque[str] = collections.deque()
         self.webhooks_sent = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -505,6 +509,9 @@ class Sandbox:
         call.ended_at = time.time()
         call.end_status = "COMPLETED" if call.accepted_at and not errors else "FAILED"
         await call.phone.hang_up()
+        self._ended.append(call.wacid)
+        while len(self._ended) > self.max_ended_calls:
+            self.calls.pop(self._ended.popleft(), None)
         if call.direction == "BUSINESS_INITIATED":
             await self.messaging.call_outcome(call.user, call.wacid, answered=call.accepted_at is not None)
         call.finished.set()
