@@ -77,6 +77,23 @@ def rss_mb() -> float:
     return float("nan")
 
 
+async def wait_healthy(session: aiohttp.ClientSession, url: str, process: subprocess.Popen,
+                       timeout: float = 30) -> None:
+    """Wait until ``url``/healthz answers 200; fail if ``process`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {process.returncode}")
+        try:
+            async with session.get(f"{url}/healthz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} did not come up")
+
+
 class Provider:
     """``wacall serve --sandbox`` in a child process, its webhooks aimed at us."""
 
@@ -94,18 +111,7 @@ class Provider:
             stderr=(workdir / "provider.log").open("wb"))
 
     async def ready(self, session: aiohttp.ClientSession, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the provider exited with {self.process.returncode}")
-            try:
-                async with session.get(f"{self.url}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise TimeoutError("the provider did not come up")
+        await wait_healthy(session, self.url, self.process, timeout)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

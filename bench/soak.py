@@ -15,8 +15,9 @@ Twilio Media Streams protocol) and recorded. Every call gets a fresh number (the
 a failure.
 
 Printed every 30 s: calls finished, RSS, threads, FDs. At the end: the growth per
-finished call after the warm-up (least-squares slope of RSS over calls finished, and
-first-to-last), threads and FDs (min/max after warm-up), failures.
+finished call after the warm-up (least-squares slope of RSS over calls finished; the
+same for the lowest RSS of each 30 s window, which the gateway's heap trimming makes
+the live set; and first-to-last), threads and FDs (min/max after warm-up), failures.
 
     python bench/soak.py [--minutes 10] [--live 10] [--hold 6] [--warmup 1]
 
@@ -45,6 +46,10 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from load import free_port, wait_healthy  # noqa: E402
+
 from gateway.sandbox.browser import write_tone_wav  # noqa: E402
 
 TOKEN = "soak-token-0123456789abcdef"
@@ -54,14 +59,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MIX = ["business"] * 4 + ["user_hangup"] * 2 + ["rejected"] + ["inbound"] * 2 + ["bot"]
 EXPECTED = {"business": "business_hangup", "user_hangup": "user_hangup", "rejected": "rejected",
             "inbound": "user_hangup", "bot": "business_hangup"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_sample(pid: int) -> tuple[float, int, int]:
@@ -79,21 +76,6 @@ def serve(env: dict, log: Path, sandbox: bool) -> subprocess.Popen:
     args = [sys.executable, "-m", "gateway.cli", "serve"] + (["--sandbox"] if sandbox else [])
     return subprocess.Popen(args, env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=log.open("wb"))
-
-
-async def healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        try:
-            async with http.get(f"{url}/healthz") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"{url} did not come up")
 
 
 class EchoBot:
@@ -170,8 +152,8 @@ class Soak:
                               "WACALL_CALL_HISTORY": "100", "WACALL_EVENT_HISTORY": "100",
                               "WACALL_RECORDING_MAX_COUNT": "200", "WACALL_SPEECH_EVENTS": "true"},
                              work / "gateway.log", sandbox=False)
-        await healthy(http, self.provider_url, self.provider)
-        await healthy(http, self.gateway_url, self.gateway)
+        await wait_healthy(http, self.provider_url, self.provider)
+        await wait_healthy(http, self.gateway_url, self.gateway)
 
     async def user(self, http, **behaviour) -> str:
         number = next(self.numbers)
@@ -287,6 +269,18 @@ class Soak:
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
         calls_after = warm[-1][1] - warm[0][1]
+        # The heap is trimmed every 10 s (gateway.memory), so RSS saw-tooths; the floor
+        # of each 30 s window is what stays live. Its slope is the leak, if any.
+        floors: dict[int, tuple[float, int]] = {}
+        for t, n, rss, _, _ in warm:
+            window = int(t // 30)
+            if window not in floors or rss < floors[window][0]:
+                floors[window] = (rss, n)
+        fx = [n for _, n in floors.values()]
+        fy = [rss for rss, _ in floors.values()]
+        fmx, fmy = sum(fx) / len(fx), sum(fy) / len(fy)
+        floor_slope = (sum((x - fmx) * (y - fmy) for x, y in zip(fx, fy))
+                       / max(1e-9, sum((x - fmx) ** 2 for x in fx)))
         return {
             "minutes": self.args.minutes, "live": self.args.live, "hold_s": self.args.hold,
             "finished": self.finished, "by_kind": self.by_kind, "failures": self.failures[:20],
@@ -294,6 +288,8 @@ class Soak:
             "rss_mb": {"start": round(samples[0][2], 1), "after_warmup": round(warm[0][2], 1),
                        "end": round(warm[-1][2], 1), "max": round(max(s[2] for s in samples), 1)},
             "growth_kb_per_call_slope": round(slope * 1024, 2),
+            "growth_kb_per_call_floor_slope": round(floor_slope * 1024, 2),
+            "rss_floor_mb": [round(min(fy), 1), round(max(fy), 1)],
             "growth_kb_per_call_endpoints": round((warm[-1][2] - warm[0][2]) * 1024 / calls_after, 2),
             "calls_after_warmup": calls_after,
             "threads_after_warmup": [min(s[3] for s in warm), max(s[3] for s in warm)],

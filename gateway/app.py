@@ -9,10 +9,12 @@ be built before the first request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -27,9 +29,12 @@ from .permissions import PermissionLedger, PermissionLimits, SystemClock
 from .metrics import Metrics, metrics_handler
 from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
+from .memory import HeapTrimmer
 from .providers import CallingProvider, make_provider
-from .sandbox.emulator import Sandbox
 from .webhooks import webhook_routes
+
+if TYPE_CHECKING:  # imported at run time only by a sandbox server (Service(sandbox=True))
+    from .sandbox.emulator import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +115,30 @@ class Service:
         self.app: web.Application | None = None
         self.metrics = Metrics()
         self.events: EventFanout | None = None
+        self.library: MediaLibrary | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     async def start(self) -> Service:
+        """Bind the port, build the parts (no I/O), then start them in the order of
+        :meth:`_lifecycle` through aiohttp's ``cleanup_ctx`` (stopped in reverse)."""
+        sock = self._bind()
+        self._build()
+        self.app = create_app(self.settings, self.manager, self.library, self.metrics, self.events,
+                              self.gate, self.sandbox)
+        self.app.cleanup_ctx.extend(self._lifecycle())
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()  # runs each context up to its ``yield``, in order
+        await web.SockSite(self._runner, sock).start()
+        if self.sandbox is not None and self.settings.callback_permission:
+            await self._enable_callback_permission()  # the sandbox answers only now
+        log.info("wacall listening on %s (provider %s%s)", self.url, self.settings.provider,
+                 ", sandbox" if self.sandbox else "")
+        return self
+
+    def _bind(self) -> socket.socket:
+        """Bind first: the sandbox must know where its webhooks go, the provider client
+        where the sandbox is, before anything serves."""
         settings = self.settings
         sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -121,8 +146,16 @@ class Service:
         port = sock.getsockname()[1]
         local_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         self.url = f"http://{local_host}:{port}"
+        return sock
+
+    def _build(self) -> None:
+        """Every part, wired, without I/O: sandbox, provider client, permissions,
+        disk guard, calls, events."""
+        settings = self.settings
         limits = PermissionLimits.meta() if settings.permission_limits == "meta" else PermissionLimits.seed()
         if self.use_sandbox:
+            from .sandbox.emulator import Sandbox
+
             self.sandbox = Sandbox(
                 permission_limits=limits,
                 webhook_url=settings.sandbox_webhook_url or f"{self.url}/webhooks/whatsapp",
@@ -140,14 +173,12 @@ class Service:
                                media_addresses=(["127.0.0.1"] if settings.media_addresses is None
                                                 else settings.media_addresses))
             self.settings = settings
-        library = MediaLibrary(settings.media_root)
+        self.library = MediaLibrary(settings.media_root)
         self.provider = make_provider(settings.provider, **settings.provider_kwargs())
         clock = self.sandbox.clock if self.sandbox else SystemClock()
         self.ledger = PermissionLedger.in_data_dir(settings.data_dir, clock, limits,
                                                    callback_enabled=settings.callback_permission)
         self.gate = Gatekeeper(self.ledger, self.provider, reconcile=settings.permission_reconcile)
-        if settings.callback_permission:
-            await self._enable_callback_permission()
         min_free_mb = settings.min_free_mb
         if min_free_mb is None:
             min_free_mb = default_min_free_mb(settings.max_calls, sandbox=self.use_sandbox)
@@ -157,27 +188,54 @@ class Service:
             self.provider, peer_config=settings.peer_config(),
             ring_timeout_s=settings.ring_timeout_s, max_duration_s=settings.max_duration_s,
             rtp_timeout_s=settings.rtp_timeout_s, max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
-            inbound_policy=inbound_policy(settings, library), gate=self.gate,
+            inbound_policy=inbound_policy(settings, self.library), gate=self.gate,
             speech_events=settings.speech_events,
             permission_wait_s=settings.permission_wait_s, history=settings.call_history,
             disk=self.disk)
-        self.manager.subscribe(self.gate.observe)
-        self._recordings_maintenance(startup=True)
-        self.manager.subscribe(lambda call, entry: entry.name == "ended" and self._recordings_maintenance())
+        self.gate.watch(self.manager)
+        self.trimmer = HeapTrimmer()
+        self.manager.subscribe(self._after_call)
         self.events = EventFanout(settings.event_webhooks, settings.event_secret,
                                   history=settings.event_history)
-        self.events.start()
         self.manager.subscribe(CallTelemetry(self.manager, self.metrics, self.events))
-        self.app = create_app(settings, self.manager, library, self.metrics, self.events, self.gate,
-                              self.sandbox)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
-        if self.sandbox is not None and settings.callback_permission:
-            await self._enable_callback_permission()  # the sandbox answers only now
-        log.info("wacall listening on %s (provider %s%s)", self.url, settings.provider,
-                 ", sandbox" if self.sandbox else "")
-        return self
+
+    def _lifecycle(self) -> list:
+        """The parts' startup and shutdown, in startup order (shutdown runs backwards).
+        Live calls are hung up before this, in :meth:`stop`, while the port still
+        serves (an embedded sandbox receives those hang-ups)."""
+
+        async def sandbox(app: web.Application):
+            yield
+            if self.sandbox is not None:
+                await self.sandbox.close()
+
+        async def provider(app: web.Application):
+            yield
+            await self.provider.close()
+
+        async def permissions(app: web.Application):
+            if self.settings.callback_permission and self.sandbox is None:
+                await self._enable_callback_permission()  # (a sandbox: once it serves)
+            yield
+            self.ledger.store.close()
+
+        async def events(app: web.Application):
+            self.events.start()
+            yield
+            await self.events.close(timeout_s=10.0)  # deliver the last events
+
+        async def recordings(app: web.Application):
+            self._recordings_maintenance(startup=True)  # repair what a crash left
+            yield
+
+        return [sandbox, provider, permissions, events, recordings]
+
+    def _after_call(self, call, entry) -> None:
+        """A call ended: retention (at most once a minute), and give the heap memory it
+        freed back to the system (at most every 10 s, after this callback)."""
+        if entry.name == "ended":
+            self._recordings_maintenance()
+            asyncio.get_running_loop().call_soon(self.trimmer.maybe_trim)
 
     def _recordings_maintenance(self, startup: bool = False) -> None:
         """Repair recordings a killed process left behind (at startup), and apply the
@@ -204,8 +262,6 @@ class Service:
                             len(result["repaired"]), len(result["recovered"]))
 
     async def _enable_callback_permission(self) -> None:
-        if self.sandbox is not None and self._runner is None:
-            return  # not serving yet; done again once the sandbox is reachable
         try:
             await self.provider.update_call_settings({"callback_permission_status": "ENABLED"})
         except Exception as exc:  # a settings failure must not stop the gateway
@@ -213,19 +269,12 @@ class Service:
 
     async def stop(self) -> None:
         """Graceful: hang up live calls through the provider (recordings are closed with
-        them), deliver the last events, then stop serving."""
+        them) while the port still serves, then stop serving and the parts, in reverse
+        order of :meth:`_lifecycle` (the last events are delivered)."""
         if self.manager is not None:
             await self.manager.shutdown()
-        if self.events is not None:
-            await self.events.close(timeout_s=10.0)  # deliver the last events
-        if self.sandbox is not None:
-            await self.sandbox.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.provider is not None:
-            await self.provider.close()
-        if getattr(self, "ledger", None) is not None:
-            self.ledger.store.close()
 
     async def __aenter__(self) -> Service:
         return await self.start()

@@ -30,6 +30,7 @@ from media.frames import Sink, Source
 from media.peer import MediaError, MediaPeer
 from media.track import Playback
 
+from . import call_events as ev
 from .errors import ProviderError
 from .logs import bind_call_id
 from .events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
@@ -100,10 +101,14 @@ InboundPolicy = Callable[[CallConnect], "InboundPlan | None"]
 
 @dataclass(slots=True)
 class TimelineEntry:
+    """One :class:`~gateway.call_events.CallEvent` on the call's timeline, with when."""
+
     name: str
     at: float  # unix time
     elapsed_s: float  # since the call was created
     detail: dict = field(default_factory=dict)
+    #: The typed event this entry records.
+    event: ev.CallEvent | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         out = {
@@ -194,22 +199,25 @@ class Call:
             from media.sinks.meter import SpeechDetector
 
             peer.add_sink(SpeechDetector(on_event=self._on_speech))
-        self._mark(CallState.CREATED.value)
+        self._mark(ev.CallCreated())
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def _mark(self, name: str, **detail: Any) -> TimelineEntry:
+    def _mark(self, event: ev.CallEvent) -> TimelineEntry:
+        """Record ``event`` on the timeline and hand it to the manager's subscribers."""
         now = time.time()
-        entry = TimelineEntry(name, now, time.monotonic() - self._created_mono, detail)
+        entry = TimelineEntry(event.name, now, time.monotonic() - self._created_mono, event.detail(), event)
         self.timeline.append(entry)
         self._manager._notify(self, entry)
         return entry
 
-    def _advance(self, state: CallState, **detail: Any) -> bool:
+    def _advance(self, event: ev.CallEvent) -> bool:
+        """Move forward to ``event.state`` (never back, never after the end begins)."""
+        state = CallState(event.state)
         if self._ending or _ORDER[state] <= _ORDER[self.state]:
             return False
         self.state = state
-        self._mark(state.value, **detail)
+        self._mark(event)
         self.log.info("call %s (%s): %s", self.id, self.wacid or "-", state.value)
         return True
 
@@ -252,14 +260,14 @@ class Call:
             await self._end(EndReason.MEDIA_FAILURE, detail=str(exc))
             return
         self.local_sdp = offer
-        self._mark("offer_created")
+        self._mark(ev.OfferCreated())
         try:
             wacid = await provider.connect(self.user, offer, self.biz_opaque_callback_data)
         except ProviderError as exc:
             await self._end(EndReason.PROVIDER_ERROR, error=exc)
             return
         self.wacid = wacid
-        self._advance(CallState.OFFER_SENT, wacid=wacid)
+        self._advance(ev.OfferSent(wacid=wacid))
         self._start_timer("ring", self._ring_timeout_s, EndReason.RING_TIMEOUT)
 
     # -- inbound setup -------------------------------------------------------------------
@@ -268,7 +276,7 @@ class Call:
         """pre_accept -> media up -> accept, with the same SDP answer both times
         (``sdp_type`` "answer", see the protocol notes). A failure before accept
         rejects the call; the caller hanging up meanwhile just ends it."""
-        self._mark("offer_received")
+        self._mark(ev.OfferReceived())
         if self.bot is not None:
             from .bots import BridgeUnavailable, probe
 
@@ -281,14 +289,14 @@ class Call:
         try:
             answer = await peer.accept_offer(offer)
             self.local_sdp = answer
-            self._mark("answer_created")
+            self._mark(ev.AnswerCreated())
             await provider.pre_accept(self.wacid, answer)
-            self._mark("pre_accepted")
+            self._mark(ev.PreAccepted())
             await peer.media_up(self._media_timeout_s)
             if self.ended:
                 return
             self._media_ready = True
-            self._mark("media_up")
+            self._mark(ev.MediaUp())
             await provider.accept(self.wacid, answer, self.biz_opaque_callback_data)
         except (MediaError, ProviderError) as exc:
             if not self.ended:
@@ -297,7 +305,7 @@ class Call:
                 else:
                     await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=str(exc))
             return
-        if self._advance(CallState.ACCEPTED):
+        if self._advance(ev.Accepted()):
             self._start_timer("max_duration", self._max_duration_s, EndReason.MAX_DURATION)
             self._spawn(self._watch_transport())
             self._spawn(self._watch_rtp())
@@ -324,7 +332,7 @@ class Call:
                                   detail="connect webhook without an SDP answer"))
             return
         self._answer_applied = True
-        self._mark("answer_received")
+        self._mark(ev.AnswerReceived())
         self._spawn(self._bring_media_up(event.sdp))
 
     async def _bring_media_up(self, answer: str) -> None:
@@ -338,7 +346,7 @@ class Call:
         if self.ended:
             return
         self._media_ready = True
-        self._mark("media_up")
+        self._mark(ev.MediaUp())
         self._spawn(self._watch_transport())
         self._spawn(self._watch_rtp())
         self._maybe_connected()
@@ -373,11 +381,11 @@ class Call:
             await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=reason)
 
     def _on_status(self, event: CallStatus) -> None:
-        detail = {"provider_timestamp": event.timestamp} if event.timestamp else {}
+        timestamp = event.timestamp or None
         if event.status is CallStatusKind.RINGING:
-            self._advance(CallState.RINGING, **detail)
+            self._advance(ev.Ringing(timestamp))
         elif event.status is CallStatusKind.ACCEPTED:
-            if self._advance(CallState.ACCEPTED, **detail):
+            if self._advance(ev.Accepted(timestamp)):
                 self._cancel_timer("ring")
                 self._start_timer("max_duration", self._max_duration_s, EndReason.MAX_DURATION)
                 self._maybe_connected()
@@ -404,7 +412,7 @@ class Call:
     def _maybe_connected(self) -> None:
         if self._media_ready and self.state is CallState.ACCEPTED:
             self.connected_at = time.monotonic()
-            self._advance(CallState.MEDIA_CONNECTED)
+            self._advance(ev.MediaConnected())
             for source in self._pending_sources:
                 self.playbacks.append(self.peer.play(source))
             self._pending_sources.clear()
@@ -426,7 +434,7 @@ class Call:
         except BridgeUnavailable as exc:
             await self._end(EndReason.BOT_FAILURE, notify_provider=True, detail=str(exc))
             return
-        self._mark("bot_connected", protocol=self.bot.protocol)
+        self._mark(ev.BotConnected(self.bot.protocol))
         reason = await bridge.closed
         if self.ended or self._ending or bridge.ended_by == "local":
             return
@@ -440,8 +448,8 @@ class Call:
 
     def _on_speech(self, event) -> None:
         if not (self.ended or self._ending):
-            self._mark(f"speech_{event.kind}", audio_s=round(event.at_s, 3),
-                       level_dbfs=round(event.level_dbfs, 1))
+            kind = ev.SpeechStarted if event.kind == "start" else ev.SpeechStopped
+            self._mark(kind(round(event.at_s, 3), round(event.level_dbfs, 1)))
 
     def _on_sink_fault(self, fault) -> None:
         """A sink raised and was detached (media.sinkset); the audio goes on. A file
@@ -456,20 +464,20 @@ class Call:
             return
         self.recording_error = error
         if not self.ended:
-            self._mark("recording_failed", error=error)
+            self._mark(ev.RecordingFailed(error))
 
     def _on_dtmf(self, event) -> None:
         if self.ended or self._ending:
             return
         self.dtmf_received.append(event.digit)
-        self._mark("dtmf", digit=event.digit, duration_ms=event.duration_ms, source=event.source)
+        self._mark(ev.DtmfReceived(event.digit, event.duration_ms, event.source))
 
     async def send_dtmf(self, digits: str, duration_ms: int = 160, gap_ms: int = 80) -> None:
         """Send DTMF digits to the user (RFC 4733 on the audio stream)."""
         if self.state is not CallState.MEDIA_CONNECTED:
             raise RuntimeError(f"call {self.id} is {self.state.value}, not media_connected")
         await self.peer.send_dtmf(digits, duration_ms, gap_ms)
-        self._mark("dtmf_sent", digits=digits)
+        self._mark(ev.DtmfSent(digits))
 
     # -- control -------------------------------------------------------------------------
 
@@ -532,11 +540,6 @@ class Call:
         self.ended_at = time.monotonic()
         for name in list(self._timers):
             self._cancel_timer(name)
-        info: dict[str, Any] = {"reason": reason.value}
-        if error is not None:
-            info["error"] = error.to_dict()
-        if detail:
-            info["detail"] = detail
         # Statistics first, media and recordings closed next, so that the "ended" entry
         # (and the event made from it) carries the statistics and finished files.
         await self.refresh_stats()
@@ -570,7 +573,8 @@ class Call:
         finally:
             self._release_media()
             self.state = CallState.ENDED
-            self._mark(CallState.ENDED.value, **info)
+            self._mark(ev.CallEnded(reason.value, error.to_dict() if error is not None else None,
+                                    detail or None))
             self.log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", reason.value,
                      f" ({self.end_detail})" if self.end_detail else "")
             self.finished.set()

@@ -105,72 +105,87 @@ def _port_range(raw: str | list) -> tuple[int, int]:
     return low, high
 
 
-_SECRETS = {"d360_api_key", "meta_token", "api_token", "app_secret", "verify_token", "event_secret"}
+def setting(default: Any = None, parse: Callable[[Any], Any] = str, *, group: str, secret: bool = False,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """One setting, declared once: its default, how ``WACALL_<NAME>`` / the TOML value is
+    parsed, its concern (``group``) and whether it is a secret (masked when printed)."""
+    meta = {"parse": parse, "group": group, "secret": secret}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(slots=True)
 class Settings:
-    provider: str = "360dialog"
-    base_url: str | None = None
-    d360_api_key: str | None = None
-    meta_token: str | None = None
-    phone_number_id: str | None = None
-    graph_version: str = "v23.0"
-    api_token: str | None = None
-    app_secret: str | None = None
-    verify_token: str | None = None
-    data_dir: Path = field(default_factory=lambda: Path("wacall-data"))
-    media_dir: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 8080
-    ice_servers: list[IceServer] = field(default_factory=list)
-    media_addresses: list[str] | None = None
-    media_port_range: tuple[int, int] | None = None
-    advertised_address: str | None = None
-    ring_timeout_s: float = 60.0
-    max_duration_s: float = 3600.0
-    gather_timeout_s: float = 5.0
-    media_timeout_s: float = 20.0
-    rtp_timeout_s: float = 15.0
-    #: Also detect DTMF sent as audio tones (Goertzel), besides RFC 4733 events.
-    inband_dtmf: bool = False
-    max_calls: int = 100
-    inbound: str = "answer"
-    inbound_play: list[str] = field(default_factory=list)
-    #: Record callers: ``true`` (answered unrecorded when the disk is low), ``false``,
-    #: or ``required`` (rejected when recording cannot start).
-    inbound_record: bool | str = True
-    #: Route inbound calls to this voice bot (``ws://…`` or ``tcp://host:port``).
-    inbound_bot_url: str | None = None
-    inbound_bot_protocol: str = "twilio"
-    event_webhooks: list[str] = field(default_factory=list)
-    event_secret: str | None = None
-    log_format: str = "json"
-    #: Recordings retention (applied at startup and after calls; unset = keep all).
-    recording_max_age_s: float | None = None
-    recording_max_count: int | None = None
-    recording_max_bytes: int | None = None
-    #: Speech start/stop events (energy based) on the user's audio, as call events.
-    speech_events: bool = True
-    #: Permission rules: ``seed`` (2 requests / 7 days, 5 calls / 24 h) or ``meta``.
-    permission_limits: str = "seed"
-    #: Turn ``callback_permission_status`` on at the provider at startup; a user who
-    #: calls the business then grants a temporary permission.
-    callback_permission: bool = False
-    #: Ask the provider's permission-state endpoint before refusing for lack of permission.
-    permission_reconcile: bool = False
-    #: How long a call with ``if_no_permission: request`` waits for the user's answer.
-    permission_wait_s: float = 3600.0
-    #: Sandbox only: where the sandbox POSTs its webhooks (default: this service's own
-    #: ``/webhooks/whatsapp``). Lets a separate ``wacall call`` process use the sandbox.
-    sandbox_webhook_url: str | None = None
-    #: Ended calls kept in memory for ``GET /v1/calls`` and late webhooks (oldest go first).
-    call_history: int = 1000
-    #: Events kept for SSE replay (``Last-Event-ID``).
-    event_history: int = 1000
+    # -- provider: who carries the calls ---------------------------------------------------
+    provider: str = setting("360dialog", _choice(PROVIDERS, {"d360": "360dialog"}), group="provider")
+    base_url: str | None = setting(group="provider")
+    d360_api_key: str | None = setting(group="provider", secret=True)
+    meta_token: str | None = setting(group="provider", secret=True)
+    phone_number_id: str | None = setting(group="provider")
+    graph_version: str = setting("v23.0", group="provider")
+    app_secret: str | None = setting(group="provider", secret=True)
+    verify_token: str | None = setting(group="provider", secret=True)
+    # -- service: HTTP, control API, storage ------------------------------------------------
+    api_token: str | None = setting(group="service", secret=True)
+    data_dir: Path = setting(parse=Path, group="service", factory=lambda: Path("wacall-data"))
+    media_dir: Path | None = setting(parse=Path, group="service")
+    host: str = setting("127.0.0.1", group="service")
+    port: int = setting(8080, int, group="service")
+    log_format: str = setting("json", _choice(("json", "text")), group="service")
     #: Below this much free space in the data dir, recording is refused (507) and
     #: ``/readyz`` is 503. Unset: two minutes of recording at ``max_calls`` (see gateway.disk).
-    min_free_mb: int | None = None
+    min_free_mb: int | None = setting(parse=_non_negative(int), group="service")
+    # -- media: WebRTC and the network -----------------------------------------------------
+    ice_servers: list[IceServer] = setting(parse=parse_ice_servers, group="media", factory=list)
+    media_addresses: list[str] | None = setting(parse=_list, group="media")
+    media_port_range: tuple[int, int] | None = setting(parse=_port_range, group="media")
+    advertised_address: str | None = setting(group="media")
+    gather_timeout_s: float = setting(5.0, _positive(float), group="media")
+    media_timeout_s: float = setting(20.0, _positive(float), group="media")
+    rtp_timeout_s: float = setting(15.0, _positive(float), group="media")
+    #: Also detect DTMF sent as audio tones (Goertzel), besides RFC 4733 events.
+    inband_dtmf: bool = setting(False, _bool, group="media")
+    #: Speech start/stop events (energy based) on the user's audio, as call events.
+    speech_events: bool = setting(True, _bool, group="media")
+    # -- calls -----------------------------------------------------------------------------
+    ring_timeout_s: float = setting(60.0, _positive(float), group="calls")
+    max_duration_s: float = setting(3600.0, _positive(float), group="calls")
+    max_calls: int = setting(100, int, group="calls")
+    #: Ended calls kept in memory for ``GET /v1/calls`` and late webhooks (oldest go first).
+    call_history: int = setting(1000, _non_negative(int), group="calls")
+    # -- inbound calls ---------------------------------------------------------------------
+    inbound: str = setting("answer", _choice(INBOUND), group="inbound")
+    inbound_play: list[str] = setting(parse=_list, group="inbound", factory=list)
+    #: Record callers: ``true`` (answered unrecorded when the disk is low), ``false``,
+    #: or ``required`` (rejected when recording cannot start).
+    inbound_record: bool | str = setting(True, _record_policy, group="inbound")
+    #: Route inbound calls to this voice bot (``ws://…`` or ``tcp://host:port``).
+    inbound_bot_url: str | None = setting(group="inbound")
+    inbound_bot_protocol: str = setting("twilio", _choice(("twilio", "pcm", "audiosocket")), group="inbound")
+    # -- events out ------------------------------------------------------------------------
+    event_webhooks: list[str] = setting(parse=_list, group="events", factory=list)
+    event_secret: str | None = setting(group="events", secret=True)
+    #: Events kept for SSE replay (``Last-Event-ID``).
+    event_history: int = setting(1000, _non_negative(int), group="events")
+    # -- recording retention (applied at startup and after calls; unset = keep all) --------
+    recording_max_age_s: float | None = setting(parse=_positive(float), group="recording")
+    recording_max_count: int | None = setting(parse=_positive(int), group="recording")
+    recording_max_bytes: int | None = setting(parse=_positive(int), group="recording")
+    # -- permissions -----------------------------------------------------------------------
+    #: Permission rules: ``seed`` (2 requests / 7 days, 5 calls / 24 h) or ``meta``.
+    permission_limits: str = setting("seed", _choice(("seed", "meta")), group="permissions")
+    #: Turn ``callback_permission_status`` on at the provider at startup; a user who
+    #: calls the business then grants a temporary permission.
+    callback_permission: bool = setting(False, _bool, group="permissions")
+    #: Ask the provider's permission-state endpoint before refusing for lack of permission.
+    permission_reconcile: bool = setting(False, _bool, group="permissions")
+    #: How long a call with ``if_no_permission: request`` waits for the user's answer.
+    permission_wait_s: float = setting(3600.0, _positive(float), group="permissions")
+    # -- sandbox ---------------------------------------------------------------------------
+    #: Sandbox only: where the sandbox POSTs its webhooks (default: this service's own
+    #: ``/webhooks/whatsapp``). Lets a separate ``wacall call`` process use the sandbox.
+    sandbox_webhook_url: str | None = setting(group="sandbox")
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, config_file: str | Path | None = None) -> Settings:
@@ -251,52 +266,13 @@ class Settings:
         return out
 
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "provider": _choice(PROVIDERS, {"d360": "360dialog"}),
-    "base_url": str,
-    "d360_api_key": str,
-    "meta_token": str,
-    "phone_number_id": str,
-    "graph_version": str,
-    "api_token": str,
-    "app_secret": str,
-    "verify_token": str,
-    "data_dir": Path,
-    "media_dir": Path,
-    "host": str,
-    "port": int,
-    "ice_servers": parse_ice_servers,
-    "media_addresses": _list,
-    "media_port_range": _port_range,
-    "advertised_address": str,
-    "ring_timeout_s": _positive(float),
-    "max_duration_s": _positive(float),
-    "gather_timeout_s": _positive(float),
-    "media_timeout_s": _positive(float),
-    "rtp_timeout_s": _positive(float),
-    "inband_dtmf": _bool,
-    "max_calls": int,
-    "inbound": _choice(INBOUND),
-    "inbound_play": _list,
-    "inbound_record": _record_policy,
-    "inbound_bot_url": str,
-    "inbound_bot_protocol": _choice(("twilio", "pcm", "audiosocket")),
-    "event_webhooks": _list,
-    "event_secret": str,
-    "log_format": _choice(("json", "text")),
-    "recording_max_age_s": _positive(float),
-    "recording_max_count": _positive(int),
-    "recording_max_bytes": _positive(int),
-    "speech_events": _bool,
-    "permission_limits": _choice(("seed", "meta")),
-    "callback_permission": _bool,
-    "permission_reconcile": _bool,
-    "permission_wait_s": _positive(float),
-    "sandbox_webhook_url": str,
-    "call_history": _non_negative(int),
-    "event_history": _non_negative(int),
-    "min_free_mb": _non_negative(int),
-}
+#: How each setting is parsed, from its declaration.
+_PARSERS: dict[str, Callable[[Any], Any]] = {f.name: f.metadata["parse"] for f in fields(Settings)}
+_SECRETS = {f.name for f in fields(Settings) if f.metadata["secret"]}
+#: The settings of each concern, in declaration order.
+GROUPS: dict[str, list[str]] = {}
+for _f in fields(Settings):
+    GROUPS.setdefault(_f.metadata["group"], []).append(_f.name)
 
 
 def _parse(name: str, raw: Any, where: str) -> Any:

@@ -19,7 +19,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .calls import Call, TimelineEntry
+from . import call_events as ev
+from .calls import Call
 from .errors import ProviderError
 from .events import Direction, MessageStatus, PermissionReply, PermissionResponse
 from .permissions import PermissionLedger, PermissionState
@@ -164,25 +165,30 @@ class Gatekeeper:
 
     # -- calls -----------------------------------------------------------------------------
 
-    def observe(self, call: Call, entry: TimelineEntry) -> None:
-        """CallManager listener: count calls as the provider does."""
-        if not call.user or not call.wacid and entry.name != "ended":
+    def watch(self, manager) -> None:
+        """Count calls as the provider does, from the manager's typed call events."""
+        manager.on(ev.CallCreated, ev.OfferSent, ev.Accepted, ev.CallEnded, handler=self.observe)
+
+    def observe(self, call: Call, event: ev.CallEvent) -> None:
+        """A call event: placed, answered, unanswered or refused (outbound); received
+        and answered (inbound)."""
+        if not call.user or not call.wacid and not isinstance(event, ev.CallEnded):
             return
         try:
             user = normalize_number(call.user)
         except ValueError:
             return
         if call.direction is Direction.BUSINESS_INITIATED:
-            if entry.name == "offer_sent":
+            if isinstance(event, ev.OfferSent):
                 self.ledger.call_placed(user, call.wacid)
-            elif entry.name == "accepted":
+            elif isinstance(event, ev.Accepted):
                 self.ledger.call_answered(user, call.wacid)
-            elif entry.name == "ended":
+            elif isinstance(event, ev.CallEnded):
                 if call.error is not None:
                     self.refused(user, call.error)
                 if call.wacid and call.elapsed_until("accepted") is None:
                     self.ledger.call_unanswered(user, call.wacid)
-        elif entry.name == "created":
+        elif isinstance(event, ev.CallCreated):
             self.ledger.inbound_call(user, call.wacid)
-        elif entry.name == "accepted":
+        elif isinstance(event, ev.Accepted):
             self.ledger.inbound_call(user, call.wacid, answered=True)

@@ -28,6 +28,7 @@ from .calls import (
     Listener,
     TimelineEntry,
 )
+from . import call_events as ev
 from .disk import DiskGuard
 from .errors import ProviderError
 from .events import CallConnect, Direction
@@ -97,6 +98,16 @@ class CallManager:
         """Call ``listener(call, entry)`` on every timeline entry; returns an unsubscribe."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def on(self, *types: type[ev.CallEvent], handler: Callable[[Call, ev.CallEvent], None]) -> Callable[[], None]:
+        """Call ``handler(call, event)`` for each call event of one of ``types``
+        (:mod:`gateway.call_events`); returns an unsubscribe."""
+
+        def listener(call: Call, entry: TimelineEntry) -> None:
+            if isinstance(entry.event, types):
+                handler(call, entry.event)
+
+        return self.subscribe(listener)
 
     def _notify(self, call: Call, entry: TimelineEntry) -> None:
         for listener in list(self._listeners):
@@ -195,7 +206,7 @@ class CallManager:
                 await call._end(EndReason.PROVIDER_ERROR)
                 raise
             self._track(call)
-            call._mark("permission_requested", message_id=message_id)
+            call._mark(ev.PermissionRequested(message_id))
             call._spawn(self._dial_when_granted(call, permission_wait_s or self.permission_wait_s))
             return call
         self._track(call)
@@ -221,7 +232,7 @@ class CallManager:
         if not granted:
             await call._end(EndReason.PERMISSION_DENIED, detail="the user declined the permission request")
             return
-        call._mark("permission_granted")
+        call._mark(ev.PermissionGranted())
         try:
             await self.gate.check_call(call.user)
         except ProviderError as exc:

@@ -8,33 +8,36 @@ summary: end reason, provider error, durations and media statistics.
 
 from __future__ import annotations
 
-from .calls import Call, CallState, TimelineEntry
+from . import call_events as ev
+from .calls import Call, TimelineEntry
 from .manager import CallManager
 from .eventbus import EventFanout
 from .metrics import Metrics
 
-_STATES = {state.value for state in CallState}
-
 
 class CallTelemetry:
+    """Metrics from the typed call events; every event out as ``call.<name>`` JSON."""
+
     def __init__(self, manager: CallManager, metrics: Metrics, events: EventFanout):
         self.manager = manager
         self.metrics = metrics
         self.events = events
 
     def __call__(self, call: Call, entry: TimelineEntry) -> None:
+        event = entry.event
         direction = call.direction.value
-        if entry.name in _STATES:
-            self.metrics.call_state(direction, entry.name)
+        if event is not None and event.state is not None:
+            self.metrics.call_state(direction, event.state)
         self.metrics.set_live_calls(len(self.manager.live_calls))
-        if entry.name == "recording_failed":
-            self.metrics.recording_failed(str((entry.detail.get("error") or {}).get("code")))
-        if entry.name == CallState.ENDED.value:
-            self.metrics.call_ended(direction, call.end_reason.value if call.end_reason else None,
-                                    call.elapsed_until(CallState.MEDIA_CONNECTED.value))
+        if isinstance(event, ev.RecordingFailed):
+            self.metrics.recording_failed(str((event.error or {}).get("code")))
+        elif isinstance(event, ev.CallEnded):
+            self.metrics.call_ended(direction, event.reason or None,
+                                    call.elapsed_until(ev.MediaConnected.name))
             if call.error is not None:
                 self.metrics.provider_error(call.error.code)
             self.metrics.media(call.media_stats)
+        # The edge: the public name and JSON, as documented.
         self.events.publish(f"call.{entry.name}",
                             {"state": call.state.value, "entry": entry.as_dict(), "call": call.summary()},
                             call_id=call.id)

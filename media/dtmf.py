@@ -29,8 +29,9 @@ Timing: the event timestamp is the RTP timestamp of the first substituted audio 
 (48 kHz Opus clock) while the duration field counts 8 kHz telephone-event ticks, as
 libwebrtc does when telephone-event/8000 rides along Opus.
 
-aiortc internals relied on (checked by :func:`aiortc_problems` when a peer is wired,
-and by ``tests/test_dtmf.py``, which also checks the call sites in aiortc's source):
+aiortc internals relied on, all reached through :mod:`media.aiortc_hooks` (checked by
+:func:`aiortc_problems` when a peer is wired, and by ``tests/test_dtmf.py``, which also
+checks the call sites in aiortc's source):
 
 1. ``RTCDtlsTransport._handle_rtp_data(data, arrival_time_ms)`` — a coroutine the
    transport calls through ``self.`` with each decrypted RTP packet (never RTCP) before
@@ -56,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import inspect
 import logging
 import math
 import struct
@@ -67,7 +67,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import sdp as sdp_rules
+from . import aiortc_hooks, sdp as sdp_rules
 from .frames import FRAME_MS, PCM_DTYPE, SAMPLE_RATE
 
 __all__ = [
@@ -300,29 +300,10 @@ def _is_rtcp(data: bytes) -> bool:
 
 # -- aiortc wiring ---------------------------------------------------------------------
 
-#: ``(method of RTCDtlsTransport, its parameters)`` this module wraps.
-_TRANSPORT_HOOKS = (
-    ("_handle_rtp_data", ["self", "data", "arrival_time_ms"]),
-    ("_send_rtp", ["self", "data"]),
-)
-
-
 def aiortc_problems(sender=None) -> list[str]:
     """What is missing from the aiortc internals this module relies on (empty: fine).
     ``sender``: an ``RTCRtpSender`` instance to check as well."""
-    from aiortc.rtcdtlstransport import RTCDtlsTransport
-
-    problems = []
-    for name, params in _TRANSPORT_HOOKS:
-        fn = getattr(RTCDtlsTransport, name, None)
-        if fn is None or not inspect.iscoroutinefunction(fn):
-            problems.append(f"RTCDtlsTransport.{name} is not a coroutine function any more")
-        elif list(inspect.signature(fn).parameters) != params:
-            found = list(inspect.signature(fn).parameters)
-            problems.append(f"RTCDtlsTransport.{name} parameters changed: {found}")
-    if sender is not None and not isinstance(getattr(sender, "_ssrc", None), int):
-        problems.append("RTCRtpSender._ssrc is missing")
-    return problems
+    return aiortc_hooks.problems(sender=sender, scope="transport")
 
 
 class _Tick:
@@ -429,23 +410,13 @@ class PeerDtmf:
             log.error("%s: DTMF disabled, %s", self.label, self.problem)
             return
         self._sender = sender
-        self._ssrc = sender._ssrc.to_bytes(4, "big")
+        self._ssrc = aiortc_hooks.sender_ssrc(sender).to_bytes(4, "big")
         if receiver.transport is not self._receive_transport:
             self._receive_transport = receiver.transport
-            self._wrap(receiver.transport, "_handle_rtp_data", self._hooked_handle_rtp_data)
+            aiortc_hooks.wrap_transport(receiver.transport, "_handle_rtp_data", self._hooked_handle_rtp_data)
         if sender.transport is not self._send_transport:
             self._send_transport = sender.transport
-            self._wrap(sender.transport, "_send_rtp", self._hooked_send_rtp)
-
-    @staticmethod
-    def _wrap(transport, name: str, hook) -> None:
-        original = getattr(transport, name)  # bound method (or an earlier instance wrapper)
-
-        @functools.wraps(original)
-        async def wrapper(*args, **kwargs):
-            return await hook(original, *args, **kwargs)
-
-        setattr(transport, name, wrapper)
+            aiortc_hooks.wrap_transport(sender.transport, "_send_rtp", self._hooked_send_rtp)
 
     async def _hooked_handle_rtp_data(self, original, data: bytes, arrival_time_ms: int) -> None:
         self.rtp_received += 1

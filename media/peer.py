@@ -39,7 +39,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from . import ice, sdp as sdp_rules
+from . import aiortc_hooks, ice, sdp as sdp_rules
 from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
 from .frames import FRAME_MS, SAMPLE_RATE, Sink, Source
 from .opus import OpusSettings
@@ -186,6 +186,15 @@ class MediaPeer:
         self._add_audio()
         return await self._local_sdp(await self._pc.createOffer())
 
+    async def create_lite_offer(self) -> str:
+        """An offer as an ICE-lite agent makes it (WhatsApp's relay calling a business):
+        :meth:`create_offer`, with our ICE agent switched to the controlled role (a lite
+        agent is never controlling). Mark the SDP ``a=ice-lite`` before sending it."""
+        offer = await self.create_offer()
+        for transceiver in self._pc.getTransceivers():  # checks start only after the answer
+            aiortc_hooks.set_ice_controlling(transceiver, False)
+        return offer
+
     async def _set_remote(self, remote_sdp: str, kind: str) -> None:
         try:
             sdp_rules.parse(remote_sdp)
@@ -304,7 +313,7 @@ class MediaPeer:
                 if transceiver.receiver.track is track:
                     if self.config.receive == "wacall":
                         self._install_receiver(transceiver.receiver, track)
-                    # After our receiver: the tap wraps its hook and sees packets first.
+                    # The tap observes the same receiver hook: it sees packets first.
                     self.rtp_tap.install(transceiver.receiver)
             if self._receiver is None:
                 self._pump = asyncio.ensure_future(self._receive(track))

@@ -7,11 +7,11 @@ loss evicts several frames with nothing concealing them; every frame is decoded 
 thread of its own (a thread hop per frame). :class:`OpusReceiver` replaces that for
 one :class:`aiortc.RTCRtpReceiver`:
 
-* **Intercept** — it wraps ``receiver._handle_rtp_packet`` *on the instance* (the hook
-  point :class:`media.taps.RtpTap` uses; the tap is installed after us and wraps our
-  hook, so it still sees every packet first). Opus packets stop here; anything else
-  goes on to aiortc. DTMF is untouched: :mod:`media.dtmf` takes telephone-events out
-  one level earlier, in the DTLS transport, and closes their sequence-number gap.
+* **Intercept** — it is the *consumer* of the receiver's hook
+  (:func:`media.aiortc_hooks.receiver_hook`; :class:`media.taps.RtpTap` observes the
+  same hook and sees every packet first). Opus packets stop here; anything else goes on
+  to aiortc. DTMF is untouched: :mod:`media.dtmf` takes telephone-events out one level
+  earlier, in the DTLS transport, and closes their sequence-number gap.
 * **Buffer** — :class:`media.jitterbuffer.PlayoutBuffer` (ordering, duplicates, late
   packets, adaptive target delay, loss concealment decisions).
 * **Clock** — ``loop.call_at`` ticks every 20 ms on a drift-free schedule (tick *n* at
@@ -40,32 +40,21 @@ LSR/DLSR) and ``getStats()`` ``inbound-rtp`` (what :mod:`media.stats` reads) kee
 describing the network exactly as before. Not kept: ``getSynchronizationSources()``
 (aiortc's "active SSRC" bookkeeping) stays empty.
 
-aiortc internals relied on (checked by :func:`aiortc_problems`; any problem makes
-:class:`media.peer.MediaPeer` fall back to aiortc's own path):
-
-1. ``RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)``, a coroutine the
-   DTLS transport calls through the instance for each routed RTP packet (and
-   ``receiver._enabled``, which it checks first). ``RtpTap.uninstall()`` deletes the
-   instance attribute, which would drop our hook too: MediaPeer never uninstalls.
-2. ``RTCRtpReceiver.receive(parameters)``, called through the instance when DTLS is up;
-   it starts the decoder thread; ``parameters.codecs`` names the payload types.
-3. ``RTCRtpReceiver.__stop_decoder()`` (name-mangled), which stops that thread.
-4. ``RTCRtpReceiver.__remote_streams`` (name-mangled ``{ssrc: StreamStatistics}``) and
-   ``aiortc.rtcrtpreceiver.StreamStatistics(clockrate).add(packet)``: what its RTCP
-   task and ``getStats()`` read.
+aiortc internals relied on: the receiver hook, ``__stop_decoder``, ``__remote_streams``
+and ``StreamStatistics``, all reached through :mod:`media.aiortc_hooks` (which checks
+them; any problem makes :class:`media.peer.MediaPeer` fall back to aiortc's own path).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 from collections.abc import Callable
 
 import av
 import numpy as np
 
+from . import aiortc_hooks
 from .frames import FRAME_MS, FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from .jitterbuffer import DISCARD, GAP, IDLE, PLAY, PlayoutBuffer
 
@@ -161,33 +150,7 @@ class OpusDecoder:
 def aiortc_problems(receiver=None) -> list[str]:
     """What is missing from the aiortc internals this module relies on (empty: fine).
     ``receiver``: an ``RTCRtpReceiver`` instance to check as well."""
-    problems = list(_class_problems())
-    if receiver is not None and not isinstance(
-        getattr(receiver, "_RTCRtpReceiver__remote_streams", None), dict
-    ):
-        problems.append("RTCRtpReceiver.__remote_streams is missing")
-    return problems
-
-
-@functools.lru_cache(maxsize=1)
-def _class_problems() -> tuple[str, ...]:
-    try:
-        from aiortc.rtcrtpreceiver import RTCRtpReceiver, StreamStatistics
-    except ImportError as exc:  # pragma: no cover - aiortc layout changed
-        return (f"cannot import aiortc.rtcrtpreceiver internals: {exc}",)
-    problems = []
-    fn = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
-    if fn is None or not inspect.iscoroutinefunction(fn):
-        problems.append("RTCRtpReceiver._handle_rtp_packet is not a coroutine function any more")
-    elif list(inspect.signature(fn).parameters) != ["self", "packet", "arrival_time_ms"]:
-        problems.append("RTCRtpReceiver._handle_rtp_packet parameters changed")
-    if not inspect.iscoroutinefunction(getattr(RTCRtpReceiver, "receive", None)):
-        problems.append("RTCRtpReceiver.receive is not a coroutine function any more")
-    if not callable(getattr(RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", None)):
-        problems.append("RTCRtpReceiver.__stop_decoder is missing")
-    if not callable(getattr(StreamStatistics, "add", None)):
-        problems.append("StreamStatistics.add is missing")
-    return tuple(problems)
+    return aiortc_hooks.problems(receiver=receiver, scope="receiver")
 
 
 class OpusReceiver:
@@ -227,7 +190,6 @@ class OpusReceiver:
         self._receiver = None
         self._opus_pts: frozenset[int] = frozenset()
         self._streams: dict | None = None
-        self._stream_statistics = None
         self._carry: np.ndarray | None = None  # decoded samples beyond one frame
         self._carry_pts: int | None = None
         self._events = events_received
@@ -252,24 +214,10 @@ class OpusReceiver:
         arrives, and before :meth:`media.taps.RtpTap.install` (which then wraps us)."""
         if self._receiver is not None:
             return
-        from aiortc.rtcrtpreceiver import StreamStatistics
-
-        self._stream_statistics = StreamStatistics
         self._receiver = receiver
-        original_handle = receiver._handle_rtp_packet
-        original_receive = receiver.receive
-        on_packet = self._on_packet
-
-        async def _handle_rtp_packet(packet, arrival_time_ms: int) -> None:
-            if not on_packet(packet):
-                await original_handle(packet, arrival_time_ms)
-
-        async def receive(parameters) -> None:
-            await original_receive(parameters)
-            self._started(parameters)
-
-        receiver._handle_rtp_packet = _handle_rtp_packet
-        receiver.receive = receive
+        hook = aiortc_hooks.receiver_hook(receiver)
+        hook.consumer = self._on_packet
+        hook.started.append(self._started)
 
     def _started(self, parameters) -> None:
         """aiortc's receiver started (codecs known, decoder thread running)."""
@@ -285,8 +233,8 @@ class OpusReceiver:
             if self._on_fallback is not None:
                 self._on_fallback()
             return
-        self._streams = receiver._RTCRtpReceiver__remote_streams
-        receiver._RTCRtpReceiver__stop_decoder()  # we decode; the remote track stays silent
+        self._streams = aiortc_hooks.remote_streams(receiver)
+        aiortc_hooks.stop_decoder(receiver)  # we decode; the remote track stays silent
 
     def close(self, *, flush: bool = False) -> None:
         """Stop playout (idempotent); ``flush``: first deliver what is still buffered
@@ -317,13 +265,13 @@ class OpusReceiver:
 
     def _on_packet(self, packet) -> bool:
         """One routed RTP packet; ``False`` hands it on to aiortc."""
-        if self.fallback or packet.payload_type not in self._opus_pts or not self._receiver._enabled:
+        if self.fallback or packet.payload_type not in self._opus_pts or not aiortc_hooks.receiver_enabled(self._receiver):
             return False
         streams = self._streams
         ssrc = packet.ssrc
         stream = streams.get(ssrc)
         if stream is None:
-            stream = streams[ssrc] = self._stream_statistics(SAMPLE_RATE)
+            stream = streams[ssrc] = aiortc_hooks.stream_statistics(SAMPLE_RATE)
         stream.add(packet)
         if self._events is not None:
             self._events_at_audio = self._events()

@@ -10,17 +10,15 @@ from typing import Any
 
 from aiortc import RTCPeerConnection
 
+from . import aiortc_hooks
+
 #: RTP clock rate of Opus; aiortc reports jitter in timestamp units.
 _CLOCK_RATE = 48_000
 
 
 def _selected_pair(pc: RTCPeerConnection) -> str | None:
-    # aioice keeps the nominated pair per component in a private dict; read it defensively.
     for transceiver in pc.getTransceivers():
-        transport = getattr(transceiver.sender, "transport", None)
-        connection = getattr(getattr(transport, "transport", None), "_connection", None)
-        nominated = getattr(connection, "_nominated", None) or {}
-        pair = nominated.get(1)
+        pair = aiortc_hooks.nominated_pair(transceiver)
         if pair is not None:
             return f"{pair.local_candidate.type}/{pair.remote_candidate.type}"
     return None

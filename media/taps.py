@@ -1,10 +1,9 @@
 """Inbound RTP tap: the far side's Opus payloads and their arrival times, before aiortc
 decodes them.
 
-:class:`RtpTap` wraps ``RTCRtpReceiver._handle_rtp_packet`` *on the receiver instance*
-(aiortc's DTLS transport looks the method up on the instance for every packet, so the
-class and other peers are untouched). For each RTP packet of the negotiated Opus
-payload type it
+:class:`RtpTap` observes the receiver's hook (:func:`media.aiortc_hooks.receiver_hook`,
+on the receiver instance: the class and other peers are untouched) and sees every routed
+RTP packet first. For each RTP packet of the negotiated Opus payload type it
 
 * calls the registered listeners with an :class:`RtpArrival` (payload bytes, the RTP
   timestamp mapped to the stream timeline like aiortc's decoder does, arrival time on
@@ -22,12 +21,12 @@ is 0, and wrap-arounds keep counting up, so ``mapped == frame.pts`` of the decod
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import aiortc_hooks
 from .sinkset import SinkFault, report
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,6 @@ class RtpTap:
         self.on_fault: Callable[[SinkFault], None] | None = None
         self.label = "peer"
         self._receiver = None
-        self._original = None
         self._opus_types: dict[int, bool] = {}
         self._origin: int | None = None
         self._last: int | None = None
@@ -77,27 +75,19 @@ class RtpTap:
         return self._receiver is not None
 
     def install(self, receiver) -> None:
-        """Start tapping ``receiver`` (an ``RTCRtpReceiver``). Idempotent."""
+        """Start tapping ``receiver`` (an ``RTCRtpReceiver``): an observer of its hook
+        (:func:`media.aiortc_hooks.receiver_hook`), which sees every packet before the
+        receive path does. Idempotent."""
         if self._receiver is not None:
             return
-        original = receiver._handle_rtp_packet
-        loop = asyncio.get_running_loop()
-        on_packet = self._on_packet
-
-        async def _handle_rtp_packet(packet, arrival_time_ms: int) -> None:
-            on_packet(packet, loop.time())
-            await original(packet, arrival_time_ms)
-
-        receiver._handle_rtp_packet = _handle_rtp_packet
+        aiortc_hooks.receiver_hook(receiver).observers.append(self._on_packet)
         self._receiver = receiver
-        self._original = original
 
     def uninstall(self) -> None:
         if self._receiver is not None:
-            try:
-                del self._receiver._handle_rtp_packet
-            except AttributeError:
-                pass
+            observers = aiortc_hooks.receiver_hook(self._receiver).observers
+            if self._on_packet in observers:
+                observers.remove(self._on_packet)
             self._receiver = None
 
     def release(self) -> None:
@@ -146,8 +136,7 @@ class RtpTap:
     def _is_opus(self, payload_type: int) -> bool:
         known = self._opus_types.get(payload_type)
         if known is None:
-            codecs = getattr(self._receiver, "_RTCRtpReceiver__codecs", None) or {}
-            codec = codecs.get(payload_type)
+            codec = aiortc_hooks.receiver_codecs(self._receiver).get(payload_type)
             if codec is None:
                 return False  # not negotiated (yet): decide again next time
             known = self._opus_types[payload_type] = codec.name.lower() == "opus"

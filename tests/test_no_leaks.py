@@ -180,3 +180,18 @@ def test_encoders_and_resamplers_start_no_threads():
     frame.sample_rate = 48000
     resampler.resample(frame)
     assert native_threads() == before
+
+
+def test_heap_trimmer_trims_at_most_every_interval():
+    from gateway.memory import HeapTrimmer
+
+    now = [0.0]
+    trimmer = HeapTrimmer(interval_s=10.0, clock=lambda: now[0])
+    assert trimmer.available  # glibc: malloc_trim is there
+    assert not trimmer.maybe_trim()  # just started
+    now[0] = 10.0
+    assert trimmer.maybe_trim() and trimmer.trims == 1
+    now[0] = 15.0
+    assert not trimmer.maybe_trim()
+    now[0] = 20.5
+    assert trimmer.maybe_trim() and trimmer.trims == 2

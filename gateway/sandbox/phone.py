@@ -42,13 +42,8 @@ class Phone:
 
     async def offer(self) -> str:
         """The user calls the business: an offer shaped like WhatsApp's (ICE-lite,
-        ``a=setup:actpass``). A lite agent is always ICE-controlled, so the phone's
-        agent is switched to the controlled role (aiortc makes every offerer controlling;
-        ICE starts only once the answer is applied, so switching now is in time)."""
-        offer = await self.peer.create_offer()
-        for transceiver in self.peer._pc.getTransceivers():
-            transceiver.sender.transport.transport._connection.ice_controlling = False
-        return sdp_rules.mark_ice_lite(offer)
+        ``a=setup:actpass``), from an ICE-controlled agent as a lite one is."""
+        return sdp_rules.mark_ice_lite(await self.peer.create_lite_offer())
 
     async def apply_answer(self, answer: str) -> None:
         await self.peer.apply_answer(answer)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from ..opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
-from .wav import open_private
+from .wav import close_and_repair, open_private
 
 __all__ = [
     "OggOpusWriter",
@@ -226,16 +226,7 @@ class OggOpusWriter:
         fd, self._fd = self._fd, None
         self._body.clear()
         self._segments.clear()
-        if fd is None:
-            return
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        try:
-            repair_ogg(self.path)
-        except (OSError, ValueError):
-            pass
+        close_and_repair(fd, self.path, repair_ogg)
 
 
 class OggOpusPassthrough:

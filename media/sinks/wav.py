@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,22 @@ def wav_header(sample_rate: int, channels: int, data_bytes: int) -> bytes:
         b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, channels, sample_rate,
         sample_rate * block, block, 16, b"data", data_bytes,
     )
+
+
+def close_and_repair(fd: int | None, path: Path, repair: Callable[[Path], bool]) -> None:
+    """After a failed write: close ``fd`` without writing more and run ``repair`` on
+    ``path`` (fix the header / cut a torn page) so the file plays up to the fault.
+    Never raises: the disk may be full, the file may be gone."""
+    if fd is None:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    try:
+        repair(path)
+    except (OSError, ValueError):
+        pass
 
 
 def open_private(path: Path, mode: int = 0o600) -> int:
@@ -144,16 +161,7 @@ class WavWriter:
         Idempotent; never raises."""
         fd, self._fd = self._fd, None
         self._used = 0
-        if fd is None:
-            return
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        try:
-            repair_wav(self.path)  # rewrites 8 header bytes in place: no new blocks needed
-        except (OSError, ValueError):
-            pass
+        close_and_repair(fd, self.path, repair_wav)  # 8 header bytes in place: no new blocks
 
 
 def repair_wav(path: str | os.PathLike[str]) -> bool:

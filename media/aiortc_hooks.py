@@ -1,0 +1,239 @@
+"""Every private aiortc hook wacall relies on, in one module, installed in one order.
+
+aiortc has no public API for what wacall needs on the media path: seeing received RTP
+before it is decoded, playing it out ourselves, sending and receiving RFC 4733 events on
+the audio stream. Each of those is one function here, on *instances* (the classes and
+other peers are untouched), and :func:`problems` checks every internal they touch, so an
+aiortc upgrade that moves one fails loudly, naming the internal and the version, instead
+of silently during a call. Checked against aiortc 1.14–1.16.
+
+Received RTP (``RTCRtpReceiver``): one wrapper per receiver (:class:`ReceiverHook`),
+whatever uses it, in this order for each packet:
+
+1. *observers* (``media.taps.RtpTap``) see every routed RTP packet and its arrival time;
+2. the *consumer* (``media.receiver.OpusReceiver``) may take the packet (Opus audio it
+   plays out itself); what it does not take goes on to aiortc;
+3. *started* callbacks run after aiortc's ``receive(parameters)`` (codecs known).
+
+DTLS transport (``RTCDtlsTransport``, shared by a peer's sender and receiver): DTMF wraps
+``_handle_rtp_data`` (telephone-events leave the stream before aiortc parses RTP) and
+``_send_rtp`` (events replace audio packets going out), with :func:`wrap_transport`.
+
+Internals relied on (aiortc 1.16):
+
+* ``RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)``: a coroutine the DTLS
+  transport calls *through the instance* for each routed RTP packet; ``_enabled``;
+* ``RTCRtpReceiver.receive(parameters)``: called through the instance once DTLS is up
+  (it starts the decoder thread); ``__stop_decoder()`` stops that thread;
+  ``__remote_streams`` (``{ssrc: StreamStatistics}``, what RTCP reports and
+  ``getStats()`` read); ``__codecs`` (``{payload type: codec}``);
+* ``aiortc.rtcrtpreceiver.StreamStatistics(clockrate).add(packet)``;
+* ``RTCDtlsTransport._handle_rtp_data(data, arrival_time_ms)`` and ``_send_rtp(data)``;
+* ``RTCRtpSender._ssrc``;
+* the ICE connection behind a transceiver
+  (``sender.transport.transport._connection``, an ``aioice.Connection``), its
+  ``ice_controlling`` and its ``_nominated`` pairs (aioice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiortc
+
+__all__ = [
+    "AIORTC_VERSION",
+    "ReceiverHook",
+    "ice_connection",
+    "nominated_pair",
+    "problems",
+    "receiver_codecs",
+    "receiver_hook",
+    "remote_streams",
+    "sender_ssrc",
+    "set_ice_controlling",
+    "stop_decoder",
+    "stream_statistics",
+    "wrap_transport",
+]
+
+log = logging.getLogger(__name__)
+
+AIORTC_VERSION = getattr(aiortc, "__version__", "unknown")
+
+#: ``(method of RTCDtlsTransport, its parameters)`` that :func:`wrap_transport` wraps.
+TRANSPORT_HOOKS = (
+    ("_handle_rtp_data", ["self", "data", "arrival_time_ms"]),
+    ("_send_rtp", ["self", "data"]),
+)
+
+_HOOK_ATTR = "_wacall_hook"
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _class_problems() -> tuple[str, ...]:
+    try:
+        from aiortc.rtcdtlstransport import RTCDtlsTransport
+        from aiortc.rtcrtpreceiver import RTCRtpReceiver, StreamStatistics
+    except ImportError as exc:  # pragma: no cover - aiortc layout changed
+        return (f"cannot import aiortc internals: {exc}",)
+    found = []
+    fn = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
+    if fn is None or not inspect.iscoroutinefunction(fn):
+        found.append("RTCRtpReceiver._handle_rtp_packet is not a coroutine function any more")
+    elif list(inspect.signature(fn).parameters) != ["self", "packet", "arrival_time_ms"]:
+        found.append("RTCRtpReceiver._handle_rtp_packet parameters changed")
+    if not inspect.iscoroutinefunction(getattr(RTCRtpReceiver, "receive", None)):
+        found.append("RTCRtpReceiver.receive is not a coroutine function any more")
+    if not callable(getattr(RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", None)):
+        found.append("RTCRtpReceiver.__stop_decoder is missing")
+    if not callable(getattr(StreamStatistics, "add", None)):
+        found.append("StreamStatistics.add is missing")
+    for name, params in TRANSPORT_HOOKS:
+        fn = getattr(RTCDtlsTransport, name, None)
+        if fn is None or not inspect.iscoroutinefunction(fn):
+            found.append(f"RTCDtlsTransport.{name} is not a coroutine function any more")
+        elif list(inspect.signature(fn).parameters) != params:
+            found.append(f"RTCDtlsTransport.{name} parameters changed: {list(inspect.signature(fn).parameters)}")
+    return tuple(found)
+
+
+def problems(*, receiver=None, sender=None, scope: str = "all") -> list[str]:
+    """What is missing from the aiortc internals wacall relies on (empty: fine), each
+    naming aiortc's version. ``receiver`` / ``sender``: instances to check as well.
+    ``scope``: ``"receiver"`` (what the receive path and taps need), ``"transport"``
+    (what DTMF needs: :func:`wrap_transport`, :func:`sender_ssrc`) or ``"all"``."""
+    found = list(_class_problems())
+    if scope != "all":
+        transport = scope == "transport"
+        found = [p for p in found if p.startswith("cannot import")
+                 or p.startswith("RTCDtlsTransport") == transport]
+    if receiver is not None and not isinstance(getattr(receiver, "_RTCRtpReceiver__remote_streams", None), dict):
+        found.append("RTCRtpReceiver.__remote_streams is missing")
+    if sender is not None and not isinstance(getattr(sender, "_ssrc", None), int):
+        found.append("RTCRtpSender._ssrc is missing")
+    return [f"{p} (aiortc {AIORTC_VERSION})" for p in found]
+
+
+# -- received RTP ------------------------------------------------------------------------
+
+Observer = Callable[[Any, float], None]
+Consumer = Callable[[Any], bool]
+
+
+class ReceiverHook:
+    """The one wrapper wacall puts on an ``RTCRtpReceiver`` (see the module docstring).
+
+    Get it with :func:`receiver_hook`; add observers, set the consumer, add started
+    callbacks, in any order: packets always reach observers first, then the consumer."""
+
+    def __init__(self, receiver) -> None:
+        self.observers: list[Observer] = []
+        self.consumer: Consumer | None = None
+        self.started: list[Callable[[Any], None]] = []
+        original_handle = receiver._handle_rtp_packet
+        original_receive = receiver.receive
+        loop = asyncio.get_running_loop()
+        hook = self
+
+        async def _handle_rtp_packet(packet, arrival_time_ms: int) -> None:
+            if hook.observers:
+                at = loop.time()
+                for observe in hook.observers:
+                    observe(packet, at)
+            consumer = hook.consumer
+            if consumer is None or not consumer(packet):
+                await original_handle(packet, arrival_time_ms)
+
+        async def receive(parameters) -> None:
+            await original_receive(parameters)
+            for started in list(hook.started):
+                started(parameters)
+
+        receiver._handle_rtp_packet = _handle_rtp_packet
+        receiver.receive = receive
+
+
+def receiver_hook(receiver) -> ReceiverHook:
+    """The receiver's :class:`ReceiverHook`, installed on first use (before any packet)."""
+    hook = receiver.__dict__.get(_HOOK_ATTR)
+    if hook is None:
+        hook = ReceiverHook(receiver)
+        setattr(receiver, _HOOK_ATTR, hook)
+    return hook
+
+
+def stop_decoder(receiver) -> None:
+    """Stop aiortc's decoder thread (we decode; the remote track then yields nothing)."""
+    receiver._RTCRtpReceiver__stop_decoder()
+
+
+def remote_streams(receiver) -> dict:
+    """aiortc's per-SSRC ``StreamStatistics`` of ``receiver`` (fed by whoever decodes)."""
+    return receiver._RTCRtpReceiver__remote_streams
+
+
+def stream_statistics(clockrate: int):
+    from aiortc.rtcrtpreceiver import StreamStatistics
+
+    return StreamStatistics(clockrate)
+
+
+def receiver_codecs(receiver) -> dict:
+    """``{payload type: codec}`` negotiated for ``receiver`` (empty before ``receive``)."""
+    return getattr(receiver, "_RTCRtpReceiver__codecs", None) or {}
+
+
+def receiver_enabled(receiver) -> bool:
+    return bool(receiver._enabled)
+
+
+# -- DTLS transport and sender ---------------------------------------------------------------
+
+
+def wrap_transport(transport, name: str, hook: Callable[..., Awaitable[Any]]) -> None:
+    """Route ``transport.<name>(*args)`` (one of :data:`TRANSPORT_HOOKS`) through
+    ``hook(original, *args)`` on this instance; wraps any earlier instance wrapper."""
+    original = getattr(transport, name)
+
+    @functools.wraps(original)
+    async def wrapper(*args, **kwargs):
+        return await hook(original, *args, **kwargs)
+
+    setattr(transport, name, wrapper)
+
+
+def sender_ssrc(sender) -> int:
+    return sender._ssrc
+
+
+def ice_connection(transceiver):
+    """The ``aioice.Connection`` carrying ``transceiver``'s media, or ``None`` (no
+    transport yet, or aiortc moved it)."""
+    transport = getattr(transceiver.sender, "transport", None)
+    return getattr(getattr(transport, "transport", None), "_connection", None)
+
+
+def set_ice_controlling(transceiver, controlling: bool) -> None:
+    """Set the ICE role before checks start (an ICE-lite offerer's far side is always
+    controlled; aiortc makes every offerer controlling)."""
+    ice_connection(transceiver).ice_controlling = controlling
+
+
+def nominated_pair(transceiver):
+    """aioice's nominated candidate pair of component 1 (RTP), or ``None``."""
+    nominated = getattr(ice_connection(transceiver), "_nominated", None) or {}
+    return nominated.get(1)
+
+
+# Checked once at import: a changed aiortc is named here, not discovered mid-call.
+for _problem in problems():
+    log.warning("%s: wacall falls back to aiortc's own path where it can", _problem)
