@@ -246,7 +246,7 @@ class Soak:
                         print(f"{t:6.0f} s  {n:5d} calls finished  RSS {rss:7.1f} MB  threads {threads:3d}  "
                               f"FDs {fds:4d}  failures {len(self.failures)}", flush=True)
                         next_print += 30
-                    await asyncio.sleep(2.0)
+                    await asyncio.sleep(0.5)  # often enough to see each trim's floor
                 await asyncio.sleep(3.0)  # the last calls' tasks run out
                 samples.append((time.monotonic() - start, self.finished, *proc_sample(self.gateway.pid)))
             finally:
@@ -289,7 +289,9 @@ class Soak:
                        "end": round(warm[-1][2], 1), "max": round(max(s[2] for s in samples), 1)},
             "growth_kb_per_call_slope": round(slope * 1024, 2),
             "growth_kb_per_call_floor_slope": round(floor_slope * 1024, 2),
-            "rss_floor_mb": [round(min(fy), 1), round(max(fy), 1)],
+            "rss_floor_mb": {"first_window": round(fy[0], 1), "last_window": round(fy[-1], 1),
+                             "min": round(min(fy), 1), "max": round(max(fy), 1)},
+            "growth_kb_per_call_floor_endpoints": round((fy[-1] - fy[0]) * 1024 / max(1, fx[-1] - fx[0]), 2),
             "growth_kb_per_call_endpoints": round((warm[-1][2] - warm[0][2]) * 1024 / calls_after, 2),
             "calls_after_warmup": calls_after,
             "threads_after_warmup": [min(s[3] for s in warm), max(s[3] for s in warm)],

@@ -68,6 +68,7 @@ from typing import Literal
 import numpy as np
 
 from . import aiortc_hooks, sdp as sdp_rules
+from .rtpseq import newer, serial_delta
 from .frames import FRAME_MS, PCM_DTYPE, SAMPLE_RATE
 
 __all__ = [
@@ -164,19 +165,13 @@ def unpack_event(payload: bytes) -> TelephoneEvent:
     return TelephoneEvent(event, bool(flags & 0x80), flags & 0x3F, duration)
 
 
-def _newer(a: int, b: int, bits: int) -> bool:
-    """Serial-number comparison (RFC 1982): ``a`` comes after ``b``."""
-    diff = (a - b) % (1 << bits)
-    return 0 < diff < (1 << (bits - 1))
-
-
 #: A timestamp at most this far behind the newest event's is a late packet; further
 #: back (about 22 s at 48 kHz) it is taken as the sender's timestamps restarting.
 _MAX_LATE_TICKS = 1 << 20
 
 
 def _late(timestamp: int, newest: int) -> bool:
-    return 0 < (newest - timestamp) % (1 << 32) <= _MAX_LATE_TICKS
+    return 0 < -serial_delta(timestamp, newest, 32) <= _MAX_LATE_TICKS
 
 
 @dataclass(slots=True)
@@ -428,7 +423,7 @@ class PeerDtmf:
                 self._rx.pop(next(iter(self._rx)))
             stream = self._rx[data[8:12]] = _RxStream()
         seq = int.from_bytes(data[2:4], "big")
-        newest = stream.high is None or _newer(seq, stream.high, 16)
+        newest = stream.high is None or newer(seq, stream.high, 16)
         if newest:
             stream.high = seq
         pt = self.receive_pt
@@ -451,7 +446,7 @@ class PeerDtmf:
         out, so a reordered one leaves a one-packet gap, never a duplicate."""
         taken = stream.taken
         if not newest:  # a late audio packet: only events before it count
-            taken -= sum(1 for d in stream.recent if _newer(d, seq, 16))
+            taken -= sum(1 for d in stream.recent if newer(d, seq, 16))
         if not taken:
             return data
         return data[:2] + ((seq - taken) & 0xFFFF).to_bytes(2, "big") + data[4:]
@@ -511,7 +506,7 @@ class PeerDtmf:
         """Our audio packet ``data`` as it should go out (None: drop it), and the tick
         it carried."""
         seq = int.from_bytes(data[2:4], "big")
-        if self._last_seq is not None and not _newer(seq, self._last_seq, 16):
+        if self._last_seq is not None and not newer(seq, self._last_seq, 16):
             # aiortc resending from its history: never resend audio over a DTMF packet.
             return (None if seq in self._replaced else data), None
         self._last_seq = seq

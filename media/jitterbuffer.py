@@ -57,6 +57,8 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from .rtpseq import serial_delta
+
 __all__ = [
     "CONCEAL",
     "DISCARD",
@@ -78,9 +80,6 @@ DISCARD = 4  #: delay shrinks: decode ``payload`` (decoder state), drop it, pop 
 GAP = 5  #: the sender sent no audio for the slot at ``pts``: the tick passes, no frame
 
 _SEQ_MOD = 1 << 16
-_SEQ_HALF = 1 << 15
-_TS_MOD = 1 << 32
-_TS_HALF = 1 << 31
 #: Sequence numbers remembered for duplicate detection.
 _SEQ_WINDOW = 128
 _SEQ_WINDOW_MASK = (1 << _SEQ_WINDOW) - 1
@@ -274,7 +273,7 @@ class PlayoutBuffer:
         else:
             # The newest sequence number and a window of those before it say what came;
             # timestamps are unwrapped relative to the newest packet's (within ±2^31).
-            delta = ((seq - self._seq_hi + _SEQ_HALF) & (_SEQ_MOD - 1)) - _SEQ_HALF
+            delta = serial_delta(seq, self._seq_hi, 16)
             if delta > _MAX_DROPOUT or delta < -_MAX_DROPOUT:
                 # A stray packet from far away, or the sender restarted its sequence:
                 # believe the jump when the next packet follows it (RFC 3550 A.1).
@@ -286,7 +285,7 @@ class PlayoutBuffer:
             elif delta > 0:
                 ext = self._seq_hi = self._seq_hi + delta
                 self._seq_mask = ((self._seq_mask << delta) | 1) & _SEQ_WINDOW_MASK
-                dts = ((timestamp - self._ts_hi + _TS_HALF) & (_TS_MOD - 1)) - _TS_HALF
+                dts = serial_delta(timestamp, self._ts_hi, 32)
                 self._ts_hi = timestamp
                 pts = self._pts_hi = self._pts_hi + dts
             else:
@@ -299,7 +298,7 @@ class PlayoutBuffer:
                     return False
                 self._seq_mask |= 1 << back
                 ext = self._seq_hi - back
-                dts = ((timestamp - self._ts_hi + _TS_HALF) & (_TS_MOD - 1)) - _TS_HALF
+                dts = serial_delta(timestamp, self._ts_hi, 32)
                 pts = self._pts_hi + dts
             self._bad_seq = None
         self._unique += 1

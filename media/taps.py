@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import aiortc_hooks
+from .rtpseq import Unwrapper
 from .sinkset import SinkFault, report
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,7 @@ class RtpTap:
         self._receiver = None
         self._opus_types: dict[int, bool] = {}
         self._origin: int | None = None
-        self._last: int | None = None
-        self._wraps = 0
+        self._timestamps = Unwrapper(32)
         self._times: dict[int, float] = {}
         self._order: collections.deque[int] = collections.deque()
         self.packets = 0
@@ -146,15 +146,12 @@ class RtpTap:
         try:
             if not packet.payload or not self._is_opus(packet.payload_type):
                 return
-            ts = packet.timestamp
+            extended = self._timestamps.extend(packet.timestamp)
             if self._origin is None:
-                self._origin = ts
-            elif ts < self._last and self._last - ts > 0x80000000:
-                self._wraps += 1
-            elif ts > self._last and ts - self._last > 0x80000000:
-                return  # a late packet from before a wrap: too old to matter
-            self._last = ts
-            pts = ts - self._origin + (self._wraps << 32)
+                self._origin = extended
+            pts = extended - self._origin
+            if pts < 0:
+                return  # from before the first packet: too old to matter
             self.packets += 1
             times = self._times
             if pts not in times:
