@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from media.frames import Sink, Source
 from media.peer import MediaError, MediaPeer
@@ -37,8 +37,6 @@ from .events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Dire
 from .providers.base import CallingProvider
 from .redact import mask_phone
 
-if TYPE_CHECKING:
-    from .manager import CallManager
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +122,28 @@ class TimelineEntry:
 Listener = Callable[["Call", TimelineEntry], None]
 
 
+class CallHost(Protocol):
+    """What a :class:`Call` needs from whoever runs it (the
+    :class:`~gateway.manager.CallManager`): the provider, the media watchdog settings,
+    and where its events and its end go. (So calls.py imports no manager.)"""
+
+    provider: CallingProvider
+    rtp_timeout_s: float
+    media_end_grace_s: float
+
+    def _notify(self, call: Call, entry: TimelineEntry) -> None: ...
+
+    def _next_change(self, call: Call) -> asyncio.Future: ...
+
+    def _forget_later(self, call: Call) -> None: ...
+
+
 class Call:
-    """One call and its media. Created by :class:`CallManager`."""
+    """One call and its media. Created by :class:`~gateway.manager.CallManager`."""
 
     def __init__(
         self,
-        manager: CallManager,
+        manager: CallHost,
         *,
         user: str,
         direction: Direction,
@@ -501,9 +515,7 @@ class Call:
             await asyncio.gather(*pending)
 
     async def _next_change(self) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._manager._once.append((self, future))
-        await future
+        await self._manager._next_change(self)
 
     async def wait_state(self, state: CallState, timeout: float | None = None) -> None:
         """Wait until the call reaches ``state`` (or a later one)."""

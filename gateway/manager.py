@@ -123,6 +123,12 @@ class CallManager:
             else:
                 self._once.append((owner, future))
 
+    def _next_change(self, call: Call) -> asyncio.Future:
+        """A future resolved at ``call``'s next timeline entry."""
+        future = asyncio.get_running_loop().create_future()
+        self._once.append((call, future))
+        return future
+
     async def place_call(
         self,
         to: str,

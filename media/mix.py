@@ -26,11 +26,11 @@ from collections.abc import Iterable
 import av
 import numpy as np
 
+from .clock import FRAME_S
 from .frames import FRAME_MS, FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE, Sink, Source
 
 __all__ = ["Playback", "PlayQueue", "Mixer", "Tee", "ResampledSource", "ResampledSink"]
 
-FRAME_S = FRAME_MS / 1000
 _LAYOUTS = {1: "mono", 2: "stereo"}
 
 

@@ -55,6 +55,7 @@ import av
 import numpy as np
 
 from . import aiortc_hooks
+from .clock import FRAME_S, FrameClock
 from .frames import FRAME_MS, FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from .jitterbuffer import DISCARD, GAP, IDLE, PLAY, PlayoutBuffer
 
@@ -62,7 +63,6 @@ __all__ = ["OpusDecoder", "OpusReceiver", "aiortc_problems", "RESYNC_S"]
 
 log = logging.getLogger(__name__)
 
-FRAME_S = FRAME_MS / 1000
 #: A tick this late (the event loop stalled) starts a new schedule instead of catching
 #: up: the stall becomes playout delay, which the buffer then shrinks again.
 RESYNC_S = 3 * FRAME_S
@@ -186,7 +186,8 @@ class OpusReceiver:
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
         self._timer: asyncio.TimerHandle | None = None
-        self._due = 0.0
+        self._frames = FrameClock(resync_after_s=RESYNC_S)
+        self._tick_n = 0  # ticks since the schedule began
         self._receiver = None
         self._opus_pts: frozenset[int] = frozenset()
         self._streams: dict | None = None
@@ -199,7 +200,6 @@ class OpusReceiver:
         self._closed = False
         #: True when aiortc plays the audio instead (no Opus negotiated).
         self.fallback = False
-        self.resyncs = 0
         self.errors = 0
         self._released_errors = 0  # decode errors of a decoder freed by release()
 
@@ -291,19 +291,34 @@ class OpusReceiver:
 
     # -- playout -----------------------------------------------------------------------
 
-    def _schedule(self, due: float) -> None:
-        self._due = due
-        self._timer = self._loop.call_at(due, self._tick)
+    def _schedule(self, start: float) -> None:
+        """Start a new playout schedule: tick 0 due at ``start``."""
+        self._frames.begin(start)
+        self._tick_n = 0
+        self._timer = self._loop.call_at(start, self._tick)
+
+    @property
+    def resyncs(self) -> int:
+        return self._frames.resyncs
+
+    @property
+    def _due(self) -> float:
+        """When the next tick is due (loop clock)."""
+        return self._frames.due(self._tick_n)
+
+    @_due.setter
+    def _due(self, at: float) -> None:
+        self._frames.begin(at)
+        self._tick_n = 0
 
     def _tick(self) -> None:
         self._timer = None
         if self._closed:
             return
-        due = self._due
         now = self._clock()
-        if now - due > RESYNC_S:
-            self.resyncs += 1
-            due = now
+        frames, n = self._frames, self._tick_n
+        frames.late(n, now)  # a stalled loop restarts the schedule (the stall becomes delay)
+        due = frames.due(n)
         try:
             played = self.play(due)
         except Exception:
@@ -314,7 +329,8 @@ class OpusReceiver:
         if self._closed:
             return
         if played:
-            self._schedule(due + FRAME_S)
+            self._tick_n = n + 1
+            self._timer = self._loop.call_at(frames.due(n + 1), self._tick)
         else:
             start = self.buffer.start_at
             if start is not None:

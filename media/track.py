@@ -35,6 +35,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from .clock import FRAME_S, FrameClock
 from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Sink, Source, silence
 from .mix import Playback, PlayQueue
 from .opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
@@ -42,7 +43,6 @@ from .sinkset import SinkSet
 
 __all__ = ["OutboundAudioTrack", "PacingStats", "Playback", "FRAME_S"]
 
-FRAME_S = FRAME_MS / 1000
 _TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 #: Behind schedule by more than this many frames: resynchronise instead of bursting.
 MAX_CATCH_UP_FRAMES = 5
@@ -124,7 +124,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         self.passthrough = passthrough and opus is not None
         self._encoder: OpusEncoder | None = None
         self._silence_packet = silence_packet(opus) if opus is not None else None
-        self._start: float | None = None
+        self._clock = FrameClock(resync_after_s=MAX_CATCH_UP_FRAMES * FRAME_S)
         self._index = 0
         self._last_sent: float | None = None
         self.stats = PacingStats()
@@ -155,7 +155,7 @@ class OutboundAudioTrack(MediaStreamTrack):
     @property
     def started(self) -> bool:
         """True once the first frame went out (media is flowing)."""
-        return self._start is not None
+        return self._clock.started
 
     # -- outbound taps ----------------------------------------------------------------
 
@@ -230,17 +230,18 @@ class OutboundAudioTrack(MediaStreamTrack):
     async def _wait_for_slot(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if self._start is None:
-            self._start = now
+        clock = self._clock
+        if not clock.started:
+            clock.begin(now)
             self._last_sent = self.sent_at = now
             return
-        due = self._start + self._index * FRAME_S
-        delay = due - now
-        if delay > 0:
-            await asyncio.sleep(delay)
+        resyncs = clock.resyncs
+        late = clock.late(self._index, now)  # (a stall restarts the schedule: no burst)
+        if late < 0:
+            await asyncio.sleep(-late)
             now = loop.time()
         else:
-            late_ms = -delay * 1000
+            late_ms = late * 1000
             stats = self.stats
             if late_ms > 1.0:
                 stats.late_frames += 1
@@ -248,9 +249,6 @@ class OutboundAudioTrack(MediaStreamTrack):
                     stats.max_late_ms = late_ms
                 if late_ms > FRAME_MS:
                     stats.underruns += 1
-            if late_ms > MAX_CATCH_UP_FRAMES * FRAME_MS:
-                # The loop stalled: start a new schedule rather than sending a burst.
-                stats.resyncs += 1
-                self._start = now - self._index * FRAME_S
+            stats.resyncs += clock.resyncs - resyncs
         self.stats._interval(now - self._last_sent)
         self._last_sent = self.sent_at = now

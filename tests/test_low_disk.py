@@ -101,3 +101,21 @@ def test_a_flood_of_one_line_becomes_one_line_and_a_count():
     assert "write failed: attempt 4999 (repeated 4999 times in the last 60 s)" in lines[2]
     assert "a minute later" in lines[3]
     assert repeat.suppressed == 4999
+
+
+def test_the_repeat_count_line_is_redacted_too():
+    now = [0.0]
+    stream = io.StringIO()
+    handler = configure(json=True, level=logging.INFO, stream=stream, secrets=["s3cr3t-token-value"])
+    repeat = next(f for f in handler.filters if isinstance(f, RepeatFilter))
+    repeat._clock = lambda: now[0]
+    log = logging.getLogger("wacall.test.redact")
+    try:
+        for _ in range(3):
+            log.warning("call to %s with %s failed", "+4915112345678", "s3cr3t-token-value")
+        repeat.flush()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    assert text.count("\n") == 2 and "repeated 2 times" in text
+    assert "4915112345678" not in text and "s3cr3t-token-value" not in text and "5678" in text

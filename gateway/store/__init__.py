@@ -1,4 +1,6 @@
-"""Storage behind the call-permission ledger (:mod:`gateway.permissions`).
+"""Storage: the protocols in :mod:`gateway.store.base` (calls, versioned documents,
+webhook de-duplication, the event log; memory and SQLite implementations), and the
+call-permission ledger's store (:mod:`gateway.permissions`), described below.
 
 The ledger keeps one small JSON document per user (permission, recent requests and
 calls, provider snapshot, ids already seen) and rewrites it whole on every change.
@@ -17,9 +19,28 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from gateway.store.sqlite import DEFAULT_FILENAME, SQLitePermissionStore, StoreSchemaError
+from gateway.store.base import (
+    CallRecord,
+    CallStore,
+    DedupeStore,
+    EventLog,
+    LoggedEvent,
+    VersionConflict,
+    VersionedStore,
+)
+from gateway.store.memory import MemoryStore
+from gateway.store.sqlite import DEFAULT_FILENAME, SQLitePermissionStore, SQLiteStore, StoreSchemaError
 
 __all__ = [
+    "CallRecord",
+    "CallStore",
+    "DedupeStore",
+    "EventLog",
+    "LoggedEvent",
+    "MemoryStore",
+    "SQLiteStore",
+    "VersionConflict",
+    "VersionedStore",
     "DEFAULT_FILENAME",
     "MemoryPermissionStore",
     "PermissionStore",

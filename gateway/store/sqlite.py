@@ -16,13 +16,18 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import WacallError
 
-__all__ = ["DEFAULT_FILENAME", "SCHEMA_VERSION", "SQLitePermissionStore", "StoreSchemaError"]
+from .base import DEDUPE_WINDOW_S, CallRecord, LoggedEvent, VersionConflict
+
+__all__ = ["DEFAULT_FILENAME", "SCHEMA_VERSION", "SQLitePermissionStore", "SQLiteStore", "STATE_FILENAME",
+           "StoreSchemaError"]
 
 DEFAULT_FILENAME = "permissions.sqlite3"
 SCHEMA_VERSION = 1
@@ -74,22 +79,7 @@ class SQLitePermissionStore:
             return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StoreSchemaError(
-                f"{self.path}: schema version {version} is newer than this wacall "
-                f"({SCHEMA_VERSION}); upgrade wacall or use another data directory")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {target:d}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        _apply_migrations(self._db, self.path, _MIGRATIONS, SCHEMA_VERSION)
 
     def load(self, user: str) -> dict[str, Any] | None:
         with self._lock:
@@ -118,3 +108,228 @@ class SQLitePermissionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- calls, versioned documents, webhook de-duplication, the event log ----------------------
+
+STATE_FILENAME = "wacall.sqlite3"
+STATE_SCHEMA_VERSION = 1
+
+_STATE_MIGRATIONS: dict[int, str] = {
+    1: """
+        CREATE TABLE calls (
+            id          TEXT PRIMARY KEY,
+            wacid       TEXT,
+            direction   TEXT NOT NULL,
+            user        TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            owner       TEXT,
+            lease_until REAL,
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL,
+            data        TEXT NOT NULL,
+            version     INTEGER NOT NULL
+        );
+        CREATE UNIQUE INDEX calls_wacid ON calls (wacid) WHERE wacid IS NOT NULL;
+        CREATE INDEX calls_live ON calls (state, owner);
+        CREATE INDEX calls_created ON calls (created_at);
+        CREATE TABLE documents (
+            key      TEXT PRIMARY KEY,
+            document TEXT NOT NULL,
+            version  INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE seen (
+            key TEXT PRIMARY KEY,
+            at  REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX seen_at ON seen (at);
+        CREATE TABLE events (
+            seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+            id         TEXT NOT NULL,
+            type       TEXT NOT NULL,
+            call_id    TEXT,
+            data       TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+    """,
+}
+
+
+class SQLiteStore:
+    """The store protocols of :mod:`gateway.store.base` in one SQLite file (WAL, one
+    connection, 0600). Each operation is one statement or one ``BEGIN IMMEDIATE``
+    transaction, so it is atomic against other connections to the same file; the
+    queries are sub-millisecond and run on the caller's thread."""
+
+    def __init__(self, path: str | os.PathLike[str], *, dedupe_window_s: float | None = None) -> None:
+        self.path = Path(path)
+        self.dedupe_window_s = DEDUPE_WINDOW_S if dedupe_window_s is None else dedupe_window_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.chmod(self.path, 0o600)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            _apply_migrations(self._db, self.path, _STATE_MIGRATIONS, STATE_SCHEMA_VERSION)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def in_data_dir(cls, data_dir: str | os.PathLike[str], **kwargs: Any) -> SQLiteStore:
+        return cls(Path(data_dir) / STATE_FILENAME, **kwargs)
+
+    def _transaction(self, fn):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def save_call(self, record, *, expected_version: int | None = None):
+        data = json.dumps(dict(record.data), separators=(",", ":"), allow_nan=False)
+
+        def write(db):
+            row = db.execute("SELECT version FROM calls WHERE id = ?", (record.id,)).fetchone()
+            found = row[0] if row else 0
+            if expected_version is not None and expected_version != found:
+                raise VersionConflict(record.id, expected_version, found)
+            db.execute(
+                "INSERT INTO calls (id, wacid, direction, user, state, owner, lease_until, created_at, "
+                "updated_at, data, version) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "wacid=excluded.wacid, direction=excluded.direction, user=excluded.user, "
+                "state=excluded.state, owner=excluded.owner, lease_until=excluded.lease_until, "
+                "updated_at=excluded.updated_at, data=excluded.data, version=excluded.version",
+                (record.id, record.wacid, record.direction, record.user, record.state, record.owner,
+                 record.lease_until, record.created_at, record.updated_at, data, found + 1))
+            return found + 1
+
+        version = self._transaction(write)
+        return replace(record, data=json.loads(data), version=version)
+
+    _CALL_COLUMNS = ("id, wacid, direction, user, state, owner, lease_until, created_at, updated_at, "
+                     "data, version")
+
+    @staticmethod
+    def _record(row):
+        (id_, wacid, direction, user, state, owner, lease_until, created_at, updated_at, data,
+         version) = row
+        return CallRecord(id=id_, wacid=wacid, direction=direction, user=user, state=state, owner=owner,
+                          lease_until=lease_until, created_at=created_at, updated_at=updated_at,
+                          data=json.loads(data), version=version)
+
+    def _calls(self, where: str, args: tuple = (), tail: str = "") -> list:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._CALL_COLUMNS} FROM calls {where} {tail}", args).fetchall()
+        return [self._record(r) for r in rows]
+
+    async def get_call(self, call_id: str):
+        found = self._calls("WHERE id = ?", (call_id,))
+        return found[0] if found else None
+
+    async def call_by_wacid(self, wacid: str):
+        found = self._calls("WHERE wacid = ?", (wacid,))
+        return found[0] if found else None
+
+    async def live_calls(self, owner: str | None = None) -> list:
+        if owner is None:
+            return self._calls("WHERE state != 'ended'", (), "ORDER BY created_at, id")
+        return self._calls("WHERE state != 'ended' AND owner = ?", (owner,), "ORDER BY created_at, id")
+
+    async def recent_calls(self, limit: int = 50) -> list:
+        return self._calls("", (), f"ORDER BY created_at DESC, id DESC LIMIT {int(limit):d}")
+
+    # -- versioned documents ---------------------------------------------------------------
+
+    async def load(self, key: str) -> tuple[dict[str, Any] | None, int]:
+        with self._lock:
+            row = self._db.execute("SELECT document, version FROM documents WHERE key = ?", (key,)).fetchone()
+        return (None, 0) if row is None else (json.loads(row[0]), row[1])
+
+    async def save(self, key: str, document: Mapping[str, Any], *, expected_version: int) -> int:
+        text = json.dumps(dict(document), separators=(",", ":"), allow_nan=False)
+        with self._lock:
+            if expected_version == 0:
+                cursor = self._db.execute(
+                    "INSERT INTO documents (key, document, version) VALUES (?, ?, 1) "
+                    "ON CONFLICT(key) DO NOTHING", (key, text))
+            else:
+                cursor = self._db.execute(
+                    "UPDATE documents SET document = ?, version = version + 1 WHERE key = ? AND version = ?",
+                    (text, key, expected_version))
+            if cursor.rowcount == 1:
+                return expected_version + 1
+            row = self._db.execute("SELECT version FROM documents WHERE key = ?", (key,)).fetchone()
+        raise VersionConflict(key, expected_version, row[0] if row else 0)
+
+    # -- webhook de-duplication ------------------------------------------------------------
+
+    async def first_time(self, key: str, *, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        horizon = now - self.dedupe_window_s
+
+        def check(db):
+            db.execute("DELETE FROM seen WHERE at <= ?", (horizon,))
+            inserted = db.execute("INSERT INTO seen (key, at) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                                  (key, now)).rowcount
+            return inserted == 1
+
+        return self._transaction(check)
+
+    # -- event log -------------------------------------------------------------------------
+
+    async def append(self, event_id: str, type: str, data: Mapping[str, Any], *,
+                     call_id: str | None = None, created_at: float | None = None):
+        text = json.dumps(dict(data), separators=(",", ":"), allow_nan=False)
+        at = time.time() if created_at is None else created_at
+        with self._lock:
+            seq = self._db.execute(
+                "INSERT INTO events (id, type, call_id, data, created_at) VALUES (?, ?, ?, ?, ?)",
+                (event_id, type, call_id, text, at)).lastrowid
+        return LoggedEvent(seq, event_id, type, call_id, json.loads(text), at)
+
+    async def after(self, seq: int, limit: int = 100) -> list:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, id, type, call_id, data, created_at FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit)).fetchall()
+        return [LoggedEvent(s, i, t, c, json.loads(d), a) for s, i, t, c, d, a in rows]
+
+    async def trim(self, keep: int) -> int:
+        with self._lock:
+            return self._db.execute(
+                "DELETE FROM events WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM events) - ?",
+                (int(keep),)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _apply_migrations(db: sqlite3.Connection, path: Path, migrations: dict[int, str], latest: int) -> None:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > latest:
+        raise StoreSchemaError(
+            f"{path}: schema version {version} is newer than this wacall ({latest}); "
+            "upgrade wacall or use another data directory")
+    for target in range(version + 1, latest + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in migrations[target].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {target:d}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
