@@ -155,7 +155,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in calls))
                 await asyncio.sleep(1.0)  # let every playout buffer settle
                 for c in calls:  # count the sends' quality from here on
-                    c.peer.outbound.stats = type(c.peer.outbound.stats)()
+                    c.media.peer.outbound.stats = type(c.media.peer.outbound.stats)()
                 me = os.getpid()
                 profiler = None
                 if profile:
@@ -172,7 +172,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     profiler.disable()
                     profiler.dump_stats(profile)
                 rss = rss_mb()
-                stats = [await c.peer.get_stats() for c in calls]
+                stats = [await c.media.peer.get_stats() for c in calls]
                 alive = sum(c.state is CallState.MEDIA_CONNECTED for c in calls)
                 ended: dict[str, int] = {}
                 for c in calls:

@@ -242,7 +242,7 @@ class Service:
         retention settings (at startup, then at most once a minute after calls)."""
         import time
 
-        from media.sinks.recorder import apply_retention, repair_directory
+        from media.recordings import apply_retention, repair_directory
 
         settings, directory = self.settings, Path(self.settings.data_dir) / "recordings"
         if not directory.exists():

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from media.frames import Sink, Source
-from media.peer import MediaError, MediaPeer
-from media.track import Playback
+from media.peer import MediaError
+from media.session import Dtmf, LocalMediaSession, MediaEvent, RecordingFailed, RecordSpec, Speech
+from media.mix import Playback
 
 from . import call_events as ev
 from .errors import ProviderError
@@ -147,7 +148,7 @@ class Call:
         *,
         user: str,
         direction: Direction,
-        peer: MediaPeer,
+        media: LocalMediaSession,
         sources: Iterable[Source] = (),
         sinks: Iterable[Sink] = (),
         biz_opaque_callback_data: str | None = None,
@@ -162,7 +163,8 @@ class Call:
         #: The WhatsApp user's number (callee of an outbound call, caller of an inbound one).
         self.user = user
         self.direction = direction
-        self.peer = peer
+        #: The call's media (media.session); ``None`` once the call has ended.
+        self.media: LocalMediaSession | None = media
         self.wacid: str | None = wacid
         self.biz_opaque_callback_data = biz_opaque_callback_data
         self.state = CallState.CREATED
@@ -188,32 +190,33 @@ class Call:
         self.ended_at: float | None = None
         self.finished = asyncio.Event()  # set once media and recordings are closed
         self.media_stats: dict = {}
-        self.recorder = None  # a media.sinks.recorder.CallRecorder once record_to() is called
         #: The recording's files by kind (``user_wav``, ``stereo_wav``, ``user_ogg``,
         #: ``sidecar``), kept after the call ends (when the recorder itself is let go).
         self.recording_files: dict[str, Path] = {}
         self._recordings: list[str] | None = None  # recording_paths() once ended
         #: What the far side's audio amounted to (frames received); kept after the end.
-        self.received = peer.received
+        self.received = media.received
         #: Seconds played to the user (set when the call ends).
         self.played_s = 0.0
         self.bot = bot  # gateway.bots.BotSpec
         self.bridge = None  # its media.bridges.Bridge once started
         #: The SDP we sent (offer or answer), as the provider received it.
         self.local_sdp: str | None = None
-        for sink in self.sinks:
-            peer.add_sink(sink)
         #: Digits received from the user, in order (RFC 4733 and, if enabled, in-band).
         self.dtmf_received: list[str] = []
-        peer.on_dtmf(self._on_dtmf)
         #: Why the recording stopped early (``{"code", "reason"}``), e.g. a full disk.
         self.recording_error: dict[str, str] | None = None
-        peer.on_sink_fault(self._on_sink_fault)
-        if manager.speech_events:
-            from media.sinks.meter import SpeechDetector
-
-            peer.add_sink(SpeechDetector(on_event=self._on_speech))
+        media.subscribe(self._on_media)
         self._mark(ev.CallCreated())
+
+    def _on_media(self, event: MediaEvent) -> None:
+        """What the media session reports (transport end is awaited in _watch_transport)."""
+        if isinstance(event, Dtmf):
+            self._on_dtmf(event)
+        elif isinstance(event, Speech):
+            self._on_speech(event)
+        elif isinstance(event, RecordingFailed):
+            self._recording_failed({"code": event.code, "reason": event.reason})
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -269,7 +272,7 @@ class Call:
 
     async def _dial(self, provider: CallingProvider) -> None:
         try:
-            offer = await self.peer.create_offer()  # (the peer is let go only by _end)
+            offer = await self.media.offer()  # (the session is let go only by _end)
         except MediaError as exc:
             await self._end(EndReason.MEDIA_FAILURE, detail=str(exc))
             return
@@ -299,14 +302,14 @@ class Call:
             except BridgeUnavailable as exc:
                 await self._end(EndReason.BOT_FAILURE, notify_provider=True, detail=str(exc))
                 return
-        peer = self.peer  # _end lets go of self.peer while we wait
+        media = self.media  # _end lets go of self.media while we wait
         try:
-            answer = await peer.accept_offer(offer)
+            answer = await media.answer(offer)
             self.local_sdp = answer
             self._mark(ev.AnswerCreated())
             await provider.pre_accept(self.wacid, answer)
             self._mark(ev.PreAccepted())
-            await peer.media_up(self._media_timeout_s)
+            await media.wait_up(self._media_timeout_s)
             if self.ended:
                 return
             self._media_ready = True
@@ -350,10 +353,10 @@ class Call:
         self._spawn(self._bring_media_up(event.sdp))
 
     async def _bring_media_up(self, answer: str) -> None:
-        peer = self.peer  # _end lets go of self.peer while we wait
+        media = self.media  # _end lets go of self.media while we wait
         try:
-            await peer.apply_answer(answer)
-            await peer.media_up(self._media_timeout_s)
+            await media.apply_answer(answer)
+            await media.wait_up(self._media_timeout_s)
         except MediaError as exc:
             await self._end(EndReason.MEDIA_FAILURE, notify_provider=True, detail=str(exc))
             return
@@ -384,7 +387,7 @@ class Call:
                 return
 
     async def _watch_transport(self) -> None:
-        reason = await self.peer.ended
+        reason = await self.media.ended
         if self.ended or self._ending:
             return
         # When the user hangs up, media often stops a moment before the terminate
@@ -428,7 +431,7 @@ class Call:
             self.connected_at = time.monotonic()
             self._advance(ev.MediaConnected())
             for source in self._pending_sources:
-                self.playbacks.append(self.peer.play(source))
+                self.playbacks.append(self.media.play(source))
             self._pending_sources.clear()
             if self.bot is not None:
                 self._spawn(self._run_bot())
@@ -444,7 +447,7 @@ class Call:
                       "direction": self.direction.value, "user": "+" + self.user.lstrip("+"),
                       **self.bot.parameters}
         try:
-            await bridge.start(self.peer, call_id=self.id, parameters=parameters)
+            await self.media.start_bridge(bridge, call_id=self.id, parameters=parameters)
         except BridgeUnavailable as exc:
             await self._end(EndReason.BOT_FAILURE, notify_provider=True, detail=str(exc))
             return
@@ -465,14 +468,6 @@ class Call:
             kind = ev.SpeechStarted if event.kind == "start" else ev.SpeechStopped
             self._mark(kind(round(event.at_s, 3), round(event.level_dbfs, 1)))
 
-    def _on_sink_fault(self, fault) -> None:
-        """A sink raised and was detached (media.sinkset); the audio goes on. A file
-        recording among them makes the recording fail; the recorder reports for itself."""
-        if self.recorder is not None and self.recorder.owns(fault.sink):
-            return
-        if getattr(fault.sink, "path", None) is not None:
-            self._recording_failed({"code": fault.code, "reason": fault.reason})
-
     def _recording_failed(self, error: dict[str, str]) -> None:
         if self.recording_error is not None:
             return
@@ -490,7 +485,7 @@ class Call:
         """Send DTMF digits to the user (RFC 4733 on the audio stream)."""
         if self.state is not CallState.MEDIA_CONNECTED:
             raise RuntimeError(f"call {self.id} is {self.state.value}, not media_connected")
-        await self.peer.send_dtmf(digits, duration_ms, gap_ms)
+        await self.media.send_dtmf(digits, duration_ms, gap_ms)
         self._mark(ev.DtmfSent(digits))
 
     # -- control -------------------------------------------------------------------------
@@ -501,7 +496,7 @@ class Call:
             source.close()
             raise RuntimeError(f"call {self.id} has ended")
         if self.state is CallState.MEDIA_CONNECTED:
-            playback = self.peer.play(source)
+            playback = self.media.play(source)
             self.playbacks.append(playback)
             return playback
         self._pending_sources.append(source)
@@ -560,10 +555,7 @@ class Call:
                 await self.bridge.stop(reason.value)
             except Exception:
                 self.log.exception("call %s: stopping the bot failed", self.id)
-        await self.peer.close()
-        if self.recorder is not None:
-            self.recorder.meta["wacid"] = self.wacid
-            self.recorder.close(media_stats=self.media_stats)
+        await self.media.close(recording_meta={"wacid": self.wacid}, media_stats=self.media_stats)
         for playback in self.playbacks:
             playback._finish()
         for source in self._pending_sources:
@@ -594,18 +586,13 @@ class Call:
 
     def _release_media(self) -> None:
         """The call is over: keep what describes it (statistics, file paths, seconds
-        played), let go of every media object (peer, recorder, bridge, sources), so an
-        ended call kept in the history holds no codec context, buffer or socket."""
-        peer = self.peer
-        if peer is not None:
-            self.received = peer.received
-            if not self.media_stats:
-                self.media_stats = peer.stats()
-        self.peer = None
+        played), let go of every media object (session, bridge, sources), so an ended
+        call kept in the history holds no codec context, buffer or socket."""
+        media = self.media
+        if media is not None and not self.media_stats:
+            self.media_stats = media.stats()
+        self.media = None
         self._recordings = self.recording_paths()
-        if self.recorder is not None:
-            self.recording_files = dict(self.recorder.paths)
-        self.recorder = None
         self.bridge = None
         self.sinks = []
         self.played_s = round(sum(p.seconds for p in self.playbacks), 3)
@@ -615,9 +602,9 @@ class Call:
 
     async def refresh_stats(self) -> dict:
         """Read the media statistics now (kept after the call ends)."""
-        if self.peer is not None and not self.peer.closed:
+        if self.media is not None and not self.media.closed:
             try:
-                self.media_stats = await asyncio.wait_for(self.peer.get_stats(), 2.0)
+                self.media_stats = await asyncio.wait_for(self.media.get_stats(), 2.0)
             except (asyncio.TimeoutError, Exception):  # stats must never break a call
                 self.log.debug("call %s: stats unavailable", self.id, exc_info=True)
         return self.media_stats
@@ -628,14 +615,9 @@ class Call:
         time so gaps stay where they happened), ``user.ogg`` (the user's Opus packets as
         received) and ``recording.json`` (durations, levels, media statistics). Files are
         0600 in a 0700 directory and stay playable if the process is killed."""
-        from media.sinks.recorder import CallRecorder
-
-        self.recorder = CallRecorder(Path(directory) / self.id, call_id=self.id,
-                                     meta={"direction": self.direction.value, "wacid": self.wacid})
-        self.recorder.on_error = self._recording_failed
-        self.recorder.attach(self.peer)
-        self.recording_files = dict(self.recorder.paths)
-        return self.recorder.directory
+        self.recording_files = self.media.record(RecordSpec(
+            str(Path(directory) / self.id), self.id, {"direction": self.direction.value, "wacid": self.wacid}))
+        return self.recording_files["sidecar"].parent
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -643,8 +625,7 @@ class Call:
         if self._recordings is not None:  # the call is over
             return list(self._recordings)
         paths = [str(s.path) for s in self.sinks if getattr(s, "path", None) is not None]
-        if self.recorder is not None:
-            paths += [str(p) for p in self.recorder.paths.values()]
+        paths += [str(p) for p in self.recording_files.values()]
         return paths
 
     def _recording_summary(self) -> dict | None:
@@ -674,5 +655,5 @@ class Call:
             "recordings": self.recording_paths(),
             "dtmf_received": "".join(self.dtmf_received),
             "recording": self._recording_summary(),
-            "media": self.media_stats or (self.peer.stats() if self.peer is not None else {}),
+            "media": self.media_stats or (self.media.stats() if self.media is not None else {}),
         }

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from media.frames import Sink, Source
-from media.peer import MediaPeer, PeerConfig
+from media.peer import PeerConfig
+from media.session import LocalMediaSession
 
 from .calls import (
     Call,
@@ -189,12 +190,14 @@ class CallManager:
             for source in sources:
                 source.close()
             raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
-        peer = MediaPeer(self.peer_config, label=f"call to {mask_phone(to)}")
+        sinks = tuple(sinks)
+        media = LocalMediaSession(self.peer_config, label=f"call to {mask_phone(to)}", sinks=sinks,
+                                  speech=self.speech_events)
         call = Call(
             self,
             user=to,
             direction=Direction.BUSINESS_INITIATED,
-            peer=peer,
+            media=media,
             sources=sources,
             sinks=sinks,
             biz_opaque_callback_data=biz_opaque_callback_data,
@@ -278,7 +281,8 @@ class CallManager:
             self,
             user=event.from_ or "",
             direction=Direction.USER_INITIATED,
-            peer=MediaPeer(self.peer_config, label=f"call from {mask_phone(event.from_)}"),
+            media=LocalMediaSession(self.peer_config, label=f"call from {mask_phone(event.from_)}",
+                                    sinks=tuple(plan.sinks) if plan else (), speech=self.speech_events),
             sources=plan.sources if plan else (),
             sinks=plan.sinks if plan else (),
             biz_opaque_callback_data=plan.biz_opaque_callback_data if plan else None,

@@ -56,7 +56,7 @@ import numpy as np
 
 from . import aiortc_hooks
 from .clock import FRAME_S, FrameClock
-from .frames import FRAME_MS, FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
+from .frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from .jitterbuffer import DISCARD, GAP, IDLE, PLAY, PlayoutBuffer
 
 __all__ = ["OpusDecoder", "OpusReceiver", "aiortc_problems", "RESYNC_S"]

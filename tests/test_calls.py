@@ -35,7 +35,7 @@ async def test_audio_flows_both_ways_and_playback_waits_for_accept(service, tmp_
     said = sandbox_call.phone.peer.play(ToneSource(600, 1.0))
     await call.wait_playback()
     await asyncio.wait_for(said.done, TIMEOUT)
-    await drain(call.peer, sandbox_call.phone.peer)
+    await drain(call.media.peer, sandbox_call.phone.peer)
     await call.hangup()
     await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
 
@@ -233,7 +233,7 @@ async def test_business_sends_audio_from_the_moment_media_is_up(service):
 
     def on_entry(call, entry):
         if entry.name == "offer_created":  # before any frame can go out
-            call.peer.add_outbound_sink(sent)
+            call.media.peer.add_outbound_sink(sent)
         if entry.name == "accepted":
             at_accept["sent"] = sent.frames
             at_accept["heard"] = service.sandbox.calls[call.wacid].phone.peer.received.frames

@@ -91,11 +91,11 @@ async def test_a_full_disk_stops_the_recording_not_the_call(small_fs, settings):
             for call, phone in zip(calls, phones):
                 user_hears, business_hears = ToneEars(BUSINESS_HZ), ToneEars(USER_HZ)
                 phone.peer.add_sink(user_hears)
-                call.peer.add_sink(business_hears)
+                call.media.peer.add_sink(business_hears)
                 ears += [user_hears, business_hears]
             await asyncio.gather(*(e.hears(1.0) for e in ears))
             for call in calls:
-                assert call.state is CallState.MEDIA_CONNECTED and call.peer.outbound.readyState == "live"
+                assert call.state is CallState.MEDIA_CONNECTED and call.media.peer.outbound.readyState == "live"
                 error = call.summary()["recording"]["error"]
                 assert error["code"] == "disk_full" and "No space left" in error["reason"]
                 assert [e.name for e in call.timeline].count("recording_failed") == 1

@@ -25,6 +25,7 @@ from gateway.calls import CallState, EndReason
 from media.bridges.base import Bridge
 from media.peer import MediaPeer
 from media.receiver import OpusDecoder, OpusReceiver
+from media.session import LocalMediaSession
 from media.sinks.recorder import CallRecorder
 from media.sources.file import FileSource
 from tests.helpers import until
@@ -35,7 +36,8 @@ TIMEOUT = 30
 
 #: What a call's media is made of; none of it may outlive the call.
 MEDIA_TYPES = (MediaPeer, RTCPeerConnection, RTCDtlsTransport, av.codec.context.CodecContext,
-               av.container.Container, CallRecorder, OpusReceiver, OpusDecoder, FileSource, Bridge)
+               av.container.Container, CallRecorder, OpusReceiver, OpusDecoder, FileSource, Bridge,
+               LocalMediaSession)
 
 
 def media_objects() -> collections.Counter:

@@ -275,7 +275,7 @@ class ControlApi:
                                  status=202)
 
     async def dtmf(self, request: web.Request) -> web.Response:
-        from media.dtmf import DtmfError
+        from media.session import DtmfError
 
         call = self._call(request)
         body = await _json_body(request)

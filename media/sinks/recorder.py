@@ -30,12 +30,8 @@ startup to fix up whatever a crash left (header lengths, torn Ogg pages, sidecar
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
-import shutil
-import struct
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -47,9 +43,10 @@ from ..frames import FRAME_MS, SAMPLE_RATE
 from ..opus import DEFAULT_SETTINGS, OpusSettings
 from ..sinkset import fault_code
 from .meter import Levels
-from .ogg import OggOpusPassthrough, OggOpusSink, read_ogg_packets, repair_ogg
+from ..recordings import ACTIVE, DIR_MODE, SIDECAR, iso, write_json, apply_retention, repair, repair_directory
+from .ogg import OggOpusPassthrough, OggOpusSink
 from .stereo import AlignedStereoRecorder
-from .wav import HEADER_SIZE, WavSink, open_private, repair_wav
+from .wav import WavSink
 
 __all__ = [
     "CallRecorder",
@@ -60,16 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SIDECAR = "recording.json"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-#: Call directories with an open recorder (never deleted or repaired under its feet).
-_ACTIVE: set[Path] = set()
-
-
-def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _private_dir(path: Path) -> None:
@@ -84,19 +71,6 @@ def _private_dir(path: Path) -> None:
         except FileExistsError:
             pass
     os.chmod(path, DIR_MODE)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = open_private(tmp, FILE_MODE)
-    try:
-        payload = json.dumps(data, indent=2, sort_keys=False, default=str).encode()
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class _UserLeg:
@@ -245,7 +219,7 @@ class CallRecorder:
         self._ogg_pending_auto = False
         self.ogg_mode: str | None = None
         self._ogg_requested = ogg_mode if ogg else None
-        comments = {"CALL_ID": self.call_id, "DATE": _iso(self.started_at)}
+        comments = {"CALL_ID": self.call_id, "DATE": iso(self.started_at)}
         self._ogg_comments = comments
         if wav:
             self.paths["user_wav"] = self.directory / "user.wav"
@@ -261,7 +235,7 @@ class CallRecorder:
         self.paths["sidecar"] = self.directory / SIDECAR
         self.user = _UserLeg(self)
         self.business = _BusinessLeg(self)
-        _ACTIVE.add(self.directory.resolve())
+        ACTIVE.add(self.directory.resolve())
         self._write_sidecar()
 
     # -- wiring ------------------------------------------------------------------------
@@ -338,7 +312,7 @@ class CallRecorder:
         self._detach()
         for writer in self._writers():
             writer.abort()
-        _ACTIVE.discard(self.directory.resolve())
+        ACTIVE.discard(self.directory.resolve())
         self._write_sidecar()  # may fail on a full disk: the files stand on their own
         if self.on_error is not None:
             try:
@@ -378,8 +352,8 @@ class CallRecorder:
             durations["user_ogg"] = round(ogg.duration_s, 3)
         data: dict[str, Any] = {
             "call_id": self.call_id,
-            "started_at": _iso(self.started_at),
-            "ended_at": _iso(self.ended_at) if self.ended_at else None,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at) if self.ended_at else None,
             "complete": self._finished,
             "files": {k: p.name for k, p in self.paths.items() if k != "sidecar"},
             "ogg_mode": self.ogg_mode,
@@ -409,7 +383,7 @@ class CallRecorder:
 
     def _write_sidecar(self) -> None:
         try:
-            _write_json(self.paths["sidecar"], self.sidecar())
+            write_json(self.paths["sidecar"], self.sidecar())
         except OSError as exc:
             log.warning("cannot write the recording sidecar %s: %s", self.paths["sidecar"], exc.strerror or exc)
 
@@ -434,7 +408,7 @@ class CallRecorder:
                     self.error = {"code": fault_code(exc), "reason": f"{closer.path.name}: {exc.strerror or exc}"}
                     log.warning("recording of call %s: closing %s failed: %s", self.call_id,
                                 closer.path.name, exc.strerror or exc)
-        _ACTIVE.discard(self.directory.resolve())
+        ACTIVE.discard(self.directory.resolve())
         self._write_sidecar()
 
     def close(self, media_stats: dict | None = None) -> dict:
@@ -463,147 +437,3 @@ def _rel(at: float | None, t0: float) -> float | None:
     return None if at is None else round(at - t0, 3)
 
 
-# -- startup repair -------------------------------------------------------------------
-
-
-def repair(path: str | os.PathLike[str]) -> bool:
-    """Fix one recording file left by a crash: WAV header lengths, torn Ogg pages.
-    Returns ``True`` when the file was changed; other file types are left alone."""
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix == ".wav":
-        return repair_wav(p)
-    if suffix in (".ogg", ".opus"):
-        return repair_ogg(p)
-    return False
-
-
-def _wav_seconds(path: Path) -> float | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(HEADER_SIZE)
-        channels, rate = struct.unpack("<HI", head[22:28])
-        size = struct.unpack("<I", head[40:44])[0]
-        return round(size / (2 * channels) / rate, 3)
-    except (OSError, struct.error, ZeroDivisionError):
-        return None
-
-
-def repair_directory(directory: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Repair every call directory under ``directory`` (or ``directory`` itself when it
-    is a call directory): files via :func:`repair`, sidecars of recordings that never
-    closed get ``"recovered": true`` and durations measured from the files. Directories
-    of recorders open in this process are skipped. Returns ``{"repaired": [...files],
-    "recovered": [...call dirs], "errors": [...]}``."""
-    root = Path(directory)
-    report: dict[str, list[str]] = {"repaired": [], "recovered": [], "errors": []}
-    if not root.is_dir():
-        return report
-    calls = [root] if (root / SIDECAR).exists() else [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]
-    for call_dir in sorted(calls):
-        if call_dir.resolve() in _ACTIVE:
-            continue
-        for f in sorted(call_dir.iterdir()):
-            if f.name.endswith(".tmp"):
-                f.unlink(missing_ok=True)
-                continue
-            try:
-                if f.is_file() and repair(f):
-                    report["repaired"].append(str(f))
-            except (OSError, ValueError) as exc:
-                report["errors"].append(f"{f}: {exc}")
-        sidecar = call_dir / SIDECAR
-        try:
-            data = json.loads(sidecar.read_text()) if sidecar.exists() else None
-        except (OSError, ValueError) as exc:
-            report["errors"].append(f"{sidecar}: {exc}")
-            continue
-        if data is None or data.get("complete") or data.get("recovered"):
-            continue
-        durations = data.setdefault("durations_s", {})
-        for key, name in (data.get("files") or {}).items():
-            f = call_dir / name
-            if not f.exists():
-                continue
-            if name.endswith(".wav"):
-                durations[key] = _wav_seconds(f)
-            elif name.endswith(".ogg"):
-                try:
-                    packets, granule = read_ogg_packets(f)
-                    durations[key] = round(granule / SAMPLE_RATE, 3) if packets else 0.0
-                except OSError:
-                    pass
-        data["recovered"] = True
-        data["recovered_at"] = _iso(time.time())
-        try:
-            _write_json(sidecar, data)
-            report["recovered"].append(str(call_dir))
-        except OSError as exc:
-            report["errors"].append(f"{sidecar}: {exc}")
-    return report
-
-
-# -- retention ------------------------------------------------------------------------
-
-
-def _usage(path: Path) -> tuple[float, int]:
-    """``(newest mtime, total bytes)`` of a call directory and its files."""
-    newest = path.stat().st_mtime
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.stat(os.path.join(root, name))
-            except OSError:
-                continue
-            total += st.st_size
-            newest = max(newest, st.st_mtime)
-    return newest, total
-
-
-def apply_retention(
-    directory: str | os.PathLike[str],
-    max_age_s: float | None = None,
-    max_count: int | None = None,
-    max_bytes: int | None = None,
-    *,
-    now: float | None = None,
-) -> list[Path]:
-    """Delete call directories under ``directory``, oldest first (by the newest file
-    inside), until every limit holds: none older than ``max_age_s``, at most
-    ``max_count`` directories, at most ``max_bytes`` in total. Directories of
-    recorders open in this process are never deleted (they still count). Returns the
-    deleted directories, oldest first."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    now = time.time() if now is None else now
-    entries = []
-    for d in root.iterdir():
-        if d.is_dir() and not d.is_symlink():
-            try:
-                mtime, size = _usage(d)
-            except OSError:
-                continue
-            entries.append((mtime, d.name, d, size))
-    entries.sort()
-    total_bytes = sum(e[3] for e in entries)
-    count = len(entries)
-    removed: list[Path] = []
-    for mtime, _, d, size in entries:
-        if d.resolve() in _ACTIVE:
-            continue
-        too_old = max_age_s is not None and now - mtime > max_age_s
-        too_many = max_count is not None and count > max_count
-        too_big = max_bytes is not None and total_bytes > max_bytes
-        if not (too_old or too_many or too_big):
-            continue
-        try:
-            shutil.rmtree(d)
-        except OSError:
-            log.exception("retention: cannot delete %s", d)
-            continue
-        removed.append(d)
-        count -= 1
-        total_bytes -= size
-    return removed
