@@ -199,7 +199,8 @@ class Call:
         #: Seconds played to the user (set when the call ends).
         self.played_s = 0.0
         self.bot = bot  # gateway.bots.BotSpec
-        self.bridge = None  # its media.bridges.Bridge once started
+        #: The bot's leg (gateway.legs.BotLeg) once it joined; ``None`` after the end.
+        self.bot_leg = None
         #: The SDP we sent (offer or answer), as the provider received it.
         self.local_sdp: str | None = None
         #: Digits received from the user, in order (RFC 4733 and, if enabled, in-band).
@@ -437,31 +438,27 @@ class Call:
                 self._spawn(self._run_bot())
 
     async def _run_bot(self) -> None:
-        """Attach the voice bot; when it hangs up (or fails), end the WhatsApp call."""
+        """Join the voice bot's leg to the user's media; when the bot hangs up (or
+        fails), end the WhatsApp call."""
         from .bots import BridgeUnavailable
+        from .legs import BotLeg
 
         if self.ended or self._ending:
             return
-        self.bridge = bridge = self.bot.bridge()
+        self.bot_leg = leg = BotLeg(self.bot)
         parameters = {"wacall_call_id": self.id, "whatsapp_call_id": self.wacid or "",
-                      "direction": self.direction.value, "user": "+" + self.user.lstrip("+"),
-                      **self.bot.parameters}
+                      "direction": self.direction.value, "user": "+" + self.user.lstrip("+")}
         try:
-            await self.media.start_bridge(bridge, call_id=self.id, parameters=parameters)
+            await leg.join(self.media, call_id=self.id, parameters=parameters)
         except BridgeUnavailable as exc:
             await self._end(EndReason.BOT_FAILURE, notify_provider=True, detail=str(exc))
             return
-        self._mark(ev.BotConnected(self.bot.protocol))
-        reason = await bridge.closed
-        if self.ended or self._ending or bridge.ended_by == "local":
+        self._mark(ev.BotConnected(leg.protocol))
+        end = await leg.ended()
+        if self.ended or self._ending or end.by == "local":
             return
-        if bridge.ended_by == "bot":
-            try:  # let the bot's goodbye play out
-                await asyncio.wait_for(asyncio.shield(bridge.playback.done), 10)
-            except (asyncio.TimeoutError, AttributeError):
-                pass
-        ending = EndReason.BOT_HANGUP if bridge.ended_by == "bot" else EndReason.BOT_FAILURE
-        await self._end(ending, notify_provider=True, detail=f"bot: {reason}")
+        ending = EndReason.BOT_HANGUP if end.by == "remote" else EndReason.BOT_FAILURE
+        await self._end(ending, notify_provider=True, detail=f"bot: {end.reason}")
 
     def _on_speech(self, event) -> None:
         if not (self.ended or self._ending):
@@ -550,9 +547,9 @@ class Call:
         # Statistics first, media and recordings closed next, so that the "ended" entry
         # (and the event made from it) carries the statistics and finished files.
         await self.refresh_stats()
-        if self.bridge is not None:
-            try:  # the user hung up (or we did): the bot gets its stop message
-                await self.bridge.stop(reason.value)
+        if self.bot_leg is not None:
+            try:  # the user hung up (or we did): the bot's leg hangs up (its stop message)
+                await self.bot_leg.hangup(reason.value)
             except Exception:
                 self.log.exception("call %s: stopping the bot failed", self.id)
         await self.media.close(recording_meta={"wacid": self.wacid}, media_stats=self.media_stats)
@@ -593,7 +590,7 @@ class Call:
             self.media_stats = media.stats()
         self.media = None
         self._recordings = self.recording_paths()
-        self.bridge = None
+        self.bot_leg = None
         self.sinks = []
         self.played_s = round(sum(p.seconds for p in self.playbacks), 3)
         self.playbacks = []

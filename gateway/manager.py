@@ -160,36 +160,12 @@ class CallManager:
         a decline or no answer within ``permission_wait_s`` ends it."""
         if if_no_permission not in ("fail", "request"):
             raise ValueError("if_no_permission must be 'fail' or 'request'")
-        if record and self.disk is not None:
-            try:
-                self.disk.check_recording()  # LowDiskError: nothing placed
-            except Exception:
-                for source in sources:
-                    source.close()
-                raise
-        if bot is not None:  # no bot, no call: probe it before anything is placed
-            from .bots import probe
-
-            try:
-                await probe(bot)
-            except Exception:
-                for source in sources:
-                    source.close()
-                raise
-        park = False
-        if self.gate is not None:
-            try:
-                await self.gate.check_call(to)
-            except ProviderError as exc:
-                if if_no_permission != "request" or exc.code not in (138006, 138010):
-                    for source in sources:
-                        source.close()
-                    raise
-                park = True
-        if self.closing or len(self.live_calls) >= self.max_calls:
-            for source in sources:
+        try:
+            park = await self._admit(to, record=record, bot=bot, if_no_permission=if_no_permission)
+        except Exception:
+            for source in sources:  # refused: nothing placed, nothing left open
                 source.close()
-            raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
+            raise
         sinks = tuple(sinks)
         media = LocalMediaSession(self.peer_config, label=f"call to {mask_phone(to)}", sinks=sinks,
                                   speech=self.speech_events)
@@ -221,6 +197,28 @@ class CallManager:
         self._track(call)
         await self._dial(call)
         return call
+
+    async def _admit(self, to: str, *, record: bool, bot: Any, if_no_permission: str) -> bool:
+        """May a call to ``to`` be placed now? Raises the refusal (low disk for a
+        recording, bot unreachable, the permission rules, capacity); returns ``True``
+        when the call must first wait for a permission request to be answered."""
+        if record and self.disk is not None:
+            self.disk.check_recording()  # LowDiskError
+        if bot is not None:  # no bot, no call: probe it before anything is placed
+            from .bots import probe
+
+            await probe(bot)
+        park = False
+        if self.gate is not None:
+            try:
+                await self.gate.check_call(to)
+            except ProviderError as exc:
+                if if_no_permission != "request" or exc.code not in (138006, 138010):
+                    raise
+                park = True
+        if self.closing or len(self.live_calls) >= self.max_calls:
+            raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
+        return park
 
     async def _dial(self, call: Call) -> None:
         call.log.info("call %s: dialing %s", call.id, mask_phone(call.user))
