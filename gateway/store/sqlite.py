@@ -51,22 +51,8 @@ class SQLitePermissionStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Create the file with 0600 before SQLite opens it; SQLite gives the -wal
-        # and -shm files the same permissions as the database file.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._migrate()
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = _open(self.path, _MIGRATIONS, SCHEMA_VERSION)
 
     @classmethod
     def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> SQLitePermissionStore:
@@ -77,9 +63,6 @@ class SQLitePermissionStore:
     def schema_version(self) -> int:
         with self._lock:
             return int(self._db.execute("PRAGMA user_version").fetchone()[0])
-
-    def _migrate(self) -> None:
-        _apply_migrations(self._db, self.path, _MIGRATIONS, SCHEMA_VERSION)
 
     def load(self, user: str) -> dict[str, Any] | None:
         with self._lock:
@@ -164,20 +147,8 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike[str], *, dedupe_window_s: float | None = None) -> None:
         self.path = Path(path)
         self.dedupe_window_s = DEDUPE_WINDOW_S if dedupe_window_s is None else dedupe_window_s
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            _apply_migrations(self._db, self.path, _STATE_MIGRATIONS, STATE_SCHEMA_VERSION)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = _open(self.path, _STATE_MIGRATIONS, STATE_SCHEMA_VERSION)
 
     @classmethod
     def in_data_dir(cls, data_dir: str | os.PathLike[str], **kwargs: Any) -> SQLiteStore:
@@ -314,6 +285,25 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _open(path: Path, migrations: dict[int, str], latest: int) -> sqlite3.Connection:
+    """One connection to ``path`` (created 0600 first: SQLite gives the -wal and -shm
+    files the database file's permissions), WAL, migrated to ``latest``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        _apply_migrations(db, path, migrations, latest)
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def _apply_migrations(db: sqlite3.Connection, path: Path, migrations: dict[int, str], latest: int) -> None:
