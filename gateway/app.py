@@ -10,6 +10,7 @@ be built before the first request.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 from dataclasses import replace
@@ -130,6 +131,11 @@ class Service:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()  # runs each context up to its ``yield``, in order
         await web.SockSite(self._runner, sock).start()
+        # Everything alive now (modules, settings, the app) lives as long as the
+        # process: move it out of the cyclic GC's reach, so a full collection (which
+        # frees a finished call's cycles) walks only what calls created: ~60-85 ms -> a
+        # few ms measured in the test process, below the playout's 60 ms resync.
+        gc.freeze()
         if self.sandbox is not None and self.settings.callback_permission:
             await self._enable_callback_permission()  # the sandbox answers only now
         log.info("wacall listening on %s (provider %s%s)", self.url, self.settings.provider,
