@@ -594,8 +594,6 @@ class Call:
         self.sinks = []
         self.played_s = round(sum(p.seconds for p in self.playbacks), 3)
         self.playbacks = []
-        for name in list(self._timers):
-            self._cancel_timer(name)
 
     async def refresh_stats(self) -> dict:
         """Read the media statistics now (kept after the call ends)."""
