@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .api.routes import ControlApi, auth_middleware
-from .calls import InboundPlan, InboundPolicy
-from .manager import CallManager
+from .calls import CallManager, InboundPlan, InboundPolicy
 from .config import Settings
 from .disk import DiskGuard, default_min_free_mb
 from .eventbus import EventFanout

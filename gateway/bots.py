@@ -1,7 +1,7 @@
 """Voice bots on calls: which bot, how to reach it, and its life tied to the call's.
 
-A :class:`BotSpec` — the bot's *leg spec* (see :mod:`gateway.legs`: it becomes a
-:class:`~gateway.legs.BotLeg` once the user answers), parsed once from ``POST /v1/calls``
+A :class:`BotSpec` — the bot's *leg spec* (see :mod:`gateway.calls.legs`: it becomes a
+:class:`~gateway.calls.legs.BotLeg` once the user answers), parsed once from ``POST /v1/calls``
 ``"bot": {...}`` or the inbound policy — names
 the protocol (``twilio`` Media Streams, raw ``pcm`` over WebSocket, Asterisk
 ``audiosocket`` over TCP), the bot's URL and the custom parameters it receives in its

@@ -18,7 +18,7 @@ from media.sinks.wav import WavSink
 from media.sources.file import FileSource
 
 from .app import Service
-from .calls import Call, CallState, EndReason
+from .calls import CallState, EndReason, LiveCall as Call
 from .config import Settings
 from .progress import ProgressPrinter
 

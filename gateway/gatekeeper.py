@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import call_events as ev
-from .calls import Call
+from .domain import events as ev
+from .calls.live import LiveCall as Call
 from .errors import ProviderError
 from .events import Direction, MessageStatus, PermissionReply, PermissionResponse
 from .permissions import PermissionLedger, PermissionState

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .calls import Call, TimelineEntry
+from .calls import LiveCall as Call, TimelineEntry
 
 _LABELS = {
     "created": "call created",

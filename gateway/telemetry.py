@@ -8,9 +8,8 @@ summary: end reason, provider error, durations and media statistics.
 
 from __future__ import annotations
 
-from . import call_events as ev
-from .calls import Call, TimelineEntry
-from .manager import CallManager
+from .domain import events as ev
+from .calls import CallManager, LiveCall as Call, TimelineEntry
 from .eventbus import EventFanout
 from .metrics import Metrics
 

@@ -21,9 +21,8 @@ from media.errors import MediaFileError
 
 from media.bridges import BridgeUnavailable
 
-from ..calls import Call, CallState, CapacityError
+from ..calls import CallManager, CallState, CapacityError, LiveCall as Call
 from ..disk import LowDiskError
-from ..manager import CallManager
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
 from ..numbers import normalize_number

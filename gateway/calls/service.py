@@ -1,4 +1,6 @@
-"""The :class:`CallManager`: places calls, answers inbound ones, routes webhook events.
+"""The call service (:class:`CallManager`): places calls, answers inbound ones, routes
+webhook events, and runs each call (:class:`~gateway.calls.live.LiveCall`: its state
+machine, legs, timers and tasks).
 
 Calls are routed by their WhatsApp call id (``wacid.…``). Events for an id not known yet
 are buffered for a while: the ``connect`` answer can beat the HTTP response of our
@@ -20,23 +22,25 @@ from media.frames import Sink, Source
 from media.peer import PeerConfig
 from media.session import LocalMediaSession
 
-from .calls import (
-    Call,
-    CapacityError,
-    EndReason,
-    InboundPlan,
-    InboundPolicy,
-    Listener,
-    TimelineEntry,
-)
-from . import call_events as ev
-from .disk import DiskGuard
-from .errors import ProviderError
-from .events import CallConnect, Direction
-from .providers.base import CallingProvider
-from .redact import mask_phone
+from ..bots import probe
+from ..disk import DiskGuard
+from ..domain import events as ev
+from ..domain.call import EndReason, PermissionAsked, PermissionGiven, TimelineEntry
+from ..errors import ProviderError
+from ..events import CallConnect, Direction
+from ..providers.base import CallingProvider
+from ..redact import mask_phone
+from .legs import WhatsAppLeg
+from .live import Listener, LiveCall
+from .plans import InboundPlan, InboundPolicy
+
+__all__ = ["CallManager", "CapacityError"]
 
 log = logging.getLogger(__name__)
+
+
+class CapacityError(RuntimeError):
+    """Too many live calls to take another one."""
 
 
 class CallManager:
@@ -87,48 +91,54 @@ class CallManager:
         #: an ended call holds only data (its media was let go when it ended).
         self.history = history
         #: Live calls and the last ``history`` ended ones, oldest first.
-        self.calls: OrderedDict[str, Call] = OrderedDict()
-        self._live: dict[str, Call] = {}
-        self._ended: deque[Call] = deque()
-        self._by_wacid: dict[str, Call] = {}
+        self.calls: OrderedDict[str, LiveCall] = OrderedDict()
+        self._live: dict[str, LiveCall] = {}
+        self._ended: deque[LiveCall] = deque()
+        self._by_wacid: dict[str, LiveCall] = {}
         self._early: OrderedDict[str, list[tuple[float, Any]]] = OrderedDict()
         self._listeners: list[Listener] = []
-        self._once: list[tuple[Call, asyncio.Future]] = []
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(call, entry)`` on every timeline entry; returns an unsubscribe."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def on(self, *types: type[ev.CallEvent], handler: Callable[[Call, ev.CallEvent], None]) -> Callable[[], None]:
+    def on(self, *types: type[ev.CallEvent], handler: Callable[[LiveCall, ev.CallEvent], None]) -> Callable[[], None]:
         """Call ``handler(call, event)`` for each call event of one of ``types``
-        (:mod:`gateway.call_events`); returns an unsubscribe."""
+        (:mod:`gateway.domain.events`); returns an unsubscribe."""
 
-        def listener(call: Call, entry: TimelineEntry) -> None:
+        def listener(call: LiveCall, entry: TimelineEntry) -> None:
             if isinstance(entry.event, types):
                 handler(call, entry.event)
 
         return self.subscribe(listener)
 
-    def _notify(self, call: Call, entry: TimelineEntry) -> None:
+    def _notify(self, call: LiveCall, entry: TimelineEntry) -> None:
         for listener in list(self._listeners):
             try:
                 listener(call, entry)
             except Exception:
                 log.exception("call listener failed")
-        waiting, self._once = self._once, []
-        for owner, future in waiting:
-            if owner is call:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                self._once.append((owner, future))
 
-    def _next_change(self, call: Call) -> asyncio.Future:
-        """A future resolved at ``call``'s next timeline entry."""
-        future = asyncio.get_running_loop().create_future()
-        self._once.append((call, future))
-        return future
+    def _new_call(self, *, user: str, direction: Direction, wacid: str | None = None,
+                  sources: Iterable[Source] = (), sinks: Iterable[Sink] = (),
+                  biz_opaque_callback_data: str | None = None, ring_timeout_s: float | None = None,
+                  max_duration_s: float | None = None, bot: Any = None) -> LiveCall:
+        sinks = tuple(sinks)
+        label = f"call to {mask_phone(user)}" if direction is Direction.BUSINESS_INITIATED \
+            else f"call from {mask_phone(user)}"
+        media = LocalMediaSession(self.peer_config, label=label, sinks=sinks, speech=self.speech_events)
+        leg = WhatsAppLeg(self.provider, media, user=user, wacid=wacid,
+                          biz_opaque_callback_data=biz_opaque_callback_data,
+                          media_timeout_s=self.peer_config.connect_timeout_s)
+        return LiveCall(
+            user=user, direction=direction, leg=leg, sources=sources, sinks=sinks,
+            biz_opaque_callback_data=biz_opaque_callback_data,
+            ring_timeout_s=ring_timeout_s or self.ring_timeout_s,
+            max_duration_s=max_duration_s or self.max_duration_s,
+            media_end_grace_s=self.media_end_grace_s, rtp_timeout_s=self.rtp_timeout_s,
+            on_entry=self._notify, on_end=self._forget_later, bot=bot,
+        )
 
     async def place_call(
         self,
@@ -144,7 +154,7 @@ class CallManager:
         if_no_permission: str = "fail",
         permission_request: Any = None,
         permission_wait_s: float | None = None,
-    ) -> Call:
+    ) -> LiveCall:
         """Place a business-initiated call. Returns once the provider answered the
         ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
         is ``ended`` with ``call.error``/``call.end_reason`` saying why).
@@ -166,32 +176,19 @@ class CallManager:
             for source in sources:  # refused: nothing placed, nothing left open
                 source.close()
             raise
-        sinks = tuple(sinks)
-        media = LocalMediaSession(self.peer_config, label=f"call to {mask_phone(to)}", sinks=sinks,
-                                  speech=self.speech_events)
-        call = Call(
-            self,
-            user=to,
-            direction=Direction.BUSINESS_INITIATED,
-            media=media,
-            sources=sources,
-            sinks=sinks,
-            biz_opaque_callback_data=biz_opaque_callback_data,
-            ring_timeout_s=ring_timeout_s or self.ring_timeout_s,
-            max_duration_s=max_duration_s or self.max_duration_s,
-            media_timeout_s=self.peer_config.connect_timeout_s,
-            bot=bot,
-        )
+        call = self._new_call(user=to, direction=Direction.BUSINESS_INITIATED, sources=sources, sinks=sinks,
+                              biz_opaque_callback_data=biz_opaque_callback_data,
+                              ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot)
         if record:
             call.record_to(self.recordings_dir)
         if park:
             try:
                 message_id = await self.gate.request(to, permission_request)
             except ProviderError:
-                await call._end(EndReason.PROVIDER_ERROR)
+                await call.end(EndReason.PROVIDER_ERROR)
                 raise
             self._track(call)
-            call._mark(ev.PermissionRequested(message_id))
+            call.feed(PermissionAsked(message_id))
             call._spawn(self._dial_when_granted(call, permission_wait_s or self.permission_wait_s))
             return call
         self._track(call)
@@ -205,8 +202,6 @@ class CallManager:
         if record and self.disk is not None:
             self.disk.check_recording()  # LowDiskError
         if bot is not None:  # no bot, no call: probe it before anything is placed
-            from .bots import probe
-
             await probe(bot)
         park = False
         if self.gate is not None:
@@ -220,30 +215,30 @@ class CallManager:
             raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
         return park
 
-    async def _dial(self, call: Call) -> None:
+    async def _dial(self, call: LiveCall) -> None:
         call.log.info("call %s: dialing %s", call.id, mask_phone(call.user))
-        await call._dial(self.provider)
+        await call.dial()
         if call.wacid:
             self._by_wacid[call.wacid] = call
             for _, event in self._early.pop(call.wacid, []):
                 call.handle(event)
 
-    async def _dial_when_granted(self, call: Call, wait_s: float) -> None:
+    async def _dial_when_granted(self, call: LiveCall, wait_s: float) -> None:
         granted = await self.gate.wait_for_reply(call.user, wait_s)
-        if call.ended or call._ending:
+        if call.ending:
             return
         if granted is None:
-            await call._end(EndReason.PERMISSION_TIMEOUT,
-                            detail=f"no answer to the permission request within {wait_s:g} s")
+            await call.end(EndReason.PERMISSION_TIMEOUT,
+                           detail=f"no answer to the permission request within {wait_s:g} s")
             return
         if not granted:
-            await call._end(EndReason.PERMISSION_DENIED, detail="the user declined the permission request")
+            await call.end(EndReason.PERMISSION_DENIED, detail="the user declined the permission request")
             return
-        call._mark(ev.PermissionGranted())
+        call.feed(PermissionGiven())
         try:
             await self.gate.check_call(call.user)
         except ProviderError as exc:
-            await call._end(EndReason.PROVIDER_ERROR, error=exc)
+            await call.end(EndReason.PROVIDER_ERROR, error=exc)
             return
         await self._dial(call)
 
@@ -275,40 +270,31 @@ class CallManager:
                 plan = self.inbound_policy(event)
             except Exception:
                 log.exception("inbound policy failed for %s; rejecting", event.call_id)
-        call = Call(
-            self,
-            user=event.from_ or "",
-            direction=Direction.USER_INITIATED,
-            media=LocalMediaSession(self.peer_config, label=f"call from {mask_phone(event.from_)}",
-                                    sinks=tuple(plan.sinks) if plan else (), speech=self.speech_events),
-            sources=plan.sources if plan else (),
-            sinks=plan.sinks if plan else (),
+        call = self._new_call(
+            user=event.from_ or "", direction=Direction.USER_INITIATED, wacid=event.call_id,
+            sources=plan.sources if plan else (), sinks=plan.sinks if plan else (),
             biz_opaque_callback_data=plan.biz_opaque_callback_data if plan else None,
-            ring_timeout_s=self.ring_timeout_s,
-            max_duration_s=(plan.max_duration_s if plan else None) or self.max_duration_s,
-            media_timeout_s=self.peer_config.connect_timeout_s,
-            wacid=event.call_id,
-            bot=plan.bot if plan else None,
+            max_duration_s=plan.max_duration_s if plan else None, bot=plan.bot if plan else None,
         )
         self._track(call)
         self._by_wacid[call.wacid] = call
         call.log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))
         if plan is None:
-            call._spawn(call._end(EndReason.DECLINED, notify_provider=True))
+            call._spawn(call.end(EndReason.DECLINED, notify=True))
             return
         if plan.record:
             if self.disk is not None and self.disk.low:
                 if plan.record_required:
                     log.warning("inbound call %s: recording required but the disk is low, rejecting",
                                 event.call_id)
-                    call._spawn(call._end(EndReason.DECLINED, notify_provider=True,
-                                          detail="low disk: recording is required and cannot start"))
+                    call._spawn(call.end(EndReason.DECLINED, notify=True,
+                                         detail="low disk: recording is required and cannot start"))
                     return
-                call._recording_failed({"code": "low_disk",
-                                        "reason": "the data dir is below WACALL_MIN_FREE_MB: answered unrecorded"})
+                call.note_recording_failed("low_disk",
+                                           "the data dir is below WACALL_MIN_FREE_MB: answered unrecorded")
             else:
                 call.record_to(self.recordings_dir)
-        call._spawn(call._answer(self.provider, event.sdp))
+        call._spawn(call.answer(event.sdp))
 
     def _buffer_early(self, call_id: str, event) -> None:
         now = time.monotonic()
@@ -321,11 +307,11 @@ class CallManager:
         self._early.setdefault(call_id, []).append((now, event))
         log.debug("buffered %s for not-yet-known call %s", type(event).__name__, call_id)
 
-    def _track(self, call: Call) -> None:
+    def _track(self, call: LiveCall) -> None:
         self.calls[call.id] = call
         self._live[call.id] = call
 
-    def _forget_later(self, call: Call) -> None:
+    def _forget_later(self, call: LiveCall) -> None:
         """``call`` ended: it leaves the live map and joins the capped history."""
         if self._live.pop(call.id, None) is None:
             return
@@ -336,17 +322,17 @@ class CallManager:
             if old.wacid and self._by_wacid.get(old.wacid) is old:
                 del self._by_wacid[old.wacid]
 
-    def get(self, call_id: str) -> Call | None:
+    def get(self, call_id: str) -> LiveCall | None:
         return self.calls.get(call_id) or self._by_wacid.get(call_id)
 
     @property
-    def live_calls(self) -> list[Call]:
+    def live_calls(self) -> list[LiveCall]:
         return list(self._live.values())
 
     async def shutdown(self) -> None:
         """Hang up every live call through the provider and close their media."""
         self.closing = True
         await asyncio.gather(
-            *(c._end(EndReason.SHUTDOWN, notify_provider=True) for c in self.live_calls),
+            *(c.end(EndReason.SHUTDOWN, notify=True) for c in self.live_calls),
             return_exceptions=True,
         )

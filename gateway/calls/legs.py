@@ -1,0 +1,156 @@
+"""Legs: the parties on a call.
+
+Every call has the WhatsApp user's leg, :class:`WhatsAppLeg`: the provider's signalling
+(``connect``, ``pre_accept``/``accept``, ``terminate``/``reject``) and the user's
+:class:`~media.session.MediaSession`. It may join that leg's audio to another party:
+today a voice bot (:class:`BotLeg`, over the WebSocket/TCP bridges of
+:mod:`media.bridges`); next a SIP/IVR leg, a person in the browser, a speech-to-speech
+model. Each other party is described by a *leg spec*, parsed once at the edge with
+``from_dict`` (:class:`gateway.bots.BotSpec` for bots), and driven through the same small
+protocol, :class:`Leg`: ``join`` the user's media, ``hangup``, and ``ended`` (who ended it
+and why). Moving the user from one leg to another (transfer) or adding a listener is
+joining another leg to the same media.
+
+The WhatsApp leg's setup procedures (:meth:`WhatsAppLeg.dial`, :meth:`~WhatsAppLeg.answer`,
+:meth:`~WhatsAppLeg.bring_up`) are async generators: they do the I/O and yield, step by
+step, the :mod:`gateway.domain.call` input that says what just happened, so the call
+service feeds each to the :class:`~gateway.domain.call.Call` and stops as soon as the call
+is ending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from media.session import LocalMediaSession
+
+from ..domain.call import AcceptSent, AnswerMade, Dialed, MediaReady, OfferMade, PreAcceptSent
+from ..errors import ProviderError
+from ..providers.base import CallingProvider
+
+__all__ = ["BotLeg", "Leg", "LegEnded", "WhatsAppLeg"]
+
+log = logging.getLogger(__name__)
+
+#: How long a bot's last words may play after it hung up, before the call ends.
+GOODBYE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LegEnded:
+    """How a leg ended: ``by`` is ``"remote"`` (the party hung up), ``"local"`` (we did)
+    or ``"failure"`` (unreachable, broke its protocol, went idle)."""
+
+    by: str
+    reason: str
+
+
+@runtime_checkable
+class Leg(Protocol):
+    kind: str
+
+    async def join(self, media: LocalMediaSession, *, call_id: str, parameters: dict[str, str]) -> None:
+        """Connect this party to the user's media (raises when it cannot be reached)."""
+        ...
+
+    async def ended(self) -> LegEnded: ...
+
+    async def hangup(self, reason: str) -> None: ...
+
+
+class BotLeg:
+    """A voice bot on the call (a :class:`~gateway.bots.BotSpec` made live)."""
+
+    kind = "bot"
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.bridge = spec.bridge()
+
+    @property
+    def protocol(self) -> str:
+        return self.spec.protocol
+
+    async def join(self, media: LocalMediaSession, *, call_id: str, parameters: dict[str, str]) -> None:
+        await media.start_bridge(self.bridge, call_id=call_id,
+                                 parameters={**parameters, **self.spec.parameters})
+
+    async def ended(self) -> LegEnded:
+        """Resolves when the bot's side ends; a bot that hung up first gets its last
+        words played (up to :data:`GOODBYE_S`)."""
+        bridge = self.bridge
+        reason = await bridge.closed
+        by = {"bot": "remote", "local": "local"}.get(bridge.ended_by, "failure")
+        if by == "remote":
+            try:
+                await asyncio.wait_for(asyncio.shield(bridge.playback.done), GOODBYE_S)
+            except (asyncio.TimeoutError, AttributeError):
+                pass
+        return LegEnded(by, str(reason))
+
+    async def hangup(self, reason: str) -> None:
+        """The user hung up (or we did): the bot gets its stop message."""
+        await self.bridge.stop(reason)
+
+
+class WhatsAppLeg:
+    """The WhatsApp user on the call: the provider's signalling for one call and the
+    user's media session. Knows nothing of the call's state: the call service drives it
+    and feeds what it yields to the :class:`~gateway.domain.call.Call`."""
+
+    kind = "whatsapp"
+
+    def __init__(self, provider: CallingProvider, media: LocalMediaSession | None, *, user: str,
+                 wacid: str | None = None, biz_opaque_callback_data: str | None = None,
+                 media_timeout_s: float = 10.0):
+        self.provider = provider
+        self.media = media
+        self.user = user
+        self.wacid = wacid
+        self.biz_opaque_callback_data = biz_opaque_callback_data
+        self.media_timeout_s = media_timeout_s
+        #: The SDP we sent (offer or answer), as the provider received it.
+        self.local_sdp: str | None = None
+
+    async def dial(self) -> AsyncIterator[object]:
+        """Outbound: make the offer, ``connect``. Raises ``MediaError``/``ProviderError``."""
+        self.local_sdp = await self.media.offer()  # (the media is let go when the call ends)
+        yield OfferMade()
+        self.wacid = await self.provider.connect(self.user, self.local_sdp, self.biz_opaque_callback_data)
+        yield Dialed(self.wacid)
+
+    async def answer(self, offer: str) -> AsyncIterator[object]:
+        """Inbound: ``pre_accept`` -> media up -> ``accept``, with the same SDP answer both
+        times (``sdp_type`` "answer", see the protocol notes)."""
+        media = self.media  # (let go when the call ends, maybe while we wait)
+        answer = await media.answer(offer)
+        self.local_sdp = answer
+        yield AnswerMade()
+        await self.provider.pre_accept(self.wacid, answer)
+        yield PreAcceptSent()
+        await media.wait_up(self.media_timeout_s)
+        yield MediaReady()
+        await self.provider.accept(self.wacid, answer, self.biz_opaque_callback_data)
+        yield AcceptSent()
+
+    async def bring_up(self, answer: str) -> AsyncIterator[object]:
+        """Outbound: apply the provider's answer and wait for ICE and DTLS."""
+        media = self.media  # (let go when the call ends, maybe while we wait)
+        await media.apply_answer(answer)
+        await media.wait_up(self.media_timeout_s)
+        yield MediaReady()
+
+    async def hangup(self, how: str) -> None:
+        """Tell the provider the call is over: ``"terminate"`` or ``"reject"`` (a failure
+        is logged: the call is over on our side either way)."""
+        try:
+            if how == "reject":
+                await self.provider.reject(self.wacid)
+            else:
+                await self.provider.terminate(self.wacid)
+        except ProviderError as exc:
+            log.warning("%s of %s failed: %s", how, self.wacid, exc)
