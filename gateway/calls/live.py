@@ -40,6 +40,11 @@ __all__ = ["Listener", "LiveCall"]
 Listener = Callable[["LiveCall", TimelineEntry], None]
 
 
+def _known(name: str) -> property:
+    """A read-only view of the state machine's ``name``."""
+    return property(lambda self: getattr(self.state_machine, name))
+
+
 class LiveCall:
     """One call and its media, run by the call service."""
 
@@ -94,79 +99,26 @@ class LiveCall:
         leg.media.subscribe(self._on_media)
         self._run(self.state_machine.timeline[0])  # "created"
 
-    # -- what the state machine knows ------------------------------------------------------
+    # -- what the state machine knows (read through: the Call is the one place it lives) --
 
-    @property
-    def id(self) -> str:
-        return self.state_machine.id
-
-    @property
-    def user(self) -> str:
-        return self.state_machine.user
-
-    @property
-    def direction(self) -> Direction:
-        return self.state_machine.direction
-
-    @property
-    def wacid(self) -> str | None:
-        return self.state_machine.wacid
-
-    @property
-    def biz_opaque_callback_data(self) -> str | None:
-        return self.state_machine.biz_opaque_callback_data
-
-    @property
-    def state(self) -> CallState:
-        return self.state_machine.state
-
-    @property
-    def end_reason(self) -> EndReason | None:
-        return self.state_machine.end_reason
-
-    @property
-    def error(self) -> ProviderError | None:
-        return self.state_machine.error
-
-    @property
-    def end_detail(self) -> str | None:
-        return self.state_machine.end_detail
-
-    @property
-    def duration_s(self) -> float | None:
-        return self.state_machine.duration_s
-
-    @property
-    def timeline(self) -> list[TimelineEntry]:
-        return self.state_machine.timeline
-
-    @property
-    def connected_at(self) -> float | None:
-        return self.state_machine.connected_at
-
-    @property
-    def ended_at(self) -> float | None:
-        return self.state_machine.ended_at
-
-    @property
-    def dtmf_received(self) -> list[str]:
-        return self.state_machine.dtmf_received
-
-    @property
-    def recording_error(self) -> dict[str, str] | None:
-        return self.state_machine.recording_error
-
-    @property
-    def ended(self) -> bool:
-        return self.state_machine.ended
-
-    @property
-    def ending(self) -> bool:
-        return self.state_machine.ending
-
-    @property
-    def media_up(self) -> bool:
-        return self.state_machine.media_ready
+    id = _known("id")
+    user = _known("user")
+    direction = _known("direction")
+    wacid = _known("wacid")
+    biz_opaque_callback_data = _known("biz_opaque_callback_data")
+    state = _known("state")
+    end_reason = _known("end_reason")
+    error = _known("error")
+    end_detail = _known("end_detail")
+    duration_s = _known("duration_s")
+    timeline = _known("timeline")
+    connected_at = _known("connected_at")
+    ended_at = _known("ended_at")
+    dtmf_received = _known("dtmf_received")
+    recording_error = _known("recording_error")
+    ended = _known("ended")
+    ending = _known("ending")
+    media_up = _known("media_ready")
 
     @property
     def media(self):
