@@ -74,6 +74,7 @@ class LiveCall:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._teardown: asyncio.Task | None = None
+        self._watchers: list[asyncio.Task] = []
         #: The WhatsApp user's leg (provider signalling + media; its media is let go at the end).
         self.leg = leg
         self.sinks = list(sinks)
@@ -166,8 +167,7 @@ class LiveCall:
         elif isinstance(output, dc.ApplyAnswer):
             self._spawn(self._steps(self.leg.bring_up(output.sdp), notify=True))
         elif isinstance(output, dc.WatchMedia):
-            self._spawn(self._watch_transport())
-            self._spawn(self._watch_rtp())
+            self._watchers = [self._spawn(self._watch_transport()), self._spawn(self._watch_rtp())]
         elif isinstance(output, dc.StartAudio):
             for source in self._pending_sources:
                 self.playbacks.append(self.leg.media.play(source))
@@ -384,6 +384,9 @@ class LiveCall:
             if notify is not None:
                 await leg.hangup(notify)
         finally:
+            for watcher in self._watchers:  # (observers only: nothing to finish)
+                if watcher is not asyncio.current_task():
+                    watcher.cancel()
             self._release_media()
             self.feed(dc.TornDown())
             self.log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", self.end_reason.value,
