@@ -94,6 +94,10 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, process: subpro
     raise TimeoutError(f"{url} did not come up")
 
 
+#: The provider child process authenticates its webhooks to us with this header.
+WEBHOOK_HEADER = "X-Bench-Hook: bench-" + os.urandom(8).hex()
+
+
 class Provider:
     """``wacall serve --sandbox`` in a child process, its webhooks aimed at us."""
 
@@ -104,6 +108,7 @@ class Provider:
                    WACALL_DATA_DIR=str(workdir / "provider"),
                    WACALL_PORT=str(self.port),
                    WACALL_HOST="127.0.0.1",
+                   WACALL_WEBHOOK_HEADER=WEBHOOK_HEADER,
                    WACALL_SANDBOX_WEBHOOK_URL=f"http://127.0.0.1:{gateway_port}/webhooks/whatsapp")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
@@ -136,6 +141,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 data_dir=run_dir / "gateway", host="127.0.0.1", port=gateway_port,
                 provider="360dialog", base_url=f"{provider.url}/sandbox", d360_api_key="sandbox-key",
                 media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
+                webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
                 max_duration_s=seconds + 120)
             async with Service(settings) as service:
                 for user in users:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .api.routes import ControlApi, auth_middleware
 from .calls import CallManager, InboundPlan, InboundPolicy
-from .config import Settings
+from .config import ConfigError, Settings
 from .disk import DiskGuard, default_min_free_mb
 from .eventbus import EventFanout
 from .gatekeeper import Gatekeeper
@@ -31,6 +31,7 @@ from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
 from .memory import HeapTrimmer
 from .providers import CallingProvider, make_provider
+from .webhook_auth import MISSING_AUTH, WebhookAuth
 from .webhooks import webhook_routes
 
 if TYPE_CHECKING:  # imported at run time only by a sandbox server (Service(sandbox=True))
@@ -61,7 +62,8 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
 
 
 def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, metrics: Metrics,
-               events: EventFanout, gate: Gatekeeper, sandbox: Sandbox | None = None) -> web.Application:
+               events: EventFanout, gate: Gatekeeper, sandbox: Sandbox | None = None, *,
+               webhook_auth: WebhookAuth | None = None) -> web.Application:
     app = web.Application(middlewares=[auth_middleware(settings.api_token)])
     app[MANAGER] = manager
 
@@ -69,8 +71,9 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
         if not gate.handle_event(event):
             await manager.handle_event(event)
 
-    app.add_routes(webhook_routes(dispatch, verify_token=settings.verify_token,
-                                  app_secret=settings.app_secret, observe=metrics.webhook))
+    auth = webhook_auth if webhook_auth is not None else WebhookAuth.from_settings(settings)
+    app.add_routes(webhook_routes(dispatch, verify_token=settings.verify_token, auth=auth,
+                                  observe=metrics.webhook))
     app.add_routes(ControlApi(manager, library, gate).routes())
     app.add_routes(events.routes())
     app.router.add_get("/metrics", metrics_handler(metrics))
@@ -123,9 +126,13 @@ class Service:
         """Bind the port, build the parts (no I/O), then start them in the order of
         :meth:`_lifecycle` through aiohttp's ``cleanup_ctx`` (stopped in reverse)."""
         sock = self._bind()
-        self._build()
+        try:
+            self._build()
+        except BaseException:
+            sock.close()  # (a refused start leaves no socket behind)
+            raise
         self.app = create_app(self.settings, self.manager, self.library, self.metrics, self.events,
-                              self.gate, self.sandbox)
+                              self.gate, self.sandbox, webhook_auth=self.webhook_auth)
         self.app.cleanup_ctx.extend(self._lifecycle())
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()  # runs each context up to its ``yield``, in order
@@ -153,10 +160,32 @@ class Service:
         self.url = f"http://{local_host}:{port}"
         return sock
 
+    @property
+    def _delivers_to_self(self) -> bool:
+        return self.use_sandbox and not self.settings.sandbox_webhook_url
+
+    def _webhook_auth(self) -> WebhookAuth:
+        """How this server authenticates webhooks. Configured: as configured. Not
+        configured: refused (:data:`MISSING_AUTH`), unless ``WACALL_WEBHOOK_AUTH=none``
+        (then a warning), or a sandbox delivering to this very process (then a random
+        header secret the two share)."""
+        auth = WebhookAuth.from_settings(self.settings)
+        if auth.configured:
+            log.info("webhooks authenticated by %s", ", ".join(auth.methods))
+            return auth
+        if auth.disabled:
+            log.warning("WACALL_WEBHOOK_AUTH=none: webhooks are NOT authenticated; anyone who can reach "
+                        "/webhooks/whatsapp can end calls and change call permissions")
+            return auth
+        if self._delivers_to_self:
+            return WebhookAuth.generated()
+        raise ConfigError(MISSING_AUTH)
+
     def _build(self) -> None:
         """Every part, wired, without I/O: sandbox, provider client, permissions,
         disk guard, calls, events."""
         settings = self.settings
+        self.webhook_auth = self._webhook_auth()
         limits = PermissionLimits.meta() if settings.permission_limits == "meta" else PermissionLimits.seed()
         if self.use_sandbox:
             from .sandbox.emulator import Sandbox
@@ -164,7 +193,7 @@ class Service:
             self.sandbox = Sandbox(
                 permission_limits=limits,
                 webhook_url=settings.sandbox_webhook_url or f"{self.url}/webhooks/whatsapp",
-                app_secret=settings.app_secret,
+                webhook_auth=self.webhook_auth if self._delivers_to_self else WebhookAuth.from_settings(settings),
                 recordings_dir=Path(settings.data_dir) / "sandbox",
                 # Simulated phones live on loopback unless told otherwise.
                 peer_config=replace(settings.peer_config(),

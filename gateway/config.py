@@ -19,6 +19,7 @@ from typing import Any
 from media.peer import IceServer, PeerConfig
 
 from .redact import mask_secret
+from .webhook_auth import parse_header_setting
 
 PROVIDERS = ("360dialog", "meta")
 INBOUND = ("answer", "reject")
@@ -124,8 +125,17 @@ class Settings:
     meta_token: str | None = setting(group="provider", secret=True)
     phone_number_id: str | None = setting(group="provider")
     graph_version: str = setting("v23.0", group="provider")
-    app_secret: str | None = setting(group="provider", secret=True)
     verify_token: str | None = setting(group="provider", secret=True)
+    # -- webhook authentication: Meta's signature, 360dialog's signature, a custom header ----
+    #: Meta's app secret: ``X-Hub-Signature-256`` is checked on every webhook.
+    app_secret: str | None = setting(group="webhooks", secret=True)
+    #: 360dialog's webhook secret: ``x-360dialog-signature`` is checked.
+    d360_webhook_secret: str | None = setting(group="webhooks", secret=True)
+    #: ``"Name: value"``: a header the provider sends with each webhook (set on its URL).
+    webhook_header: tuple[str, str] | None = setting(parse=parse_header_setting, group="webhooks", secret=True)
+    #: ``none`` accepts unauthenticated webhooks (refused at startup otherwise, when no
+    #: method above is configured); ``required`` (the default) does not.
+    webhook_auth: str = setting("required", _choice(("required", "none")), group="webhooks")
     # -- service: HTTP, control API, storage ------------------------------------------------
     api_token: str | None = setting(group="service", secret=True)
     data_dir: Path = setting(parse=Path, group="service", factory=lambda: Path("wacall-data"))
@@ -251,7 +261,9 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in _SECRETS and value:
+            if f.name == "webhook_header" and value:
+                value = f"{value[0]}: {mask_secret(value[1])}"
+            elif f.name in _SECRETS and value:
                 value = mask_secret(value)
             elif f.name == "ice_servers":
                 value = [s.url + (" (with credentials)" if s.credential else "") for s in value]

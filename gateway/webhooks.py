@@ -5,9 +5,9 @@ POST ``{"object": ..., "entry": [{"changes": [{"field", "value"}]}]}``. One POST
 can hold several entries, changes and calls, so everything is iterated. Failed
 deliveries are retried for up to 7 days: answer 200 quickly and de-duplicate.
 
-Meta signs each POST with ``X-Hub-Signature-256: sha256=<hex>`` (HMAC-SHA256 of
-the raw body keyed with the app secret). 360dialog channel webhooks are not
-signed with a secret you know; protect them with HTTPS and a secret URL/header.
+Every POST is authenticated on its raw bytes before anything is parsed
+(:mod:`gateway.webhook_auth`: Meta's ``X-Hub-Signature-256``, 360dialog's
+``x-360dialog-signature``, or a custom header set on the webhook URL).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from gateway.events import (
     WebhookEvent,
 )
 from gateway.redact import mask_phone
+from gateway.webhook_auth import WebhookAuth
 
 __all__ = [
     "EventDeduper",
@@ -235,6 +236,7 @@ def webhook_routes(
     *,
     verify_token: str | None = None,
     app_secret: str | None = None,
+    auth: WebhookAuth | None = None,
     path: str = "/webhooks/whatsapp",
     deduper: EventDeduper | None = None,
     observe: Callable[[str, str], None] | None = None,
@@ -242,13 +244,15 @@ def webhook_routes(
     """aiohttp routes for the webhook endpoint.
 
     ``GET`` answers Meta's subscription handshake (403 unless ``verify_token``
-    is set and matches). ``POST`` checks the signature if ``app_secret`` is set
-    (401 if wrong), parses (400 ``bad_webhook`` if invalid), drops duplicates,
+    is set and matches). ``POST`` is authenticated by ``auth`` (or, as a shorthand,
+    Meta's signature with ``app_secret``; neither: not at all) (401 if not), parses (400 ``bad_webhook`` if invalid), drops duplicates,
     awaits ``dispatch(event)`` for each event and answers 200. A failing
     dispatch is logged and does not affect the other events. Keep ``dispatch``
     fast: Meta expects a quick 200.
     """
     dedupe = deduper if deduper is not None else EventDeduper()
+    authn = auth if auth is not None else WebhookAuth(app_secret=app_secret)
+    expected = ", ".join(authn.methods)
     count = observe or (lambda kind, result: None)
 
     async def handshake(request: web.Request) -> web.StreamResponse:
@@ -262,11 +266,10 @@ def webhook_routes(
 
     async def receive(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        if app_secret and not verify_signature(
-                body, request.headers.get("X-Hub-Signature-256"), app_secret):
-            log.warning("webhook signature mismatch (%d bytes)", len(body))
+        if authn.check(body, request.headers) is None:
+            log.warning("webhook refused: not authenticated by %s (%d bytes)", expected, len(body))
             count("unparsed", "bad_signature")
-            return _bad_request("bad_signature", "X-Hub-Signature-256 does not match", 401)
+            return _bad_request("bad_signature", f"webhook not authenticated (expected: {expected})", 401)
         try:
             events = parse_webhook(json.loads(body))
         except (ValueError, UnicodeDecodeError) as exc:  # JSON errors and WebhookFormatError

@@ -21,7 +21,7 @@ def test_the_product_does_not_import_the_sandbox():
 
 
 async def test_sandbox_admin_routes_do_not_exist_on_a_real_server(settings):
-    real = replace(settings, d360_api_key="key", base_url="http://127.0.0.1:9")
+    real = replace(settings, d360_api_key="key", base_url="http://127.0.0.1:9", app_secret="s3cret")
     async with Service(real) as service, aiohttp.ClientSession(base_url=service.url) as http:
         for method, path in (("POST", "/sandbox/clock"), ("POST", "/sandbox/users/+4915112345678"),
                              ("GET", "/sandbox/users/+4915112345678/calls"), ("POST", "/sandbox/calling/calls")):

@@ -38,7 +38,7 @@ async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path
     sandbox_port, call_port = free_port(), free_port()
     base = f"http://127.0.0.1:{sandbox_port}"
     env = {**os.environ, "WACALL_DATA_DIR": str(tmp_path / "sandbox-data"),
-           "WACALL_PORT": str(sandbox_port),
+           "WACALL_PORT": str(sandbox_port), "WACALL_WEBHOOK_HEADER": "X-Test-Hook: shared-secret-1",
            "WACALL_SANDBOX_WEBHOOK_URL": f"http://127.0.0.1:{call_port}/webhooks/whatsapp"}
     server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -50,6 +50,7 @@ async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path
             call_env = {**os.environ, "WACALL_PROVIDER": "360dialog",
                         "WACALL_BASE_URL": f"{base}/sandbox", "WACALL_D360_API_KEY": "sandbox-key",
                         "WACALL_PORT": str(call_port), "WACALL_MEDIA_ADDRESSES": "127.0.0.1",
+                        "WACALL_WEBHOOK_HEADER": "X-Test-Hook: shared-secret-1",
                         "WACALL_DATA_DIR": str(tmp_path / "call-data")}
             refused = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.cli", "call", "--to", USER, env=call_env,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import hmac
 import json
 import logging
@@ -38,6 +37,7 @@ from media import sdp as sdp_rules
 from media.peer import MediaError, PeerConfig
 
 from ..redact import mask_phone
+from ..webhook_auth import WebhookAuth
 from ..permissions import PermissionLimits
 from .messaging import Refusal, SandboxClock, SandboxMessaging
 from .phone import Phone
@@ -109,7 +109,7 @@ class Sandbox:
         phone_number_id: str = "100000000000001",
         display_phone_number: str = "15550001111",
         waba_id: str = "200000000000001",
-        app_secret: str | None = None,
+        webhook_auth: WebhookAuth | None = None,
         recordings_dir: Path = Path("wacall-data/sandbox"),
         peer_config: PeerConfig | None = None,
         ring_timeout_s: float = 60.0,
@@ -126,7 +126,8 @@ class Sandbox:
         self.phone_number_id = phone_number_id
         self.display_phone_number = display_phone_number
         self.waba_id = waba_id
-        self.app_secret = app_secret
+        #: Signs the webhooks it delivers, as the providers do (same settings as the gateway).
+        self.webhook_auth = webhook_auth or WebhookAuth()
         self.recordings_dir = Path(recordings_dir)
         self.peer_config = peer_config or PeerConfig(host_addresses=["127.0.0.1"])
         self.ring_timeout_s = ring_timeout_s
@@ -594,9 +595,7 @@ class Sandbox:
                         "entry": [{"id": self.waba_id, "changes": [{"field": field_name, "value": value}]}]}
         body = json.dumps(envelope).encode()
         headers = {"Content-Type": "application/json"}
-        if self.app_secret:
-            digest = hmac.new(self.app_secret.encode(), body, hashlib.sha256).hexdigest()
-            headers["X-Hub-Signature-256"] = f"sha256={digest}"
+        headers.update(self.webhook_auth.sign(body))
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         delay = 0.05

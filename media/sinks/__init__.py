@@ -1,14 +1,16 @@
-"""Frame sinks: things that consume 20 ms int16 PCM frames (see :mod:`media.frames`)."""
+"""Frame sinks: things that consume 20 ms int16 PCM frames (see :mod:`media.frames`).
+
+(The call recorder, which combines several of them, is :mod:`media.sinks.recorder`; it is
+not imported here: it uses :mod:`media.recordings`, which uses the WAV and Ogg writers.)
+"""
 
 from .meter import LevelMeter, SpeechDetector, SpeechEvent
 from .ogg import OggOpusPassthrough, OggOpusSink, OggOpusWriter
-from .recorder import CallRecorder, apply_retention, repair, repair_directory
 from .stereo import AlignedStereoRecorder
 from .wav import WavSink, WavWriter, repair_wav
 
 __all__ = [
     "AlignedStereoRecorder",
-    "CallRecorder",
     "LevelMeter",
     "OggOpusPassthrough",
     "OggOpusSink",
@@ -17,8 +19,5 @@ __all__ = [
     "SpeechEvent",
     "WavSink",
     "WavWriter",
-    "apply_retention",
-    "repair",
-    "repair_directory",
     "repair_wav",
 ]
