@@ -22,8 +22,9 @@ Files (each optional):
   ``complete`` (``false`` until the recorder closed; :func:`repair_directory` marks
   crashed recordings ``"recovered": true``).
 
-Crash safety: WAV headers are kept valid (rewritten every second), Ogg pages written
-every second; a SIGKILL loses about the last second. Run :func:`repair_directory` at
+Crash safety: the user's audio reaches user.wav and user.ogg every 100 ms (:data:`FLUSH_S`),
+WAV headers kept valid, Ogg pages whole; a SIGKILL loses at most the last 100 ms there
+(stereo.wav: its 0.75 s alignment window). Run :func:`repair_directory` at
 startup to fix up whatever a crash left (header lengths, torn Ogg pages, sidecars).
 :func:`apply_retention` deletes the oldest call directories by age, count or size.
 """
@@ -72,6 +73,12 @@ def _private_dir(path: Path) -> None:
             pass
     os.chmod(path, DIR_MODE)
 
+
+#: How much of the user's audio may sit in memory before it reaches the file (user.wav,
+#: user.ogg): what a killed process loses. (stereo.wav lags by its alignment window,
+#: up to ``max_delay_s + commit_s`` = 0.75 s, by design.) A write per 100 ms per file costs
+#: a few microseconds.
+FLUSH_S = 0.1
 
 class _UserLeg:
     """Inbound sink: user.wav, the stereo left channel, levels, Ogg (encode mode)."""
@@ -223,7 +230,7 @@ class CallRecorder:
         self._ogg_comments = comments
         if wav:
             self.paths["user_wav"] = self.directory / "user.wav"
-            self._wav = WavSink(self.paths["user_wav"])
+            self._wav = WavSink(self.paths["user_wav"], flush_interval_s=FLUSH_S)
         if stereo:
             self.paths["stereo_wav"] = self.directory / "stereo.wav"
             self._stereo = AlignedStereoRecorder(self.paths["stereo_wav"], clock=clock)
@@ -249,13 +256,15 @@ class CallRecorder:
         peer.add_sink(self.user)
         peer.add_outbound_sink(self.business)
         if self._ogg_requested in ("auto", "passthrough"):
-            self._ogg_pass = OggOpusPassthrough(self.paths["user_ogg"], comments=self._ogg_comments)
+            self._ogg_pass = OggOpusPassthrough(self.paths["user_ogg"], comments=self._ogg_comments,
+                                                flush_interval_s=FLUSH_S)
             peer.rtp_tap.add_listener(self._ogg_listener)
             self.ogg_mode = "passthrough"
             self._ogg_pending_auto = self._ogg_requested == "auto"
 
     def _start_ogg_encode(self) -> None:
-        self._ogg_sink = OggOpusSink(self.paths["user_ogg"], settings=self.opus, comments=self._ogg_comments)
+        self._ogg_sink = OggOpusSink(self.paths["user_ogg"], settings=self.opus, comments=self._ogg_comments,
+                                     flush_interval_s=FLUSH_S)
         self.ogg_mode = "encode"
 
     def _resolve_ogg_mode(self) -> None:
