@@ -31,6 +31,7 @@ from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
 from .memory import HeapTrimmer
 from .providers import CallingProvider, make_provider
+from .store.sqlite import SQLiteStore
 from .webhook_auth import MISSING_AUTH, WebhookAuth
 from .webhooks import webhook_routes
 
@@ -213,6 +214,8 @@ class Service:
         self.ledger = PermissionLedger.in_data_dir(settings.data_dir, clock, limits,
                                                    callback_enabled=settings.callback_permission)
         self.gate = Gatekeeper(self.ledger, self.provider, reconcile=settings.permission_reconcile)
+        #: Calls (durable), webhook de-duplication, the event log: ``<data dir>/wacall.sqlite3``.
+        self.store = SQLiteStore.in_data_dir(settings.data_dir)
         min_free_mb = settings.min_free_mb
         if min_free_mb is None:
             min_free_mb = default_min_free_mb(settings.max_calls, sandbox=self.use_sandbox)
@@ -225,13 +228,15 @@ class Service:
             inbound_policy=inbound_policy(settings, self.library), gate=self.gate,
             speech_events=settings.speech_events,
             permission_wait_s=settings.permission_wait_s, history=settings.call_history,
-            disk=self.disk)
+            disk=self.disk, store=self.store, owner=settings.instance)
         self.gate.watch(self.manager)
         self.trimmer = HeapTrimmer()
         self.manager.subscribe(self._after_call)
         self.events = EventFanout(settings.event_webhooks, settings.event_secret,
                                   history=settings.event_history)
-        self.manager.subscribe(CallTelemetry(self.manager, self.metrics, self.events))
+        telemetry = CallTelemetry(self.manager, self.metrics, self.events)
+        self.manager.subscribe(telemetry)
+        self.manager.on_recovered = telemetry.recovered
 
     def _lifecycle(self) -> list:
         """The parts' startup and shutdown, in startup order (shutdown runs backwards).
@@ -262,7 +267,36 @@ class Service:
             self._recordings_maintenance(startup=True)  # repair what a crash left
             yield
 
-        return [sandbox, provider, permissions, events, recordings]
+        async def calls(app: web.Application):
+            # calls a killed process left live: finished at the provider (in the
+            # background: a slow provider must not hold the service up), then retention
+            finishing = asyncio.ensure_future(self._calls_maintenance())
+            yield
+            finishing.cancel()
+            await asyncio.gather(finishing, return_exceptions=True)
+            self.store.close()
+
+        return [sandbox, provider, permissions, events, recordings, calls]
+
+    async def _calls_maintenance(self) -> None:
+        """At startup: finish the calls a previous process left live; then, hourly,
+        forget ended calls older than ``WACALL_CALL_RETENTION_DAYS``."""
+        import time
+
+        try:
+            await self.manager.reconcile()
+        except Exception:
+            log.exception("finishing the calls a previous process left live failed")
+        while True:
+            try:
+                cutoff = time.time() - self.settings.call_retention_days * 86400
+                forgotten = await self.store.forget_calls(ended_before=cutoff)
+                if forgotten:
+                    log.info("call retention: forgot %d call(s) older than %g days", forgotten,
+                             self.settings.call_retention_days)
+            except Exception as exc:
+                log.warning("call retention failed: %s", exc)
+            await asyncio.sleep(3600)
 
     def _after_call(self, call, entry) -> None:
         """A call ended: retention (at most once a minute), and give the heap memory it

@@ -10,6 +10,7 @@ with secrets masked.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -143,6 +144,10 @@ class Settings:
     host: str = setting("127.0.0.1", group="service")
     port: int = setting(8080, int, group="service")
     log_format: str = setting("json", _choice(("json", "text")), group="service")
+    #: This instance's name on the calls it runs (the store's ``owner``).
+    instance: str = setting(parse=str, group="service", factory=socket.gethostname)
+    #: Ended calls are kept in the store (``GET /v1/calls`` across restarts) this long.
+    call_retention_days: float = setting(30.0, _positive(float), group="calls")
     #: Below this much free space in the data dir, recording is refused (507) and
     #: ``/readyz`` is 503. Unset: two minutes of recording at ``max_calls`` (see gateway.disk).
     min_free_mb: int | None = setting(parse=_non_negative(int), group="service")

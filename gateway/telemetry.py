@@ -40,3 +40,8 @@ class CallTelemetry:
         self.events.publish(f"call.{entry.name}",
                             {"state": call.state.value, "entry": entry.as_dict(), "call": call.summary()},
                             call_id=call.id)
+
+    def recovered(self, call: dict, entry: dict) -> None:
+        """A call a previous process left live was finished at startup: its ``call.ended``."""
+        self.metrics.call_ended(str(call.get("direction")), str(entry.get("reason")), None)
+        self.events.publish("call.ended", {"state": "ended", "entry": entry, "call": call}, call_id=call.get("id"))

@@ -176,6 +176,12 @@ async def test_meta_provider_places_a_call_through_the_sandbox(settings):
     assert tone_seconds(sandbox_call.phone.recording_path, 900) == pytest.approx(0.4, abs=0.08)
 
 
+def signed(service, payload) -> dict:
+    """A webhook body as the provider sends it: authenticated the way this service expects."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return {"data": body, "headers": {"Content-Type": "application/json", **service.webhook_auth.sign(body)}}
+
+
 async def test_duplicate_and_late_webhooks_change_nothing(service):
     service.sandbox.users.update(USER, {"answer_after_ms": 0})
     call = await service.manager.place_call(USER)
@@ -186,12 +192,12 @@ async def test_duplicate_and_late_webhooks_change_nothing(service):
              "recipient_id": "4915112345678"}]}}]}]}
     async with aiohttp.ClientSession() as http:
         for _ in range(2):
-            async with http.post(f"{service.url}/webhooks/whatsapp", json=envelope) as resp:
+            async with http.post(f"{service.url}/webhooks/whatsapp", **signed(service, envelope)) as resp:
                 assert resp.status == 200
         assert call.state is CallState.MEDIA_CONNECTED  # a late RINGING does not go back
         await call.hangup()
         envelope["entry"][0]["changes"][0]["value"]["statuses"][0]["status"] = "ACCEPTED"
-        async with http.post(f"{service.url}/webhooks/whatsapp", json=envelope) as resp:
+        async with http.post(f"{service.url}/webhooks/whatsapp", **signed(service, envelope)) as resp:
             assert resp.status == 200
     assert call.state is CallState.ENDED and call.end_reason is EndReason.BUSINESS_HANGUP
 
@@ -200,12 +206,12 @@ async def test_unknown_and_malformed_webhooks(service):
     async with aiohttp.ClientSession() as http:
         unknown = {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
             {"field": "calls", "value": {"calls": [{"id": "wacid.nobody", "event": "call_recording_available"}]}}]}]}
-        async with http.post(f"{service.url}/webhooks/whatsapp", json=unknown) as resp:
+        async with http.post(f"{service.url}/webhooks/whatsapp", **signed(service, unknown)) as resp:
             assert resp.status == 200
-        async with http.post(f"{service.url}/webhooks/whatsapp", data=b"{not json") as resp:
+        async with http.post(f"{service.url}/webhooks/whatsapp", **signed(service, b"{not json")) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["code"] == "bad_webhook"
-        async with http.post(f"{service.url}/webhooks/whatsapp", data=json.dumps({"entry": 5})) as resp:
+        async with http.post(f"{service.url}/webhooks/whatsapp", **signed(service, {"entry": 5})) as resp:
             assert resp.status == 400
 
 

@@ -79,12 +79,32 @@ async def test_dedupe_remembers_for_the_window_only(store):
     assert await store.first_time("calls:wacid.A:RINGING", now=1101.0)  # 101 s later: forgotten
 
 
+async def test_dedupe_can_check_first_and_remember_after_processing(store):
+    assert not await store.seen("k", now=1000.0)
+    assert not await store.seen("k", now=1000.0)  # checking remembers nothing
+    await store.remember("k", now=1000.0)
+    assert await store.seen("k", now=1050.0)
+    assert not await store.first_time("k", now=1060.0)
+    assert not await store.seen("k", now=1101.0)  # out of the window
+
+
+async def test_ended_calls_are_forgotten_after_their_retention(store):
+    old = await store.save_call(CallRecord("call_old", "USER_INITIATED", "+49", "ended", wacid="wacid.O",
+                                           updated_at=100.0))
+    await store.save_call(CallRecord("call_live", "USER_INITIATED", "+49", "accepted", updated_at=100.0))
+    await store.save_call(CallRecord("call_new", "USER_INITIATED", "+49", "ended", updated_at=300.0))
+    assert await store.forget_calls(ended_before=200.0) == 1
+    assert await store.get_call(old.id) is None and await store.call_by_wacid("wacid.O") is None
+    assert {r.id for r in await store.recent_calls()} == {"call_live", "call_new"}
+
+
 async def test_event_log_is_ordered_and_trims_the_oldest(store):
     for i in range(5):
         await store.append(f"evt_{i}", "call.ringing", {"n": i}, call_id="call_1")
     first = await store.after(0)
     assert [e.data["n"] for e in first] == [0, 1, 2, 3, 4]
     assert [e.id for e in await store.after(first[2].seq)] == ["evt_3", "evt_4"]
+    assert await store.position("evt_2") == first[2].seq and await store.position("nope") is None
     assert await store.trim(2) == 3
     assert [e.id for e in await store.after(0)] == ["evt_3", "evt_4"]
 

@@ -30,6 +30,8 @@ from ..numbers import normalize_number
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 200
+#: How many stored calls ``GET /v1/calls`` pages through (beyond this process's own).
+MAX_STORED = 1000
 #: Provider codes that mean "not allowed" (403) or "not now" (429).
 _FORBIDDEN = {138006, 138010, 138000, 138001}
 _TOO_MANY = {138011, 138012, 138009, 138002, 138005, 613}
@@ -238,26 +240,50 @@ class ControlApi:
             raise BadRequest("limit must be an integer") from None
         if not 1 <= limit <= MAX_PAGE:
             raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
-        calls = [c for c in reversed(self.manager.calls.values()) if state is None or c.state.value == state]
+        # this process's calls (live ones first hand), then what the store keeps (earlier
+        # processes' calls too), newest first
+        summaries = [c.summary() for c in reversed(self.manager.calls.values())]
+        known = {s["id"] for s in summaries}
+        stored = [s for s in await self.manager.stored_calls(MAX_STORED) if s.get("id") not in known]
+        calls = sorted(summaries + stored, key=lambda s: str(s.get("created_at")), reverse=True)
+        calls = [s for s in calls if state is None or s.get("state") == state]
         cursor = query.get("cursor")
         if cursor:
-            ids = [c.id for c in calls]
+            ids = [s.get("id") for s in calls]
             if cursor not in ids:
                 raise BadRequest("cursor is not a call id from a previous page")
             calls = calls[ids.index(cursor) + 1:]
         page = calls[:limit]
-        next_cursor = page[-1].id if len(calls) > limit else None
-        return web.json_response({"calls": [c.summary() for c in page], "next_cursor": next_cursor})
+        next_cursor = page[-1]["id"] if len(calls) > limit else None
+        return web.json_response({"calls": page, "next_cursor": next_cursor})
 
     async def get_call(self, request: web.Request) -> web.Response:
-        call = self._call(request)
+        call = self.manager.get(request.match_info["id"])
+        if call is None:  # a call an earlier process ran
+            stored = await self.manager.stored_call(request.match_info["id"])
+            if stored is None:
+                self._call(request)  # (404)
+            return web.json_response(stored)
         await call.refresh_stats()
         return web.json_response(call.summary())
 
     async def hangup(self, request: web.Request) -> web.Response:
-        call = self._call(request)
+        call = self.manager.get(request.match_info["id"])
+        if call is None:
+            stored = await self.manager.stored_call(request.match_info["id"])
+            if stored is None:
+                self._call(request)  # (404)
+            return web.json_response(stored)
         if not call.ended:
             await call.hangup()
+        hangup = call.provider_hangup
+        if hangup is not None and not hangup.get("confirmed"):
+            # the call is over here, but the provider did not confirm it: say so
+            error = {"code": "hangup_unconfirmed",
+                     "message": f"the provider did not confirm the {hangup.get('action')} "
+                                f"after {hangup.get('attempts')} attempt(s)",
+                     "provider_error": hangup.get("error")}
+            return web.json_response({"error": error, "call": call.summary()}, status=502)
         return web.json_response(call.summary())
 
     async def play(self, request: web.Request) -> web.Response:

@@ -29,10 +29,37 @@ from typing import Any, Protocol, runtime_checkable
 from media.session import LocalMediaSession
 
 from ..domain.call import AcceptSent, AnswerMade, Dialed, MediaReady, OfferMade, PreAcceptSent
-from ..errors import ProviderError
+from ..errors import ProviderError, ProviderUnavailableError
 from ..providers.base import CallingProvider
 
-__all__ = ["BotLeg", "Leg", "LegEnded", "WhatsAppLeg"]
+__all__ = ["BotLeg", "Leg", "LegEnded", "WhatsAppLeg", "tag_of", "tagged"]
+
+#: wacall's mark in ``biz_opaque_callback_data`` (the provider echoes it in every webhook
+#: about the call): a call whose ``connect`` outcome was unknown is recognised by it.
+TAG_PREFIX = "wacall="
+#: Meta's limit on ``biz_opaque_callback_data``.
+BIZ_OPAQUE_MAX = 512
+
+
+def tagged(call_id: str, data: str | None) -> str:
+    """``data`` with wacall's tag for ``call_id`` in front (untagged if it would not fit)."""
+    tag = f"{TAG_PREFIX}{call_id};"
+    if data is None:
+        return tag
+    return tag + data if len(tag) + len(data) <= BIZ_OPAQUE_MAX else data
+
+
+def tag_of(data: str | None) -> str | None:
+    """The call id in a tagged ``biz_opaque_callback_data``, if any."""
+    if not data or not data.startswith(TAG_PREFIX):
+        return None
+    call_id, sep, _ = data[len(TAG_PREFIX):].partition(";")
+    return call_id if sep and call_id else None
+
+
+#: How a hang-up at the provider is retried: attempts, and the first pause (doubling).
+HANGUP_ATTEMPTS = 6
+HANGUP_FIRST_PAUSE_S = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +142,15 @@ class WhatsAppLeg:
         self.media_timeout_s = media_timeout_s
         #: The SDP we sent (offer or answer), as the provider received it.
         self.local_sdp: str | None = None
+        #: wacall's call id, tagged into ``connect``'s ``biz_opaque_callback_data``.
+        self.call_id: str | None = None
 
     async def dial(self) -> AsyncIterator[object]:
         """Outbound: make the offer, ``connect``. Raises ``MediaError``/``ProviderError``."""
         self.local_sdp = await self.media.offer()  # (the media is let go when the call ends)
         yield OfferMade()
-        self.wacid = await self.provider.connect(self.user, self.local_sdp, self.biz_opaque_callback_data)
+        biz = tagged(self.call_id, self.biz_opaque_callback_data) if self.call_id else self.biz_opaque_callback_data
+        self.wacid = await self.provider.connect(self.user, self.local_sdp, biz)
         yield Dialed(self.wacid)
 
     async def answer(self, offer: str) -> AsyncIterator[object]:
@@ -144,13 +174,43 @@ class WhatsAppLeg:
         await media.wait_up(self.media_timeout_s)
         yield MediaReady()
 
-    async def hangup(self, how: str) -> None:
-        """Tell the provider the call is over: ``"terminate"`` or ``"reject"`` (a failure
-        is logged: the call is over on our side either way)."""
-        try:
-            if how == "reject":
-                await self.provider.reject(self.wacid)
-            else:
-                await self.provider.terminate(self.wacid)
-        except ProviderError as exc:
-            log.warning("%s of %s failed: %s", how, self.wacid, exc)
+    async def hangup(self, how: str, *, attempts: int = HANGUP_ATTEMPTS,
+                     first_pause_s: float = HANGUP_FIRST_PAUSE_S) -> dict:
+        """Tell the provider the call is over: ``"terminate"`` or ``"reject"``, retried
+        with backoff while the provider is unreachable or busy (network, 5xx, 429),
+        until it confirms or says the call is not live there (any other 4xx about the
+        call). Returns what happened (``action``, ``confirmed``, ``attempts``, and the
+        last ``error`` when not confirmed); never raises."""
+        pause = first_pause_s
+        error: ProviderError | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                if how == "reject":
+                    await self.provider.reject(self.wacid)
+                else:
+                    await self.provider.terminate(self.wacid)
+                return {"action": how, "confirmed": True, "attempts": attempt}
+            except ProviderError as exc:
+                error = exc
+                if not _retryable(exc):
+                    if _call_not_live(exc):  # ended there already: nothing is left running
+                        return {"action": how, "confirmed": True, "attempts": attempt, "gone": True}
+                    break
+                log.info("%s of %s failed (attempt %d of %d): %s", how, self.wacid, attempt, attempts, exc)
+            if attempt < attempts:
+                await asyncio.sleep(pause)
+                pause *= 2
+        log.warning("%s of %s not confirmed by the provider: %s", how, self.wacid, error)
+        return {"action": how, "confirmed": False, "attempts": attempt,
+                "error": error.to_dict() if error is not None else None}
+
+
+def _retryable(exc: ProviderError) -> bool:
+    return isinstance(exc, ProviderUnavailableError) or exc.http_status == 429 or (
+        exc.http_status is not None and exc.http_status >= 500)
+
+
+def _call_not_live(exc: ProviderError) -> bool:
+    """A refusal that means the call is not (or no longer) live at the provider: an
+    unknown or already ended call id (HTTP 400/404 "invalid parameter")."""
+    return exc.http_status in (400, 404) and exc.code in (100, None)

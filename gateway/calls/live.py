@@ -7,15 +7,22 @@ pure :class:`~gateway.domain.call.Call`, and the actions that come back (start a
 apply the answer, watch the media, start the audio, tear down) are carried out here. The
 call's timeline entries go to the service's subscribers (``on_entry``), its end to
 ``on_end``.
+
+Durable: with a ``save`` function (the store), the call as data (:meth:`LiveCall.record`)
+is saved after every change, and *before* each provider side effect the save is awaited
+(intent first: the record says "offer created" before ``connect`` goes out, "ending,
+terminate" before ``terminate``), so a process killed at any point leaves a record from
+which the next start can finish the call at the provider.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +34,11 @@ from media.session import Dtmf, MediaEnded, MediaEvent, RecordingFailed, RecordS
 from ..bots import BridgeUnavailable, probe
 from ..domain import call as dc
 from ..domain.call import Call, CallState, EndReason, TimelineEntry
-from ..errors import ProviderError
+from ..errors import ProviderError, ProviderUnavailableError
+from ..store.base import CallRecord
 from ..events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
 from ..logs import bind_call_id
-from .legs import BotLeg, WhatsAppLeg
+from .legs import BotLeg, WhatsAppLeg, tagged
 
 log = logging.getLogger("gateway.calls")
 
@@ -64,8 +72,20 @@ class LiveCall:
         sinks: Iterable[Sink] = (),
         biz_opaque_callback_data: str | None = None,
         bot: Any = None,
+        save: Callable[[CallRecord], Awaitable[Any]] | None = None,
+        owner: str | None = None,
     ):
         call_id = f"call_{secrets.token_hex(6)}"
+        self._save = save
+        self._owner = owner
+        self._dirty = False
+        self._writer: asyncio.Task | None = None
+        self._save_failed = False
+        #: What the provider said to our hang-up (``terminate``/``reject``), once tried.
+        self.provider_hangup: dict | None = None
+        #: ``connect`` failed without an answer: the provider may have placed the call.
+        self.connect_unknown = False
+        self._teardown_action: str | None = None
         self.log = logging.LoggerAdapter(log, {"call_id": call_id})
         self._on_entry = on_entry
         self._on_end = on_end
@@ -97,6 +117,7 @@ class LiveCall:
                                   ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s,
                                   media_end_grace_s=media_end_grace_s,
                                   biz_opaque_callback_data=biz_opaque_callback_data, has_bot=bot is not None)
+        leg.call_id = call_id
         leg.media.subscribe(self._on_media)
         self._run(self.state_machine.timeline[0])  # "created"
 
@@ -153,6 +174,7 @@ class LiveCall:
             if output.event is not None and output.event.state not in (None, "created", "ended"):
                 self.log.info("call %s (%s): %s", self.id, self.wacid or "-", output.event.state)
             self._on_entry(self, output)
+            self._changed()
             waiting, self._waiters = self._waiters, []
             for future in waiting:
                 if not future.done():
@@ -175,6 +197,8 @@ class LiveCall:
             if self.bot is not None:
                 self._spawn(self._run_bot())
         elif isinstance(output, dc.Teardown):
+            self._teardown_action = output.notify
+            self._changed()
             self._teardown = self._spawn(self._tear_down(output.notify))
         elif isinstance(output, dc.TerminateLate):
             self.log.info("call %s: named %s after it ended; terminating it", self.id, output.wacid)
@@ -200,6 +224,7 @@ class LiveCall:
         return task
 
     async def _steps(self, steps: AsyncIterator[object], *, notify: bool) -> bool:
+        step: object = None
         """Run a leg's setup procedure, feeding each step; stop when the call is ending.
         A failure ends the call (telling the provider when ``notify``). True when the
         procedure ran to its end."""
@@ -208,6 +233,12 @@ class LiveCall:
                 await self._settle(step)
                 if self.state_machine.ending:
                     return False
+                await self.flush()  # what happened is stored before the next provider request
+        except ProviderUnavailableError as exc:
+            if isinstance(step, dc.OfferMade) and not self.wacid:
+                self.connect_unknown = True  # it may ring anyway: recognised by its tag later
+            await self._settle(dc.End(EndReason.PROVIDER_ERROR, notify=notify, error=exc))
+            return False
         except MediaError as exc:
             await self._settle(dc.End(EndReason.MEDIA_FAILURE, notify=notify, detail=str(exc)))
             return False
@@ -382,7 +413,8 @@ class LiveCall:
                 source.close()
             self._pending_sources.clear()
             if notify is not None:
-                await leg.hangup(notify)
+                await self.flush()  # "ending, terminate" is stored before terminate goes out
+                self.provider_hangup = await leg.hangup(notify)
         finally:
             for watcher in self._watchers:  # (observers only: nothing to finish)
                 if watcher is not asyncio.current_task():
@@ -391,12 +423,49 @@ class LiveCall:
             self.feed(dc.TornDown())
             self.log.info("call %s (%s) ended: %s%s", self.id, self.wacid or "-", self.end_reason.value,
                           f" ({self.end_detail})" if self.end_detail else "")
+            await self.flush()
             self.finished.set()
             self._on_end(self)
 
     async def _terminate_late(self, wacid: str) -> None:
         self.leg.wacid = wacid
-        await self.leg.hangup("terminate")
+        self._changed()
+        self.provider_hangup = await self.leg.hangup("terminate")
+        self._changed()
+
+    # -- durable ---------------------------------------------------------------------------
+
+    def record(self) -> CallRecord:
+        """The call as data: the public summary plus what a restart needs to finish it."""
+        sm = self.state_machine
+        durable = {"ending": sm.ending, "teardown": self._teardown_action, "accepted": sm.accepted,
+                   "connect_unknown": self.connect_unknown, "tag": tagged(self.id, None)}
+        return CallRecord(id=sm.id, direction=sm.direction.value, user=sm.user, state=sm.state.value,
+                          wacid=sm.wacid, owner=self._owner, created_at=sm.timeline[0].at,
+                          updated_at=time.time(), data=_json_safe({"call": self.summary(), "durable": durable}))
+
+    def _changed(self) -> None:
+        """Something worth storing changed: save soon (one writer per call, coalescing)."""
+        if self._save is None:
+            return
+        self._dirty = True
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self._save(self.record())
+            except Exception as exc:  # a full disk or a broken store never breaks the call
+                if not self._save_failed:
+                    self._save_failed = True
+                    self.log.error("call %s: could not store the call: %s", self.id, exc)
+
+    async def flush(self) -> None:
+        """Wait until the call's latest state is stored."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     def _release_media(self) -> None:
         """The call is over: keep what describes it (statistics, file paths, seconds
@@ -449,10 +518,24 @@ class LiveCall:
 
     def summary(self) -> dict:
         media = self.media
-        return {
+        out = {
             **self.state_machine.as_dict(),
             "recordings": self.recording_paths(),
             "dtmf_received": "".join(self.dtmf_received),
             "recording": self._recording_summary(),
             "media": self.media_stats or (media.stats() if media is not None else {}),
         }
+        if self.provider_hangup is not None:
+            out["provider_hangup"] = self.provider_hangup
+        return out
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` and tuples as lists (JSON, strictly)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

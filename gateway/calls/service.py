@@ -25,12 +25,13 @@ from media.session import LocalMediaSession
 from ..bots import probe
 from ..disk import DiskGuard
 from ..domain import events as ev
-from ..domain.call import EndReason, PermissionAsked, PermissionGiven, TimelineEntry
+from ..domain.call import Dialed, EndReason, PermissionAsked, PermissionGiven, TimelineEntry
 from ..errors import ProviderError
-from ..events import CallConnect, Direction
+from ..events import CallConnect, CallTerminate, Direction
 from ..providers.base import CallingProvider
 from ..redact import mask_phone
-from .legs import WhatsAppLeg
+from ..store.base import CallRecord, CallStore
+from .legs import WhatsAppLeg, tag_of
 from .live import Listener, LiveCall
 from .plans import InboundPlan, InboundPolicy
 
@@ -68,8 +69,18 @@ class CallManager:
         permission_wait_s: float = 3600.0,
         history: int = 1000,
         disk: DiskGuard | None = None,
+        store: CallStore | None = None,
+        owner: str | None = None,
+        on_recovered: Callable[[dict, dict], None] | None = None,
     ):
         self.provider = provider
+        #: Where calls are kept (durable calls: :mod:`gateway.store`); ``None``: memory only.
+        self.store = store
+        #: This instance's name on the calls it runs.
+        self.owner = owner
+        #: Called with ``(call JSON, ended entry JSON)`` for each call a previous process
+        #: left live and :meth:`reconcile` finished (telemetry emits its ``call.ended``).
+        self.on_recovered = on_recovered
         #: The permission gate (:class:`gateway.gatekeeper.Gatekeeper`), if any.
         self.gate = gate
         self.permission_wait_s = permission_wait_s
@@ -138,6 +149,7 @@ class CallManager:
             max_duration_s=max_duration_s or self.max_duration_s,
             media_end_grace_s=self.media_end_grace_s, rtp_timeout_s=self.rtp_timeout_s,
             on_entry=self._notify, on_end=self._forget_later, bot=bot,
+            save=self.store.save_call if self.store is not None else None, owner=self.owner,
         )
 
     async def place_call(
@@ -251,6 +263,14 @@ class CallManager:
         if call is not None:
             call.handle(event)
             return
+        if self.store is not None and await self.store.call_by_wacid(call_id) is not None:
+            # a call an earlier process ran (and the restart finished): a redelivered
+            # connect must not start a second session, late events change nothing
+            log.info("webhook for %s, a call that ended before this process started: ignored", call_id)
+            return
+        owner = tag_of(getattr(event, "biz_opaque_callback_data", None))
+        if owner is not None and await self._placed_after_all(owner, call_id, event):
+            return
         if isinstance(event, CallConnect) and event.direction is Direction.USER_INITIATED:
             self._inbound(event)
             return
@@ -295,6 +315,84 @@ class CallManager:
             else:
                 call.record_to(self.recordings_dir)
         call._spawn(call.answer(event.sdp))
+
+    async def _placed_after_all(self, call_id: str, wacid: str, event) -> bool:
+        """A webhook tagged with one of our calls, under a provider id we never got: its
+        ``connect`` outcome was unknown (timeout, connection lost) yet the provider placed
+        it. If that call has ended, terminate this one at the provider; ``False`` when the
+        call is still dialing (the event is early: buffer it)."""
+        call = self.calls.get(call_id)
+        if call is not None:
+            if not call.ended or call.wacid:
+                return False
+            log.warning("call %s: the provider placed it after all (%s); terminating it", call_id, wacid)
+            self._by_wacid[wacid] = call
+            call.feed(Dialed(wacid))  # an ended call named late: terminated at the provider
+            return True
+        if self.store is None:
+            return False
+        record = await self.store.get_call(call_id)
+        if record is None or not record.ended or record.wacid:
+            return False
+        log.warning("call %s (ended before this process): the provider placed it after all (%s); "
+                    "terminating it", call_id, wacid)
+        hangup = None
+        if not isinstance(event, CallTerminate):
+            hangup = await WhatsAppLeg(self.provider, None, user=record.user, wacid=wacid).hangup("terminate")
+        call_json = {**record.data.get("call", {}), "wacid": wacid}
+        if hangup is not None:
+            call_json["provider_hangup"] = hangup
+        await self.store.save_call(record.changed(wacid=wacid, data={**record.data, "call": call_json}))
+        return True
+
+    async def reconcile(self) -> int:
+        """Finish every call a previous process left live (killed, crashed): terminate it
+        at the provider (``reject`` for an inbound call never accepted), with retries, and
+        store it ended (``gateway_restart``, or the end it was already on its way to).
+        Returns how many there were."""
+        if self.store is None:
+            return 0
+        records = [r for r in await self.store.live_calls() if r.id not in self.calls]
+        if records:
+            log.warning("finishing %d call(s) left live by a previous process", len(records))
+        await asyncio.gather(*(self._finish_left_live(r) for r in records))
+        return len(records)
+
+    async def _finish_left_live(self, record: CallRecord) -> None:
+        durable = dict(record.data.get("durable") or {})
+        call_json = dict(record.data.get("call") or {})
+        hangup = None
+        if record.wacid:
+            inbound_unaccepted = (record.direction == Direction.USER_INITIATED.value
+                                  and not durable.get("accepted"))
+            how = "reject" if inbound_unaccepted else "terminate"
+            hangup = await WhatsAppLeg(self.provider, None, user=record.user, wacid=record.wacid).hangup(how)
+        reason = (call_json.get("end_reason") if durable.get("ending") else None) or EndReason.GATEWAY_RESTART.value
+        detail = call_json.get("detail") or "the gateway stopped during the call; finished at the next start"
+        now = time.time()
+        entry = TimelineEntry("ended", now, max(0.0, now - record.created_at), {"reason": reason, "detail": detail})
+        call_json.update(state="ended", end_reason=reason, detail=detail,
+                         timeline=[*call_json.get("timeline", []), entry.as_dict()])
+        if hangup is not None:
+            call_json["provider_hangup"] = hangup
+        await self.store.save_call(record.changed(state="ended", data={"call": call_json,
+                                                                        "durable": {**durable, "ending": True}}))
+        log.info("call %s (%s): finished after a restart (%s)", record.id, record.wacid or "-", reason)
+        if self.on_recovered is not None:
+            self.on_recovered(call_json, entry.as_dict())
+
+    async def stored_call(self, call_id: str) -> dict | None:
+        """A call's JSON from the store (a call an earlier process ran)."""
+        if self.store is None:
+            return None
+        record = await self.store.get_call(call_id)
+        return dict(record.data.get("call") or {}) if record is not None else None
+
+    async def stored_calls(self, limit: int) -> list[dict]:
+        """The newest stored calls' JSON (this process's and earlier ones')."""
+        if self.store is None:
+            return []
+        return [dict(r.data.get("call") or {}) for r in await self.store.recent_calls(limit)]
 
     def _buffer_early(self, call_id: str, event) -> None:
         now = time.monotonic()

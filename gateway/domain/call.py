@@ -91,6 +91,9 @@ class EndReason(enum.StrEnum):
     #: The voice bot ended the call, or could not be reached / broke its protocol / went idle.
     BOT_HANGUP = "bot_hangup"
     BOT_FAILURE = "bot_failure"
+    #: The process running the call stopped (crashed, was killed); the next start
+    #: finished the call at the provider.
+    GATEWAY_RESTART = "gateway_restart"
 
 
 class Clock(Protocol):

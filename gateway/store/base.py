@@ -107,6 +107,11 @@ class CallStore(Protocol):
         """The newest calls first."""
         ...
 
+    async def forget_calls(self, *, ended_before: float) -> int:
+        """Delete ended calls last changed before ``ended_before`` (retention); returns
+        how many went."""
+        ...
+
 
 @runtime_checkable
 class VersionedStore(Protocol):
@@ -127,6 +132,13 @@ class DedupeStore(Protocol):
         ``False`` for a repeat. Atomic: of two concurrent calls, one gets ``True``."""
         ...
 
+    async def seen(self, key: str, *, now: float | None = None) -> bool:
+        """Was ``key`` remembered within the window? (Read only: check first, process,
+        then :meth:`remember`, so a crash in between leaves the event to be redelivered.)"""
+        ...
+
+    async def remember(self, key: str, *, now: float | None = None) -> None: ...
+
 
 @runtime_checkable
 class EventLog(Protocol):
@@ -139,4 +151,8 @@ class EventLog(Protocol):
 
     async def trim(self, keep: int) -> int:
         """Forget all but the newest ``keep`` events; returns how many went."""
+        ...
+
+    async def position(self, event_id: str) -> int | None:
+        """The ``seq`` of the event with this id (``Last-Event-ID``), if still kept."""
         ...

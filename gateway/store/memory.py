@@ -71,6 +71,14 @@ class MemoryStore:
         found = sorted((s for s in self._calls.values()), key=lambda s: (s[0].created_at, s[0].id), reverse=True)
         return [self._copy(*s) for s in found[:limit]]
 
+    async def forget_calls(self, *, ended_before: float) -> int:
+        old = [cid for cid, (r, _) in self._calls.items() if r.ended and r.updated_at < ended_before]
+        for cid in old:
+            record, _ = self._calls.pop(cid)
+            if record.wacid and self._wacids.get(record.wacid) == cid:
+                del self._wacids[record.wacid]
+        return len(old)
+
     # -- versioned documents ---------------------------------------------------------------
 
     async def load(self, key: str) -> tuple[dict[str, Any] | None, int]:
@@ -101,6 +109,14 @@ class MemoryStore:
         seen.move_to_end(key)
         return True
 
+    async def seen(self, key: str, *, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        at = self._seen.get(key)
+        return at is not None and now - at < self.dedupe_window_s
+
+    async def remember(self, key: str, *, now: float | None = None) -> None:
+        await self.first_time(key, now=now)
+
     # -- event log -------------------------------------------------------------------------
 
     async def append(self, event_id: str, type: str, data: Mapping[str, Any], *,
@@ -118,6 +134,9 @@ class MemoryStore:
         drop = max(0, len(self._events) - keep)
         del self._events[:drop]
         return drop
+
+    async def position(self, event_id: str) -> int | None:
+        return next((e.seq for e in reversed(self._events) if e.id == event_id), None)
 
     def close(self) -> None:
         pass

@@ -82,6 +82,11 @@ class SQLitePermissionStore:
             rows = self._db.execute("SELECT user FROM permission_records ORDER BY user").fetchall()
         return [r[0] for r in rows]
 
+    async def position(self, event_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM events WHERE id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -220,6 +225,11 @@ class SQLiteStore:
     async def recent_calls(self, limit: int = 50) -> list:
         return self._calls("", (), f"ORDER BY created_at DESC, id DESC LIMIT {int(limit):d}")
 
+    async def forget_calls(self, *, ended_before: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM calls WHERE state = 'ended' AND updated_at < ?",
+                                    (ended_before,)).rowcount
+
     # -- versioned documents ---------------------------------------------------------------
 
     async def load(self, key: str) -> tuple[dict[str, Any] | None, int]:
@@ -257,6 +267,19 @@ class SQLiteStore:
 
         return self._transaction(check)
 
+    async def seen(self, key: str, *, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute("SELECT at FROM seen WHERE key = ?", (key,)).fetchone()
+        return row is not None and now - row[0] < self.dedupe_window_s
+
+    async def remember(self, key: str, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            self._db.execute("DELETE FROM seen WHERE at <= ?", (now - self.dedupe_window_s,))
+            self._db.execute("INSERT INTO seen (key, at) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET at = "
+                             "excluded.at", (key, now))
+
     # -- event log -------------------------------------------------------------------------
 
     async def append(self, event_id: str, type: str, data: Mapping[str, Any], *,
@@ -281,6 +304,11 @@ class SQLiteStore:
             return self._db.execute(
                 "DELETE FROM events WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM events) - ?",
                 (int(keep),)).rowcount
+
+    async def position(self, event_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM events WHERE id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
 
     def close(self) -> None:
         with self._lock:
