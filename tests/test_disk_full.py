@@ -131,5 +131,7 @@ async def test_a_full_disk_stops_the_recording_not_the_call(small_fs, settings):
         x, rate = analysis.read_audio(directory / "user.ogg")
         assert x.size > 0
     # A few lines per call, none with a traceback (a full disk is not a bug).
-    assert len(records.records) <= 4 * len(calls), [r.getMessage() for r in records.records]
+    # (the simulated phones record on the same full disk: their lines are not wacall's)
+    ours = [r for r in records.records if "sandbox phone" not in r.getMessage()]
+    assert len(ours) <= 4 * len(calls), "\n".join(r.name + ": " + r.getMessage() for r in ours)
     assert not [r for r in records.records if r.exc_info], [r.getMessage() for r in records.records]

@@ -144,6 +144,9 @@ class WhatsAppLeg:
         self.local_sdp: str | None = None
         #: wacall's call id, tagged into ``connect``'s ``biz_opaque_callback_data``.
         self.call_id: str | None = None
+        #: How a hang-up is retried (see :meth:`hangup`).
+        self.hangup_attempts = HANGUP_ATTEMPTS
+        self.hangup_pause_s = HANGUP_FIRST_PAUSE_S
 
     async def dial(self) -> AsyncIterator[object]:
         """Outbound: make the offer, ``connect``. Raises ``MediaError``/``ProviderError``."""
@@ -174,14 +177,13 @@ class WhatsAppLeg:
         await media.wait_up(self.media_timeout_s)
         yield MediaReady()
 
-    async def hangup(self, how: str, *, attempts: int = HANGUP_ATTEMPTS,
-                     first_pause_s: float = HANGUP_FIRST_PAUSE_S) -> dict:
+    async def hangup(self, how: str) -> dict:
         """Tell the provider the call is over: ``"terminate"`` or ``"reject"``, retried
         with backoff while the provider is unreachable or busy (network, 5xx, 429),
         until it confirms or says the call is not live there (any other 4xx about the
         call). Returns what happened (``action``, ``confirmed``, ``attempts``, and the
         last ``error`` when not confirmed); never raises."""
-        pause = first_pause_s
+        pause, attempts = self.hangup_pause_s, max(1, self.hangup_attempts)
         error: ProviderError | None = None
         for attempt in range(1, attempts + 1):
             try:

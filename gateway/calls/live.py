@@ -458,9 +458,13 @@ class LiveCall:
             try:
                 await self._save(self.record())
             except Exception as exc:  # a full disk or a broken store never breaks the call
-                if not self._save_failed:
-                    self._save_failed = True
-                    self.log.error("call %s: could not store the call: %s", self.id, exc)
+                global _store_error_logged_at
+                now = time.monotonic()
+                if not self._save_failed and now - _store_error_logged_at >= 60.0:
+                    # (one line per outage, not one per call: a full disk fails them all)
+                    _store_error_logged_at = now
+                    self.log.error("could not store call %s (and maybe others): %s", self.id, exc)
+                self._save_failed = True
 
     async def flush(self) -> None:
         """Wait until the call's latest state is stored."""
@@ -528,6 +532,10 @@ class LiveCall:
         if self.provider_hangup is not None:
             out["provider_hangup"] = self.provider_hangup
         return out
+
+
+#: When a failed save was last logged (monotonic).
+_store_error_logged_at = -1e9
 
 
 def _json_safe(value: Any) -> Any:

@@ -72,7 +72,12 @@ class CallManager:
         store: CallStore | None = None,
         owner: str | None = None,
         on_recovered: Callable[[dict, dict], None] | None = None,
+        hangup_attempts: int | None = None,
+        hangup_pause_s: float | None = None,
     ):
+        #: How a hang-up at the provider is retried (attempts, first pause; doubling).
+        self.hangup_attempts = hangup_attempts
+        self.hangup_pause_s = hangup_pause_s
         self.provider = provider
         #: Where calls are kept (durable calls: :mod:`gateway.store`); ``None``: memory only.
         self.store = store
@@ -139,9 +144,8 @@ class CallManager:
         label = f"call to {mask_phone(user)}" if direction is Direction.BUSINESS_INITIATED \
             else f"call from {mask_phone(user)}"
         media = LocalMediaSession(self.peer_config, label=label, sinks=sinks, speech=self.speech_events)
-        leg = WhatsAppLeg(self.provider, media, user=user, wacid=wacid,
-                          biz_opaque_callback_data=biz_opaque_callback_data,
-                          media_timeout_s=self.peer_config.connect_timeout_s)
+        leg = self._leg(media, user=user, wacid=wacid, biz_opaque_callback_data=biz_opaque_callback_data,
+                        media_timeout_s=self.peer_config.connect_timeout_s)
         return LiveCall(
             user=user, direction=direction, leg=leg, sources=sources, sinks=sinks,
             biz_opaque_callback_data=biz_opaque_callback_data,
@@ -316,6 +320,14 @@ class CallManager:
                 call.record_to(self.recordings_dir)
         call._spawn(call.answer(event.sdp))
 
+    def _leg(self, media: LocalMediaSession | None, **kwargs: Any) -> WhatsAppLeg:
+        leg = WhatsAppLeg(self.provider, media, **kwargs)
+        if self.hangup_attempts is not None:
+            leg.hangup_attempts = self.hangup_attempts
+        if self.hangup_pause_s is not None:
+            leg.hangup_pause_s = self.hangup_pause_s
+        return leg
+
     async def _placed_after_all(self, call_id: str, wacid: str, event) -> bool:
         """A webhook tagged with one of our calls, under a provider id we never got: its
         ``connect`` outcome was unknown (timeout, connection lost) yet the provider placed
@@ -338,7 +350,7 @@ class CallManager:
                     "terminating it", call_id, wacid)
         hangup = None
         if not isinstance(event, CallTerminate):
-            hangup = await WhatsAppLeg(self.provider, None, user=record.user, wacid=wacid).hangup("terminate")
+            hangup = await self._leg(None, user=record.user, wacid=wacid).hangup("terminate")
         call_json = {**record.data.get("call", {}), "wacid": wacid}
         if hangup is not None:
             call_json["provider_hangup"] = hangup
@@ -366,7 +378,7 @@ class CallManager:
             inbound_unaccepted = (record.direction == Direction.USER_INITIATED.value
                                   and not durable.get("accepted"))
             how = "reject" if inbound_unaccepted else "terminate"
-            hangup = await WhatsAppLeg(self.provider, None, user=record.user, wacid=record.wacid).hangup(how)
+            hangup = await self._leg(None, user=record.user, wacid=record.wacid).hangup(how)
         reason = (call_json.get("end_reason") if durable.get("ending") else None) or EndReason.GATEWAY_RESTART.value
         detail = call_json.get("detail") or "the gateway stopped during the call; finished at the next start"
         now = time.time()

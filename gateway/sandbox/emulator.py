@@ -147,6 +147,11 @@ class Sandbox:
         self.webhooks_sent = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
+        #: Provider failures to simulate (``POST /sandbox/faults``): the next ``n`` calling
+        #: requests of an action fail. ``terminate``/``reject``/...: answered with ``status``
+        #: and nothing done; ``connect`` with ``"lose_response": true``: the call is placed
+        #: but the answer is a bare 502 (an outcome the client cannot know).
+        self.faults: dict[str, dict[str, Any]] = {}
 
     # -- aiohttp -------------------------------------------------------------------------
 
@@ -161,6 +166,7 @@ class Sandbox:
         app.router.add_post("/clock", self._advance_clock)
         app.router.add_post("/users/{user}/permission", self._set_permission)
         app.router.add_post("/calls/{call_id}/dtmf", self._press)
+        app.router.add_post("/faults", self._set_faults)
         app.add_routes(self.messaging.routes(self._authenticated))
         return app
 
@@ -231,6 +237,33 @@ class Sandbox:
             return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
         return web.json_response(call.as_dict())
 
+    async def _set_faults(self, request: web.Request) -> web.Response:
+        """``{"terminate": {"fail": 2, "status": 503}, "connect": {"fail": 1, "lose_response": true}}``"""
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be an object of actions")
+            for action, fault in body.items():
+                if action not in ("connect", "terminate", "pre_accept", "accept", "reject"):
+                    raise ValueError(f"unknown action {action!r}")
+                if not isinstance(fault, dict) or not isinstance(fault.get("fail"), int) or fault["fail"] < 0:
+                    raise ValueError(f"{action}: 'fail' must be a count")
+                status = fault.get("status", 503)
+                if not isinstance(status, int) or not 400 <= status <= 599:
+                    raise ValueError(f"{action}: 'status' must be an HTTP error status")
+                self.faults[action] = {"fail": fault["fail"], "status": status,
+                                       "lose_response": bool(fault.get("lose_response"))}
+        except (ValueError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
+        return web.json_response({"faults": self.faults})
+
+    def _fault(self, action: str) -> dict | None:
+        fault = self.faults.get(action)
+        if not fault or fault["fail"] <= 0:
+            return None
+        fault["fail"] -= 1
+        return fault
+
     async def _advance_clock(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
@@ -284,8 +317,16 @@ class Sandbox:
                 raise SandboxRefusal(400, 100, "Invalid parameter",
                                      "messaging_product must be 'whatsapp'")
             action = body.get("action")
+            fault = self._fault(action) if isinstance(action, str) else None
+            if fault is not None and not fault["lose_response"]:
+                log.info("sandbox: simulated %s failure (HTTP %d)", action, fault["status"])
+                return web.Response(status=fault["status"], text="simulated provider failure")
             if action == "connect":
-                return await self._connect(body)
+                placed = await self._connect(body)
+                if fault is not None:  # placed, but the client never learns it
+                    log.info("sandbox: simulated lost connect response (HTTP %d)", fault["status"])
+                    return web.Response(status=fault["status"], text="simulated lost response")
+                return placed
             if action == "terminate":
                 return await self._terminate(body)
             if action in ("pre_accept", "accept", "reject"):

@@ -1,0 +1,254 @@
+"""Durable calls: nothing left running at the provider. Hang-ups are retried until the
+provider confirms; a call the provider placed despite a lost ``connect`` response is
+terminated; a gateway killed mid-call (``kill -9``) finishes its calls at the next start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import wave
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from gateway.app import Service
+
+from gateway.calls import CallState, EndReason
+from gateway.sandbox.browser import write_tone_wav
+from gateway.webhook_auth import WebhookAuth
+from media import analysis
+from tests.helpers import free_port, until
+
+ROOT = Path(__file__).resolve().parent.parent
+USER = "+4915112345678"
+TIMEOUT = 20
+TOKEN = "api-token-durable"
+
+
+async def faults(service, **spec) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{service.url}/sandbox/faults", json=spec) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def connected_call(service):
+    service.sandbox.users.update(USER, {"answer_after_ms": 0})
+    call = await service.manager.place_call(USER)
+    await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+    return call, service.sandbox.calls[call.wacid]
+
+
+async def test_terminate_is_retried_until_the_provider_confirms(service):
+    call, at_provider = await connected_call(service)
+    await faults(service, terminate={"fail": 2, "status": 503})
+    await call.hangup()
+    assert call.provider_hangup == {"action": "terminate", "confirmed": True, "attempts": 3}
+    await asyncio.wait_for(at_provider.finished.wait(), TIMEOUT)
+    assert at_provider.ended_by == "business"
+    assert call.summary()["provider_hangup"]["confirmed"] is True
+
+
+async def test_an_unconfirmed_hangup_is_a_502_and_shows_on_the_call(settings):
+    async with Service(replace(settings, api_token=TOKEN), sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
+        service.manager.hangup_attempts, service.manager.hangup_pause_s = 2, 0.01
+        call, at_provider = await connected_call(service)
+        await faults(service, terminate={"fail": 5, "status": 503})
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(f"{service.url}/v1/calls/{call.id}",
+                                   headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                assert resp.status == 502
+                body = await resp.json()
+        assert not at_provider.ended  # (what the 502 is about: it may still be up there)
+    assert body["error"]["code"] == "hangup_unconfirmed"
+    assert body["call"]["state"] == "ended"
+    assert body["call"]["provider_hangup"] == {
+        "action": "terminate", "confirmed": False, "attempts": 2,
+        "error": body["call"]["provider_hangup"]["error"]}
+    ended = [e for e in call.timeline if e.name == "ended"]
+    assert len(ended) == 1 and call.end_reason is EndReason.BUSINESS_HANGUP
+
+
+async def test_a_call_placed_despite_a_lost_connect_response_is_terminated(service):
+    service.sandbox.users.update(USER, {"answer_after_ms": 5000})
+    await faults(service, connect={"fail": 1, "status": 502, "lose_response": True})
+    call = await service.manager.place_call(USER)
+    assert call.state is CallState.ENDED and call.end_reason is EndReason.PROVIDER_ERROR
+    assert call.connect_unknown and "offer_sent" not in [e.name for e in call.timeline]  # no id from connect
+    placed = [c for c in service.sandbox.calls.values() if c.user == USER[1:]]
+    assert len(placed) == 1  # it rings at the provider: its first webhook carries our tag
+    await asyncio.wait_for(placed[0].finished.wait(), TIMEOUT)
+    assert placed[0].ended_by == "business"
+    await until(lambda: call.provider_hangup is not None)
+    assert call.wacid == placed[0].wacid and call.provider_hangup["confirmed"] is True
+
+
+# -- kill -9 and restart: two processes -------------------------------------------------------
+
+
+HEADER = ("X-Hook-Token", "restart-test-" + os.urandom(6).hex())
+
+
+class Events:
+    """wacall's event webhooks, as a receiver sees them."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.events.append(json.loads(await request.read()))
+        return web.Response(status=204)
+
+
+def serve(env: dict, *, sandbox: bool, log: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "gateway.cli", "serve"] + (["--sandbox"] if sandbox else [])
+    full = {**os.environ, "WACALL_LOG_FORMAT": "text", "WACALL_HOST": "127.0.0.1",
+            "WACALL_WEBHOOK_HEADER": f"{HEADER[0]}: {HEADER[1]}", **env}
+    return subprocess.Popen(args, env=full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("a"))
+
+
+async def healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen) -> None:
+    async def poll():
+        while True:
+            assert proc.poll() is None, f"{url} exited"
+            try:
+                async with http.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), 60)
+
+
+async def poll_until(fetch, predicate, timeout: float = TIMEOUT):
+    async def poll():
+        while True:
+            value = await fetch()
+            if predicate(value):
+                return value
+            await asyncio.sleep(0.05)
+
+    return await asyncio.wait_for(poll(), timeout)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp_path):
+    provider_port, gateway_port, events_port = free_port(), free_port(), free_port()
+    provider_url, gateway_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{gateway_port}"
+    events = Events()
+    receiver = web.Application()
+    receiver.router.add_post("/events", events.handle)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", events_port).start()
+    say = write_tone_wav(tmp_path / "say-600.wav", 600.0, 60.0, amplitude=0.3)
+    provider = serve({"WACALL_PORT": str(provider_port), "WACALL_DATA_DIR": str(tmp_path / "provider"),
+                      "WACALL_SANDBOX_WEBHOOK_URL": f"{gateway_url}/webhooks/whatsapp"},
+                     sandbox=True, log=tmp_path / "provider.log")
+    gateway_env = {"WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "gateway"),
+                   "WACALL_API_TOKEN": TOKEN, "WACALL_D360_API_KEY": "sandbox-key",
+                   "WACALL_BASE_URL": f"{provider_url}/sandbox", "WACALL_MEDIA_ADDRESSES": "127.0.0.1",
+                   "WACALL_EVENT_WEBHOOKS": f"http://127.0.0.1:{events_port}/events"}
+    gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
+    api = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            await healthy(http, provider_url, provider)
+            await healthy(http, gateway_url, gateway)
+            async with http.post(f"{provider_url}/sandbox/users/{USER}/permission",
+                                 json={"permanent": True}) as resp:
+                assert resp.status == 200
+            async with http.post(f"{provider_url}/sandbox/users/{USER}",
+                                 json={"say": str(say), "answer_after_ms": 0}) as resp:
+                assert resp.status == 200
+
+            async def get(url):
+                async with http.get(url, headers=api) as resp:
+                    return await resp.json()
+
+            await poll_until(lambda: get(f"{gateway_url}/v1/permissions/{USER}"), lambda p: p["status"] == "granted")
+            async with http.post(f"{gateway_url}/v1/calls", json={"to": USER, "record": True}, headers=api) as resp:
+                assert resp.status == 201, await resp.text()
+                placed = await resp.json()
+            call_id = placed["id"]
+            live = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
+                                    lambda c: c["state"] == "media_connected")
+            user_wav = Path(live["recording"]["files"]["user_wav"])
+            # two seconds of the user's audio on disk, then the gateway dies without a word
+            await until(lambda: user_wav.exists() and user_wav.stat().st_size > 44 + 2 * 2 * 48000, TIMEOUT)
+            wacid = live["wacid"]
+            os.kill(gateway.pid, signal.SIGKILL)
+            killed_at = time.time()
+            gateway.wait(10)
+            at_provider = await get(f"{provider_url}/sandbox/users/{USER}/calls")
+            assert [c["state"] for c in at_provider["calls"] if c["id"] == wacid] != ["ended"]  # still up
+
+            gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
+            restarted = time.monotonic()
+
+            def provider_call(calls):
+                return next(c for c in calls["calls"] if c["id"] == wacid)
+
+            ended_there = await poll_until(lambda: get(f"{provider_url}/sandbox/users/{USER}/calls"),
+                                           lambda calls: provider_call(calls)["state"] == "ended", timeout=30)
+            terminated_after = time.monotonic() - restarted
+            assert terminated_after < 10.0  # process start included
+            assert provider_call(ended_there)["ended_by"] == "business"
+            await healthy(http, gateway_url, gateway)
+            ended = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
+                                     lambda c: c["state"] == "ended")
+            assert ended["end_reason"] == "gateway_restart" and ended["wacid"] == wacid
+            assert ended["provider_hangup"]["confirmed"] is True
+            assert [e["name"] for e in ended["timeline"]][-1] == "ended"
+            listed = await get(f"{gateway_url}/v1/calls")
+            assert call_id in [c["id"] for c in listed["calls"]]
+            # its call.ended event went out from the new process
+            await until(lambda: any(e["type"] == "call.ended" and e["data"]["call"]["id"] == call_id
+                                    for e in events.events), TIMEOUT)
+            # a redelivered connect for that call creates nothing
+            body = json.dumps({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{
+                "field": "calls", "value": {"messaging_product": "whatsapp", "calls": [{
+                    "id": wacid, "event": "connect", "direction": "USER_INITIATED", "from": USER[1:],
+                    "to": "15550001111", "session": {"sdp": "v=0\r\n", "sdp_type": "offer"}}]}}]}]}).encode()
+            signed = WebhookAuth(header=HEADER).sign(body)
+            async with http.post(f"{gateway_url}/webhooks/whatsapp", data=body, headers=signed) as resp:
+                assert resp.status == 200
+            listed_again = await get(f"{gateway_url}/v1/calls")
+            assert len(listed_again["calls"]) == len(listed["calls"])
+    finally:
+        stop(gateway)
+        stop(provider)
+        await runner.cleanup()
+    # the recording plays up to the kill: user.wav holds the user's tone from media up
+    # to (at most 0.1 s before) the kill, plus what the playout buffer held
+    with wave.open(str(user_wav)) as wav:
+        seconds = wav.getnframes() / wav.getframerate()
+    media_up = next(e for e in ended["timeline"] if e["name"] == "media_up")
+    up_at = datetime.fromisoformat(media_up["at"].replace("Z", "+00:00")).timestamp()
+    expected = killed_at - up_at
+    print(f"kill -9 mid-call: provider's call terminated {terminated_after:.2f} s after the restart began; "
+          f"user.wav {seconds:.3f} s of {expected:.3f} s from media up to the kill")
+    assert expected - 0.25 <= seconds <= expected + 0.02, (seconds, expected)
+    x, rate = analysis.read_audio(user_wav)
+    assert abs(analysis.dominant_frequency(x[-rate // 2:], rate) - 600.0) < 15  # to the end
+    sidecar = json.loads((user_wav.parent / "recording.json").read_text())
+    assert sidecar.get("recovered") is True
