@@ -64,7 +64,7 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
 
 def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, metrics: Metrics,
                events: EventFanout, gate: Gatekeeper, sandbox: Sandbox | None = None, *,
-               webhook_auth: WebhookAuth | None = None) -> web.Application:
+               webhook_auth: WebhookAuth | None = None, store=None) -> web.Application:
     app = web.Application(middlewares=[auth_middleware(settings.api_token)])
     app[MANAGER] = manager
 
@@ -74,7 +74,7 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
 
     auth = webhook_auth if webhook_auth is not None else WebhookAuth.from_settings(settings)
     app.add_routes(webhook_routes(dispatch, verify_token=settings.verify_token, auth=auth,
-                                  observe=metrics.webhook))
+                                  dedupe_store=store, observe=metrics.webhook))
     app.add_routes(ControlApi(manager, library, gate).routes())
     app.add_routes(events.routes())
     app.router.add_get("/metrics", metrics_handler(metrics))
@@ -133,7 +133,7 @@ class Service:
             sock.close()  # (a refused start leaves no socket behind)
             raise
         self.app = create_app(self.settings, self.manager, self.library, self.metrics, self.events,
-                              self.gate, self.sandbox, webhook_auth=self.webhook_auth)
+                              self.gate, self.sandbox, webhook_auth=self.webhook_auth, store=self.store)
         self.app.cleanup_ctx.extend(self._lifecycle())
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()  # runs each context up to its ``yield``, in order
@@ -187,6 +187,8 @@ class Service:
         disk guard, calls, events."""
         settings = self.settings
         self.webhook_auth = self._webhook_auth()
+        # (created private: it holds numbers, recordings and call history)
+        Path(settings.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         limits = PermissionLimits.meta() if settings.permission_limits == "meta" else PermissionLimits.seed()
         if self.use_sandbox:
             from .sandbox.emulator import Sandbox
@@ -233,7 +235,7 @@ class Service:
         self.trimmer = HeapTrimmer()
         self.manager.subscribe(self._after_call)
         self.events = EventFanout(settings.event_webhooks, settings.event_secret,
-                                  history=settings.event_history)
+                                  history=settings.event_history, store=self.store)
         telemetry = CallTelemetry(self.manager, self.metrics, self.events)
         self.manager.subscribe(telemetry)
         self.manager.on_recovered = telemetry.recovered
@@ -242,6 +244,10 @@ class Service:
         """The parts' startup and shutdown, in startup order (shutdown runs backwards).
         Live calls are hung up before this, in :meth:`stop`, while the port still
         serves (an embedded sandbox receives those hang-ups)."""
+
+        async def store(app: web.Application):
+            yield
+            self.store.close()  # the last to go: calls and events write to it until then
 
         async def sandbox(app: web.Application):
             yield
@@ -259,6 +265,7 @@ class Service:
             self.ledger.store.close()
 
         async def events(app: web.Application):
+            await self.events.recover()  # what a previous process left undelivered goes first
             self.events.start()
             yield
             await self.events.close(timeout_s=10.0)  # deliver the last events
@@ -274,9 +281,8 @@ class Service:
             yield
             finishing.cancel()
             await asyncio.gather(finishing, return_exceptions=True)
-            self.store.close()
 
-        return [sandbox, provider, permissions, events, recordings, calls]
+        return [store, sandbox, provider, permissions, events, recordings, calls]
 
     async def _calls_maintenance(self) -> None:
         """At startup: finish the calls a previous process left live; then, hourly,

@@ -11,6 +11,12 @@ Every call state change is published once on an :class:`EventBus` as an
 The same event keeps its id (and its exact JSON body) on every delivery attempt
 and every replay, so consumers de-duplicate on ``id``.
 
+Durable with an *outbox* (:class:`gateway.store.base.EventLog`): every event is
+appended to it in publish order (within milliseconds, by one writer task), SSE
+``Last-Event-ID`` resumes from it across restarts, and each webhook endpoint's last
+acknowledged event is remembered, so events still pending when the process died
+are delivered by the next one (at least once, same id and body).
+
 Slow consumers never slow the publisher down: :meth:`EventBus.publish` is
 synchronous and only appends to bounded queues. An SSE subscriber that falls
 ``max_queue`` events behind is dropped (its connection is closed; it can
@@ -42,6 +48,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+
+from .store.base import VersionConflict
 
 __all__ = [
     "Event",
@@ -134,6 +142,12 @@ class Event:
         copied = json.loads(_dumps(dict(data or {})))
         return cls(id=_new_event_id(), type=type, created_at=_utc_now(),
                    call_id=call_id, data=copied)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        """The event :meth:`to_dict` made (the outbox keeps that)."""
+        return cls(id=str(raw["id"]), type=str(raw["type"]), created_at=str(raw["created_at"]),
+                   call_id=raw.get("call_id"), data=dict(raw["data"]))
 
     @classmethod
     def from_json(cls, body: bytes | str) -> Self:
@@ -272,10 +286,19 @@ class EventBus:
     thread, use ``loop.call_soon_threadsafe(bus.publish, ...)``).
     """
 
-    def __init__(self, history: int = 1000) -> None:
+    #: How many events the outbox keeps (older ones are trimmed).
+    OUTBOX_KEEP = 100_000
+
+    def __init__(self, history: int = 1000, *, outbox: Any = None) -> None:
         if history < 0:
             raise ValueError("history must be zero or more")
         self.history_size = history
+        #: The durable log events are appended to (``None``: memory only).
+        self.outbox = outbox
+        self._unwritten: deque[Event] = deque()
+        self._writer: asyncio.Task | None = None
+        self._written = 0
+        self._outbox_failed_at = -1e9
         #: Subscriptions dropped for falling behind, since start.
         self.dropped_subscribers = 0
         self.published = 0
@@ -311,6 +334,10 @@ class EventBus:
             return event
         self.published += 1
         self._history.append(event)
+        if self.outbox is not None:
+            self._unwritten.append(event)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.get_running_loop().create_task(self._write(), name="event outbox")
         for sub in list(self._subs):
             if sub.matches(event) and not sub._offer(event):
                 self.dropped_subscribers += 1
@@ -324,8 +351,45 @@ class EventBus:
                 log.exception("event listener failed for %s %s", event.type, event.id)
         return event
 
+    async def _write(self) -> None:
+        """Append published events to the outbox, in order."""
+        while self._unwritten:
+            event = self._unwritten[0]
+            try:
+                await self.outbox.append(event.id, event.type, event.to_dict(), call_id=event.call_id)
+                self._written += 1
+                if self._written % 1000 == 0:
+                    await self.outbox.trim(self.OUTBOX_KEEP)
+            except Exception as exc:  # a full disk: the event still goes out live
+                now = time.monotonic()
+                if now - self._outbox_failed_at >= 60:
+                    self._outbox_failed_at = now
+                    log.error("could not store event %s %s (and maybe others): %s", event.type, event.id, exc)
+            self._unwritten.popleft()
+
+    async def flush(self) -> None:
+        """Wait until every published event is in the outbox."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    def knows(self, event_id: str) -> bool:
+        return any(e.id == event_id for e in self._history)
+
+    async def stored_after(self, event_id: str, limit: int = 10_000) -> list[Event] | None:
+        """The events after ``event_id`` from the outbox (an earlier process's too) and
+        this process's history, in order; ``None`` when the outbox does not know it."""
+        if self.outbox is None:
+            return None
+        seq = await self.outbox.position(event_id)
+        if seq is None:
+            return None
+        stored = [Event.from_dict(e.data) for e in await self.outbox.after(seq, limit)]
+        ids = {e.id for e in stored}
+        # (what is published but not written yet is in the history, after what is)
+        return stored + [e for e in self._history if e.id not in ids and e.id != event_id]
+
     def subscribe(self, *, call_id: str | None = None, last_event_id: str | None = None,
-                  max_queue: int = 1000,
+                  max_queue: int = 1000, replay: list[Event] | None = None,
                   on_drop: Callable[[], None] | None = None) -> Subscription:
         """Start receiving events (all, or only those of ``call_id``).
 
@@ -336,9 +400,11 @@ class EventBus:
         """
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
-        replay: list[Event] = []
         gap = False
-        if last_event_id:
+        if replay is not None:  # worked out by the caller (stored_after)
+            pass
+        elif last_event_id:
+            replay = []
             retained = list(self._history)
             for i in range(len(retained) - 1, -1, -1):
                 if retained[i].id == last_event_id:
@@ -349,6 +415,8 @@ class EventBus:
                 replay = retained
                 log.info("Last-Event-ID not in the last %d events; replaying all of them",
                          len(retained))
+        else:
+            replay = []
         sub = Subscription(self, call_id=call_id, max_queue=max_queue,
                            replay=(e for e in replay if call_id is None or e.call_id == call_id),
                            gap=gap, on_drop=on_drop)
@@ -411,10 +479,13 @@ def sse_handler(bus: EventBus, *, heartbeat_s: float = 15.0, max_queue: int = 10
             if transport is not None:
                 transport.abort()
 
+        replay = None
+        if last_id and not bus.knows(last_id):  # from before this process: the outbox
+            replay = await bus.stored_after(last_id)
         # Subscribe before answering: once the client has the headers, it
         # receives every event published from then on.
         sub = bus.subscribe(call_id=call_id, last_event_id=last_id, max_queue=max_queue,
-                            on_drop=disconnect)
+                            replay=replay, on_drop=disconnect)
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
@@ -516,7 +587,8 @@ class WebhookDelivery:
     def __init__(self, url: str, secret: str | None = None, *,
                  session: aiohttp.ClientSession | None = None, backoff_base_s: float = 0.5,
                  backoff_max_s: float = 60.0, timeout_s: float = 10.0,
-                 max_queue: int = 10000) -> None:
+                 max_queue: int = 10000,
+                 on_delivered: Callable[[Event], Awaitable[None]] | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"event webhook URL must be http(s)://host/...: {_log_url(url)}")
@@ -539,6 +611,8 @@ class WebhookDelivery:
         self.failures = 0
         #: Waiting events forgotten because the queue was full.
         self.dropped = 0
+        #: Awaited after each acknowledged event (the fanout remembers it in the store).
+        self.on_delivered = on_delivered
         self._session = session
         self._own_session = session is None
         self._pending: deque[Event] = deque()
@@ -580,6 +654,13 @@ class WebhookDelivery:
                         self.log_url, self.max_queue, lost.type, lost.id)
         self._pending.append(event)
         self._ready.set()
+
+    def requeue(self, events: Sequence[Event]) -> None:
+        """Put ``events`` (left pending by an earlier process) before everything queued."""
+        for event in reversed(events):
+            self._pending.appendleft(event)
+        if events:
+            self._ready.set()
 
     def start(self) -> None:
         """Start the worker (call from a running event loop)."""
@@ -651,6 +732,12 @@ class WebhookDelivery:
                 await self._pause(delay)
             self.delivered += 1
             self._current = None
+            if self.on_delivered is not None:
+                try:
+                    await self.on_delivered(event)
+                except Exception as exc:  # (then it may be delivered again after a restart)
+                    log.warning("event webhook %s: could not remember %s as delivered: %s",
+                                self.log_url, event.id, exc)
 
     async def _pause(self, delay: float) -> None:
         if self._stopping.is_set():  # flushing: no long waits, but no busy loop either
@@ -693,12 +780,63 @@ class EventFanout:
 
     def __init__(self, urls: Sequence[str] = (), secret: str | None = None, *,
                  bus: EventBus | None = None, history: int = 1000,
-                 session: aiohttp.ClientSession | None = None, **delivery: Any) -> None:
-        self.bus = bus if bus is not None else EventBus(history=history)
+                 session: aiohttp.ClientSession | None = None, store: Any = None, **delivery: Any) -> None:
+        #: Outbox and delivery markers (:class:`gateway.store.sqlite.SQLiteStore`), if durable.
+        self.store = store
+        self.bus = bus if bus is not None else EventBus(history=history, outbox=store)
         self.deliveries = [WebhookDelivery(url, secret, session=session, **delivery)
                            for url in urls]
+        self._marker_versions: dict[str, int] = {}
         for d in self.deliveries:
             d.attach(self.bus)
+            if store is not None:
+                d.on_delivered = self._marker(d)
+
+    @staticmethod
+    def _marker_key(delivery: WebhookDelivery) -> str:
+        return "event-delivery:" + hashlib.sha256(delivery.url.encode()).hexdigest()[:32]
+
+    def _marker(self, delivery: WebhookDelivery) -> Callable[[Event], Awaitable[None]]:
+        key = self._marker_key(delivery)
+
+        async def remember(event: Event) -> None:
+            for _ in range(3):
+                version = self._marker_versions.get(key)
+                if version is None:
+                    _, version = await self.store.load(key)
+                try:
+                    self._marker_versions[key] = await self.store.save(
+                        key, {"last_id": event.id}, expected_version=version)
+                    return
+                except VersionConflict:
+                    self._marker_versions.pop(key, None)
+
+        return remember
+
+    async def recover(self) -> int:
+        """Before :meth:`start`: queue, for each endpoint, the events an earlier process
+        published after the last one that endpoint acknowledged. Returns how many."""
+        if self.store is None:
+            return 0
+        total = 0
+        for d in self.deliveries:
+            key = self._marker_key(d)
+            document, version = await self.store.load(key)
+            self._marker_versions[key] = version
+            if not document:
+                continue  # a new endpoint: it gets events from now on
+            seq = await self.store.position(str(document.get("last_id")))
+            if seq is None:
+                log.warning("event webhook %s: its last delivered event is no longer stored; "
+                            "events since then cannot be redelivered", d.log_url)
+                continue
+            pending = [Event.from_dict(e.data) for e in await self.store.after(seq, d.max_queue)]
+            if pending:
+                log.info("event webhook %s: %d event(s) left pending by a previous process",
+                         d.log_url, len(pending))
+                d.requeue(pending)
+                total += len(pending)
+        return total
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> EventFanout:
@@ -720,6 +858,7 @@ class EventFanout:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Close the bus (ending SSE streams), then flush the webhooks within ``timeout_s``."""
         self.bus.close()
+        await self.bus.flush()
         await asyncio.gather(*(d.close(timeout_s) for d in self.deliveries))
 
     async def __aenter__(self) -> Self:

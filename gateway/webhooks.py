@@ -239,6 +239,7 @@ def webhook_routes(
     auth: WebhookAuth | None = None,
     path: str = "/webhooks/whatsapp",
     deduper: EventDeduper | None = None,
+    dedupe_store: Any = None,
     observe: Callable[[str, str], None] | None = None,
 ) -> list[web.RouteDef]:
     """aiohttp routes for the webhook endpoint.
@@ -249,6 +250,12 @@ def webhook_routes(
     awaits ``dispatch(event)`` for each event and answers 200. A failing
     dispatch is logged and does not affect the other events. Keep ``dispatch``
     fast: Meta expects a quick 200.
+
+    Duplicates are dropped by ``deduper`` (in memory: also a redelivery that arrives
+    while the first is being processed) and, with ``dedupe_store``
+    (:class:`gateway.store.base.DedupeStore`), across restarts for Meta's 7-day
+    redelivery window: an event is checked there before it is dispatched and
+    remembered after, so one that a crash interrupted is processed when redelivered.
     """
     dedupe = deduper if deduper is not None else EventDeduper()
     authn = auth if auth is not None else WebhookAuth(app_secret=app_secret)
@@ -279,7 +286,8 @@ def webhook_routes(
             return _bad_request("bad_webhook", message)
         for event in events:
             kind = event_kind(event)
-            if dedupe.seen(event):
+            key = json.dumps(event.key, default=str, separators=(",", ":"))
+            if dedupe.seen(event) or (dedupe_store is not None and await dedupe_store.seen(key)):
                 log.debug("duplicate webhook event dropped: %s", _describe(event))
                 count(kind, "duplicate")
                 continue
@@ -294,6 +302,11 @@ def webhook_routes(
                 count(kind, "error")
             else:
                 count(kind, "ok")
+                if dedupe_store is not None:
+                    try:
+                        await dedupe_store.remember(key)
+                    except Exception as exc:  # (a full disk: de-duplication falls back to memory)
+                        log.warning("could not remember webhook event %s: %s", _describe(event), exc)
         return web.json_response({"ok": True})
 
     return [web.get(path, handshake), web.post(path, receive)]

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests.helpers import until
 from gateway.eventbus import (
     Event,
     EventBus,
@@ -596,3 +597,74 @@ def test_fanout_from_settings() -> None:
     assert [d.log_url for d in fan.deliveries] == ["https://example.test/hook"]
     assert fan.deliveries[0].signed
     assert EventFanout.from_settings(Cfg([], None)).deliveries == []
+
+
+# -- durable: the outbox, across restarts ------------------------------------------------
+
+
+async def test_sse_resumes_across_a_restart_from_the_outbox(tmp_path) -> None:
+    """Events of an earlier process (same store) are replayed after Last-Event-ID, then
+    this process's own, in order, each exactly once."""
+    from gateway.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "wacall.sqlite3")
+    before = EventBus(outbox=store)
+    old = [before.publish("call.state", {"i": i}, call_id="c") for i in range(4)]
+    await before.flush()
+    before.close()
+    store.close()
+
+    store = SQLiteStore(tmp_path / "wacall.sqlite3")  # the next process
+    bus = EventBus(outbox=store)
+    new = bus.publish("call.created", {"i": 4}, call_id="c")  # (in its history, maybe not written yet)
+    finished: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        async with TestClient(TestServer(sse_app(bus, finished, heartbeat_s=30))) as client:
+            app = SseApp(bus, client, finished)
+            stream = await app.open(headers={"Last-Event-ID": old[1].id})
+            live = bus.publish("call.ended", {"i": 5}, call_id="c")
+            assert await stream.events(4) == [as_sse(ev) for ev in [old[2], old[3], new, live]]
+            unknown = await app.open(headers={"Last-Event-ID": "evt_nope"})  # a gap: this process's history
+            assert await unknown.events(2) == [as_sse(ev) for ev in [new, live]]
+            bus.close()
+            for resp in app.opened:
+                resp.close()
+    finally:
+        await bus.flush()
+        store.close()
+
+
+async def test_events_pending_at_a_crash_are_delivered_by_the_next_process(
+        receiver: tuple[Receiver, TestServer], tmp_path) -> None:
+    from gateway.eventbus import EventFanout
+    from gateway.store import SQLiteStore
+
+    rec, server = receiver
+    store = SQLiteStore(tmp_path / "wacall.sqlite3")
+    first = EventFanout([url(server)], SECRET, store=store, backoff_base_s=0.01, backoff_max_s=0.02)
+    first.start()
+    delivered = first.publish("call.ringing", {}, call_id="c")
+    assert (await rec.next()).event_id == delivered.id
+    await until(lambda: first._marker_versions)  # its acknowledgement is remembered
+    rec.default = "500"  # the endpoint goes down; the process dies with two events pending
+    pending = [first.publish("call.accepted", {}, call_id="c"), first.publish("call.ended", {}, call_id="c")]
+    assert (await rec.next()).action == "500"
+    await first.close(timeout_s=0.05)
+    store.close()
+    while not rec.hits.empty():
+        rec.hits.get_nowait()
+
+    rec.default = "ok"
+    store = SQLiteStore(tmp_path / "wacall.sqlite3")
+    second = EventFanout([url(server)], SECRET, store=store, backoff_base_s=0.01, backoff_max_s=0.02)
+    assert await second.recover() == 2
+    second.start()
+    try:
+        fresh = second.publish("call.created", {}, call_id="d")
+        hits = [await rec.next() for _ in range(3)]
+        # the two pending first, same ids and bytes; the one acknowledged before is not resent
+        assert [h.event_id for h in hits] == [pending[0].id, pending[1].id, fresh.id]
+        assert [h.body for h in hits[:2]] == [e.to_json() for e in pending]
+    finally:
+        await second.close(timeout_s=WAIT)
+        store.close()

@@ -494,3 +494,31 @@ async def test_handshake_refused_without_token() -> None:
     finally:
         await c.close()
     assert resp.status == 403
+
+
+async def test_duplicates_are_dropped_across_restarts_and_a_failed_one_is_redone(tmp_path) -> None:
+    """Two servers one after the other on the same SQLite store (a restart): a redelivered
+    event is dropped by the second; an event whose dispatch failed is processed when
+    redelivered (checked before dispatch, remembered only after)."""
+    from gateway.store import SQLiteStore
+
+    failing_id = "wacid.HBgLMTIxODU1NTI4MjgVAgARGCBCQVRDSFVJQzAwMDAwMQA"
+    batch = load("batch_two_changes.json")
+    first, second = Recorder(fail_on=failing_id), Recorder()
+    store = SQLiteStore(tmp_path / "wacall.sqlite3")
+    c = await make_client(first, dedupe_store=store)
+    try:
+        assert (await c.post("/webhooks/whatsapp", json=batch)).status == 200
+    finally:
+        await c.close()
+        store.close()
+    assert [type(e) for e in first.events] == [CallStatus]  # the connect's dispatch failed
+    store = SQLiteStore(tmp_path / "wacall.sqlite3")  # the process restarted
+    c = await make_client(second, dedupe_store=store)
+    try:
+        assert (await c.post("/webhooks/whatsapp", json=batch)).status == 200  # Meta redelivers
+        assert (await c.post("/webhooks/whatsapp", json=batch)).status == 200
+    finally:
+        await c.close()
+        store.close()
+    assert [type(e) for e in second.events] == [CallConnect]  # only what was not done before

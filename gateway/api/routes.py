@@ -8,9 +8,11 @@ no token configured the API refuses every request rather than running open.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -26,10 +28,15 @@ from ..disk import LowDiskError
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
 from ..numbers import normalize_number
+from ..store.base import VersionConflict
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 200
+#: How long an ``Idempotency-Key`` is remembered, and after how long an attempt that
+#: never finished (the process died) may be made again.
+IDEMPOTENCY_TTL_S = 24 * 3600.0
+IDEMPOTENCY_STALE_S = 120.0
 #: How many stored calls ``GET /v1/calls`` pages through (beyond this process's own).
 MAX_STORED = 1000
 #: Provider codes that mean "not allowed" (403) or "not now" (429).
@@ -174,8 +181,68 @@ class ControlApi:
             raise BadRequest(f"no call {request.match_info['id']!r}", "not_found", 404)
         return call
 
+    async def _idempotent(self, request: web.Request, scope: str, body: Any,
+                          perform: Callable[[], Awaitable[web.Response]]) -> web.Response:
+        """With an ``Idempotency-Key`` header: the first request with that key is
+        performed and its answer remembered (in the store, so across restarts, for
+        :data:`IDEMPOTENCY_TTL_S`); a retry gets the same answer (the same call, in its
+        current state), a different body with the same key a 422, a retry while the
+        first is still running a 409. Failed requests are not remembered."""
+        key = request.headers.get("Idempotency-Key")
+        store = self.manager.store
+        if key is None or store is None:
+            return await perform()
+        if not 1 <= len(key) <= 255 or not key.isascii() or not key.isprintable():
+            raise BadRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        doc_key = f"idempotency:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
+        doc, version = await store.load(doc_key)
+        now = time.time()
+        if doc and now - doc.get("at", 0) < IDEMPOTENCY_TTL_S and doc.get("state") != "failed" and not (
+                doc.get("state") == "pending" and now - doc.get("at", 0) > IDEMPOTENCY_STALE_S):
+            if doc.get("hash") != digest:
+                return error_response(422, "idempotency_key_reused",
+                                      "this Idempotency-Key was used with a different request body",
+                                      "use a new key for a different request")
+            if doc.get("state") == "pending":
+                return error_response(409, "idempotency_in_progress",
+                                      "a request with this Idempotency-Key is still being processed",
+                                      "retry in a moment")
+            return await self._replay(doc)
+        try:
+            version = await store.save(doc_key, {"hash": digest, "state": "pending", "at": now},
+                                       expected_version=version)
+        except VersionConflict:
+            return error_response(409, "idempotency_in_progress",
+                                  "a request with this Idempotency-Key is being processed", "retry in a moment")
+        done = {"hash": digest, "state": "failed", "at": now}
+        try:
+            response = await perform()
+            if 200 <= response.status < 300:
+                answer = json.loads(response.text)
+                done = {"hash": digest, "state": "done", "at": now, "status": response.status,
+                        "call_id": answer.get("id") if scope == "calls" else None, "body": answer}
+            return response
+        finally:
+            try:
+                await store.save(doc_key, done, expected_version=version)
+            except Exception as exc:  # (a retry then performs the request again)
+                log.warning("could not remember an Idempotency-Key: %s", exc)
+
+    async def _replay(self, doc: dict) -> web.Response:
+        call_id = doc.get("call_id")
+        if call_id:  # the same call, as it is now
+            call = self.manager.get(call_id)
+            current = call.summary() if call is not None else await self.manager.stored_call(call_id)
+            if current is not None:
+                return web.json_response(current, status=doc.get("status", 201))
+        return web.json_response(doc.get("body"), status=doc.get("status", 200))
+
     async def create_call(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
+        return await self._idempotent(request, "calls", body, lambda: self._create_call(body))
+
+    async def _create_call(self, body: dict) -> web.Response:
         unknown = sorted(set(body) - {"to", "play", "record", "biz_opaque_callback_data",
                                       "ring_timeout_s", "max_duration_s", "bot", "if_no_permission",
                                       "permission_request", "permission_wait_s"})
@@ -349,6 +416,10 @@ class ControlApi:
             how = PermissionRequest.from_dict(body)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        message_id = await self.gate.request(user, how)
-        return web.json_response({"user": "+" + user, "message_id": message_id, "via": how.via,
-                                  **self.gate.ledger.status(user).to_dict()}, status=202)
+
+        async def send() -> web.Response:
+            message_id = await self.gate.request(user, how)
+            return web.json_response({"user": "+" + user, "message_id": message_id, "via": how.via,
+                                      **self.gate.ledger.status(user).to_dict()}, status=202)
+
+        return await self._idempotent(request, f"permission:{user}", body, send)
