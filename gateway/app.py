@@ -347,6 +347,10 @@ class Service:
         order of :meth:`_lifecycle` (the last events are delivered)."""
         if self.manager is not None:
             await self.manager.shutdown()
+        if self.events is not None:
+            # the calls' last events are out: end the SSE streams now (a client that went
+            # away is noticed only at the next heartbeat), the webhooks drain later
+            self.events.bus.close()
         if self._runner is not None:
             await self._runner.cleanup()
 

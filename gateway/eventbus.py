@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from .logs import STORE_OUTAGE
 from .store.base import VersionConflict
 
 __all__ = [
@@ -298,7 +299,6 @@ class EventBus:
         self._unwritten: deque[Event] = deque()
         self._writer: asyncio.Task | None = None
         self._written = 0
-        self._outbox_failed_at = -1e9
         #: Subscriptions dropped for falling behind, since start.
         self.dropped_subscribers = 0
         self.published = 0
@@ -361,10 +361,8 @@ class EventBus:
                 if self._written % 1000 == 0:
                     await self.outbox.trim(self.OUTBOX_KEEP)
             except Exception as exc:  # a full disk: the event still goes out live
-                now = time.monotonic()
-                if now - self._outbox_failed_at >= 60:
-                    self._outbox_failed_at = now
-                    log.error("could not store event %s %s (and maybe others): %s", event.type, event.id, exc)
+                if STORE_OUTAGE.first():
+                    log.error("could not store event %s %s (and maybe more): %s", event.type, event.id, exc)
             self._unwritten.popleft()
 
     async def flush(self) -> None:

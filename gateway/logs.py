@@ -257,6 +257,29 @@ class HumanFormatter(logging.Formatter):
 _HANDLER_MARK = "_wacall_handler"
 
 
+class Outage:
+    """One log line per outage, not one per failure: :meth:`first` is true for the first
+    failure and then at most once per ``interval_s`` (a full disk fails every write; its
+    log says so once a minute). Shared by everything that writes to the same place."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self._at = -1e18
+
+    def first(self) -> bool:
+        import time
+
+        now = time.monotonic()
+        if now - self._at < self.interval_s:
+            return False
+        self._at = now
+        return True
+
+
+#: Failures to write to the store (``wacall.sqlite3``): calls, events, webhook ids.
+STORE_OUTAGE = Outage()
+
+
 class RepeatFilter(logging.Filter):
     """Folds a flood of one log line into that line plus a count.
 

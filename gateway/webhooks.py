@@ -32,6 +32,7 @@ from gateway.events import (
     UnknownEvent,
     WebhookEvent,
 )
+from gateway.logs import STORE_OUTAGE
 from gateway.redact import mask_phone
 from gateway.webhook_auth import WebhookAuth
 
@@ -306,7 +307,9 @@ def webhook_routes(
                     try:
                         await dedupe_store.remember(key)
                     except Exception as exc:  # (a full disk: de-duplication falls back to memory)
-                        log.warning("could not remember webhook event %s: %s", _describe(event), exc)
+                        if STORE_OUTAGE.first():
+                            log.warning("could not remember webhook event %s (and maybe more): %s",
+                                        _describe(event), exc)
         return web.json_response({"ok": True})
 
     return [web.get(path, handshake), web.post(path, receive)]

@@ -141,6 +141,23 @@ async def poll_until(fetch, predicate, timeout: float = TIMEOUT):
     return await asyncio.wait_for(poll(), timeout)
 
 
+async def sse_until(http, url: str, headers: dict, last_event_id: str, done, timeout: float = TIMEOUT) -> list[dict]:
+    """Read ``url``'s event stream from ``last_event_id`` until ``done(event)``."""
+    got: list[dict] = []
+
+    async def read():
+        async with http.get(url, headers={**headers, "Last-Event-ID": last_event_id}) as resp:
+            assert resp.status == 200
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    got.append(json.loads(line[6:]))
+                    if done(got[-1]):
+                        return
+
+    await asyncio.wait_for(read(), timeout)
+    return got
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -186,7 +203,9 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
                     return await resp.json()
 
             await poll_until(lambda: get(f"{gateway_url}/v1/permissions/{USER}"), lambda p: p["status"] == "granted")
-            async with http.post(f"{gateway_url}/v1/calls", json={"to": USER, "record": True}, headers=api) as resp:
+            keyed = {**api, "Idempotency-Key": "campaign-7-lead-42"}
+            async with http.post(f"{gateway_url}/v1/calls", json={"to": USER, "record": True},
+                                 headers=keyed) as resp:
                 assert resp.status == 201, await resp.text()
                 placed = await resp.json()
             call_id = placed["id"]
@@ -196,6 +215,8 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
             # two seconds of the user's audio on disk, then the gateway dies without a word
             await until(lambda: user_wav.exists() and user_wav.stat().st_size > 44 + 2 * 2 * 48000, TIMEOUT)
             wacid = live["wacid"]
+            await until(lambda: len(events.events) >= 3, TIMEOUT)
+            seen_before_kill = [e["id"] for e in events.events]
             os.kill(gateway.pid, signal.SIGKILL)
             killed_at = time.time()
             gateway.wait(10)
@@ -221,6 +242,18 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
             assert [e["name"] for e in ended["timeline"]][-1] == "ended"
             listed = await get(f"{gateway_url}/v1/calls")
             assert call_id in [c["id"] for c in listed["calls"]]
+            # a retry of the POST with its Idempotency-Key: the same call, as it is now
+            async with http.post(f"{gateway_url}/v1/calls", json={"to": USER, "record": True},
+                                 headers=keyed) as resp:
+                assert resp.status == 201
+                retried = await resp.json()
+            assert retried["id"] == call_id and retried["state"] == "ended"
+            # SSE resumes after an event of the dead process: its later events, then the new ones
+            replayed = await sse_until(http, f"{gateway_url}/v1/events", api, seen_before_kill[1],
+                                       lambda e: e["type"] == "call.ended" and e["call_id"] == call_id)
+            assert [e["id"] for e in replayed[:len(seen_before_kill) - 2]] == seen_before_kill[2:]
+            assert replayed[-1]["data"]["entry"]["reason"] == "gateway_restart"
+            assert len({e["id"] for e in replayed}) == len(replayed)
             # its call.ended event went out from the new process
             await until(lambda: any(e["type"] == "call.ended" and e["data"]["call"]["id"] == call_id
                                     for e in events.events), TIMEOUT)

@@ -37,7 +37,7 @@ from ..domain.call import Call, CallState, EndReason, TimelineEntry
 from ..errors import ProviderError, ProviderUnavailableError
 from ..store.base import CallRecord
 from ..events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
-from ..logs import bind_call_id
+from ..logs import STORE_OUTAGE, bind_call_id
 from .legs import BotLeg, WhatsAppLeg, tagged
 
 log = logging.getLogger("gateway.calls")
@@ -80,7 +80,6 @@ class LiveCall:
         self._owner = owner
         self._dirty = False
         self._writer: asyncio.Task | None = None
-        self._save_failed = False
         #: What the provider said to our hang-up (``terminate``/``reject``), once tried.
         self.provider_hangup: dict | None = None
         #: ``connect`` failed without an answer: the provider may have placed the call.
@@ -458,13 +457,8 @@ class LiveCall:
             try:
                 await self._save(self.record())
             except Exception as exc:  # a full disk or a broken store never breaks the call
-                global _store_error_logged_at
-                now = time.monotonic()
-                if not self._save_failed and now - _store_error_logged_at >= 60.0:
-                    # (one line per outage, not one per call: a full disk fails them all)
-                    _store_error_logged_at = now
-                    self.log.error("could not store call %s (and maybe others): %s", self.id, exc)
-                self._save_failed = True
+                if STORE_OUTAGE.first():  # (one line per outage: a full disk fails them all)
+                    self.log.error("could not store call %s (and maybe more): %s", self.id, exc)
 
     async def flush(self) -> None:
         """Wait until the call's latest state is stored."""
@@ -532,10 +526,6 @@ class LiveCall:
         if self.provider_hangup is not None:
             out["provider_hangup"] = self.provider_hangup
         return out
-
-
-#: When a failed save was last logged (monotonic).
-_store_error_logged_at = -1e9
 
 
 def _json_safe(value: Any) -> Any:
