@@ -232,6 +232,7 @@ class Service:
             permission_wait_s=settings.permission_wait_s, history=settings.call_history,
             disk=self.disk, store=self.store, owner=settings.instance)
         self.gate.watch(self.manager)
+        self.manager.sources_for = self.library.sources
         self.trimmer = HeapTrimmer()
         self.manager.subscribe(self._after_call)
         self.events = EventFanout(settings.event_webhooks, settings.event_secret,

@@ -285,3 +285,55 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
     assert abs(analysis.dominant_frequency(x[-rate // 2:], rate) - 600.0) < 15  # to the end
     sidecar = json.loads((user_wav.parent / "recording.json").read_text())
     assert sidecar.get("recovered") is True
+
+
+async def test_a_call_parked_for_permission_waits_again_after_a_kill(tmp_path):
+    provider_port, gateway_port = free_port(), free_port()
+    provider_url, gateway_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{gateway_port}"
+    provider = serve({"WACALL_PORT": str(provider_port), "WACALL_DATA_DIR": str(tmp_path / "provider"),
+                      "WACALL_SANDBOX_WEBHOOK_URL": f"{gateway_url}/webhooks/whatsapp"},
+                     sandbox=True, log=tmp_path / "provider.log")
+    gateway_env = {"WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "gateway"),
+                   "WACALL_API_TOKEN": TOKEN, "WACALL_D360_API_KEY": "sandbox-key",
+                   "WACALL_BASE_URL": f"{provider_url}/sandbox", "WACALL_MEDIA_ADDRESSES": "127.0.0.1"}
+    gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
+    api = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            await healthy(http, provider_url, provider)
+            await healthy(http, gateway_url, gateway)
+
+            async def get(url):
+                async with http.get(url, headers=api) as resp:
+                    return await resp.json()
+
+            async with http.post(f"{provider_url}/sandbox/users/{USER}",
+                                 json={"on_permission_request": "ignore", "answer_after_ms": 0}) as resp:
+                assert resp.status == 200
+            async with http.post(f"{gateway_url}/v1/calls", headers=api, json={
+                    "to": USER, "if_no_permission": "request", "permission_wait_s": 120}) as resp:
+                assert resp.status == 201, await resp.text()
+                call_id = (await resp.json())["id"]
+            parked = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
+                                      lambda c: "permission_requested" in [e["name"] for e in c["timeline"]])
+            assert parked["state"] == "created"
+            os.kill(gateway.pid, signal.SIGKILL)
+            gateway.wait(10)
+            gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
+            await healthy(http, gateway_url, gateway)
+            # the user grants now (the webhook reaches the new process): the same call dials
+            async with http.post(f"{provider_url}/sandbox/users/{USER}/permission", json={"permanent": True}) as resp:
+                assert resp.status == 200
+            connected = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
+                                         lambda c: c["state"] in ("media_connected", "ended"), timeout=30)
+            assert connected["state"] == "media_connected", connected
+            names = [e["name"] for e in connected["timeline"]]
+            assert names[:3] == ["created", "permission_requested", "permission_granted"]
+            assert "offer_sent" in names and "ended" not in names
+            assert connected["timeline"][0] == parked["timeline"][0]  # its history, kept
+            async with http.delete(f"{gateway_url}/v1/calls/{call_id}", headers=api) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["end_reason"] == "business_hangup"
+    finally:
+        stop(gateway)
+        stop(provider)

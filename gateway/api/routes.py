@@ -278,13 +278,17 @@ class ControlApi:
         permission_wait_s = _number(body, "permission_wait_s")
         ring_timeout_s = _number(body, "ring_timeout_s")
         max_duration_s = _number(body, "max_duration_s")
-        sources = self.library.sources(_plays(body.get("play")))
+        plays = _plays(body.get("play"))
+        sources = self.library.sources(plays)
+        # (a call parked for a permission request is placed from this after a restart)
+        recipe = {"play": plays, "record": record, "bot": body.get("bot"), "ring_timeout_s": ring_timeout_s,
+                  "max_duration_s": max_duration_s} if if_no_permission == "request" else None
         try:
             call = await self.manager.place_call(
                 "+" + to, sources=sources, biz_opaque_callback_data=callback,
                 ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record,
                 if_no_permission=if_no_permission, permission_request=how,
-                permission_wait_s=permission_wait_s, bot=bot)
+                permission_wait_s=permission_wait_s, bot=bot, recipe=recipe)
         except CapacityError as exc:
             return error_response(503, "over_capacity", str(exc), "retry when a call has ended")
         except LowDiskError as exc:

@@ -74,8 +74,10 @@ class LiveCall:
         bot: Any = None,
         save: Callable[[CallRecord], Awaitable[Any]] | None = None,
         owner: str | None = None,
+        call_id: str | None = None,
+        timeline: list[dict] | None = None,
     ):
-        call_id = f"call_{secrets.token_hex(6)}"
+        call_id = call_id or f"call_{secrets.token_hex(6)}"
         self._save = save
         self._owner = owner
         self._dirty = False
@@ -84,6 +86,10 @@ class LiveCall:
         self.provider_hangup: dict | None = None
         #: ``connect`` failed without an answer: the provider may have placed the call.
         self.connect_unknown = False
+        #: A call parked for a permission request: how to place it again after a restart
+        #: (the API request) and until when it may wait (unix time).
+        self.recipe: dict | None = None
+        self.permission_deadline: float | None = None
         self._teardown_action: str | None = None
         self.log = logging.LoggerAdapter(log, {"call_id": call_id})
         self._on_entry = on_entry
@@ -118,7 +124,11 @@ class LiveCall:
                                   biz_opaque_callback_data=biz_opaque_callback_data, has_bot=bot is not None)
         leg.call_id = call_id
         leg.media.subscribe(self._on_media)
-        self._run(self.state_machine.timeline[0])  # "created"
+        if timeline is not None:  # resumed after a restart: its history, no second "created"
+            self.state_machine.restore(timeline)
+            self._changed()
+        else:
+            self._run(self.state_machine.timeline[0])  # "created"
 
     # -- what the state machine knows (read through: the Call is the one place it lives) --
 
@@ -438,7 +448,8 @@ class LiveCall:
         """The call as data: the public summary plus what a restart needs to finish it."""
         sm = self.state_machine
         durable = {"ending": sm.ending, "teardown": self._teardown_action, "accepted": sm.accepted,
-                   "connect_unknown": self.connect_unknown, "tag": tagged(self.id, None)}
+                   "connect_unknown": self.connect_unknown, "tag": tagged(self.id, None),
+                   "recipe": self.recipe, "permission_deadline": self.permission_deadline}
         return CallRecord(id=sm.id, direction=sm.direction.value, user=sm.user, state=sm.state.value,
                           wacid=sm.wacid, owner=self._owner, created_at=sm.timeline[0].at,
                           updated_at=time.time(), data=_json_safe({"call": self.summary(), "durable": durable}))

@@ -22,7 +22,9 @@ from media.frames import Sink, Source
 from media.peer import PeerConfig
 from media.session import LocalMediaSession
 
-from ..bots import probe
+from ..bots import BotSpec, probe
+from ..numbers import normalize_number
+from ..permissions import PermissionState
 from ..disk import DiskGuard
 from ..domain import events as ev
 from ..domain.call import Dialed, EndReason, PermissionAsked, PermissionGiven, TimelineEntry
@@ -78,6 +80,8 @@ class CallManager:
         #: How a hang-up at the provider is retried (attempts, first pause; doubling).
         self.hangup_attempts = hangup_attempts
         self.hangup_pause_s = hangup_pause_s
+        #: Play names -> sources (the media library), to resume parked calls after a restart.
+        self.sources_for: Callable[[list[str]], list[Source]] | None = None
         self.provider = provider
         #: Where calls are kept (durable calls: :mod:`gateway.store`); ``None``: memory only.
         self.store = store
@@ -139,7 +143,8 @@ class CallManager:
     def _new_call(self, *, user: str, direction: Direction, wacid: str | None = None,
                   sources: Iterable[Source] = (), sinks: Iterable[Sink] = (),
                   biz_opaque_callback_data: str | None = None, ring_timeout_s: float | None = None,
-                  max_duration_s: float | None = None, bot: Any = None) -> LiveCall:
+                  max_duration_s: float | None = None, bot: Any = None, call_id: str | None = None,
+                  timeline: list[dict] | None = None) -> LiveCall:
         sinks = tuple(sinks)
         label = f"call to {mask_phone(user)}" if direction is Direction.BUSINESS_INITIATED \
             else f"call from {mask_phone(user)}"
@@ -154,6 +159,7 @@ class CallManager:
             media_end_grace_s=self.media_end_grace_s, rtp_timeout_s=self.rtp_timeout_s,
             on_entry=self._notify, on_end=self._forget_later, bot=bot,
             save=self.store.save_call if self.store is not None else None, owner=self.owner,
+            call_id=call_id, timeline=timeline,
         )
 
     async def place_call(
@@ -170,6 +176,7 @@ class CallManager:
         if_no_permission: str = "fail",
         permission_request: Any = None,
         permission_wait_s: float | None = None,
+        recipe: dict | None = None,
     ) -> LiveCall:
         """Place a business-initiated call. Returns once the provider answered the
         ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
@@ -183,7 +190,8 @@ class CallManager:
         network call, with the provider's error (138006, 138010, 138012 and
         ``retry_at``). ``if_no_permission="request"`` instead parks the call, sends a
         permission request (``permission_request``) and dials once the user grants it;
-        a decline or no answer within ``permission_wait_s`` ends it."""
+        a decline or no answer within ``permission_wait_s`` ends it. ``recipe`` (the
+        API request, JSON) lets a parked call be resumed after a restart."""
         if if_no_permission not in ("fail", "request"):
             raise ValueError("if_no_permission must be 'fail' or 'request'")
         try:
@@ -204,8 +212,10 @@ class CallManager:
                 await call.end(EndReason.PROVIDER_ERROR)
                 raise
             self._track(call)
+            wait_s = permission_wait_s or self.permission_wait_s
+            call.recipe, call.permission_deadline = recipe, time.time() + wait_s
             call.feed(PermissionAsked(message_id))
-            call._spawn(self._dial_when_granted(call, permission_wait_s or self.permission_wait_s))
+            call._spawn(self._dial_when_granted(call, wait_s))
             return call
         self._track(call)
         await self._dial(call)
@@ -240,7 +250,10 @@ class CallManager:
                 call.handle(event)
 
     async def _dial_when_granted(self, call: LiveCall, wait_s: float) -> None:
-        granted = await self.gate.wait_for_reply(call.user, wait_s)
+        if self.gate.ledger.status(normalize_number(call.user)).status is PermissionState.GRANTED:
+            granted: bool | None = True  # (granted while no one was waiting: a restart)
+        else:
+            granted = await self.gate.wait_for_reply(call.user, wait_s)
         if call.ending:
             return
         if granted is None:
@@ -365,10 +378,46 @@ class CallManager:
         if self.store is None:
             return 0
         records = [r for r in await self.store.live_calls() if r.id not in self.calls]
+        parked = [r for r in records if self._resumable(r)]
+        for record in parked:
+            try:
+                self._resume_parked(record)
+            except Exception as exc:  # (e.g. a file to play is gone): finished like the others
+                log.warning("call %s: cannot resume waiting for permission: %s", record.id, exc)
+                self.calls.pop(record.id, None)
+                self._live.pop(record.id, None)
+            else:
+                records.remove(record)
         if records:
             log.warning("finishing %d call(s) left live by a previous process", len(records))
         await asyncio.gather(*(self._finish_left_live(r) for r in records))
-        return len(records)
+        return len(records) + len(parked)
+
+    def _resumable(self, record: CallRecord) -> bool:
+        durable = record.data.get("durable") or {}
+        return (self.gate is not None and record.state == "created" and not record.wacid
+                and not durable.get("ending") and isinstance(durable.get("recipe"), dict)
+                and isinstance(durable.get("permission_deadline"), (int, float)))
+
+    def _resume_parked(self, record: CallRecord) -> None:
+        """A call that was waiting for the user's answer to a permission request when the
+        process stopped: waits again, for what is left of its time, under the same id."""
+        durable, call_json = record.data["durable"], record.data.get("call") or {}
+        recipe = durable["recipe"]
+        bot = BotSpec.from_dict(recipe["bot"]) if recipe.get("bot") else None
+        sources = self.sources_for(recipe.get("play") or []) if self.sources_for else []
+        call = self._new_call(user=record.user, direction=Direction.BUSINESS_INITIATED, sources=sources,
+                              biz_opaque_callback_data=call_json.get("biz_opaque_callback_data"),
+                              ring_timeout_s=recipe.get("ring_timeout_s"),
+                              max_duration_s=recipe.get("max_duration_s"), bot=bot,
+                              call_id=record.id, timeline=list(call_json.get("timeline") or []))
+        call.recipe, call.permission_deadline = recipe, float(durable["permission_deadline"])
+        if recipe.get("record"):
+            call.record_to(self.recordings_dir)
+        self._track(call)
+        left = max(0.0, call.permission_deadline - time.time())
+        log.info("call %s: waiting again for the permission request's answer (%.0f s left)", call.id, left)
+        call._spawn(self._dial_when_granted(call, left))
 
     async def _finish_left_live(self, record: CallRecord) -> None:
         durable = dict(record.data.get("durable") or {})

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import time
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -362,6 +363,22 @@ class Call:
         self._created_mono = self.clock.monotonic()
         self._out: list[Output] = []
         self._mark(ev.CallCreated())
+
+    def restore(self, timeline: list[dict]) -> None:
+        """Take the timeline of this call as an earlier process stored it (a call parked
+        for a permission request, resumed after a restart): entries without typed events,
+        times kept, the call's age counted from its first entry."""
+        if self.state is not CallState.CREATED or len(self.timeline) != 1:
+            raise RuntimeError("only a new call can take a stored timeline")
+        restored = []
+        for raw in timeline:
+            at = datetime.fromisoformat(str(raw["at"]).replace("Z", "+00:00")).timestamp()
+            detail = {k: v for k, v in raw.items() if k not in ("name", "at", "elapsed_s")}
+            restored.append(TimelineEntry(str(raw["name"]), at, float(raw.get("elapsed_s", 0.0)), detail))
+        if not restored or restored[0].name != "created":
+            raise ValueError("a stored timeline starts with 'created'")
+        self.timeline = restored
+        self._created_mono = self.clock.monotonic() - (self.clock.time() - restored[0].at)
 
     # -- reading -------------------------------------------------------------------------
 
