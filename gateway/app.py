@@ -230,7 +230,8 @@ class Service:
             inbound_policy=inbound_policy(settings, self.library), gate=self.gate,
             speech_events=settings.speech_events,
             permission_wait_s=settings.permission_wait_s, history=settings.call_history,
-            disk=self.disk, store=self.store, owner=settings.instance)
+            disk=self.disk, store=self.store, owner=settings.instance,
+            hangup_attempts=settings.hangup_attempts)
         self.gate.watch(self.manager)
         self.manager.sources_for = self.library.sources
         self.trimmer = HeapTrimmer()

@@ -148,6 +148,9 @@ class Settings:
     instance: str = setting(parse=str, group="service", factory=socket.gethostname)
     #: Ended calls are kept in the store (``GET /v1/calls`` across restarts) this long.
     call_retention_days: float = setting(30.0, _positive(float), group="calls")
+    #: Tries of a hang-up (``terminate``/``reject``) before it is reported unconfirmed
+    #: (pauses of 0.25 s, doubling); an unconfirmed one is tried again at the next start.
+    hangup_attempts: int = setting(6, _positive(int), group="calls")
     #: Below this much free space in the data dir, recording is refused (507) and
     #: ``/readyz`` is 503. Unset: two minutes of recording at ``max_calls`` (see gateway.disk).
     min_free_mb: int | None = setting(parse=_non_negative(int), group="service")

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from gateway.domain import events as ev
 from gateway.domain.call import (
     AcceptSent, AnswerMade, ApplyAnswer, BotJoined, BotLeft, Call, CallState, CancelTimer, Dialed,
+    PermissionAsked, PermissionGiven,
     DtmfIn, End, EndReason, MediaLost, MediaReady, OfferMade, Offered, PreAcceptSent, RecordingStopped,
     StartAudio, StartTimer, Teardown, TerminateLate, TimelineEntry, TimerFired, TornDown, TRANSITIONS,
     WatchMedia,
@@ -258,3 +259,17 @@ def test_any_input_order_moves_only_forward_and_ends_once(direction, inputs):
     assert teardowns == (1 if call.ending else 0)
     assert [e.name for e in call.timeline].count("ended") == (1 if call.ended else 0)
     assert watches <= 1
+
+
+def test_a_stored_timeline_comes_back_the_same():
+    clock = FakeClock()
+    clock.now = 1_796_615_422.454  # (a time whose milliseconds do not survive float math)
+    call = new_call(clock=clock)
+    call.feed(PermissionAsked("wamid.1"))
+    stored = [e.as_dict() for e in call.timeline]
+    clock.advance(30)
+    again = new_call(clock=clock)
+    again.restore(stored)
+    assert [e.as_dict() for e in again.timeline] == stored
+    assert names(again.feed(PermissionGiven())) == ["permission_granted"]
+    assert again.timeline[-1].elapsed_s == 30.0  # its age counts from the stored creation

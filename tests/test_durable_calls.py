@@ -337,3 +337,51 @@ async def test_a_call_parked_for_permission_waits_again_after_a_kill(tmp_path):
     finally:
         stop(gateway)
         stop(provider)
+
+
+async def test_an_unconfirmed_hangup_is_tried_again_at_the_next_start(tmp_path):
+    provider_port, gateway_port = free_port(), free_port()
+    provider_url, gateway_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{gateway_port}"
+    provider = serve({"WACALL_PORT": str(provider_port), "WACALL_DATA_DIR": str(tmp_path / "provider"),
+                      "WACALL_SANDBOX_WEBHOOK_URL": f"{gateway_url}/webhooks/whatsapp"},
+                     sandbox=True, log=tmp_path / "provider.log")
+    gateway_env = {"WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "gateway"),
+                   "WACALL_API_TOKEN": TOKEN, "WACALL_D360_API_KEY": "sandbox-key", "WACALL_HANGUP_ATTEMPTS": "1",
+                   "WACALL_BASE_URL": f"{provider_url}/sandbox", "WACALL_MEDIA_ADDRESSES": "127.0.0.1"}
+    gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
+    api = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            await healthy(http, provider_url, provider)
+            await healthy(http, gateway_url, gateway)
+
+            async def get(url, headers=api):
+                async with http.get(url, headers=headers) as resp:
+                    return await resp.json()
+
+            async with http.post(f"{provider_url}/sandbox/users/{USER}/permission", json={"permanent": True}) as resp:
+                assert resp.status == 200
+            async with http.post(f"{provider_url}/sandbox/users/{USER}", json={"answer_after_ms": 0}) as resp:
+                assert resp.status == 200
+            await poll_until(lambda: get(f"{gateway_url}/v1/permissions/{USER}"), lambda p: p["status"] == "granted")
+            async with http.post(f"{gateway_url}/v1/calls", json={"to": USER}, headers=api) as resp:
+                call_id = (await resp.json())["id"]
+            live = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
+                                    lambda c: c["state"] == "media_connected")
+            async with http.post(f"{provider_url}/sandbox/faults", json={"terminate": {"fail": 1}}) as resp:
+                assert resp.status == 200
+            async with http.delete(f"{gateway_url}/v1/calls/{call_id}", headers=api) as resp:
+                assert resp.status == 502
+            at_provider = await get(f"{provider_url}/sandbox/users/{USER}/calls", {})
+            assert [c["state"] for c in at_provider["calls"] if c["id"] == live["wacid"]] != ["ended"]
+            stop(gateway)  # (graceful: the call has ended here already)
+            gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
+            await poll_until(lambda: get(f"{provider_url}/sandbox/users/{USER}/calls", {}),
+                             lambda calls: [c["state"] for c in calls["calls"] if c["id"] == live["wacid"]] == ["ended"])
+            await healthy(http, gateway_url, gateway)
+            done = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
+                                    lambda c: c["provider_hangup"]["confirmed"])
+            assert done["end_reason"] == "business_hangup"
+    finally:
+        stop(gateway)
+        stop(provider)

@@ -391,7 +391,24 @@ class CallManager:
         if records:
             log.warning("finishing %d call(s) left live by a previous process", len(records))
         await asyncio.gather(*(self._finish_left_live(r) for r in records))
-        return len(records) + len(parked)
+        # and ended calls whose hang-up the provider never confirmed: try again
+        unconfirmed = [r for r in await self.store.recent_calls(self.UNCONFIRMED_LOOKBACK)
+                       if r.ended and r.wacid and r.id not in self.calls
+                       and (r.data.get("call") or {}).get("provider_hangup", {}).get("confirmed") is False]
+        await asyncio.gather(*(self._hang_up_again(r) for r in unconfirmed))
+        return len(records) + len(parked) + len(unconfirmed)
+
+    #: How many of the newest stored calls are checked for an unconfirmed hang-up at startup.
+    UNCONFIRMED_LOOKBACK = 1000
+
+    async def _hang_up_again(self, record: CallRecord) -> None:
+        call_json = dict(record.data.get("call") or {})
+        how = call_json["provider_hangup"].get("action") or "terminate"
+        hangup = await self._leg(None, user=record.user, wacid=record.wacid).hangup(how)
+        log.info("call %s (%s): %s at the provider after a restart: %s", record.id, record.wacid, how,
+                 "confirmed" if hangup["confirmed"] else "still not confirmed")
+        call_json["provider_hangup"] = hangup
+        await self.store.save_call(record.changed(data={**record.data, "call": call_json}))
 
     def _resumable(self, record: CallRecord) -> bool:
         durable = record.data.get("durable") or {}

@@ -123,9 +123,10 @@ class TimelineEntry:
     event: ev.CallEvent | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
+        seconds, ms = divmod(round(self.at * 1000), 1000)  # (rounded: it survives a parse back)
         out = {
             "name": self.name,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.at)) + f".{int(self.at % 1 * 1000):03d}Z",
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z",
             "elapsed_s": round(self.elapsed_s, 3),
         }
         if self.detail:
