@@ -13,25 +13,10 @@ import pytest
 
 from media import analysis
 from tests.helpers import free_port
+from tests.processes import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = "+4915112345678"
-
-
-async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
-    async def poll():
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert proc.poll() is None, proc.stderr.read()
-                try:
-                    async with http.get(f"{url}/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path):

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import wave
 from dataclasses import replace
@@ -26,8 +23,8 @@ from gateway.sandbox.browser import write_tone_wav
 from gateway.webhook_auth import WebhookAuth
 from media import analysis
 from tests.helpers import free_port, until
+from tests.processes import ProviderAndGateway, poll_until
 
-ROOT = Path(__file__).resolve().parent.parent
 USER = "+4915112345678"
 TIMEOUT = 20
 TOKEN = "api-token-durable"
@@ -95,6 +92,7 @@ async def test_a_call_placed_despite_a_lost_connect_response_is_terminated(servi
 
 
 HEADER = ("X-Hook-Token", "restart-test-" + os.urandom(6).hex())
+COMMON = {"WACALL_WEBHOOK_HEADER": f"{HEADER[0]}: {HEADER[1]}"}
 
 
 class Events:
@@ -106,39 +104,6 @@ class Events:
     async def handle(self, request: web.Request) -> web.Response:
         self.events.append(json.loads(await request.read()))
         return web.Response(status=204)
-
-
-def serve(env: dict, *, sandbox: bool, log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "gateway.cli", "serve"] + (["--sandbox"] if sandbox else [])
-    full = {**os.environ, "WACALL_LOG_FORMAT": "text", "WACALL_HOST": "127.0.0.1",
-            "WACALL_WEBHOOK_HEADER": f"{HEADER[0]}: {HEADER[1]}", **env}
-    return subprocess.Popen(args, env=full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("a"))
-
-
-async def healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen) -> None:
-    async def poll():
-        while True:
-            assert proc.poll() is None, f"{url} exited"
-            try:
-                async with http.get(f"{url}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), 60)
-
-
-async def poll_until(fetch, predicate, timeout: float = TIMEOUT):
-    async def poll():
-        while True:
-            value = await fetch()
-            if predicate(value):
-                return value
-            await asyncio.sleep(0.05)
-
-    return await asyncio.wait_for(poll(), timeout)
 
 
 async def sse_until(http, url: str, headers: dict, last_event_id: str, done, timeout: float = TIMEOUT) -> list[dict]:
@@ -158,19 +123,8 @@ async def sse_until(http, url: str, headers: dict, last_event_id: str, done, tim
     return got
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp_path):
-    provider_port, gateway_port, events_port = free_port(), free_port(), free_port()
-    provider_url, gateway_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{gateway_port}"
+    events_port = free_port()
     events = Events()
     receiver = web.Application()
     receiver.router.add_post("/events", events.handle)
@@ -178,69 +132,44 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", events_port).start()
     say = write_tone_wav(tmp_path / "say-600.wav", 600.0, 60.0, amplitude=0.3)
-    provider = serve({"WACALL_PORT": str(provider_port), "WACALL_DATA_DIR": str(tmp_path / "provider"),
-                      "WACALL_SANDBOX_WEBHOOK_URL": f"{gateway_url}/webhooks/whatsapp"},
-                     sandbox=True, log=tmp_path / "provider.log")
-    gateway_env = {"WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "gateway"),
-                   "WACALL_API_TOKEN": TOKEN, "WACALL_D360_API_KEY": "sandbox-key",
-                   "WACALL_BASE_URL": f"{provider_url}/sandbox", "WACALL_MEDIA_ADDRESSES": "127.0.0.1",
-                   "WACALL_EVENT_WEBHOOKS": f"http://127.0.0.1:{events_port}/events"}
-    gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
-    api = {"Authorization": f"Bearer {TOKEN}"}
     try:
-        async with aiohttp.ClientSession() as http:
-            await healthy(http, provider_url, provider)
-            await healthy(http, gateway_url, gateway)
-            async with http.post(f"{provider_url}/sandbox/users/{USER}/permission",
-                                 json={"permanent": True}) as resp:
-                assert resp.status == 200
-            async with http.post(f"{provider_url}/sandbox/users/{USER}",
-                                 json={"say": str(say), "answer_after_ms": 0}) as resp:
-                assert resp.status == 200
-
-            async def get(url):
-                async with http.get(url, headers=api) as resp:
-                    return await resp.json()
-
-            await poll_until(lambda: get(f"{gateway_url}/v1/permissions/{USER}"), lambda p: p["status"] == "granted")
-            keyed = {**api, "Idempotency-Key": "campaign-7-lead-42"}
+        async with ProviderAndGateway(tmp_path, token=TOKEN, common=COMMON, gateway_env={
+                "WACALL_EVENT_WEBHOOKS": f"http://127.0.0.1:{events_port}/events"}) as world:
+            http, gateway_url = world.http, world.gateway_url
+            await world.grant(USER)
+            await world.user(USER, say=str(say), answer_after_ms=0)
+            keyed = {**world.api, "Idempotency-Key": "campaign-7-lead-42"}
             async with http.post(f"{gateway_url}/v1/calls", json={"to": USER, "record": True},
                                  headers=keyed) as resp:
                 assert resp.status == 201, await resp.text()
-                placed = await resp.json()
-            call_id = placed["id"]
-            live = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
-                                    lambda c: c["state"] == "media_connected")
+                call_id = (await resp.json())["id"]
+            live = await poll_until(lambda: world.call(call_id), lambda c: c["state"] == "media_connected")
             user_wav = Path(live["recording"]["files"]["user_wav"])
             # two seconds of the user's audio on disk, then the gateway dies without a word
             await until(lambda: user_wav.exists() and user_wav.stat().st_size > 44 + 2 * 2 * 48000, TIMEOUT)
             wacid = live["wacid"]
             await until(lambda: len(events.events) >= 3, TIMEOUT)
             seen_before_kill = [e["id"] for e in events.events]
-            os.kill(gateway.pid, signal.SIGKILL)
+            world.kill_gateway()
             killed_at = time.time()
-            gateway.wait(10)
-            at_provider = await get(f"{provider_url}/sandbox/users/{USER}/calls")
-            assert [c["state"] for c in at_provider["calls"] if c["id"] == wacid] != ["ended"]  # still up
 
-            gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
+            def there(calls):
+                return next(c for c in calls if c["id"] == wacid)
+
+            assert there(await world.calls_at_provider(USER))["state"] != "ended"  # still up there
+            world.start_gateway()
             restarted = time.monotonic()
-
-            def provider_call(calls):
-                return next(c for c in calls["calls"] if c["id"] == wacid)
-
-            ended_there = await poll_until(lambda: get(f"{provider_url}/sandbox/users/{USER}/calls"),
-                                           lambda calls: provider_call(calls)["state"] == "ended", timeout=30)
+            ended_there = await poll_until(lambda: world.calls_at_provider(USER),
+                                           lambda calls: there(calls)["state"] == "ended", timeout=30)
             terminated_after = time.monotonic() - restarted
             assert terminated_after < 10.0  # process start included
-            assert provider_call(ended_there)["ended_by"] == "business"
-            await healthy(http, gateway_url, gateway)
-            ended = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
-                                     lambda c: c["state"] == "ended")
+            assert there(ended_there)["ended_by"] == "business"
+            await world.gateway_healthy()
+            ended = await poll_until(lambda: world.call(call_id), lambda c: c["state"] == "ended")
             assert ended["end_reason"] == "gateway_restart" and ended["wacid"] == wacid
             assert ended["provider_hangup"]["confirmed"] is True
             assert [e["name"] for e in ended["timeline"]][-1] == "ended"
-            listed = await get(f"{gateway_url}/v1/calls")
+            listed = await world.get(f"{gateway_url}/v1/calls")
             assert call_id in [c["id"] for c in listed["calls"]]
             # a retry of the POST with its Idempotency-Key: the same call, as it is now
             async with http.post(f"{gateway_url}/v1/calls", json={"to": USER, "record": True},
@@ -249,7 +178,7 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
                 retried = await resp.json()
             assert retried["id"] == call_id and retried["state"] == "ended"
             # SSE resumes after an event of the dead process: its later events, then the new ones
-            replayed = await sse_until(http, f"{gateway_url}/v1/events", api, seen_before_kill[1],
+            replayed = await sse_until(http, f"{gateway_url}/v1/events", world.api, seen_before_kill[1],
                                        lambda e: e["type"] == "call.ended" and e["call_id"] == call_id)
             assert [e["id"] for e in replayed[:len(seen_before_kill) - 2]] == seen_before_kill[2:]
             assert replayed[-1]["data"]["entry"]["reason"] == "gateway_restart"
@@ -265,11 +194,9 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
             signed = WebhookAuth(header=HEADER).sign(body)
             async with http.post(f"{gateway_url}/webhooks/whatsapp", data=body, headers=signed) as resp:
                 assert resp.status == 200
-            listed_again = await get(f"{gateway_url}/v1/calls")
+            listed_again = await world.get(f"{gateway_url}/v1/calls")
             assert len(listed_again["calls"]) == len(listed["calls"])
     finally:
-        stop(gateway)
-        stop(provider)
         await runner.cleanup()
     # the recording plays up to the kill: user.wav holds the user's tone from media up
     # to (at most 0.1 s before) the kill, plus what the playout buffer held
@@ -288,100 +215,52 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
 
 
 async def test_a_call_parked_for_permission_waits_again_after_a_kill(tmp_path):
-    provider_port, gateway_port = free_port(), free_port()
-    provider_url, gateway_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{gateway_port}"
-    provider = serve({"WACALL_PORT": str(provider_port), "WACALL_DATA_DIR": str(tmp_path / "provider"),
-                      "WACALL_SANDBOX_WEBHOOK_URL": f"{gateway_url}/webhooks/whatsapp"},
-                     sandbox=True, log=tmp_path / "provider.log")
-    gateway_env = {"WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "gateway"),
-                   "WACALL_API_TOKEN": TOKEN, "WACALL_D360_API_KEY": "sandbox-key",
-                   "WACALL_BASE_URL": f"{provider_url}/sandbox", "WACALL_MEDIA_ADDRESSES": "127.0.0.1"}
-    gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
-    api = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        async with aiohttp.ClientSession() as http:
-            await healthy(http, provider_url, provider)
-            await healthy(http, gateway_url, gateway)
-
-            async def get(url):
-                async with http.get(url, headers=api) as resp:
-                    return await resp.json()
-
-            async with http.post(f"{provider_url}/sandbox/users/{USER}",
-                                 json={"on_permission_request": "ignore", "answer_after_ms": 0}) as resp:
-                assert resp.status == 200
-            async with http.post(f"{gateway_url}/v1/calls", headers=api, json={
-                    "to": USER, "if_no_permission": "request", "permission_wait_s": 120}) as resp:
-                assert resp.status == 201, await resp.text()
-                call_id = (await resp.json())["id"]
-            parked = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
-                                      lambda c: "permission_requested" in [e["name"] for e in c["timeline"]])
-            assert parked["state"] == "created"
-            os.kill(gateway.pid, signal.SIGKILL)
-            gateway.wait(10)
-            gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
-            await healthy(http, gateway_url, gateway)
-            # the user grants now (the webhook reaches the new process): the same call dials
-            async with http.post(f"{provider_url}/sandbox/users/{USER}/permission", json={"permanent": True}) as resp:
-                assert resp.status == 200
-            connected = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
-                                         lambda c: c["state"] in ("media_connected", "ended"), timeout=30)
-            assert connected["state"] == "media_connected", connected
-            names = [e["name"] for e in connected["timeline"]]
-            assert names[:3] == ["created", "permission_requested", "permission_granted"]
-            assert "offer_sent" in names and "ended" not in names
-            assert connected["timeline"][0] == parked["timeline"][0]  # its history, kept
-            async with http.delete(f"{gateway_url}/v1/calls/{call_id}", headers=api) as resp:
-                assert resp.status == 200
-                assert (await resp.json())["end_reason"] == "business_hangup"
-    finally:
-        stop(gateway)
-        stop(provider)
+    async with ProviderAndGateway(tmp_path, token=TOKEN, common=COMMON) as world:
+        await world.user(USER, on_permission_request="ignore", answer_after_ms=0)
+        async with world.http.post(f"{world.gateway_url}/v1/calls", headers=world.api, json={
+                "to": USER, "if_no_permission": "request", "permission_wait_s": 120}) as resp:
+            assert resp.status == 201, await resp.text()
+            call_id = (await resp.json())["id"]
+        parked = await poll_until(lambda: world.call(call_id),
+                                  lambda c: "permission_requested" in [e["name"] for e in c["timeline"]])
+        assert parked["state"] == "created"
+        world.kill_gateway()
+        world.start_gateway()
+        await world.gateway_healthy()
+        # the user grants now (the webhook reaches the new process): the same call dials
+        await world.grant(USER)
+        connected = await poll_until(lambda: world.call(call_id),
+                                     lambda c: c["state"] in ("media_connected", "ended"), timeout=30)
+        assert connected["state"] == "media_connected", connected
+        names = [e["name"] for e in connected["timeline"]]
+        assert names[:3] == ["created", "permission_requested", "permission_granted"]
+        assert "offer_sent" in names and "ended" not in names
+        assert connected["timeline"][0] == parked["timeline"][0]  # its history, kept
+        async with world.http.delete(f"{world.gateway_url}/v1/calls/{call_id}", headers=world.api) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["end_reason"] == "business_hangup"
 
 
 async def test_an_unconfirmed_hangup_is_tried_again_at_the_next_start(tmp_path):
-    provider_port, gateway_port = free_port(), free_port()
-    provider_url, gateway_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{gateway_port}"
-    provider = serve({"WACALL_PORT": str(provider_port), "WACALL_DATA_DIR": str(tmp_path / "provider"),
-                      "WACALL_SANDBOX_WEBHOOK_URL": f"{gateway_url}/webhooks/whatsapp"},
-                     sandbox=True, log=tmp_path / "provider.log")
-    gateway_env = {"WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "gateway"),
-                   "WACALL_API_TOKEN": TOKEN, "WACALL_D360_API_KEY": "sandbox-key", "WACALL_HANGUP_ATTEMPTS": "1",
-                   "WACALL_BASE_URL": f"{provider_url}/sandbox", "WACALL_MEDIA_ADDRESSES": "127.0.0.1"}
-    gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
-    api = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        async with aiohttp.ClientSession() as http:
-            await healthy(http, provider_url, provider)
-            await healthy(http, gateway_url, gateway)
+    async with ProviderAndGateway(tmp_path, token=TOKEN, common=COMMON,
+                                  gateway_env={"WACALL_HANGUP_ATTEMPTS": "1"}) as world:
+        await world.grant(USER)
+        await world.user(USER, answer_after_ms=0)
+        async with world.http.post(f"{world.gateway_url}/v1/calls", json={"to": USER}, headers=world.api) as resp:
+            call_id = (await resp.json())["id"]
+        live = await poll_until(lambda: world.call(call_id), lambda c: c["state"] == "media_connected")
+        async with world.http.post(f"{world.provider_url}/sandbox/faults", json={"terminate": {"fail": 1}}) as resp:
+            assert resp.status == 200
+        async with world.http.delete(f"{world.gateway_url}/v1/calls/{call_id}", headers=world.api) as resp:
+            assert resp.status == 502
 
-            async def get(url, headers=api):
-                async with http.get(url, headers=headers) as resp:
-                    return await resp.json()
+        def state_there(calls):
+            return [c["state"] for c in calls if c["id"] == live["wacid"]]
 
-            async with http.post(f"{provider_url}/sandbox/users/{USER}/permission", json={"permanent": True}) as resp:
-                assert resp.status == 200
-            async with http.post(f"{provider_url}/sandbox/users/{USER}", json={"answer_after_ms": 0}) as resp:
-                assert resp.status == 200
-            await poll_until(lambda: get(f"{gateway_url}/v1/permissions/{USER}"), lambda p: p["status"] == "granted")
-            async with http.post(f"{gateway_url}/v1/calls", json={"to": USER}, headers=api) as resp:
-                call_id = (await resp.json())["id"]
-            live = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
-                                    lambda c: c["state"] == "media_connected")
-            async with http.post(f"{provider_url}/sandbox/faults", json={"terminate": {"fail": 1}}) as resp:
-                assert resp.status == 200
-            async with http.delete(f"{gateway_url}/v1/calls/{call_id}", headers=api) as resp:
-                assert resp.status == 502
-            at_provider = await get(f"{provider_url}/sandbox/users/{USER}/calls", {})
-            assert [c["state"] for c in at_provider["calls"] if c["id"] == live["wacid"]] != ["ended"]
-            stop(gateway)  # (graceful: the call has ended here already)
-            gateway = serve(gateway_env, sandbox=False, log=tmp_path / "gateway.log")
-            await poll_until(lambda: get(f"{provider_url}/sandbox/users/{USER}/calls", {}),
-                             lambda calls: [c["state"] for c in calls["calls"] if c["id"] == live["wacid"]] == ["ended"])
-            await healthy(http, gateway_url, gateway)
-            done = await poll_until(lambda: get(f"{gateway_url}/v1/calls/{call_id}"),
-                                    lambda c: c["provider_hangup"]["confirmed"])
-            assert done["end_reason"] == "business_hangup"
-    finally:
-        stop(gateway)
-        stop(provider)
+        assert state_there(await world.calls_at_provider(USER)) != ["ended"]
+        world.stop_gateway()  # (graceful: the call has ended here already)
+        world.start_gateway()
+        await poll_until(lambda: world.calls_at_provider(USER), lambda calls: state_there(calls) == ["ended"])
+        await world.gateway_healthy()
+        done = await poll_until(lambda: world.call(call_id), lambda c: c["provider_hangup"]["confirmed"])
+        assert done["end_reason"] == "business_hangup"

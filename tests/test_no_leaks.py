@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import av
-import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 

@@ -3,7 +3,6 @@ default, checked before parsing, and forged webhooks of every kind change nothin
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -23,6 +22,7 @@ from gateway.config import ConfigError, Settings
 from gateway.permissions import PermissionState
 from gateway.webhook_auth import MISSING_AUTH, WebhookAuth
 from tests.helpers import free_port, until
+from tests.processes import ProviderAndGateway, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"object": "whatsapp_business_account", "entry": []}'
@@ -204,85 +204,20 @@ def configured_auth(settings: Settings) -> WebhookAuth:
 # -- two processes: a sandbox provider and a gateway, same settings -------------------------
 
 
-async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    async def poll():
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert proc.poll() is None, proc.communicate()[1][-3000:]
-                try:
-                    async with http.get(f"{url}/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
-def serve(env: dict, *, sandbox: bool, log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "gateway.cli", "serve"] + (["--sandbox"] if sandbox else [])
-    return subprocess.Popen(args, env={**os.environ, "WACALL_LOG_FORMAT": "text", **env}, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 async def test_a_sandbox_process_and_a_gateway_process_authenticate_with_the_same_settings(tmp_path):
-    provider_port, gateway_port = free_port(), free_port()
-    provider_url, gateway_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{gateway_port}"
-    common = {"WACALL_D360_WEBHOOK_SECRET": "shared-d360-secret", "WACALL_HOST": "127.0.0.1"}
-    provider = serve({**common, "WACALL_PORT": str(provider_port), "WACALL_DATA_DIR": str(tmp_path / "p"),
-                      "WACALL_SANDBOX_WEBHOOK_URL": f"{gateway_url}/webhooks/whatsapp"},
-                     sandbox=True, log=tmp_path / "provider.log")
-    gateway = serve({**common, "WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "g"),
-                     "WACALL_API_TOKEN": "tok", "WACALL_D360_API_KEY": "sandbox-key",
-                     "WACALL_BASE_URL": f"{provider_url}/sandbox", "WACALL_MEDIA_ADDRESSES": "127.0.0.1"},
-                    sandbox=False, log=tmp_path / "gateway.log")
-    try:
-        await wait_healthy(provider_url, provider)
-        await wait_healthy(gateway_url, gateway)
-        api = {"Authorization": "Bearer tok"}
-        async with aiohttp.ClientSession() as http:
-            # the user grants: the provider's signed webhook reaches the gateway's ledger
-            async with http.post(f"{provider_url}/sandbox/users/{USER}/permission",
-                                 json={"permanent": True}) as resp:
-                assert resp.status == 200, await resp.text()
-
-            async def granted() -> bool:
-                async with http.get(f"{gateway_url}/v1/permissions/{USER}", headers=api) as resp:
-                    return (await resp.json())["status"] == "granted"
-
-            async def wait_for(check) -> None:
-                while not await check():
-                    await asyncio.sleep(0.05)
-
-            await asyncio.wait_for(wait_for(granted), TIMEOUT)
-            async with http.post(f"{gateway_url}/v1/calls", json={"to": USER}, headers=api) as resp:
-                assert resp.status == 201, await resp.text()
-                call_id = (await resp.json())["id"]
-
-            async def connected() -> bool:
-                async with http.get(f"{gateway_url}/v1/calls/{call_id}", headers=api) as resp:
-                    return (await resp.json())["state"] == "media_connected"
-
-            await asyncio.wait_for(wait_for(connected), TIMEOUT)
-            # a forged webhook to the gateway process: refused
-            body = forgeries("wacid.x", "v=0")["permission reply"]
-            async with http.post(f"{gateway_url}/webhooks/whatsapp", data=body,
-                                 headers={"x-360dialog-signature": hexmac("guess", body)}) as resp:
-                assert resp.status == 401
-            async with http.delete(f"{gateway_url}/v1/calls/{call_id}", headers=api) as resp:
-                assert resp.status == 200, await resp.text()
-    finally:
-        stop(gateway)
-        stop(provider)
+    common = {"WACALL_D360_WEBHOOK_SECRET": "shared-d360-secret"}
+    async with ProviderAndGateway(tmp_path, token="tok", common=common) as world:
+        await world.grant(USER)  # the provider's signed webhook reached the gateway's ledger
+        async with world.http.post(f"{world.gateway_url}/v1/calls", json={"to": USER}, headers=world.api) as resp:
+            assert resp.status == 201, await resp.text()
+            call_id = (await resp.json())["id"]
+        await poll_until(lambda: world.call(call_id), lambda c: c["state"] == "media_connected")
+        # a forged webhook to the gateway process: refused
+        body = forgeries("wacid.x", "v=0")["permission reply"]
+        async with world.http.post(f"{world.gateway_url}/webhooks/whatsapp", data=body,
+                                   headers={"x-360dialog-signature": hexmac("guess", body)}) as resp:
+            assert resp.status == 401
+        async with world.http.delete(f"{world.gateway_url}/v1/calls/{call_id}", headers=world.api) as resp:
+            assert resp.status == 200, await resp.text()
     # every webhook the provider sent was taken; the one refusal is the forgery
-    assert (tmp_path / "gateway.log").read_text().count("webhook refused") == 1
+    assert world.gateway_log.read_text().count("webhook refused") == 1
