@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .api.routes import ControlApi, auth_middleware
+from .api.routes import ControlApi, auth_middleware, json_errors
+from .bots import BotPolicy
 from .calls import CallManager, InboundPlan, InboundPolicy
 from .config import ConfigError, Settings
 from .disk import DiskGuard, default_min_free_mb
@@ -65,7 +66,7 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
 def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, metrics: Metrics,
                events: EventFanout, gate: Gatekeeper, sandbox: Sandbox | None = None, *,
                webhook_auth: WebhookAuth | None = None, store=None) -> web.Application:
-    app = web.Application(middlewares=[auth_middleware(settings.api_token)])
+    app = web.Application(middlewares=[json_errors, auth_middleware(settings.api_token)])
     app[MANAGER] = manager
 
     async def dispatch(event) -> None:
@@ -75,7 +76,7 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
     auth = webhook_auth if webhook_auth is not None else WebhookAuth.from_settings(settings)
     app.add_routes(webhook_routes(dispatch, verify_token=settings.verify_token, auth=auth,
                                   dedupe_store=store, observe=metrics.webhook))
-    app.add_routes(ControlApi(manager, library, gate).routes())
+    app.add_routes(ControlApi(manager, library, gate, secrets=settings.secret_values()).routes())
     app.add_routes(events.routes())
     app.router.add_get("/metrics", metrics_handler(metrics))
 
@@ -234,6 +235,10 @@ class Service:
             hangup_attempts=settings.hangup_attempts)
         self.gate.watch(self.manager)
         self.manager.sources_for = self.library.sources
+        try:
+            self.manager.bot_policy = BotPolicy.parse(settings.bot_allow, own_port=int(self.url.rsplit(":", 1)[1]))
+        except ValueError as exc:
+            raise ConfigError(f"WACALL_BOT_ALLOW: {exc}") from None
         self.trimmer = HeapTrimmer()
         self.manager.subscribe(self._after_call)
         self.events = EventFanout(settings.event_webhooks, settings.event_secret,

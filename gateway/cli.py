@@ -81,10 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: int, default: int, settings: Settings, json_format: bool) -> None:
     level = default if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    secrets = [settings.d360_api_key, settings.meta_token, settings.api_token,
-               settings.app_secret, settings.verify_token, settings.event_secret,
-               settings.d360_webhook_secret, settings.webhook_header[1] if settings.webhook_header else None]
-    logs.configure(json=json_format, level=level, stream=sys.stderr, secrets=secrets)
+    logs.configure(json=json_format, level=level, stream=sys.stderr, secrets=settings.secret_values())
     if level > logging.DEBUG:
         for noisy in ("aioice", "aiortc"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

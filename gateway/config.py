@@ -181,6 +181,9 @@ class Settings:
     #: Route inbound calls to this voice bot (``ws://…`` or ``tcp://host:port``).
     inbound_bot_url: str | None = setting(group="inbound")
     inbound_bot_protocol: str = setting("twilio", _choice(("twilio", "pcm", "audiosocket")), group="inbound")
+    #: Where bots may be: networks (CIDR) and host names. Unset: anywhere but link-local
+    #: (cloud metadata) addresses and this gateway's own port.
+    bot_allow: list[str] = setting(parse=_list, group="inbound", factory=list)
     # -- events out ------------------------------------------------------------------------
     event_webhooks: list[str] = setting(parse=_list, group="events", factory=list)
     event_secret: str | None = setting(group="events", secret=True)
@@ -264,6 +267,17 @@ class Settings:
             kwargs["base_url"] = self.base_url
         return kwargs
 
+    def secret_values(self) -> list[str]:
+        """Every configured secret's value (what logs and API answers must never show)."""
+        values = []
+        for name in _SECRETS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):  # webhook_header: (name, value)
+                value = value[1]
+            if isinstance(value, str) and value:
+                values.append(value)
+        return values
+
     def masked(self) -> dict:
         """The effective settings with every secret masked (safe to print or log)."""
         out = {}
@@ -276,7 +290,9 @@ class Settings:
             elif f.name == "ice_servers":
                 value = [s.url + (" (with credentials)" if s.credential else "") for s in value]
             elif f.name == "event_webhooks":
-                value = [url.split("?", 1)[0] for url in value]
+                value = [_without_userinfo(url.split("?", 1)[0]) for url in value]
+            elif f.name in ("base_url", "sandbox_webhook_url") and value:
+                value = _without_userinfo(value)
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -284,6 +300,17 @@ class Settings:
             out[f.name] = value
         out["media_dir"] = str(self.media_root)
         return out
+
+
+def _without_userinfo(url: str) -> str:
+    """``https://user:pass@host/x`` -> ``https://***@host/x``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}://{authority}{slash}{path}"
 
 
 #: How each setting is parsed, from its declaration.

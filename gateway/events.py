@@ -12,6 +12,8 @@ for up to 7 days, so the same event can arrive many times.
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -20,6 +22,7 @@ from enum import StrEnum
 from typing import Any, Self, TypeAlias
 
 from gateway.errors import ProviderError, WebhookFormatError, error_for
+from gateway.numbers import normalize_number
 
 __all__ = [
     "CallConnect",
@@ -87,20 +90,46 @@ class TerminateStatus(_TolerantEnum):
     UNKNOWN = "UNKNOWN"
 
 
+_INT = re.compile(r"-?[0-9]{1,18}")
+#: Integers beyond this (in either direction) are not believed (JSON's exact-integer range).
+_MAX_INT = 2**53
+#: Timestamps after 9999-12-31 are not believed (they would break every date later on).
+MAX_TIMESTAMP = 253402300799
+
+
 def _int(value: Any) -> int | None:
-    """Unix seconds / durations: ints or digit strings; anything else is ``None``."""
+    """Ints or ASCII digit strings within ±2**53; anything else (``Infinity``, ``1e400``,
+    ``"١٢٣"``, ``True``, objects) is ``None``."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
+        if not math.isfinite(value):
             return None
-    return None
+        value = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not _INT.fullmatch(text):
+            return None
+        value = int(text)
+    elif not isinstance(value, int):
+        return None
+    return value if -_MAX_INT <= value <= _MAX_INT else None
+
+
+def _timestamp(value: Any) -> int | None:
+    """Unix seconds between 1970 and 9999, else ``None``."""
+    seconds = _int(value)
+    return seconds if seconds is not None and 0 <= seconds <= MAX_TIMESTAMP else None
+
+
+def _user(value: Any, what: str) -> str:
+    """A WhatsApp user's number (E.164 digits), or :class:`WebhookFormatError`."""
+    if not isinstance(value, str) or not value:
+        raise WebhookFormatError(f"{what} is missing")
+    try:
+        return normalize_number(value)
+    except ValueError:
+        raise WebhookFormatError(f"{what} is not a phone number") from None
 
 
 def _str(value: Any) -> str | None:
@@ -188,7 +217,7 @@ class CallConnect:
             sdp_type = {Direction.BUSINESS_INITIATED: "answer",
                         Direction.USER_INITIATED: "offer"}.get(direction)
         return cls(call_id, direction, _str(d.get("from")), _str(d.get("to")),
-                   _int(d.get("timestamp")), sdp, sdp_type,
+                   _timestamp(d.get("timestamp")), sdp, sdp_type,
                    _str(d.get("biz_opaque_callback_data")), phone_number_id)
 
     @property
@@ -231,9 +260,9 @@ class CallTerminate:
         own = d.get("errors")
         all_errors = [*(own if isinstance(own, list) else ()), *errors]
         return cls(call_id, Direction.parse(d.get("direction")), _str(d.get("from")),
-                   _str(d.get("to")), _int(d.get("timestamp")),
-                   TerminateStatus.parse(d.get("status")), _int(d.get("start_time")),
-                   _int(d.get("end_time")), _int(d.get("duration")),
+                   _str(d.get("to")), _timestamp(d.get("timestamp")),
+                   TerminateStatus.parse(d.get("status")), _timestamp(d.get("start_time")),
+                   _timestamp(d.get("end_time")), _int(d.get("duration")),
                    _str(d.get("biz_opaque_callback_data")),
                    tuple(WebhookError.from_dict(e) for e in all_errors), phone_number_id)
 
@@ -248,7 +277,7 @@ class CallTerminate:
         """Build from a ``statuses[]`` entry whose status is ``TERMINATE``."""
         call_id = _call_id(d, "status")
         return cls(call_id, Direction.UNKNOWN, None, _str(d.get("recipient_id")),
-                   _int(d.get("timestamp")), TerminateStatus.UNKNOWN, None, None, None,
+                   _timestamp(d.get("timestamp")), TerminateStatus.UNKNOWN, None, None, None,
                    _str(d.get("biz_opaque_callback_data")),
                    tuple(WebhookError.from_dict(e) for e in errors), phone_number_id)
 
@@ -277,7 +306,7 @@ class CallStatus:
         call_id = _call_id(d, "status")
         raw = d.get("status")
         raw = raw if isinstance(raw, str) else ""
-        return cls(call_id, CallStatusKind.parse(raw), raw, _int(d.get("timestamp")),
+        return cls(call_id, CallStatusKind.parse(raw), raw, _timestamp(d.get("timestamp")),
                    _str(d.get("recipient_id")), _str(d.get("biz_opaque_callback_data")),
                    phone_number_id)
 
@@ -320,7 +349,7 @@ class UnknownEvent:
         digest = hashlib.sha256(
             json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
         return ("unknown", f"{self.field}:{self.kind}", digest,
-                _int(self.raw.get("timestamp")))
+                _timestamp(self.raw.get("timestamp")))
 
 
 class PermissionResponse(_TolerantEnum):
@@ -365,21 +394,18 @@ class PermissionReply:
         else:
             kind = PermissionResponse.UNKNOWN
         context = d.get("context") if isinstance(d.get("context"), Mapping) else {}
-        user = _str(d.get("from"))
-        if not user:
-            raise WebhookFormatError("call_permission_reply without 'from'")
-        return cls(user, kind, bool(reply.get("is_permanent")), _int(reply.get("expiration_timestamp")),
-                   source, _str(context.get("id")), _str(d.get("id")), _int(d.get("timestamp")),
+        user = _user(d.get("from"), "call_permission_reply 'from'")
+        return cls(user, kind, bool(reply.get("is_permanent")), _timestamp(reply.get("expiration_timestamp")),
+                   source, _str(context.get("id")), _str(d.get("id")), _timestamp(d.get("timestamp")),
                    phone_number_id)
 
     @classmethod
     def from_d360(cls, d: Mapping[str, Any]) -> PermissionReply:
-        user = _str(d.get("recipient")) or _str(d.get("wa_id")) or _str(d.get("from"))
-        if not user:
-            raise WebhookFormatError("call_permission_status without 'recipient'")
-        return cls(user.lstrip("+"), PermissionResponse.parse(str(d.get("status", "")).upper()),
-                   bool(d.get("is_permanent", False)), _int(d.get("expiration_timestamp")),
-                   "user_action", None, _str(d.get("id")), _int(d.get("timestamp")), None)
+        user = _user(_str(d.get("recipient")) or _str(d.get("wa_id")) or _str(d.get("from")),
+                     "call_permission_status 'recipient'")
+        return cls(user, PermissionResponse.parse(str(d.get("status", "")).upper()),
+                   bool(d.get("is_permanent", False)), _timestamp(d.get("expiration_timestamp")),
+                   "user_action", None, _str(d.get("id")), _timestamp(d.get("timestamp")), None)
 
     @property
     def call_id(self) -> None:
@@ -407,7 +433,7 @@ class MessageStatus:
     def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> MessageStatus:
         errors = tuple(WebhookError.from_dict(e) for e in d.get("errors") or [] if isinstance(e, Mapping))
         return cls(str(d["id"]), str(d.get("status", "")).lower(), _str(d.get("recipient_id")),
-                   _int(d.get("timestamp")), errors, phone_number_id)
+                   _timestamp(d.get("timestamp")), errors, phone_number_id)
 
     @property
     def call_id(self) -> None:

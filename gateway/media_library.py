@@ -23,14 +23,22 @@ class MediaLibrary:
     def resolve(self, name: str) -> Path:
         if not isinstance(name, str) or not name.strip():
             raise MediaPathError("a media file name must be a non-empty string")
+        shown = repr(name if len(name) <= 80 else name[:80] + "…")
+        if "\x00" in name or not name.isprintable():
+            raise MediaPathError(f"{shown}: a media file name has no control characters")
         if Path(name).is_absolute():
-            raise MediaPathError(f"{name!r}: use a path relative to the media directory")
-        root = self.root.resolve()
-        path = (root / name).resolve()
-        if not path.is_relative_to(root):
-            raise MediaPathError(f"{name!r} is outside the media directory")
-        if not path.is_file():
-            raise MediaPathError(f"{name!r} does not exist in the media directory")
+            raise MediaPathError(f"{shown}: use a path relative to the media directory")
+        try:
+            root = self.root.resolve()
+            path = (root / name).resolve()
+            if not path.is_relative_to(root):
+                raise MediaPathError(f"{shown} is outside the media directory")
+            if not path.is_file():
+                raise MediaPathError(f"{shown} does not exist in the media directory")
+        except (OSError, ValueError) as exc:  # too long, a loop of links, ...
+            if isinstance(exc, MediaPathError):
+                raise
+            raise MediaPathError(f"{shown} is not a usable file name") from None
         return path
 
     def open(self, name: str) -> FileSource:

@@ -52,6 +52,7 @@ remembered for ``dedupe_horizon_s`` (8 days). A call's first outcome wins.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -189,8 +190,22 @@ class PermissionState(StrEnum):
     EXPIRED = "expired"
 
 
+#: Unix seconds wacall believes (1970 to 9999): anything else is no time at all.
+MAX_TIME = 253402300799.0
+
+
+def valid_time(t: object) -> float | None:
+    """``t`` as unix seconds if it is a finite number from 1970 to 9999, else ``None``."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        return None
+    t = float(t)
+    return t if math.isfinite(t) and 0.0 <= t <= MAX_TIME else None
+
+
 def iso(t: float | None) -> str | None:
-    """Unix seconds as ISO 8601 UTC with ``Z`` (milliseconds only when needed)."""
+    """Unix seconds as ISO 8601 UTC with ``Z`` (milliseconds only when needed); a time
+    outside 1970-9999 (a stored value from before the range checks) is ``None``."""
+    t = valid_time(t)
     if t is None:
         return None
     spec = "seconds" if float(t).is_integer() else "milliseconds"
@@ -478,6 +493,7 @@ class PermissionLedger:
         rec, now, at = self._begin(user, at)
         if message_id is not None and not self._first(rec, f"reply:{message_id}", now):
             return False
+        expires_at = valid_time(expires_at) if expires_at is not None else None
         if granted:
             exp = None if permanent else (expires_at if expires_at is not None
                                           else at + self.limits.validity_s)
@@ -663,7 +679,7 @@ class PermissionLedger:
 
     def _begin(self, user: str, at: float | None) -> tuple[_Record, float, float]:
         now = self.clock.now()
-        return self._load(user), now, now if at is None else float(at)
+        return self._load(user), now, now if valid_time(at) is None else float(at)
 
     def _first(self, rec: _Record, key: str, now: float) -> bool:
         """Remember ``key``; ``False`` if it was seen within the dedupe horizon."""

@@ -63,7 +63,7 @@ def _object(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-def parse_webhook(payload: Any) -> list[WebhookEvent]:
+def parse_webhook(payload: Any, *, skipped: list[str] | None = None) -> list[WebhookEvent]:
     """Turn a decoded webhook body into typed events, in document order.
 
     Per ``calls`` change: ``calls[]`` first (connect, terminate, others as
@@ -71,11 +71,14 @@ def parse_webhook(payload: Any) -> list[WebhookEvent]:
     the change's terminate events (or reported as an ``UnknownEvent`` of kind
     ``errors`` when there is none). Other fields become ``UnknownEvent``.
 
-    Raises :class:`WebhookFormatError` when the envelope is malformed.
+    Raises :class:`WebhookFormatError` when the envelope is malformed (not an object,
+    no ``entry`` list of ``changes`` lists of objects with a ``field`` and a ``value``
+    object). A malformed *event* inside a good envelope raises too, unless ``skipped``
+    is given: then it is left out, described in ``skipped``, and the others are parsed.
     """
     body = _object(payload, "webhook payload")
     if body.get("event") == "call_permission_status":  # 360dialog's flat permission event
-        return [PermissionReply.from_d360(body)]
+        return _guard(skipped, "call_permission_status", lambda: [PermissionReply.from_d360(body)])
     if "entry" not in body:
         raise WebhookFormatError("webhook payload has no 'entry' list")
     events: list[WebhookEvent] = []
@@ -89,13 +92,35 @@ def parse_webhook(payload: Any) -> list[WebhookEvent]:
                 raise WebhookFormatError(f"{where} has no 'field'")
             value = _object(change.get("value"), f"{where}.value")
             if field == "calls":
-                events.extend(_parse_calls_value(value, where))
+                events.extend(_parse_calls_value(value, where, skipped))
             elif field == "messages":
-                events.extend(_parse_messages_value(value, where))
+                events.extend(_parse_messages_value(value, where, skipped))
             else:
-                events.append(UnknownEvent.from_dict(value, field=field, kind=field,
-                                                     phone_number_id=_pnid(value)))
+                events.extend(_guard(skipped, where, lambda: [UnknownEvent.from_dict(
+                    value, field=field, kind=field, phone_number_id=_pnid(value))]))
     return events
+
+
+def _guard(skipped: list[str] | None, where: str, parse) -> list[WebhookEvent]:
+    """``parse()``; a malformed event raises :class:`WebhookFormatError`, or, with a
+    ``skipped`` list, is noted there and left out."""
+    try:
+        return parse()
+    except Exception as exc:  # whatever a hostile event does to a parser stays here
+        problem = f"{where}: {exc}" if isinstance(exc, WebhookFormatError) else \
+            f"{where}: malformed ({type(exc).__name__})"
+        if skipped is None:
+            if isinstance(exc, WebhookFormatError):
+                raise
+            raise WebhookFormatError(problem) from None
+        skipped.append(problem)
+        return []
+
+
+def _items(value: Mapping[str, Any], name: str, where: str, skipped: list[str] | None) -> list[Any]:
+    """``value[name]`` as a list (absent: empty); not a list: a malformed event."""
+    found = _guard(skipped, where, lambda: [_list(value.get(name), f"{where}.value.{name}")])
+    return found[0] if found else []
 
 
 def _pnid(value: Mapping[str, Any]) -> str | None:
@@ -104,57 +129,71 @@ def _pnid(value: Mapping[str, Any]) -> str | None:
     return str(pnid) if isinstance(pnid, (str, int)) and not isinstance(pnid, bool) else None
 
 
-def _parse_calls_value(value: Mapping[str, Any], where: str) -> list[WebhookEvent]:
+def _parse_calls_value(value: Mapping[str, Any], where: str, skipped: list[str] | None) -> list[WebhookEvent]:
     pnid = _pnid(value)
-    errors = _list(value.get("errors"), f"{where}.value.errors")
+    errors = _items(value, "errors", where, skipped)
     out: list[WebhookEvent] = []
-    for k, call in enumerate(_list(value.get("calls"), f"{where}.value.calls")):
-        path = f"{where}.value.calls[{k}]"
+
+    def one_call(call: Any, path: str) -> list[WebhookEvent]:
         call = _object(call, path)
         if not isinstance(call.get("id"), str) or not call["id"]:
             raise WebhookFormatError(f"{path} has no 'id'")
         event = call.get("event")
         if event == "connect":
-            out.append(CallConnect.from_dict(call, phone_number_id=pnid))
-        elif event == "terminate":
-            out.append(CallTerminate.from_dict(call, phone_number_id=pnid, errors=errors))
-        else:
-            out.append(UnknownEvent.from_dict(call, phone_number_id=pnid, field="calls"))
-    for k, status in enumerate(_list(value.get("statuses"), f"{where}.value.statuses")):
-        path = f"{where}.value.statuses[{k}]"
+            return [CallConnect.from_dict(call, phone_number_id=pnid)]
+        if event == "terminate":
+            return [CallTerminate.from_dict(call, phone_number_id=pnid, errors=errors)]
+        return [UnknownEvent.from_dict(call, phone_number_id=pnid, field="calls")]
+
+    def one_status(status: Any, path: str) -> list[WebhookEvent]:
         status = _object(status, path)
         if not isinstance(status.get("id"), str) or not status["id"]:
             raise WebhookFormatError(f"{path} has no 'id'")
         raw = status.get("status")
         if isinstance(raw, str) and raw.strip().upper() == "TERMINATE":
-            out.append(CallTerminate.from_status(status, phone_number_id=pnid, errors=errors))
-        else:
-            out.append(CallStatus.from_dict(status, phone_number_id=pnid))
+            return [CallTerminate.from_status(status, phone_number_id=pnid, errors=errors)]
+        return [CallStatus.from_dict(status, phone_number_id=pnid)]
+
+    for k, call in enumerate(_items(value, "calls", where, skipped)):
+        path = f"{where}.value.calls[{k}]"
+        out.extend(_guard(skipped, path, lambda: one_call(call, path)))
+    for k, status in enumerate(_items(value, "statuses", where, skipped)):
+        path = f"{where}.value.statuses[{k}]"
+        out.extend(_guard(skipped, path, lambda: one_status(status, path)))
     if errors and not any(isinstance(e, CallTerminate) for e in out):
-        out.append(UnknownEvent.from_dict({"errors": errors}, phone_number_id=pnid,
-                                          field="calls", kind="errors"))
+        out.extend(_guard(skipped, f"{where}.value.errors", lambda: [UnknownEvent.from_dict(
+            {"errors": errors}, phone_number_id=pnid, field="calls", kind="errors")]))
     return out
 
 
-def _parse_messages_value(value: Mapping[str, Any], where: str) -> list[WebhookEvent]:
+def _parse_messages_value(value: Mapping[str, Any], where: str, skipped: list[str] | None) -> list[WebhookEvent]:
     """Permission replies and message delivery statuses; other messages stay unknown."""
     pnid = _pnid(value)
     out: list[WebhookEvent] = []
-    for k, message in enumerate(_list(value.get("messages"), f"{where}.value.messages")):
-        message = _object(message, f"{where}.value.messages[{k}]")
+    bad_before = len(skipped) if skipped is not None else 0
+
+    def one_message(message: Any, path: str) -> list[WebhookEvent]:
+        message = _object(message, path)
         interactive = message.get("interactive")
         if isinstance(interactive, Mapping) and interactive.get("type") == "call_permission_reply":
-            out.append(PermissionReply.from_message(message, phone_number_id=pnid))
-        else:
-            out.append(UnknownEvent.from_dict(message, phone_number_id=pnid, field="messages",
-                                              kind=_kind_of(message)))
-    for k, status in enumerate(_list(value.get("statuses"), f"{where}.value.statuses")):
-        status = _object(status, f"{where}.value.statuses[{k}]")
+            return [PermissionReply.from_message(message, phone_number_id=pnid)]
+        return [UnknownEvent.from_dict(message, phone_number_id=pnid, field="messages", kind=_kind_of(message))]
+
+    def one_status(status: Any, path: str) -> list[WebhookEvent]:
+        status = _object(status, path)
         if not isinstance(status.get("id"), str) or not status["id"]:
-            raise WebhookFormatError(f"{where}.value.statuses[{k}] has no 'id'")
-        out.append(MessageStatus.from_dict(status, phone_number_id=pnid))
-    if not out:
-        out.append(UnknownEvent.from_dict(value, phone_number_id=pnid, field="messages", kind="messages"))
+            raise WebhookFormatError(f"{path} has no 'id'")
+        return [MessageStatus.from_dict(status, phone_number_id=pnid)]
+
+    for k, message in enumerate(_items(value, "messages", where, skipped)):
+        path = f"{where}.value.messages[{k}]"
+        out.extend(_guard(skipped, path, lambda: one_message(message, path)))
+    for k, status in enumerate(_items(value, "statuses", where, skipped)):
+        path = f"{where}.value.statuses[{k}]"
+        out.extend(_guard(skipped, path, lambda: one_status(status, path)))
+    if not out and (skipped is None or len(skipped) == bad_before):  # (a change with nothing we know)
+        out.extend(_guard(skipped, where, lambda: [UnknownEvent.from_dict(
+            value, phone_number_id=pnid, field="messages", kind="messages")]))
     return out
 
 
@@ -278,13 +317,18 @@ def webhook_routes(
             log.warning("webhook refused: not authenticated by %s (%d bytes)", expected, len(body))
             count("unparsed", "bad_signature")
             return _bad_request("bad_signature", f"webhook not authenticated (expected: {expected})", 401)
+        skipped: list[str] = []
         try:
-            events = parse_webhook(json.loads(body))
-        except (ValueError, UnicodeDecodeError) as exc:  # JSON errors and WebhookFormatError
+            events = parse_webhook(json.loads(body), skipped=skipped)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSON errors, WebhookFormatError
             message = str(exc) if isinstance(exc, WebhookFormatError) else "body is not valid JSON"
-            log.warning("bad webhook: %s", message)
+            log.warning("bad webhook: %s", message[:300])
             count("unparsed", "bad_request")
-            return _bad_request("bad_webhook", message)
+            return _bad_request("bad_webhook", message[:300])
+        if skipped:  # the good events of the batch still count: one line for the bad ones
+            log.warning("webhook: %d malformed event(s) skipped, first: %s", len(skipped), skipped[0][:300])
+            for _ in skipped:
+                count("malformed", "skipped")
         for event in events:
             kind = event_kind(event)
             key = json.dumps(event.key, default=str, separators=(",", ":"))

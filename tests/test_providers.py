@@ -75,12 +75,13 @@ class FakeProvider:
             assert request.transport is not None
             request.transport.close()
             return web.Response(status=204)
-        status, payload = answer
+        status, payload, *extra = answer
+        headers = extra[0] if extra else None  # (status, body, headers)
         if isinstance(payload, dict):
-            return web.json_response(payload, status=status)
+            return web.json_response(payload, status=status, headers=headers)
         if payload is None:
-            return web.Response(status=status)
-        return web.Response(status=status, text=payload, content_type="text/html")
+            return web.Response(status=status, headers=headers)
+        return web.Response(status=status, text=payload, content_type="text/html", headers=headers)
 
 
 @pytest.fixture
@@ -526,3 +527,46 @@ async def test_permission_request_refused_is_typed(provider: CallingProvider, fa
     with pytest.raises(TooManyPermissionRequestsError) as info:
         await provider.send_permission_request("4915112345678", "May we call?")
     assert info.value.resolution
+
+
+# -- provider faults ---------------------------------------------------------------------------
+
+
+async def test_reads_are_retried_with_backoff(fake: FakeProvider, provider: CallingProvider) -> None:
+    fake.responses.extend([(503, None), "drop", (200, {"data": [{"permission": {"status": "granted"}}]})])
+    state = await provider.get_permission_state("+4915112345678")
+    assert len(fake.requests) == 3 and all(r.method == "GET" for r in fake.requests)
+    assert state
+
+
+async def test_a_429_retry_after_is_honoured_and_surfaced(fake: FakeProvider, provider: CallingProvider) -> None:
+    import time as _time
+
+    limited = (429, {"error": {"message": "slow down", "code": 4}}, {"Retry-After": "0"})
+    fake.responses.extend([limited, (200, {"data": []})])
+    await provider.get_permission_state("+4915112345678")  # retried after Retry-After: 0
+    assert len(fake.requests) == 2
+    fake.responses.append((429, {"error": {"message": "slow down", "code": 4}}, {"Retry-After": "7"}))
+    with pytest.raises(ProviderError) as info:
+        await provider.connect("+4915112345678", "v=0")  # an action: not retried
+    assert info.value.retry_after_s == 7.0
+    assert 5.0 < info.value.retry_at - _time.time() <= 7.0
+
+
+async def test_a_5xx_on_connect_says_do_not_retry_blindly(fake: FakeProvider, provider: CallingProvider) -> None:
+    for answer in [(500, {"error": {"message": "Internal", "code": 131000}}), (502, "<html>bad gateway</html>")]:
+        fake.responses.append(answer)
+        with pytest.raises(ProviderError) as info:
+            await provider.connect("+4915112345678", "v=0")
+        assert "do not blindly retry" in info.value.resolution
+    assert len(fake.requests) == 2  # never retried
+
+
+async def test_an_error_echoing_our_credentials_is_scrubbed(fake: FakeProvider, provider: CallingProvider) -> None:
+    secret = API_KEY if isinstance(provider, D360Provider) else TOKEN
+    fake.responses.append((401, {"error": {"message": f"bad key {secret}", "code": 190,
+                                           "error_data": {"details": f"key={secret}"}}}))
+    with pytest.raises(ProviderError) as info:
+        await provider.terminate("wacid.X")
+    assert secret not in info.value.message and secret not in (info.value.details or "")
+    assert secret not in str(info.value)

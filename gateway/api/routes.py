@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -23,11 +24,14 @@ from media.errors import MediaFileError
 
 from media.bridges import BridgeUnavailable
 
+from ..bots import BotTargetRefused
+
 from ..calls import CallManager, CallState, CapacityError, LiveCall as Call
 from ..disk import LowDiskError
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
 from ..numbers import normalize_number
+from ..logs import redact_text
 from ..store.base import VersionConflict
 
 log = logging.getLogger(__name__)
@@ -61,20 +65,29 @@ def _retry_at(exc: ProviderError) -> str | None:
     return iso(retry_at) if retry_at is not None else None
 
 
-def provider_error_response(exc: ProviderError, **extra: Any) -> web.Response:
+def provider_error_response(exc: ProviderError, redact: Callable[[str], str] | None = None,
+                            **extra: Any) -> web.Response:
+    """The provider's error as our JSON error, with ``redact`` applied to what the
+    provider wrote (a provider may echo credentials or numbers back)."""
+    clean = redact or (lambda text: text)
     if isinstance(exc, ProviderUnavailableError):
         status = 503
     elif exc.code in _FORBIDDEN:
         status = 403
-    elif exc.code in _TOO_MANY:
+    elif exc.code in _TOO_MANY or exc.http_status == 429:
         status = 429
     elif exc.code in _CONFLICT:
         status = 409
     else:
         status = 502
-    return error_response(status, exc.code if exc.code is not None else "provider_unavailable",
-                          exc.message, exc.resolution, details=exc.details, retry_at=_retry_at(exc),
-                          **extra)
+    response = error_response(status, exc.code if exc.code is not None else "provider_unavailable",
+                              clean(exc.message or ""), exc.resolution,
+                              details=clean(exc.details) if exc.details else None, retry_at=_retry_at(exc),
+                              **extra)
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:  # the provider's Retry-After, passed on
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 class BadRequest(Exception):
@@ -95,12 +108,24 @@ def auth_middleware(token: str | None, prefix: str = "/v1/") -> Callable:
                                   "set WACALL_API_TOKEN and send it as a bearer token")
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")  # (any bytes: they just do not match)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
             return error_response(401, "unauthorized", "missing or wrong bearer token",
                                   "send 'Authorization: Bearer <WACALL_API_TOKEN>'")
         return await handler(request)
 
     return middleware
+
+
+#: The largest number of seconds any timeout field takes (30 days); each field has its own
+#: bound below it (:data:`_LIMITS`).
+_MAX_SECONDS = 30 * 86400.0
+_LIMITS = {"ring_timeout_s": 3600.0, "max_duration_s": 86400.0, "permission_wait_s": 7 * 86400.0}
+#: How many files one request may queue, and how long a file name may be.
+MAX_PLAYS = 50
+MAX_NAME = 1024
+#: How deep a request body may nest (wacall's own are 3 levels deep).
+MAX_DEPTH = 8
 
 
 def _number(body: dict, name: str, *, required: bool = False) -> float | None:
@@ -109,8 +134,10 @@ def _number(body: dict, name: str, *, required: bool = False) -> float | None:
         if required:
             raise BadRequest(f"{name} is required")
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise BadRequest(f"{name} must be a positive number")
+    limit = _LIMITS.get(name, _MAX_SECONDS)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 < value <= limit):
+        raise BadRequest(f"{name} must be a number of seconds above 0 and at most {limit:g}")
     return float(value)
 
 
@@ -120,21 +147,70 @@ def _plays(value: Any) -> list[str]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise BadRequest("play must be a file name or a list of file names")
+    if len(names) > MAX_PLAYS:
+        raise BadRequest(f"play takes at most {MAX_PLAYS} files")
+    for name in names:
+        if not name or len(name) > MAX_NAME or not name.isprintable():
+            raise BadRequest(f"play: file names are 1 to {MAX_NAME} printable characters")
     return names
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply ``value`` nests (stops counting past ``limit``)."""
+    if limit < 0:
+        return 0
+    if isinstance(value, dict):
+        return 1 + max((_depth(v, limit - 1) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v, limit - 1) for v in value), default=0)
+    return 0
 
 
 async def _json_body(request: web.Request) -> dict:
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(await request.read(), parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (NaN, Infinity, 100k levels)
         raise BadRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
+    if _depth(body) > MAX_DEPTH:
+        raise BadRequest(f"the body nests deeper than {MAX_DEPTH} levels")
     return body
 
 
+_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable]) -> web.StreamResponse:
+    """Every error answers the JSON error shape: unknown routes (404), wrong methods (405,
+    with ``Allow``), bodies over the size limit (413); an unexpected exception is a 500
+    with one logged traceback (a bug to report), never an HTML page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, _ERROR_CODES.get(exc.status, "http_error"), exc.reason)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "an unexpected error (it is logged)",
+                              "report it with the log line")
+
+
 class ControlApi:
-    def __init__(self, manager: CallManager, library: MediaLibrary, gate: Any = None):
+    def __init__(self, manager: CallManager, library: MediaLibrary, gate: Any = None,
+                 secrets: list[str] | None = None):
+        #: Masks configured secrets and phone numbers in what providers wrote.
+        self.redact = lambda text: redact_text(text, secrets or ())
         self.manager = manager
         self.library = library
         self.gate = gate
@@ -153,8 +229,7 @@ class ControlApi:
             web.post("/v1/permissions/{user}/request", self._guard(self.request_permission)),
         ]
 
-    @staticmethod
-    def _guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    def _guard(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         async def guarded(request: web.Request) -> web.StreamResponse:
             try:
                 return await handler(request)
@@ -166,7 +241,7 @@ class ControlApi:
             except MediaFileError as exc:
                 return error_response(400, "bad_media_file", str(exc), "use a file FFmpeg can decode")
             except ProviderError as exc:
-                return provider_error_response(exc)
+                return provider_error_response(exc, self.redact)
 
         guarded.__name__ = handler.__name__
         return guarded
@@ -296,8 +371,11 @@ class ControlApi:
         except BridgeUnavailable as exc:
             return error_response(502, "bot_unavailable", f"{exc}; the call was not placed",
                                   "check that the bot is running and reachable from wacall")
+        except BotTargetRefused as exc:
+            return error_response(400, "bot_not_allowed", f"{exc}; the call was not placed",
+                                  "point bot.url at an allowed host (WACALL_BOT_ALLOW)")
         if call.error is not None and call.state is CallState.ENDED:
-            return provider_error_response(call.error, call_id=call.id)
+            return provider_error_response(call.error, self.redact, call_id=call.id)
         return web.json_response(call.summary(), status=201)
 
     async def list_calls(self, request: web.Request) -> web.Response:

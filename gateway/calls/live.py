@@ -31,7 +31,7 @@ from media.mix import Playback
 from media.peer import MediaError
 from media.session import Dtmf, MediaEnded, MediaEvent, RecordingFailed, RecordSpec, Speech
 
-from ..bots import BridgeUnavailable, probe
+from ..bots import BotTargetRefused, BridgeUnavailable, probe
 from ..domain import call as dc
 from ..domain.call import Call, CallState, EndReason, TimelineEntry
 from ..errors import ProviderError, ProviderUnavailableError
@@ -76,7 +76,9 @@ class LiveCall:
         owner: str | None = None,
         call_id: str | None = None,
         timeline: list[dict] | None = None,
+        bot_policy: Any = None,
     ):
+        self._bot_policy = bot_policy
         call_id = call_id or f"call_{secrets.token_hex(6)}"
         self._save = save
         self._owner = owner
@@ -271,8 +273,8 @@ class LiveCall:
         self.feed(dc.Offered())
         if self.bot is not None:
             try:
-                await probe(self.bot)
-            except BridgeUnavailable as exc:
+                await probe(self.bot, policy=self._bot_policy)
+            except (BridgeUnavailable, BotTargetRefused) as exc:
                 await self._settle(dc.End(EndReason.BOT_FAILURE, notify=True, detail=str(exc)))
                 return
         if self.state_machine.ending:

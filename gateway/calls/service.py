@@ -22,7 +22,7 @@ from media.frames import Sink, Source
 from media.peer import PeerConfig
 from media.session import LocalMediaSession
 
-from ..bots import BotSpec, probe
+from ..bots import BotPolicy, BotSpec, probe
 from ..numbers import normalize_number
 from ..permissions import PermissionState
 from ..disk import DiskGuard
@@ -80,6 +80,10 @@ class CallManager:
         #: How a hang-up at the provider is retried (attempts, first pause; doubling).
         self.hangup_attempts = hangup_attempts
         self.hangup_pause_s = hangup_pause_s
+        #: Where bots may be (``WACALL_BOT_ALLOW``; :class:`gateway.bots.BotPolicy`).
+        self.bot_policy: BotPolicy | None = None
+        #: Calls being admitted right now (capacity is reserved for them).
+        self._admitting = 0
         #: Play names -> sources (the media library), to resume parked calls after a restart.
         self.sources_for: Callable[[list[str]], list[Source]] | None = None
         self.provider = provider
@@ -157,7 +161,7 @@ class CallManager:
             ring_timeout_s=ring_timeout_s or self.ring_timeout_s,
             max_duration_s=max_duration_s or self.max_duration_s,
             media_end_grace_s=self.media_end_grace_s, rtp_timeout_s=self.rtp_timeout_s,
-            on_entry=self._notify, on_end=self._forget_later, bot=bot,
+            on_entry=self._notify, on_end=self._forget_later, bot=bot, bot_policy=self.bot_policy,
             save=self.store.save_call if self.store is not None else None, owner=self.owner,
             call_id=call_id, timeline=timeline,
         )
@@ -194,32 +198,46 @@ class CallManager:
         API request, JSON) lets a parked call be resumed after a restart."""
         if if_no_permission not in ("fail", "request"):
             raise ValueError("if_no_permission must be 'fail' or 'request'")
-        try:
-            park = await self._admit(to, record=record, bot=bot, if_no_permission=if_no_permission)
-        except Exception:
-            for source in sources:  # refused: nothing placed, nothing left open
+        # Capacity is taken now, before the first await: every call counts from its
+        # creation (parked ones too), and concurrent requests cannot all slip through.
+        if self.closing or self._occupied() >= self.max_calls:
+            for source in sources:
                 source.close()
-            raise
-        call = self._new_call(user=to, direction=Direction.BUSINESS_INITIATED, sources=sources, sinks=sinks,
-                              biz_opaque_callback_data=biz_opaque_callback_data,
-                              ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot)
-        if record:
-            call.record_to(self.recordings_dir)
-        if park:
+            raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
+        self._admitting += 1
+        try:
             try:
-                message_id = await self.gate.request(to, permission_request)
-            except ProviderError:
-                await call.end(EndReason.PROVIDER_ERROR)
+                park = await self._admit(to, record=record, bot=bot, if_no_permission=if_no_permission)
+            except Exception:
+                for source in sources:  # refused: nothing placed, nothing left open
+                    source.close()
                 raise
+            call = self._new_call(user=to, direction=Direction.BUSINESS_INITIATED, sources=sources, sinks=sinks,
+                                  biz_opaque_callback_data=biz_opaque_callback_data,
+                                  ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot)
+            if record:
+                call.record_to(self.recordings_dir)
+            if park:
+                try:
+                    message_id = await self.gate.request(to, permission_request)
+                except ProviderError:
+                    await call.end(EndReason.PROVIDER_ERROR)
+                    raise
             self._track(call)
+        finally:
+            self._admitting -= 1
+        if park:
             wait_s = permission_wait_s or self.permission_wait_s
             call.recipe, call.permission_deadline = recipe, time.time() + wait_s
             call.feed(PermissionAsked(message_id))
             call._spawn(self._dial_when_granted(call, wait_s))
             return call
-        self._track(call)
         await self._dial(call)
         return call
+
+    def _occupied(self) -> int:
+        """Calls that count against ``max_calls``: live (parked included) and being admitted."""
+        return len(self._live) + self._admitting
 
     async def _admit(self, to: str, *, record: bool, bot: Any, if_no_permission: str) -> bool:
         """May a call to ``to`` be placed now? Raises the refusal (low disk for a
@@ -228,7 +246,7 @@ class CallManager:
         if record and self.disk is not None:
             self.disk.check_recording()  # LowDiskError
         if bot is not None:  # no bot, no call: probe it before anything is placed
-            await probe(bot)
+            await probe(bot, policy=self.bot_policy)
         park = False
         if self.gate is not None:
             try:
@@ -237,8 +255,8 @@ class CallManager:
                 if if_no_permission != "request" or exc.code not in (138006, 138010):
                     raise
                 park = True
-        if self.closing or len(self.live_calls) >= self.max_calls:
-            raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
+        if self.closing:
+            raise CapacityError("the gateway is shutting down")
         return park
 
     async def _dial(self, call: LiveCall) -> None:
@@ -300,7 +318,7 @@ class CallManager:
             log.warning("inbound call %s: connect without an SDP offer, ignored", event.call_id)
             return
         plan = None
-        if self.closing or len(self.live_calls) >= self.max_calls:
+        if self.closing or self._occupied() >= self.max_calls:
             log.warning("inbound call %s: over capacity (%d live), rejecting", event.call_id, self.max_calls)
         else:
             try:

@@ -16,16 +16,29 @@ to callers:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import re
+import time
 from abc import ABC, abstractmethod
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import aiohttp
 
 from gateway.errors import ProviderError, ProviderUnavailableError, error_for
-from gateway.redact import mask_phone, mask_text
+from gateway.redact import mask_phone, mask_secret, mask_text
+
+#: Requests that change nothing (reads) are retried this often on a network error, a
+#: 5xx or a 429, after ``READ_PAUSE_S`` doubling, with jitter (or the provider's
+#: ``Retry-After``, up to ``MAX_RETRY_AFTER_S``).
+READ_ATTEMPTS = 3
+READ_PAUSE_S = 0.2
+MAX_RETRY_AFTER_S = 5.0
+#: What a connect that failed with a 5xx (of any shape) says to do: not to retry it.
+CONNECT_UNKNOWN = "Check connectivity and provider status; do not blindly retry a connect"
 
 __all__ = ["CallingProvider", "MAX_CALLBACK_DATA"]
 
@@ -85,7 +98,12 @@ class CallingProvider(ABC):
         body = {"messaging_product": "whatsapp", "to": digits, "action": "connect",
                 "session": {"sdp_type": "offer", "sdp": sdp}}
         _add_callback_data(body, biz_opaque_callback_data)
-        data = await self._post(body)
+        try:
+            data = await self._post(body)
+        except ProviderError as exc:
+            if exc.http_status is not None and exc.http_status >= 500:
+                exc.resolution = CONNECT_UNKNOWN  # (the call may be placed all the same)
+            raise
         calls = data.get("calls")
         call_id = None
         if isinstance(calls, list) and calls and isinstance(calls[0], dict):
@@ -238,7 +256,38 @@ class CallingProvider(ABC):
 
     async def _request(self, method: str, url: str, body: dict[str, Any] | None = None, *,
                        params: dict[str, str] | None = None, action: str) -> dict[str, Any]:
-        """One authenticated request; the decoded JSON object, or a typed ProviderError."""
+        """One authenticated request; the decoded JSON object, or a typed ProviderError.
+        A read (GET) is retried on a network error, a 5xx or a 429 (honouring
+        ``Retry-After``); actions are not (a second ``connect`` could ring twice)."""
+        attempts = READ_ATTEMPTS if method == "GET" else 1
+        pause = READ_PAUSE_S
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._request_once(method, url, body, params=params, action=action)
+            except ProviderError as exc:
+                retryable = isinstance(exc, ProviderUnavailableError) or exc.http_status == 429
+                if not retryable or attempt == attempts:
+                    raise
+                wait = getattr(exc, "retry_after_s", None)
+                wait = min(wait, MAX_RETRY_AFTER_S) if wait is not None else pause * random.uniform(0.5, 1.0)
+                log.info("%s %s: retrying in %.2f s (attempt %d of %d)", self.name, action, wait,
+                         attempt + 1, attempts)
+                await asyncio.sleep(wait)
+                pause *= 2
+        raise AssertionError("unreachable")
+
+    def _scrub(self, text: str | None) -> str | None:
+        """``text`` without this client's own credentials (a provider may echo them)."""
+        if not text:
+            return text
+        for value in self._auth_headers().values():
+            secret = value.removeprefix("Bearer ").strip()
+            if len(secret) >= 4 and secret in text:
+                text = text.replace(secret, mask_secret(secret))
+        return text
+
+    async def _request_once(self, method: str, url: str, body: dict[str, Any] | None, *,
+                            params: dict[str, str] | None, action: str) -> dict[str, Any]:
         headers = {"Content-Type": "application/json", **self._auth_headers()}
         try:
             async with self._get_session().request(
@@ -247,6 +296,7 @@ class CallingProvider(ABC):
             ) as resp:
                 status = resp.status
                 text = await resp.text(errors="replace")
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
             log.warning("%s %s failed: %s", self.name, action, reason)
@@ -255,9 +305,30 @@ class CallingProvider(ABC):
         data = _decode(text)
         err = _error_from(self.name, status, data, text)
         if err is not None:
+            err.message = self._scrub(err.message)
+            err.details = self._scrub(err.details)
+            err.args = (err._summary(),)
+            if status == 429 and retry_after is not None:
+                err.retry_after_s = retry_after
+                if getattr(err, "retry_at", None) is None:
+                    err.retry_at = time.time() + retry_after  # (shown to API callers)
             log.warning("%s %s failed: %s", self.name, action, mask_text(str(err)))
             raise err
         return data if isinstance(data, dict) else {}
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After``: seconds, or an HTTP date; ``None`` if absent or nonsense."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(min(int(value), 86400))
+    try:
+        seconds = parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return max(0.0, min(seconds, 86400.0))
 
 
 def _message_id(provider: str, data: dict[str, Any]) -> str:
