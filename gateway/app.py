@@ -32,6 +32,7 @@ from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
 from .memory import HeapTrimmer
 from .providers import CallingProvider, make_provider
+from .store.redis import RedisStore
 from .store.sqlite import SQLiteStore
 from .webhook_auth import MISSING_AUTH, WebhookAuth
 from .webhooks import webhook_routes
@@ -218,7 +219,8 @@ class Service:
                                                    callback_enabled=settings.callback_permission)
         self.gate = Gatekeeper(self.ledger, self.provider, reconcile=settings.permission_reconcile)
         #: Calls (durable), webhook de-duplication, the event log: ``<data dir>/wacall.sqlite3``.
-        self.store = SQLiteStore.in_data_dir(settings.data_dir)
+        self.store = (RedisStore(settings.redis_url) if settings.redis_url
+                      else SQLiteStore.in_data_dir(settings.data_dir))
         min_free_mb = settings.min_free_mb
         if min_free_mb is None:
             min_free_mb = default_min_free_mb(settings.max_calls, sandbox=self.use_sandbox)
@@ -254,7 +256,9 @@ class Service:
 
         async def store(app: web.Application):
             yield
-            self.store.close()  # the last to go: calls and events write to it until then
+            # the last to go: calls and events write to it until then
+            closing = getattr(self.store, "aclose", None)
+            await closing() if closing is not None else self.store.close()
 
         async def sandbox(app: web.Application):
             yield

@@ -144,6 +144,9 @@ class Settings:
     host: str = setting("127.0.0.1", group="service")
     port: int = setting(8080, int, group="service")
     log_format: str = setting("json", _choice(("json", "text")), group="service")
+    #: Share calls, webhook ids and events with other instances through this Redis
+    #: (``redis://[:password@]host:port/db``); unset: ``wacall.sqlite3`` in the data dir.
+    redis_url: str | None = setting(group="service", secret=True)
     #: This instance's name on the calls it runs (the store's ``owner``).
     instance: str = setting(parse=str, group="service", factory=socket.gethostname)
     #: Ended calls are kept in the store (``GET /v1/calls`` across restarts) this long.
@@ -283,7 +286,9 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "webhook_header" and value:
+            if f.name == "redis_url" and value:
+                value = _without_userinfo(value)
+            elif f.name == "webhook_header" and value:
                 value = f"{value[0]}: {mask_secret(value[1])}"
             elif f.name in _SECRETS and value:
                 value = mask_secret(value)
@@ -291,7 +296,7 @@ class Settings:
                 value = [s.url + (" (with credentials)" if s.credential else "") for s in value]
             elif f.name == "event_webhooks":
                 value = [_without_userinfo(url.split("?", 1)[0]) for url in value]
-            elif f.name in ("base_url", "sandbox_webhook_url") and value:
+            elif f.name in ("base_url", "sandbox_webhook_url", "redis_url") and value:
                 value = _without_userinfo(value)
             elif isinstance(value, Path):
                 value = str(value)

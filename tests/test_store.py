@@ -16,8 +16,15 @@ from gateway.store import (
 )
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request, tmp_path):
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request, tmp_path):
+    if request.param == "redis":  # a real redis-server (conftest), keys of this test only
+        from gateway.store.redis import RedisStore
+
+        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"{tmp_path.name}:", dedupe_window_s=100.0)
+        yield s
+        await s.aclose()
+        return
     s = MemoryStore(dedupe_window_s=100.0) if request.param == "memory" else SQLiteStore(
         tmp_path / "wacall.sqlite3", dedupe_window_s=100.0)
     yield s

@@ -120,7 +120,10 @@ class Sandbox:
         permission_limits: PermissionLimits | None = None,
         permission_webhook_shape: str = "meta",
     ):
-        self.webhook_url = webhook_url
+        #: Where webhooks go: one URL, or several (comma separated) taken in turn, as a
+        #: load balancer in front of several gateways would (a retry goes to the next).
+        self.webhook_urls = [u.strip() for u in (webhook_url or "").split(",") if u.strip()]
+        self._next_url = 0
         self.api_key = api_key
         self.token = token
         self.phone_number_id = phone_number_id
@@ -623,7 +626,7 @@ class Sandbox:
     async def _deliver(self, value: dict | None, field_name: str = "calls", *, flat: dict | None = None) -> bool:
         """POST one webhook the way Meta does (or ``flat``, a body sent as is, like
         360dialog's ``call_permission_status``); retry with backoff until acknowledged."""
-        if not self.webhook_url:
+        if not self.webhook_urls:
             log.warning("sandbox has no webhook URL; dropping a %s webhook", field_name)
             return False
         if flat is not None:
@@ -642,7 +645,9 @@ class Sandbox:
         delay = 0.05
         for attempt in range(6):
             try:
-                async with self._session.post(self.webhook_url, data=body, headers=headers) as resp:
+                url = self.webhook_urls[self._next_url % len(self.webhook_urls)]
+                self._next_url += 1
+                async with self._session.post(url, data=body, headers=headers) as resp:
                     if 200 <= resp.status < 300:
                         self.webhooks_sent += 1
                         return True
@@ -651,5 +656,5 @@ class Sandbox:
                 log.info("sandbox webhook failed: %s (attempt %d)", exc, attempt + 1)
             await asyncio.sleep(delay)
             delay *= 2
-        log.warning("sandbox gave up delivering a webhook to %s", self.webhook_url)
+        log.warning("sandbox gave up delivering a webhook to %s", ", ".join(self.webhook_urls))
         return False

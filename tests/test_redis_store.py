@@ -1,0 +1,47 @@
+"""The service on Redis (``WACALL_REDIS_URL``): calls, their events and webhook ids live in a
+real redis-server, so another instance (here: the next one, with an empty data dir) sees them."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+import aiohttp
+
+from gateway.app import Service
+from gateway.calls import CallState
+from gateway.store.redis import RedisStore
+
+TOKEN = "redis-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+USER = "+4915112345678"
+
+
+async def test_a_second_instance_sees_the_first_ones_calls_and_events(settings, tmp_path, redis_url):
+    db = f"{redis_url.rsplit('/', 1)[0]}/{uuid.uuid4().int % 15 + 1}"  # a database of this test
+    first = replace(settings, api_token=TOKEN, redis_url=db, data_dir=tmp_path / "a")
+    async with Service(first, sandbox=True) as service:
+        assert isinstance(service.store, RedisStore)
+        await service.sandbox.grant(USER, permanent=True, notify=False)
+        service.ledger.reply(USER[1:], True, permanent=True)
+        service.sandbox.users.update(USER, {"answer_after_ms": 0})
+        call = await service.manager.place_call(USER)
+        await call.wait_state(CallState.MEDIA_CONNECTED, 20)
+        await call.hangup()
+        await service.events.bus.flush()
+        first_event = service.events.bus.history()[0].id
+    second = replace(first, data_dir=tmp_path / "b")  # nothing on disk: all from Redis
+    async with Service(second, sandbox=True) as service, aiohttp.ClientSession(base_url=service.url) as http:
+        async with http.get(f"/v1/calls/{call.id}", headers=AUTH) as resp:
+            stored = await resp.json()
+        assert stored["state"] == "ended" and stored["end_reason"] == "business_hangup"
+        async with http.get("/v1/calls", headers=AUTH) as resp:
+            assert call.id in [c["id"] for c in (await resp.json())["calls"]]
+        replay = await service.events.bus.stored_after(first_event)
+        assert replay and replay[-1].type == "call.ended" and replay[-1].call_id == call.id
+    client = RedisStore(db)
+    try:
+        assert await client.call_by_wacid(call.wacid) is not None
+        await client._redis.flushdb()
+    finally:
+        await client.aclose()
