@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 MANAGER = web.AppKey("manager", CallManager)
 SANDBOX_PREFIX = "/sandbox"
+#: With Redis: how long an instance's save holds a call (a dead instance's calls are
+#: taken over within this plus a third of it).
+LEASE_S = 9.0
 
 
 def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
@@ -234,7 +237,8 @@ class Service:
             speech_events=settings.speech_events,
             permission_wait_s=settings.permission_wait_s, history=settings.call_history,
             disk=self.disk, store=self.store, owner=settings.instance,
-            hangup_attempts=settings.hangup_attempts)
+            hangup_attempts=settings.hangup_attempts,
+            lease_s=LEASE_S if settings.redis_url else None)
         self.gate.watch(self.manager)
         self.manager.sources_for = self.library.sources
         try:
@@ -304,16 +308,26 @@ class Service:
             await self.manager.reconcile()
         except Exception:
             log.exception("finishing the calls a previous process left live failed")
-        while True:
-            try:
-                cutoff = time.time() - self.settings.call_retention_days * 86400
-                forgotten = await self.store.forget_calls(ended_before=cutoff)
-                if forgotten:
-                    log.info("call retention: forgot %d call(s) older than %g days", forgotten,
-                             self.settings.call_retention_days)
-            except Exception as exc:
-                log.warning("call retention failed: %s", exc)
-            await asyncio.sleep(3600)
+        if self.manager.lease_s is not None:  # several instances: keep ours, take the orphaned,
+            # and handle what the others forward (webhooks and commands for our calls)
+            leases = asyncio.gather(self.manager.keep_leases(), self.manager.route_inbox())
+        else:
+            leases = None
+        try:
+            while True:
+                try:
+                    cutoff = time.time() - self.settings.call_retention_days * 86400
+                    forgotten = await self.store.forget_calls(ended_before=cutoff)
+                    if forgotten:
+                        log.info("call retention: forgot %d call(s) older than %g days", forgotten,
+                                 self.settings.call_retention_days)
+                except Exception as exc:
+                    log.warning("call retention failed: %s", exc)
+                await asyncio.sleep(3600)
+        finally:
+            if leases is not None:
+                leases.cancel()
+                await asyncio.gather(leases, return_exceptions=True)
 
     def _after_call(self, call, entry) -> None:
         """A call ended: retention (at most once a minute), and give the heap memory it

@@ -17,7 +17,8 @@ import re
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import typing
+from dataclasses import asdict, dataclass, fields as dataclass_fields
 from enum import StrEnum
 from typing import Any, Self, TypeAlias
 
@@ -35,6 +36,8 @@ __all__ = [
     "WebhookError",
     "WebhookEvent",
     "WebhookFormatError",
+    "from_wire",
+    "to_wire",
 ]
 
 EventKey: TypeAlias = tuple[str, str, str, int | None]
@@ -446,3 +449,30 @@ class MessageStatus:
 
 WebhookEvent: TypeAlias = (CallConnect | CallTerminate | CallStatus | PermissionReply | MessageStatus
                            | UnknownEvent)
+
+
+# -- the wire: events passed between instances -----------------------------------------------
+
+_WIRE_TYPES = {cls.__name__: cls for cls in (CallConnect, CallTerminate, CallStatus, UnknownEvent,
+                                              PermissionReply, MessageStatus)}
+
+
+def to_wire(event: WebhookEvent) -> dict[str, Any]:
+    """A parsed webhook event as JSON data (for the instance that owns its call)."""
+    return {"type": type(event).__name__, "fields": asdict(event)}
+
+
+def from_wire(data: Mapping[str, Any]) -> WebhookEvent:
+    """The event :func:`to_wire` made; enum fields and errors typed again."""
+    cls = _WIRE_TYPES[data["type"]]
+    hints = typing.get_type_hints(cls)
+    values = dict(data["fields"])
+    for f in dataclass_fields(cls):
+        hint = hints[f.name]
+        for option in typing.get_args(hint) or (hint,):
+            if isinstance(option, type) and issubclass(option, StrEnum) and values.get(f.name) is not None:
+                values[f.name] = option(values[f.name])
+                break
+    if cls is CallTerminate:
+        values["errors"] = tuple(WebhookError(**e) for e in values.get("errors") or ())
+    return cls(**values)

@@ -418,6 +418,10 @@ class ControlApi:
 
     async def hangup(self, request: web.Request) -> web.Response:
         call = self.manager.get(request.match_info["id"])
+        if call is None and self.manager.routes:  # run by another instance: it hangs up
+            ended = await self.manager.hang_up_elsewhere(request.match_info["id"])
+            if ended is not None:
+                return web.json_response(ended)
         if call is None:
             stored = await self.manager.stored_call(request.match_info["id"])
             if stored is None:

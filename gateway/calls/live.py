@@ -77,8 +77,11 @@ class LiveCall:
         call_id: str | None = None,
         timeline: list[dict] | None = None,
         bot_policy: Any = None,
+        lease_s: float | None = None,
     ):
         self._bot_policy = bot_policy
+        #: Several instances share the store: each save holds the call for this long.
+        self.lease_s = lease_s
         call_id = call_id or f"call_{secrets.token_hex(6)}"
         self._save = save
         self._owner = owner
@@ -452,9 +455,16 @@ class LiveCall:
         durable = {"ending": sm.ending, "teardown": self._teardown_action, "accepted": sm.accepted,
                    "connect_unknown": self.connect_unknown, "tag": tagged(self.id, None),
                    "recipe": self.recipe, "permission_deadline": self.permission_deadline}
+        now = time.time()
+        lease = now + self.lease_s if self.lease_s is not None and not sm.ended else None
         return CallRecord(id=sm.id, direction=sm.direction.value, user=sm.user, state=sm.state.value,
-                          wacid=sm.wacid, owner=self._owner, created_at=sm.timeline[0].at,
-                          updated_at=time.time(), data=_json_safe({"call": self.summary(), "durable": durable}))
+                          wacid=sm.wacid, owner=self._owner, lease_until=lease, created_at=sm.timeline[0].at,
+                          updated_at=now, data=_json_safe({"call": self.summary(), "durable": durable}))
+
+    def renew(self) -> None:
+        """Save again, extending this instance's lease on the call."""
+        if not self.ended:
+            self._changed()
 
     def _changed(self) -> None:
         """Something worth storing changed: save soon (one writer per call, coalescing)."""

@@ -29,10 +29,10 @@ from ..disk import DiskGuard
 from ..domain import events as ev
 from ..domain.call import Dialed, EndReason, PermissionAsked, PermissionGiven, TimelineEntry
 from ..errors import ProviderError
-from ..events import CallConnect, CallTerminate, Direction
+from ..events import CallConnect, CallTerminate, Direction, from_wire, to_wire
 from ..providers.base import CallingProvider
 from ..redact import mask_phone
-from ..store.base import CallRecord, CallStore
+from ..store.base import CallRecord, CallStore, VersionConflict
 from .legs import WhatsAppLeg, tag_of
 from .live import Listener, LiveCall
 from .plans import InboundPlan, InboundPolicy
@@ -76,7 +76,13 @@ class CallManager:
         on_recovered: Callable[[dict, dict], None] | None = None,
         hangup_attempts: int | None = None,
         hangup_pause_s: float | None = None,
+        lease_s: float | None = None,
     ):
+        #: With a store shared by several instances: how long a save holds a call for this
+        #: instance (renewed every third of it); a call whose lease ran out is taken over.
+        self.lease_s = lease_s
+        #: Seconds from another instance forwarding a message to this one handling it.
+        self.routed_latency_s: list[float] = []
         #: How a hang-up at the provider is retried (attempts, first pause; doubling).
         self.hangup_attempts = hangup_attempts
         self.hangup_pause_s = hangup_pause_s
@@ -163,7 +169,7 @@ class CallManager:
             media_end_grace_s=self.media_end_grace_s, rtp_timeout_s=self.rtp_timeout_s,
             on_entry=self._notify, on_end=self._forget_later, bot=bot, bot_policy=self.bot_policy,
             save=self.store.save_call if self.store is not None else None, owner=self.owner,
-            call_id=call_id, timeline=timeline,
+            call_id=call_id, timeline=timeline, lease_s=self.lease_s,
         )
 
     async def place_call(
@@ -298,18 +304,87 @@ class CallManager:
         if call is not None:
             call.handle(event)
             return
-        if self.store is not None and await self.store.call_by_wacid(call_id) is not None:
-            # a call an earlier process ran (and the restart finished): a redelivered
-            # connect must not start a second session, late events change nothing
-            log.info("webhook for %s, a call that ended before this process started: ignored", call_id)
-            return
         owner = tag_of(getattr(event, "biz_opaque_callback_data", None))
+        if self.store is not None:
+            record = await self.store.call_by_wacid(call_id)
+            if record is None and owner is not None and owner not in self.calls:
+                by_tag = await self.store.get_call(owner)  # (its wacid may not be stored yet)
+                record = by_tag if by_tag is not None and by_tag.wacid in (None, call_id) else None
+            if record is not None and self._runs_elsewhere(record):
+                await self._forward(record.owner, {"kind": "event", "event": to_wire(event)})
+                return
+            if record is not None and record.wacid == call_id and record.id not in self.calls:
+                # a call an earlier process ran (and the restart finished): a redelivered
+                # connect must not start a second session, late events change nothing
+                log.info("webhook for %s, a call that ended before this process started: ignored", call_id)
+                return
         if owner is not None and await self._placed_after_all(owner, call_id, event):
             return
         if isinstance(event, CallConnect) and event.direction is Direction.USER_INITIATED:
             self._inbound(event)
             return
         self._buffer_early(call_id, event)
+
+    # -- several instances: the one that runs a call gets its webhooks and commands ----------
+
+    @property
+    def routes(self) -> bool:
+        """Several instances share the store (and it can carry messages between them)."""
+        return self.lease_s is not None and hasattr(self.store, "send")
+
+    def _runs_elsewhere(self, record: CallRecord) -> bool:
+        return (self.routes and not record.ended and record.owner not in (None, self.owner)
+                and record.lease_until is not None and record.lease_until > time.time())
+
+    async def _forward(self, instance: str, message: dict) -> None:
+        message = {**message, "from": self.owner, "sent_at": time.time()}
+        await self.store.send(instance, message)
+        log.debug("forwarded %s to instance %s", message["kind"], instance)
+
+    async def route_inbox(self) -> None:
+        """Handle what other instances forward to this one, forever: webhooks for our
+        calls and API commands (hang up)."""
+        after = "0"
+        while True:
+            try:
+                messages = await self.store.receive(self.owner, after, block_ms=1000)
+            except Exception as exc:  # (Redis away for a moment)
+                log.warning("reading this instance's inbox failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for entry_id, message in messages:
+                after = entry_id
+                try:
+                    await self._on_message(message)
+                except Exception:
+                    log.exception("a forwarded %s failed", message.get("kind"))
+            await self.store.received(self.owner, [entry_id for entry_id, _ in messages])
+
+    async def _on_message(self, message: dict) -> None:
+        if "sent_at" in message:
+            self.routed_latency_s.append(time.time() - float(message["sent_at"]))
+            del self.routed_latency_s[:-1000]
+        if message.get("kind") == "event":
+            await self.handle_event(from_wire(message["event"]))
+        elif message.get("kind") == "hangup":
+            call = self.calls.get(str(message.get("call_id")))
+            if call is not None and not call.ending:
+                call._spawn(call.hangup())
+
+    async def hang_up_elsewhere(self, call_id: str, timeout: float = 20.0) -> dict | None:
+        """Hang up a call another instance runs: ask it, then wait until it is stored ended.
+        ``None`` when no other instance runs it."""
+        record = await self.store.get_call(call_id) if self.store is not None else None
+        if record is None or not self._runs_elsewhere(record):
+            return None
+        await self._forward(record.owner, {"kind": "hangup", "call_id": call_id})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = await self.store.get_call(call_id)
+            if record is None or record.ended:
+                break
+            await asyncio.sleep(0.05)
+        return dict(record.data.get("call") or {}) if record is not None else None
 
     def _inbound(self, event: CallConnect) -> None:
         """A user calls the business: answer per policy (in the background: the webhook
@@ -395,7 +470,20 @@ class CallManager:
         Returns how many there were."""
         if self.store is None:
             return 0
+        finished = await self._take_over_live()
+        # and ended calls whose hang-up the provider never confirmed: try again
+        unconfirmed = [r for r in await self.store.recent_calls(self.UNCONFIRMED_LOOKBACK)
+                       if r.ended and r.wacid and r.id not in self.calls
+                       and (r.data.get("call") or {}).get("provider_hangup", {}).get("confirmed") is False]
+        await asyncio.gather(*(self._hang_up_again(r) for r in unconfirmed))
+        return finished + len(unconfirmed)
+
+    async def _take_over_live(self) -> int:
+        """The live calls no process runs any more: parked ones wait again here, the
+        others are finished at the provider."""
         records = [r for r in await self.store.live_calls() if r.id not in self.calls]
+        if self.lease_s is not None:  # shared: only ours (a previous run) and the orphaned
+            records = [r for r in records if await self._claim(r)]
         parked = [r for r in records if self._resumable(r)]
         for record in parked:
             try:
@@ -409,12 +497,7 @@ class CallManager:
         if records:
             log.warning("finishing %d call(s) left live by a previous process", len(records))
         await asyncio.gather(*(self._finish_left_live(r) for r in records))
-        # and ended calls whose hang-up the provider never confirmed: try again
-        unconfirmed = [r for r in await self.store.recent_calls(self.UNCONFIRMED_LOOKBACK)
-                       if r.ended and r.wacid and r.id not in self.calls
-                       and (r.data.get("call") or {}).get("provider_hangup", {}).get("confirmed") is False]
-        await asyncio.gather(*(self._hang_up_again(r) for r in unconfirmed))
-        return len(records) + len(parked) + len(unconfirmed)
+        return len(records) + len(parked)
 
     #: How many of the newest stored calls are checked for an unconfirmed hang-up at startup.
     UNCONFIRMED_LOOKBACK = 1000
@@ -454,6 +537,35 @@ class CallManager:
         log.info("call %s: waiting again for the permission request's answer (%.0f s left)", call.id, left)
         call._spawn(self._dial_when_granted(call, left))
 
+    async def _claim(self, record: CallRecord) -> bool:
+        """Make ``record`` (a live call not run here) ours, if its owner is us (an earlier
+        run) or its lease ran out; atomically, so of two instances only one gets it."""
+        now = time.time()
+        if record.owner != self.owner and record.lease_until is not None and record.lease_until > now:
+            return False
+        try:
+            await self.store.save_call(record.changed(owner=self.owner, lease_until=now + (self.lease_s or 0)),
+                                       expected_version=record.version)
+        except VersionConflict:
+            return False  # someone else was quicker (or the owner renewed)
+        if record.owner != self.owner:
+            log.warning("call %s (%s): its instance %s stopped renewing it; taking it over",
+                        record.id, record.wacid or "-", record.owner)
+        return True
+
+    async def keep_leases(self) -> None:
+        """Renew our calls' leases and take over calls whose instance died, forever
+        (runs when several instances share the store)."""
+        period = max(0.5, (self.lease_s or 10.0) / 3)
+        while True:
+            for call in list(self._live.values()):
+                call.renew()
+            try:
+                await self._take_over_live()
+            except Exception as exc:  # (Redis away for a moment: next round)
+                log.warning("taking over orphaned calls failed: %s", exc)
+            await asyncio.sleep(period)
+
     async def _finish_left_live(self, record: CallRecord) -> None:
         durable = dict(record.data.get("durable") or {})
         call_json = dict(record.data.get("call") or {})
@@ -463,16 +575,20 @@ class CallManager:
                                   and not durable.get("accepted"))
             how = "reject" if inbound_unaccepted else "terminate"
             hangup = await self._leg(None, user=record.user, wacid=record.wacid).hangup(how)
-        reason = (call_json.get("end_reason") if durable.get("ending") else None) or EndReason.GATEWAY_RESTART.value
-        detail = call_json.get("detail") or "the gateway stopped during the call; finished at the next start"
+        lost = record.owner not in (None, self.owner)
+        reason = (call_json.get("end_reason") if durable.get("ending") else None) or (
+            EndReason.INSTANCE_LOST if lost else EndReason.GATEWAY_RESTART).value
+        detail = call_json.get("detail") or (
+            f"instance {record.owner} stopped during the call; {self.owner} finished it" if lost
+            else "the gateway stopped during the call; finished at the next start")
         now = time.time()
         entry = TimelineEntry("ended", now, max(0.0, now - record.created_at), {"reason": reason, "detail": detail})
         call_json.update(state="ended", end_reason=reason, detail=detail,
                          timeline=[*call_json.get("timeline", []), entry.as_dict()])
         if hangup is not None:
             call_json["provider_hangup"] = hangup
-        await self.store.save_call(record.changed(state="ended", data={"call": call_json,
-                                                                        "durable": {**durable, "ending": True}}))
+        await self.store.save_call(record.changed(state="ended", owner=self.owner, lease_until=None,
+                                                  data={"call": call_json, "durable": {**durable, "ending": True}}))
         log.info("call %s (%s): finished after a restart (%s)", record.id, record.wacid or "-", reason)
         if self.on_recovered is not None:
             self.on_recovered(call_json, entry.as_dict())

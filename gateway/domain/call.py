@@ -95,6 +95,8 @@ class EndReason(enum.StrEnum):
     #: The process running the call stopped (crashed, was killed); the next start
     #: finished the call at the provider.
     GATEWAY_RESTART = "gateway_restart"
+    #: The instance running the call died (its lease ran out); another one finished it.
+    INSTANCE_LOST = "instance_lost"
 
 
 class Clock(Protocol):

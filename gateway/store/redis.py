@@ -225,6 +225,27 @@ class RedisStore:
         kept = await self._redis.xrange(self._key("events"), min=f"{seq}-0", max=f"{seq}-0", count=1)
         return int(seq) if kept else None
 
+    # -- instance inboxes (routing to the instance that owns a call) ------------------------
+
+    #: An inbox keeps at most this many messages (a dead instance's does not grow forever).
+    INBOX_MAX = 10_000
+
+    async def send(self, instance: str, message: Mapping[str, Any]) -> str:
+        """Queue ``message`` for ``instance`` (it reads its inbox with :meth:`receive`)."""
+        return await self._redis.xadd(self._key("inbox", instance), {"m": _dumps(dict(message))},
+                                      maxlen=self.INBOX_MAX, approximate=True)
+
+    async def receive(self, instance: str, after: str = "0", block_ms: int = 1000,
+                      count: int = 100) -> list[tuple[str, dict[str, Any]]]:
+        """Messages for ``instance`` after ``after`` (waiting up to ``block_ms`` for one)."""
+        found = await self._redis.xread({self._key("inbox", instance): after}, count=count, block=block_ms)
+        return [(entry_id, json.loads(fields["m"])) for _, entries in found or [] for entry_id, fields in entries]
+
+    async def received(self, instance: str, ids: list[str]) -> None:
+        """Forget handled messages."""
+        if ids:
+            await self._redis.xdel(self._key("inbox", instance), *ids)
+
     def close(self) -> None:
         """(See :meth:`aclose`: closing a Redis connection is a coroutine.)"""
 
