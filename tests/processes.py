@@ -21,8 +21,10 @@ TIMEOUT = 20
 
 
 def serve(env: dict, *, sandbox: bool, log: Path) -> subprocess.Popen:
-    """``wacall serve [--sandbox]`` with ``env`` over ours; its log appended to ``log``."""
-    args = [sys.executable, "-m", "gateway.cli", "serve"] + (["--sandbox"] if sandbox else [])
+    """``wacall serve [--sandbox]`` with ``env`` over ours; its log appended to ``log``
+    (``WACALL_TEST_VERBOSE=1``: debug logs)."""
+    verbose = ["-vv"] if os.environ.get("WACALL_TEST_VERBOSE") else []
+    args = [sys.executable, "-m", "gateway.cli", *verbose, "serve"] + (["--sandbox"] if sandbox else [])
     full = {**os.environ, "WACALL_LOG_FORMAT": "text", "WACALL_HOST": "127.0.0.1", **env}
     return subprocess.Popen(args, env=full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("a"))
 

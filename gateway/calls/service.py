@@ -320,6 +320,10 @@ class CallManager:
                 return
         if owner is not None and await self._placed_after_all(owner, call_id, event):
             return
+        call = self._by_wacid.get(call_id)  # (named while we looked it up in the store)
+        if call is not None:
+            call.handle(event)
+            return
         if isinstance(event, CallConnect) and event.direction is Direction.USER_INITIATED:
             self._inbound(event)
             return
