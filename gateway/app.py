@@ -252,6 +252,7 @@ class Service:
         telemetry = CallTelemetry(self.manager, self.metrics, self.events)
         self.manager.subscribe(telemetry)
         self.manager.on_recovered = telemetry.recovered
+        self.manager.on_routed = self.metrics.routed_seconds
 
     def _lifecycle(self) -> list:
         """The parts' startup and shutdown, in startup order (shutdown runs backwards).

@@ -38,6 +38,7 @@ __all__ = [
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Call setup (creation -> media connected): 10 ms ... 30 s.
+ROUTED_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
 #: Interarrival jitter of a call's inbound RTP: 0.5 ms ... 500 ms.
 JITTER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5)
@@ -167,6 +168,10 @@ class Metrics:
             "wacall_recording_failures_total", "Recordings stopped early, by code (disk_full...).",
             ["code"], registry=r,
         )
+        self.routed = Histogram(
+            "wacall_routed_seconds", "Seconds from another instance forwarding a webhook or command to "
+            "this one handling it (several instances on Redis).", buckets=ROUTED_BUCKETS, registry=r,
+        )
         # Caps on label values that outsiders can influence.
         self._direction = _Bounded(8)
         self._state = _Bounded(16)
@@ -190,6 +195,9 @@ class Metrics:
         setup = _seconds(setup_s)
         if setup is not None:
             self.call_setup.labels(direction).observe(setup)
+
+    def routed_seconds(self, seconds: float) -> None:
+        self.routed.observe(max(0.0, seconds))
 
     def set_live_calls(self, n: int) -> None:
         self.live_calls.set(max(0, int(n)))

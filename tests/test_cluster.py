@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 from gateway.sandbox.browser import write_tone_wav
-from media import analysis
 from tests.helpers import free_port, tone_seconds
 from tests.processes import poll_until, serve, stop, wait_healthy
 
@@ -82,6 +81,12 @@ async def test_two_instances_share_calls_route_webhooks_and_take_over(tmp_path, 
             # the audio went both ways: the phone heard the business's 1 kHz, A recorded the user's 600 Hz
             assert tone_seconds(there["phone_recording"], 1000.0) > 1.0
             assert tone_seconds(user_wav, 600.0) > 1.5
+            # what B forwarded reached A (webhooks of A's call, the hang-up): how fast
+            async with http.get(f"{url['a']}/metrics") as resp:
+                routed = _histogram(await resp.text(), "wacall_routed_seconds")
+            assert routed["+Inf"] >= 2, routed  # the hang-up at least, and B's share of the webhooks
+            print(f"cluster: {int(routed['+Inf'])} messages routed B -> A, "
+                  f"{routed['0.005'] / routed['+Inf']:.0%} within 5 ms, {routed['0.002'] / routed['+Inf']:.0%} within 2 ms")
 
             # a second call on A; A dies: B takes it over and ends it at the provider
             status, placed = await post("a", "/v1/calls", {"to": USER})
@@ -109,3 +114,13 @@ async def test_two_instances_share_calls_route_webhooks_and_take_over(tmp_path, 
 
 async def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
+
+
+def _histogram(text: str, name: str) -> dict[str, float]:
+    """A Prometheus histogram's cumulative buckets by ``le``."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+    return out

@@ -46,6 +46,7 @@ def test_all_families_exposed_with_types():
         "wacall_rtp_jitter_seconds": "histogram",
         "wacall_rtp_round_trip_seconds": "histogram",
         "wacall_events_delivered": "counter",
+        "wacall_routed_seconds": "histogram",
     }
     for name, kind in expected.items():
         assert fams.get(name) == kind, name

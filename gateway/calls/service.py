@@ -81,8 +81,8 @@ class CallManager:
         #: With a store shared by several instances: how long a save holds a call for this
         #: instance (renewed every third of it); a call whose lease ran out is taken over.
         self.lease_s = lease_s
-        #: Seconds from another instance forwarding a message to this one handling it.
-        self.routed_latency_s: list[float] = []
+        #: Called with the seconds from another instance forwarding a message to this one.
+        self.on_routed: Callable[[float], None] | None = None
         #: How a hang-up at the provider is retried (attempts, first pause; doubling).
         self.hangup_attempts = hangup_attempts
         self.hangup_pause_s = hangup_pause_s
@@ -365,9 +365,8 @@ class CallManager:
             await self.store.received(self.owner, [entry_id for entry_id, _ in messages])
 
     async def _on_message(self, message: dict) -> None:
-        if "sent_at" in message:
-            self.routed_latency_s.append(time.time() - float(message["sent_at"]))
-            del self.routed_latency_s[:-1000]
+        if "sent_at" in message and self.on_routed is not None:
+            self.on_routed(time.time() - float(message["sent_at"]))
         if message.get("kind") == "event":
             await self.handle_event(from_wire(message["event"]))
         elif message.get("kind") == "hangup":
