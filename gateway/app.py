@@ -248,7 +248,8 @@ class Service:
         self.trimmer = HeapTrimmer()
         self.manager.subscribe(self._after_call)
         self.events = EventFanout(settings.event_webhooks, settings.event_secret,
-                                  history=settings.event_history, store=self.store)
+                                  history=settings.event_history, store=self.store,
+                                  instance=settings.instance if settings.redis_url else None)
         telemetry = CallTelemetry(self.manager, self.metrics, self.events)
         self.manager.subscribe(telemetry)
         self.manager.on_recovered = telemetry.recovered
@@ -283,7 +284,10 @@ class Service:
         async def events(app: web.Application):
             await self.events.recover()  # what a previous process left undelivered goes first
             self.events.start()
+            following = asyncio.ensure_future(self.events.follow())  # (other instances' events)
             yield
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
             await self.events.close(timeout_s=10.0)  # deliver the last events
 
         async def recordings(app: web.Application):

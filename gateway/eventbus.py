@@ -297,6 +297,10 @@ class EventBus:
         #: The durable log events are appended to (``None``: memory only).
         self.outbox = outbox
         self._unwritten: deque[Event] = deque()
+        #: Ids of the events published here lately (an outbox shared with other instances
+        #: brings them back: :meth:`inject` skips them).
+        self._mine: deque[str] = deque(maxlen=10_000)
+        self._mine_set: set[str] = set()
         self._writer: asyncio.Task | None = None
         self._written = 0
         #: Subscriptions dropped for falling behind, since start.
@@ -334,6 +338,10 @@ class EventBus:
             return event
         self.published += 1
         self._history.append(event)
+        if len(self._mine) == self._mine.maxlen:
+            self._mine_set.discard(self._mine[0])
+        self._mine.append(event.id)
+        self._mine_set.add(event.id)
         if self.outbox is not None:
             self._unwritten.append(event)
             if self._writer is None or self._writer.done():
@@ -369,6 +377,19 @@ class EventBus:
         """Wait until every published event is in the outbox."""
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
+
+    def inject(self, event: Event) -> bool:
+        """Show ``event``, published by another instance sharing the outbox, to this bus's
+        subscribers (SSE) — not to its listeners (each instance delivers its own events'
+        webhooks) and not to the outbox again. False when it was ours, or the bus is closed."""
+        if self._closed or event.id in self._mine_set:
+            return False
+        self._history.append(event)
+        for sub in list(self._subs):
+            if sub.matches(event) and not sub._offer(event):
+                self.dropped_subscribers += 1
+                sub._drop()
+        return True
 
     def knows(self, event_id: str) -> bool:
         return any(e.id == event_id for e in self._history)
@@ -778,9 +799,12 @@ class EventFanout:
 
     def __init__(self, urls: Sequence[str] = (), secret: str | None = None, *,
                  bus: EventBus | None = None, history: int = 1000,
-                 session: aiohttp.ClientSession | None = None, store: Any = None, **delivery: Any) -> None:
+                 session: aiohttp.ClientSession | None = None, store: Any = None,
+                 instance: str | None = None, **delivery: Any) -> None:
         #: Outbox and delivery markers (:class:`gateway.store.sqlite.SQLiteStore`), if durable.
         self.store = store
+        #: With a store shared by several instances: each remembers its own deliveries.
+        self.instance = instance
         self.bus = bus if bus is not None else EventBus(history=history, outbox=store)
         self.deliveries = [WebhookDelivery(url, secret, session=session, **delivery)
                            for url in urls]
@@ -790,9 +814,9 @@ class EventFanout:
             if store is not None:
                 d.on_delivered = self._marker(d)
 
-    @staticmethod
-    def _marker_key(delivery: WebhookDelivery) -> str:
-        return "event-delivery:" + hashlib.sha256(delivery.url.encode()).hexdigest()[:32]
+    def _marker_key(self, delivery: WebhookDelivery) -> str:
+        owner = f"{self.instance}:" if self.instance else ""
+        return f"event-delivery:{owner}" + hashlib.sha256(delivery.url.encode()).hexdigest()[:32]
 
     def _marker(self, delivery: WebhookDelivery) -> Callable[[Event], Awaitable[None]]:
         key = self._marker_key(delivery)
@@ -810,6 +834,24 @@ class EventFanout:
                     self._marker_versions.pop(key, None)
 
         return remember
+
+    async def follow(self) -> None:
+        """With an outbox shared by several instances (Redis): show every instance's events
+        to this instance's SSE subscribers, forever."""
+        tail = getattr(self.store, "tail", None)
+        if tail is None:
+            return
+        after = "$"
+        while not self.bus.closed:
+            try:
+                after, events = await tail(after, 1000)
+            except Exception as exc:  # (Redis away for a moment)
+                if STORE_OUTAGE.first():
+                    log.warning("following the shared event log failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for logged in events:
+                self.bus.inject(Event.from_dict(logged.data))
 
     async def recover(self) -> int:
         """Before :meth:`start`: queue, for each endpoint, the events an earlier process

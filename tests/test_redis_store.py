@@ -45,3 +45,46 @@ async def test_a_second_instance_sees_the_first_ones_calls_and_events(settings, 
         await client._redis.flushdb()
     finally:
         await client.aclose()
+
+
+async def test_sse_on_one_instance_shows_every_instance_s_events(redis_url):
+    """Two buses sharing an outbox on Redis (two instances): a subscriber on B sees what A
+    publishes, and B's own events once; A's webhook deliveries are A's alone."""
+    import asyncio
+
+    from gateway.eventbus import EventFanout
+
+    db = f"{redis_url.rsplit('/', 1)[0]}/{uuid.uuid4().int % 15 + 1}"
+    store_a, store_b = RedisStore(db, prefix="sse:"), RedisStore(db, prefix="sse:")
+    a, b = EventFanout(store=store_a), EventFanout(store=store_b)
+    following = asyncio.ensure_future(b.follow())
+    try:
+        sub = b.bus.subscribe()
+        for _ in range(50):  # until the follower is listening: its first read starts at "now"
+            probe = a.publish("test.probe", {})
+            await a.bus.flush()
+            try:
+                first = await asyncio.wait_for(anext(sub), 0.2)
+                break
+            except TimeoutError:
+                continue
+        assert first.type == "test.probe"
+        mine = b.publish("call.created", {"n": 1}, call_id="call_b")
+        theirs = a.publish("call.ringing", {"n": 2}, call_id="call_a")
+        await a.bus.flush()
+        await b.bus.flush()
+        got = [await asyncio.wait_for(anext(sub), 5) for _ in range(2)]
+        assert {e.id for e in got} == {mine.id, theirs.id}
+        # b's own event came back through Redis too (before this one): it is not shown twice
+        end = a.publish("test.end", {})
+        await a.bus.flush()
+        assert (await asyncio.wait_for(anext(sub), 5)).id == end.id
+        assert probe.id != mine.id
+    finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+        a.bus.close()
+        b.bus.close()
+        await store_a._redis.flushdb()
+        await store_a.aclose()
+        await store_b.aclose()

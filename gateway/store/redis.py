@@ -218,6 +218,18 @@ class RedisStore:
     async def trim(self, keep: int) -> int:
         return int(await self._redis.xtrim(self._key("events"), maxlen=max(0, int(keep)), approximate=False))
 
+    async def tail(self, after: str = "$", block_ms: int = 1000) -> tuple[str, list[LoggedEvent]]:
+        """Events appended after stream id ``after`` (``"$"``: from now), waiting up to
+        ``block_ms`` for one; returns the id to continue from and the events."""
+        found = await self._redis.xread({self._key("events"): after}, count=500, block=block_ms)
+        events = []
+        for _, entries in found or []:
+            for entry_id, f in entries:
+                after = entry_id
+                events.append(LoggedEvent(int(entry_id.split("-")[0]), f["id"], f["type"], f["call_id"] or None,
+                                          json.loads(f["data"]), float(f["created_at"])))
+        return after, events
+
     async def position(self, event_id: str) -> int | None:
         seq = await self._redis.get(self._key("event", event_id))
         if seq is None:
