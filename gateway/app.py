@@ -32,7 +32,7 @@ from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
 from .memory import HeapTrimmer
 from .providers import CallingProvider, make_provider
-from .store.redis import RedisStore
+from .store.redis import RedisPermissionStore, RedisStore
 from .store.sqlite import SQLiteStore
 from .webhook_auth import MISSING_AUTH, WebhookAuth
 from .webhooks import webhook_routes
@@ -218,8 +218,12 @@ class Service:
         self.library = MediaLibrary(settings.media_root)
         self.provider = make_provider(settings.provider, **settings.provider_kwargs())
         clock = self.sandbox.clock if self.sandbox else SystemClock()
-        self.ledger = PermissionLedger.in_data_dir(settings.data_dir, clock, limits,
-                                                   callback_enabled=settings.callback_permission)
+        if settings.redis_url:  # one ledger for every instance
+            self.ledger = PermissionLedger(RedisPermissionStore(settings.redis_url), clock, limits,
+                                           callback_enabled=settings.callback_permission)
+        else:
+            self.ledger = PermissionLedger.in_data_dir(settings.data_dir, clock, limits,
+                                                       callback_enabled=settings.callback_permission)
         self.gate = Gatekeeper(self.ledger, self.provider, reconcile=settings.permission_reconcile)
         #: Calls (durable), webhook de-duplication, the event log: ``<data dir>/wacall.sqlite3``.
         self.store = (RedisStore(settings.redis_url) if settings.redis_url

@@ -15,7 +15,10 @@ answered or not, inbound) so the ledger counts what the provider counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +76,39 @@ class Gatekeeper:
         #: permission (useful when this ledger may have missed webhooks).
         self.reconcile = reconcile
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
+        self._deciding: dict[str, asyncio.Lock] = {}
 
     # -- gates ---------------------------------------------------------------------------
+
+    #: How long one decision may hold a user (check -> call placed); a crashed holder's
+    #: lock expires after it.
+    DECIDING_TTL_S = 30.0
+
+    @contextlib.asynccontextmanager
+    async def deciding(self, user: str):
+        """One call to ``user`` at a time from the check of the rules to the call being
+        placed (counted), in this process and, with a ledger shared through Redis, across
+        instances: two dials of one user at once cannot both pass a limit only one fits."""
+        user = normalize_number(user)
+        local = self._deciding.setdefault(user, asyncio.Lock())
+        try:
+            async with local:
+                shared = getattr(self.ledger.store, "try_lock", None)
+                token = secrets.token_hex(8)
+                if shared is not None:
+                    deadline = time.monotonic() + self.DECIDING_TTL_S
+                    while not shared(user, token, self.DECIDING_TTL_S):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"another instance is deciding about {mask_phone(user)}")
+                        await asyncio.sleep(0.02)
+                try:
+                    yield
+                finally:
+                    if shared is not None:
+                        self.ledger.store.unlock(user, token)
+        finally:
+            if not local.locked() and self._deciding.get(user) is local:
+                del self._deciding[user]  # (no lock left behind per user)
 
     async def check_call(self, user: str) -> None:
         user = normalize_number(user)

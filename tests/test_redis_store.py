@@ -3,6 +3,7 @@ real redis-server, so another instance (here: the next one, with an empty data d
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import replace
 
@@ -88,3 +89,45 @@ async def test_sse_on_one_instance_shows_every_instance_s_events(redis_url):
         await store_a._redis.flushdb()
         await store_a.aclose()
         await store_b.aclose()
+
+
+async def test_two_instances_dialing_one_user_at_once_never_exceed_the_limit(redis_url):
+    """Two gatekeepers (two instances) on one ledger in Redis: 12 dials of one user at once,
+    each holding its decision while the connect is in flight, place exactly the 5 the
+    rules allow. Without the decision lock the same race places more (the test can fail)."""
+    import asyncio
+
+    from gateway.errors import ProviderError
+    from gateway.gatekeeper import Gatekeeper
+    from gateway.permissions import PermissionLedger
+    from gateway.store.redis import RedisPermissionStore
+
+    db = f"{redis_url.rsplit('/', 1)[0]}/{uuid.uuid4().int % 15 + 1}"
+    user = "4915100000777"
+
+    def instance(prefix: str) -> Gatekeeper:
+        return Gatekeeper(PermissionLedger(RedisPermissionStore(db, prefix=prefix)), provider=None)
+
+    async def dial(gate: Gatekeeper, n: int, locked: bool) -> bool:
+        try:
+            async with gate.deciding(user) if locked else contextlib.nullcontext():
+                await gate.check_call(user)
+                await asyncio.sleep(0.005)  # the connect request in flight
+                gate.ledger.call_placed(user, f"wacid.{n}")
+            return True
+        except ProviderError:
+            return False
+
+    for locked, prefix in ((True, "gate1:"), (False, "gate2:")):
+        a, b = instance(prefix), instance(prefix)
+        a.ledger.reply(user, True, permanent=True)
+        placed = await asyncio.gather(*(dial(a if n % 2 else b, n, locked) for n in range(12)))
+        if locked:
+            assert sum(placed) == 5, placed  # seed rules: 5 calls per 24 h
+        else:
+            assert sum(placed) > 5, placed  # (the race the lock closes)
+        for gate in (a, b):
+            gate.ledger.store.close()
+    client = RedisStore(db)
+    await client._redis.flushdb()
+    await client.aclose()

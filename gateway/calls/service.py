@@ -11,6 +11,7 @@ are buffered for a while: the ``connect`` answer can beat the HTTP response of o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -211,35 +212,41 @@ class CallManager:
                 source.close()
             raise CapacityError(f"{self.max_calls} calls are live; try again when one ends")
         self._admitting += 1
+        tracked = False
         try:
-            try:
+            # one decision about this user at a time (here, and across instances sharing
+            # the ledger): the rules are checked and the call placed and counted before
+            # the next dial of the same user is checked
+            async with self.gate.deciding(to) if self.gate is not None else contextlib.nullcontext():
                 park = await self._admit(to, record=record, bot=bot, if_no_permission=if_no_permission)
-            except Exception:
-                for source in sources:  # refused: nothing placed, nothing left open
+                call = self._new_call(user=to, direction=Direction.BUSINESS_INITIATED, sources=sources,
+                                      sinks=sinks, biz_opaque_callback_data=biz_opaque_callback_data,
+                                      ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot)
+                if record:
+                    call.record_to(self.recordings_dir)
+                if park:
+                    try:
+                        message_id = await self.gate.request(to, permission_request)
+                    except ProviderError:
+                        await call.end(EndReason.PROVIDER_ERROR)
+                        raise
+                self._track(call)
+                tracked = True
+                self._admitting -= 1
+                if park:
+                    wait_s = permission_wait_s or self.permission_wait_s
+                    call.recipe, call.permission_deadline = recipe, time.time() + wait_s
+                    call.feed(PermissionAsked(message_id))
+                    call._spawn(self._dial_when_granted(call, wait_s))
+                    return call
+                await self._dial(call)
+                return call
+        except BaseException:
+            if not tracked:  # refused: nothing placed, nothing left open (close is idempotent)
+                self._admitting -= 1
+                for source in sources:
                     source.close()
-                raise
-            call = self._new_call(user=to, direction=Direction.BUSINESS_INITIATED, sources=sources, sinks=sinks,
-                                  biz_opaque_callback_data=biz_opaque_callback_data,
-                                  ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot)
-            if record:
-                call.record_to(self.recordings_dir)
-            if park:
-                try:
-                    message_id = await self.gate.request(to, permission_request)
-                except ProviderError:
-                    await call.end(EndReason.PROVIDER_ERROR)
-                    raise
-            self._track(call)
-        finally:
-            self._admitting -= 1
-        if park:
-            wait_s = permission_wait_s or self.permission_wait_s
-            call.recipe, call.permission_deadline = recipe, time.time() + wait_s
-            call.feed(PermissionAsked(message_id))
-            call._spawn(self._dial_when_granted(call, wait_s))
-            return call
-        await self._dial(call)
-        return call
+            raise
 
     def _occupied(self) -> int:
         """Calls that count against ``max_calls``: live (parked included) and being admitted."""
@@ -288,12 +295,13 @@ class CallManager:
             await call.end(EndReason.PERMISSION_DENIED, detail="the user declined the permission request")
             return
         call.feed(PermissionGiven())
-        try:
-            await self.gate.check_call(call.user)
-        except ProviderError as exc:
-            await call.end(EndReason.PROVIDER_ERROR, error=exc)
-            return
-        await self._dial(call)
+        async with self.gate.deciding(call.user):  # (as in place_call: check, place, count)
+            try:
+                await self.gate.check_call(call.user)
+            except ProviderError as exc:
+                await call.end(EndReason.PROVIDER_ERROR, error=exc)
+                return
+            await self._dial(call)
 
     async def handle_event(self, event) -> None:
         """Dispatch target for the webhook receiver."""

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from .base import DEDUPE_WINDOW_S, CallRecord, LoggedEvent, VersionConflict
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisPermissionStore", "RedisStore"]
 
 _SAVE_CALL = """
 local found = tonumber(redis.call('HGET', KEYS[1], 'version')) or 0
@@ -263,3 +263,44 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+class RedisPermissionStore:
+    """:class:`gateway.store.PermissionStore` on Redis, so every instance's permission
+    ledger reads and writes the same records; with :meth:`lock`, one instance at a time
+    decides a user's next call (see :meth:`gateway.gatekeeper.Gatekeeper.deciding`).
+
+    The ledger's interface is synchronous: this store uses a synchronous client (a
+    loopback round trip is a fraction of a millisecond)."""
+
+    def __init__(self, url: str, *, prefix: str = "wacall:") -> None:
+        import redis as sync_redis
+
+        self.prefix = prefix
+        self._redis = sync_redis.Redis.from_url(url, decode_responses=True)
+
+    def load(self, user: str) -> dict[str, Any] | None:
+        text = self._redis.get(f"{self.prefix}permission:{user}")
+        return None if text is None else json.loads(text)
+
+    def save(self, user: str, record: Mapping[str, Any]) -> None:
+        with self._redis.pipeline() as pipe:  # (MULTI: record and index together)
+            pipe.set(f"{self.prefix}permission:{user}", _dumps(dict(record)))
+            pipe.sadd(f"{self.prefix}permissions", user)
+            pipe.execute()
+
+    def users(self) -> list[str]:
+        return sorted(self._redis.smembers(f"{self.prefix}permissions"))
+
+    def try_lock(self, user: str, token: str, ttl_s: float) -> bool:
+        """Take ``user``'s decision lock for ``ttl_s`` (``False``: someone holds it)."""
+        return bool(self._redis.set(f"{self.prefix}permission-lock:{user}", token, nx=True,
+                                    px=max(1, int(ttl_s * 1000))))
+
+    def unlock(self, user: str, token: str) -> None:
+        """Release the lock if it is still ours (not after it expired and was taken)."""
+        self._redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+                         "else return 0 end", 1, f"{self.prefix}permission-lock:{user}", token)
+
+    def close(self) -> None:
+        self._redis.close()
