@@ -117,6 +117,14 @@ def _guard(skipped: list[str] | None, where: str, parse) -> list[WebhookEvent]:
         return []
 
 
+def _with_id(item: Any, path: str) -> Mapping[str, Any]:
+    """``item`` as an object with a non-empty string ``id``, or :class:`WebhookFormatError`."""
+    item = _object(item, path)
+    if not isinstance(item.get("id"), str) or not item["id"]:
+        raise WebhookFormatError(f"{path} has no 'id'")
+    return item
+
+
 def _items(value: Mapping[str, Any], name: str, where: str, skipped: list[str] | None) -> list[Any]:
     """``value[name]`` as a list (absent: empty); not a list: a malformed event."""
     found = _guard(skipped, where, lambda: [_list(value.get(name), f"{where}.value.{name}")])
@@ -135,9 +143,7 @@ def _parse_calls_value(value: Mapping[str, Any], where: str, skipped: list[str] 
     out: list[WebhookEvent] = []
 
     def one_call(call: Any, path: str) -> list[WebhookEvent]:
-        call = _object(call, path)
-        if not isinstance(call.get("id"), str) or not call["id"]:
-            raise WebhookFormatError(f"{path} has no 'id'")
+        call = _with_id(call, path)
         event = call.get("event")
         if event == "connect":
             return [CallConnect.from_dict(call, phone_number_id=pnid)]
@@ -146,9 +152,7 @@ def _parse_calls_value(value: Mapping[str, Any], where: str, skipped: list[str] 
         return [UnknownEvent.from_dict(call, phone_number_id=pnid, field="calls")]
 
     def one_status(status: Any, path: str) -> list[WebhookEvent]:
-        status = _object(status, path)
-        if not isinstance(status.get("id"), str) or not status["id"]:
-            raise WebhookFormatError(f"{path} has no 'id'")
+        status = _with_id(status, path)
         raw = status.get("status")
         if isinstance(raw, str) and raw.strip().upper() == "TERMINATE":
             return [CallTerminate.from_status(status, phone_number_id=pnid, errors=errors)]
@@ -180,10 +184,7 @@ def _parse_messages_value(value: Mapping[str, Any], where: str, skipped: list[st
         return [UnknownEvent.from_dict(message, phone_number_id=pnid, field="messages", kind=_kind_of(message))]
 
     def one_status(status: Any, path: str) -> list[WebhookEvent]:
-        status = _object(status, path)
-        if not isinstance(status.get("id"), str) or not status["id"]:
-            raise WebhookFormatError(f"{path} has no 'id'")
-        return [MessageStatus.from_dict(status, phone_number_id=pnid)]
+        return [MessageStatus.from_dict(_with_id(status, path), phone_number_id=pnid)]
 
     for k, message in enumerate(_items(value, "messages", where, skipped)):
         path = f"{where}.value.messages[{k}]"
