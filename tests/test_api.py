@@ -1,30 +1,20 @@
 """The control API over real HTTP, every response checked against gateway/api/openapi.json."""
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
-import jsonschema
 import pytest
 
 from gateway.app import Service
+from tests.openapi import DOC, check
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = json.loads((ROOT / "gateway" / "api" / "openapi.json").read_text())
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 USER = "+4915112345678"
 TIMEOUT = 20
-
-
-def check(response_json, status: int, method: str, path: str):
-    """Validate a response body against the documented schema for (path, method, status)."""
-    operation = DOC["paths"][path][method.lower()]
-    assert str(status) in operation["responses"], f"{method} {path} -> {status} is undocumented"
-    schema = operation["responses"][str(status)]["content"]["application/json"]["schema"]
-    jsonschema.Draft202012Validator({**schema, "components": DOC["components"]}).validate(response_json)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from gateway.sandbox.browser import write_tone_wav
 from gateway.webhook_auth import WebhookAuth
 from media import analysis
 from tests.helpers import free_port, until
+from tests.openapi import check
 from tests.processes import ProviderAndGateway, poll_until
 
 USER = "+4915112345678"
@@ -65,6 +66,7 @@ async def test_an_unconfirmed_hangup_is_a_502_and_shows_on_the_call(settings):
                 assert resp.status == 502
                 body = await resp.json()
         assert not at_provider.ended  # (what the 502 is about: it may still be up there)
+    check(body, 502, "DELETE", "/v1/calls/{id}")  # (as the OpenAPI document says)
     assert body["error"]["code"] == "hangup_unconfirmed"
     assert body["call"]["state"] == "ended"
     assert body["call"]["provider_hangup"] == {
@@ -167,6 +169,7 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
             await world.gateway_healthy()
             ended = await poll_until(lambda: world.call(call_id), lambda c: c["state"] == "ended")
             assert ended["end_reason"] == "gateway_restart" and ended["wacid"] == wacid
+            check(ended, 200, "GET", "/v1/calls/{id}")
             assert ended["provider_hangup"]["confirmed"] is True
             assert [e["name"] for e in ended["timeline"]][-1] == "ended"
             listed = await world.get(f"{gateway_url}/v1/calls")

@@ -9,6 +9,7 @@ import aiohttp
 
 from gateway.app import Service
 from tests.helpers import until
+from tests.openapi import check
 
 TOKEN = "idempotency-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,6 +36,7 @@ async def test_a_retried_call_is_the_same_call_also_after_a_restart(settings):
         assert len(service.sandbox.calls) == 1  # placed once
         status, other = await post(http, url, {"to": USER, "record": True}, "order-8812-call")
         assert status == 422 and other["error"]["code"] == "idempotency_key_reused"
+        check(other, 422, "POST", "/v1/calls")
         status, bad = await post(http, url, {"to": USER}, "bad\u00e9key")
         assert status == 400
         await service.manager.calls[first["id"]].wait_finished(20)

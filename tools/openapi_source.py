@@ -6,7 +6,8 @@ import json
 
 END_REASONS = ["rejected", "user_hangup", "business_hangup", "ring_timeout", "not_answered",
                "max_duration", "media_failure", "provider_error", "shutdown", "declined",
-               "permission_denied", "permission_timeout", "bot_hangup", "bot_failure"]
+               "permission_denied", "permission_timeout", "bot_hangup", "bot_failure", "gateway_restart",
+               "instance_lost"]
 PERMISSION_STATES = ["none", "requested", "granted", "rejected", "revoked", "expired"]
 STATES = ["created", "offer_sent", "ringing", "accepted", "media_connected", "ended"]
 
@@ -28,6 +29,12 @@ def error(description):
 
 
 ERRORS = {"400": error("Invalid request"), "401": error("Missing or wrong bearer token")}
+IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+               "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+               "description": "A retry with the same key returns the same call or request (kept 24 h, "
+                              "across restarts); the same key with another body is a 422"}
+RETRIES = {"409": error("A request with this Idempotency-Key is still being processed"),
+           "422": error("This Idempotency-Key was used with a different body")}
 
 doc = {
     "openapi": "3.1.0",
@@ -41,11 +48,12 @@ doc = {
             "post": {
                 "operationId": "createCall",
                 "summary": "Place a business-initiated call",
+                "parameters": [IDEMPOTENCY],
                 "requestBody": {"required": True, **json_body(ref("CreateCall"))},
                 "responses": {
                     "201": {"description": "The call was accepted by the provider and is ringing",
                             **json_body(ref("Call"))},
-                    **ERRORS,
+                    **ERRORS, **RETRIES,
                     "403": error("The provider refused: no permission (138006) or it expired (138010)"),
                     "429": error("A limit was hit (e.g. 138012 calls per 24 h)"),
                     "501": error("A requested feature is not available in this version"),
@@ -77,7 +85,13 @@ doc = {
                                   "401": ERRORS["401"], "404": error("No such call")}},
             "delete": {"operationId": "hangUp", "summary": "Hang up (idempotent)",
                        "responses": {"200": {"description": "The ended call", **json_body(ref("Call"))},
-                                     "401": ERRORS["401"], "404": error("No such call")}},
+                                     "401": ERRORS["401"], "404": error("No such call"),
+                                     "502": {"description": "The call ended here, but the provider did not "
+                                                            "confirm the hang-up (code hangup_unconfirmed); "
+                                                            "it is tried again at the next start",
+                                             **json_body({"type": "object", "required": ["error", "call"],
+                                                          "properties": {"error": {"type": "object"},
+                                                                         "call": ref("Call")}})}}},
         },
         "/v1/calls/{id}/play": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -113,10 +127,12 @@ doc = {
         "/v1/permissions/{user}/request": {
             "parameters": [{"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}],
             "post": {"operationId": "requestPermission", "summary": "Send a call-permission request",
+                     "parameters": [IDEMPOTENCY],
                      "requestBody": {"required": False, **json_body(ref("PermissionRequest"))},
                      "responses": {"202": {"description": "Sent", **json_body(ref("PermissionRequested"))},
-                                   **ERRORS,
-                                   "409": error("A permanent permission exists (138017)"),
+                                   **ERRORS, "422": RETRIES["422"],
+                                   "409": error("A permanent permission exists (138017), or a request with "
+                                                "this Idempotency-Key is still being processed"),
                                    "429": error("Too many requests (138011); retry_at says when"),
                                    "502": error("The provider refused the request"),
                                    "503": error("Provider unreachable")}},
@@ -275,6 +291,12 @@ doc = {
                                                "reason": {"type": "string"}}}),
                         }}),
                     "media": {"type": "object"},
+                    "provider_hangup": {
+                        "type": "object", "required": ["action", "confirmed", "attempts"],
+                        "description": "What the provider said to wacall's hang-up (terminate or reject)",
+                        "properties": {"action": {"type": "string", "enum": ["terminate", "reject"]},
+                                       "confirmed": {"type": "boolean"}, "attempts": {"type": "integer"},
+                                       "gone": {"type": "boolean"}, "error": nullable({"type": "object"})}},
                 },
             },
             "CallList": {"type": "object", "required": ["calls", "next_cursor"],
