@@ -18,7 +18,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from media.bridges import PROTOCOLS, BridgeUnavailable, make_bridge
@@ -89,10 +89,16 @@ _OPTIONS = {"idle_timeout_s", "connect_timeout_s", "sample_rate", "account_sid"}
 
 @dataclass(slots=True)
 class BotSpec:
+    """A voice bot's leg spec (:class:`gateway.calls.legs.LegSpec`)."""
+
+    kind: ClassVar[str] = "bot"
     protocol: str
     url: str
     parameters: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "url": self.url, "parameters": dict(self.parameters), **self.options}
 
     @classmethod
     def from_dict(cls, data: Any) -> BotSpec:

@@ -119,3 +119,13 @@ async def test_inbound_call_routed_to_a_bot_and_rejected_when_it_is_down(setting
         await call.wait_finished(TIMEOUT)
     assert sandbox_call.ended_by == "business_rejected"
     assert call.end_reason is EndReason.BOT_FAILURE and "unreachable" in call.end_detail
+
+
+def test_a_bot_spec_is_a_leg_spec_and_survives_a_round_trip():
+    from gateway.bots import BotSpec
+    from gateway.calls.legs import LegSpec
+
+    spec = BotSpec.from_dict({"protocol": "pcm", "url": "ws://127.0.0.1:9/bot", "parameters": {"lang": "de"},
+                              "sample_rate": 16000})
+    assert isinstance(spec, LegSpec) and spec.kind == "bot"
+    assert BotSpec.from_dict(spec.to_dict()) == spec  # (what a parked call stores and reads back)

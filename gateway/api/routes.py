@@ -356,7 +356,8 @@ class ControlApi:
         plays = _plays(body.get("play"))
         sources = self.library.sources(plays)
         # (a call parked for a permission request is placed from this after a restart)
-        recipe = {"play": plays, "record": record, "bot": body.get("bot"), "ring_timeout_s": ring_timeout_s,
+        recipe = {"play": plays, "record": record, "bot": bot.to_dict() if bot is not None else None,
+                  "ring_timeout_s": ring_timeout_s,
                   "max_duration_s": max_duration_s} if if_no_permission == "request" else None
         try:
             call = await self.manager.place_call(

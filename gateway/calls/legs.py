@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from media.session import LocalMediaSession
 
@@ -32,7 +32,7 @@ from ..domain.call import AcceptSent, AnswerMade, Dialed, MediaReady, OfferMade,
 from ..errors import ProviderError, ProviderUnavailableError
 from ..providers.base import CallingProvider
 
-__all__ = ["BotLeg", "Leg", "LegEnded", "WhatsAppLeg", "tag_of", "tagged"]
+__all__ = ["BotLeg", "Leg", "LegEnded", "LegSpec", "WhatsAppLeg", "tag_of", "tagged"]
 
 #: wacall's mark in ``biz_opaque_callback_data`` (the provider echoes it in every webhook
 #: about the call): a call whose ``connect`` outcome was unknown is recognised by it.
@@ -74,6 +74,21 @@ class LegEnded:
 
     by: str
     reason: str
+
+
+@runtime_checkable
+class LegSpec(Protocol):
+    """What a party on a call is, as data: parsed once at the edge (the API body, a
+    setting) with ``from_dict`` (a clear ``ValueError`` for bad input), serialisable back
+    with ``to_dict`` (a call parked across a restart keeps it). The call service makes it
+    live as its :class:`Leg` (a :class:`gateway.bots.BotSpec` becomes a :class:`BotLeg`)."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LegSpec: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @runtime_checkable
