@@ -143,6 +143,8 @@ class MediaPeer:
         self._connected = asyncio.Event()
         self._ended = asyncio.get_running_loop().create_future()
         self._closed = False
+        #: The last RTP statistics read while the transport was up (see get_stats).
+        self._last_rtp: dict | None = None
         self._pc.on("connectionstatechange", self._on_connection_state)
         self._pc.on("track", self._on_track)
         self._dtmf = PeerDtmf(label)
@@ -364,6 +366,13 @@ class MediaPeer:
         from .stats import collect
 
         out = await collect(self._pc)
+        rtp = {k: v for k, v in out.items()}
+        if out["packets_sent"] or out["packets_received"] or out["candidate_pair"]:
+            self._last_rtp = rtp
+        elif self._last_rtp is not None:
+            # the transport is gone (the far end hung up first: aiortc forgets its counters
+            # and the candidate pair): the last numbers read while it was up
+            out.update(self._last_rtp)
         out["pacing"] = self.outbound.stats.as_dict()
         out["received_seconds"] = round(self.received.seconds, 3)
         if self._receiver is not None and not self._receiver.fallback:

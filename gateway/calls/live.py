@@ -220,6 +220,10 @@ class LiveCall:
         else:  # pragma: no cover - a new action without a handler is a programming error
             raise TypeError(f"unknown call action {output!r}")
 
+    #: How often a connected call's media statistics are read (the last reading is what a
+    #: call keeps when the far end's hang-up takes the transport's counters with it).
+    STATS_EVERY_S = 2.0
+
     def _timer_fired(self, name: str) -> None:
         self._timers.pop(name, None)
         with bind_call_id(self.id):
@@ -314,10 +318,14 @@ class LiveCall:
         timeout = self._rtp_timeout_s
         received = self.received
         last_frames, last_change = received.frames, time.monotonic()
+        last_stats = last_change - self.STATS_EVERY_S  # (a first reading at the first wake-up)
         while not self.state_machine.ending:
             await asyncio.sleep(min(1.0, timeout / 4))
             frames = received.frames
             now = time.monotonic()
+            if now - last_stats >= self.STATS_EVERY_S:  # (kept if the far end hangs up first)
+                last_stats = now
+                await self.refresh_stats()
             if frames != last_frames:
                 last_frames, last_change = frames, now
             elif now - last_change >= timeout:
