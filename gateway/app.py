@@ -160,7 +160,12 @@ class Service:
         settings = self.settings
         sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.host, settings.port))
+        try:
+            sock.bind((settings.host, settings.port))
+        except (OSError, OverflowError) as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
         port = sock.getsockname()[1]
         local_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         self.url = f"http://{local_host}:{port}"

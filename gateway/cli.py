@@ -27,6 +27,7 @@ from .config import ConfigError, Settings
 from .errors import ProviderError
 from .permissions import iso
 from .progress import ProgressPrinter
+from .numbers import normalize_number
 from .redact import mask_phone
 
 log = logging.getLogger("wacall")
@@ -34,6 +35,7 @@ log = logging.getLogger("wacall")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wacall", description="WhatsApp Business calling gateway")
+    parser.add_argument("--version", action="version", version=f"wacall {_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--config", type=Path, help="TOML settings file (or WACALL_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +89,21 @@ def _setup_logging(verbose: int, default: int, settings: Settings, json_format: 
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wacall")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _port(value: int | None, name: str) -> int | None:
+    if value is not None and not 0 <= value <= 65535:
+        raise ConfigError(f"{name} must be a port from 0 to 65535, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -103,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(handler(args, settings))
     except (ConfigError, FileNotFoundError, MediaFileError) as exc:
         print(f"wacall: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a bad number, a bad option value
+        print(f"wacall: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the port is taken, a directory is not writable...
+        print(f"wacall: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2
     except ProviderError as exc:  # e.g. refused by the permission gate before dialing
         retry = getattr(exc, "retry_at", None)
@@ -153,7 +176,8 @@ def _print_demo_summary(summary: dict) -> None:
 
 
 async def _call(args, settings: Settings) -> int:
-    settings = replace(settings, host=args.host or settings.host, port=args.port or settings.port)
+    settings = replace(settings, host=args.host or settings.host, port=_port(args.port, "--port") or settings.port)
+    normalize_number(args.to)  # (a bad number is refused before anything starts)
     sources = [FileSource(path) for path in args.play]
     sinks = [WavSink(args.record / "user.wav")] if args.record else []
     printer = None if args.json else ProgressPrinter()
@@ -237,7 +261,7 @@ async def _config(args, settings: Settings) -> int:
 
 
 async def _serve(args, settings: Settings) -> int:
-    settings = replace(settings, host=args.host or settings.host, port=args.port or settings.port)
+    settings = replace(settings, host=args.host or settings.host, port=_port(args.port, "--port") or settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

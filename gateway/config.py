@@ -72,6 +72,15 @@ def _positive(kind: type) -> Callable[[Any], Any]:
     return parse
 
 
+def _bounded_int(low: int, high: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        value = int(raw)
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}, got {value}")
+        return value
+    return parse
+
+
 def _non_negative(kind: type) -> Callable[[Any], Any]:
     def parse(raw: Any) -> Any:
         value = kind(raw)
@@ -142,7 +151,7 @@ class Settings:
     data_dir: Path = setting(parse=Path, group="service", factory=lambda: Path("wacall-data"))
     media_dir: Path | None = setting(parse=Path, group="service")
     host: str = setting("127.0.0.1", group="service")
-    port: int = setting(8080, int, group="service")
+    port: int = setting(8080, _bounded_int(0, 65535), group="service")
     log_format: str = setting("json", _choice(("json", "text")), group="service")
     #: Share calls, webhook ids and events with other instances through this Redis
     #: (``redis://[:password@]host:port/db``); unset: ``wacall.sqlite3`` in the data dir.
