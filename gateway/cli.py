@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="place one call to a simulated user through the embedded sandbox")
-    demo.add_argument("--play", type=Path, help="what the business plays (default: fixtures/audio/business.ogg)")
-    demo.add_argument("--phone-play", type=Path, help="what the simulated user says (default: fixtures/audio/user.ogg)")
+    demo.add_argument("--play", type=Path, help="what the business plays (default: a 1 kHz tone, gateway/assets/business.ogg)")
+    demo.add_argument("--phone-play", type=Path, help="what the simulated user says (default: a 600 Hz tone, gateway/assets/user.ogg)")
     demo.add_argument("--out", type=Path, default=Path("wacall-demo"), help="recordings directory (default: ./wacall-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of live progress")
 

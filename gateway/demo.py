@@ -17,14 +17,14 @@ from media import analysis
 from media.sinks.wav import WavSink
 from media.sources.file import FileSource
 
+from . import assets
 from .app import Service
 from .calls import CallState, EndReason, LiveCall as Call
 from .config import Settings
 from .progress import ProgressPrinter
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "audio"
-DEFAULT_PLAY = FIXTURES / "business.ogg"
-DEFAULT_PHONE_PLAY = FIXTURES / "user.ogg"
+DEFAULT_PLAY = assets.path("business.ogg")
+DEFAULT_PHONE_PLAY = assets.path("user.ogg")
 DEMO_USER = "+15550100001"
 #: Keep listening this long after both sides finished talking, then hang up.
 LISTEN_TAIL_S = 0.5

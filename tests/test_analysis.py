@@ -22,7 +22,7 @@ from media.errors import MediaFileError
 
 RATE = 48_000
 WINDOW_S = 0.02
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "audio"
+FIXTURES = Path(__file__).resolve().parent.parent / "gateway" / "assets"
 
 
 def tone(

@@ -21,7 +21,7 @@ TIMEOUT = 20
 async def api(settings, tmp_path):
     media = tmp_path / "media"
     media.mkdir()
-    shutil.copy(ROOT / "fixtures/audio/business.ogg", media / "hello.ogg")
+    shutil.copy(ROOT / "gateway/assets/business.ogg", media / "hello.ogg")
     async with Service(replace(settings, api_token=TOKEN, media_dir=media), sandbox=True) as service:
         await service.sandbox.grant(USER, permanent=True)
         async with aiohttp.ClientSession(base_url=service.url, headers=AUTH) as http:

@@ -38,7 +38,7 @@ async def test_pipecat_bot_answers_the_user_through_wacall(api):
     pipecat = pytest.importorskip("tests.test_bridge_pipecat")
     async with pipecat.PipecatTwilioBot() as bot:
         api.sandbox.users.update(USER, {"answer_after_ms": 200, "hangup_after_s": 4.0,
-                                        "say": str(ROOT / "fixtures/audio/user.ogg")})
+                                        "say": str(ROOT / "gateway/assets/user.ogg")})
         status, body = await place(api, {"protocol": "twilio", "url": bot.url,
                                          "parameters": {"crm_lead": "9913"}})
         assert status == 201, body

@@ -47,12 +47,12 @@ async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path
                                  json={"permanent": True, "notify": False}) as resp:
                 assert resp.status == 200, await resp.text()
             async with http.post(f"{base}/sandbox/users/{USER}",
-                                 json={"say": str(ROOT / "fixtures/audio/user.ogg"),
+                                 json={"say": str(ROOT / "gateway/assets/user.ogg"),
                                        "answer_after_ms": 200}) as resp:
                 assert resp.status == 200, await resp.text()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.cli", "call", "--to", USER,
-                "--play", str(ROOT / "fixtures/audio/business.ogg"), "--record", str(tmp_path / "out"),
+                "--play", str(ROOT / "gateway/assets/business.ogg"), "--record", str(tmp_path / "out"),
                 "--json", env=call_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, stderr.decode()

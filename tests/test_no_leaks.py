@@ -30,7 +30,7 @@ from media.sources.file import FileSource
 from tests.helpers import until
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAY = ROOT / "fixtures/audio/business.ogg"
+PLAY = ROOT / "gateway/assets/business.ogg"
 TIMEOUT = 30
 
 #: What a call's media is made of; none of it may outlive the call.

@@ -72,7 +72,7 @@ async def served(tmp_path):
 
     media = tmp_path / "media"
     media.mkdir()
-    shutil.copy(ROOT / "fixtures/audio/business.ogg", media / "greeting.ogg")
+    shutil.copy(ROOT / "gateway/assets/business.ogg", media / "greeting.ogg")
     port = free_port()
     low = 20000 + (os.getpid() * 7) % 10000
     env = {**os.environ, "WACALL_PORT": str(port), "WACALL_API_TOKEN": TOKEN,
@@ -197,7 +197,7 @@ async def test_outbound_call_over_http_with_sse_and_signed_webhooks(served):
 async def test_inbound_call_is_answered_and_recorded(served):
     http, receiver, proc, _ = served
     async with http.post(f"/sandbox/users/{USER}/call",
-                         json={"say": str(ROOT / "fixtures/audio/user.ogg"), "hangup_after_s": 4.0}) as resp:
+                         json={"say": str(ROOT / "gateway/assets/user.ogg"), "hangup_after_s": 4.0}) as resp:
         assert resp.status == 201, await resp.text()
         wacid = (await resp.json())["id"]
     await receiver.wait_for(lambda evs: any(e["type"] == "call.ended" and e["data"]["call"]["wacid"] == wacid

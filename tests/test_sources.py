@@ -17,7 +17,7 @@ from media.errors import MediaFileError
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE, Source
 from media.sources import FileSource, SilenceSource, ToneSource
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "audio"
+FIXTURES = Path(__file__).resolve().parent.parent / "gateway" / "assets"
 FRAME_S = 0.02
 ONE_FRAME = FRAME_S + 1e-9  # "within one frame", robust to float rounding
 
