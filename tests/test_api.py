@@ -177,3 +177,27 @@ async def test_health_and_readiness(api):
             assert resp.status == 200
         async with http.get("/readyz") as resp:
             assert resp.status == 200 and (await resp.json())["ready"] is True
+
+
+async def test_list_filters_by_user_direction_and_time_and_refuses_unknown_parameters(api):
+    http = api.http
+    api.sandbox.users.update(USER, {"on_call": "reject"})
+    async with http.post("/v1/calls", json={"to": USER}) as resp:
+        assert resp.status == 201
+        placed = await resp.json()
+    created = placed["created_at"]
+    for query, expected in ((f"?user={USER}", True), ("?user=%2B4915100000000", False),
+                            ("?direction=BUSINESS_INITIATED", True), ("?direction=USER_INITIATED", False),
+                            (f"?since={created}", True), (f"?until={created}", False),
+                            ("?since=2000-01-01T00:00:00Z&until=2100-01-01T00:00:00Z", True)):
+        async with http.get("/v1/calls" + query) as resp:
+            body = await resp.json()
+            assert resp.status == 200, body
+            check(body, 200, "GET", "/v1/calls")
+            assert (placed["id"] in [c["id"] for c in body["calls"]]) is expected, query
+    for query in ("?colour=blue", "?since=yesterday", "?direction=sideways", "?user=123"):
+        async with http.get("/v1/calls" + query) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_request", query
+    async with http.get(f"/v1/permissions/{USER}?refresh=1&x=2") as resp:
+        assert resp.status == 400
+    assert DOC["servers"][0]["url"].startswith("http://")

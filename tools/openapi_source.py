@@ -42,6 +42,7 @@ doc = {
              "description": "Place, watch and end WhatsApp Business calls. Authenticate with "
                             "'Authorization: Bearer <WACALL_API_TOKEN>'. Every error has the shape "
                             "{\"error\": {\"code\", \"message\", \"resolution\"?}}."},
+    "servers": [{"url": "http://127.0.0.1:8080", "description": "wacall serve (WACALL_HOST, WACALL_PORT)"}],
     "security": [{"bearer": []}],
     "paths": {
         "/v1/calls": {
@@ -72,6 +73,14 @@ doc = {
                      "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
                     {"name": "cursor", "in": "query", "schema": {"type": "string"},
                      "description": "next_cursor of the previous page"},
+                    {"name": "user", "in": "query", "schema": {"type": "string"},
+                     "description": "Only calls with this user (E.164)"},
+                    {"name": "direction", "in": "query",
+                     "schema": {"type": "string", "enum": ["BUSINESS_INITIATED", "USER_INITIATED"]}},
+                    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"},
+                     "description": "Only calls created at or after this time (ISO 8601)"},
+                    {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"},
+                     "description": "Only calls created before this time (ISO 8601)"},
                 ],
                 "responses": {"200": {"description": "A page of calls", **json_body(ref("CallList"))},
                               **ERRORS},

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -155,6 +156,29 @@ def _plays(value: Any) -> list[str]:
     return names
 
 
+#: The query parameters of GET /v1/calls.
+LIST_QUERY = ("state", "limit", "cursor", "user", "direction", "since", "until")
+
+
+def _time(query: Any, name: str) -> float | None:
+    """An ISO 8601 time from the query (a ``Z`` or an offset; naive means UTC)."""
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be an ISO 8601 time, e.g. 2026-12-07T09:00:00Z") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _created(call: dict) -> float:
+    try:
+        return datetime.fromisoformat(str(call.get("created_at")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -219,18 +243,23 @@ class ControlApi:
         return [
             web.get("/v1/openapi.json", self.openapi),
             web.post("/v1/calls", self._guard(self.create_call)),
-            web.get("/v1/calls", self._guard(self.list_calls)),
+            web.get("/v1/calls", self._guard(self.list_calls, query=LIST_QUERY)),
             web.get("/v1/calls/{id}", self._guard(self.get_call)),
             web.delete("/v1/calls/{id}", self._guard(self.hangup)),
             web.post("/v1/calls/{id}/play", self._guard(self.play)),
             web.post("/v1/calls/{id}/dtmf", self._guard(self.dtmf)),
             web.get("/v1/permissions", self._guard(self.list_permissions)),
-            web.get("/v1/permissions/{user}", self._guard(self.get_permission)),
+            web.get("/v1/permissions/{user}", self._guard(self.get_permission, query=("refresh",))),
             web.post("/v1/permissions/{user}/request", self._guard(self.request_permission)),
         ]
 
-    def _guard(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    def _guard(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+               query: tuple[str, ...] = ()):
         async def guarded(request: web.Request) -> web.StreamResponse:
+            unknown = sorted(set(request.query) - set(query))
+            if unknown:
+                return error_response(400, "bad_request", f"unknown query parameters: {', '.join(unknown)[:200]}",
+                                      f"this route takes: {', '.join(query) or 'none'}")
             try:
                 return await handler(request)
             except BadRequest as exc:
@@ -390,13 +419,27 @@ class ControlApi:
             raise BadRequest("limit must be an integer") from None
         if not 1 <= limit <= MAX_PAGE:
             raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+        user = query.get("user")
+        if user is not None:
+            try:
+                user = normalize_number(user)
+            except ValueError as exc:
+                raise BadRequest(f"user: {exc}") from None
+        direction = query.get("direction")
+        if direction is not None and direction not in ("BUSINESS_INITIATED", "USER_INITIATED"):
+            raise BadRequest("direction must be BUSINESS_INITIATED or USER_INITIATED")
+        since, until = _time(query, "since"), _time(query, "until")
         # this process's calls (live ones first hand), then what the store keeps (earlier
         # processes' calls too), newest first
-        summaries = [c.summary() for c in reversed(self.manager.calls.values())]
-        known = {s["id"] for s in summaries}
-        stored = [s for s in await self.manager.stored_calls(MAX_STORED) if s.get("id") not in known]
-        calls = sorted(summaries + stored, key=lambda s: str(s.get("created_at")), reverse=True)
-        calls = [s for s in calls if state is None or s.get("state") == state]
+        found = [(c.user, c.summary()) for c in reversed(self.manager.calls.values())]
+        known = {s["id"] for _, s in found}
+        found += [(u, s) for u, s in await self.manager.stored_calls(MAX_STORED) if s.get("id") not in known]
+        found.sort(key=lambda pair: str(pair[1].get("created_at")), reverse=True)
+        calls = [s for u, s in found
+                 if (state is None or s.get("state") == state)
+                 and (user is None or u.lstrip("+") == user)
+                 and (direction is None or s.get("direction") == direction)
+                 and (since is None or _created(s) >= since) and (until is None or _created(s) < until)]
         cursor = query.get("cursor")
         if cursor:
             ids = [s.get("id") for s in calls]

@@ -611,11 +611,12 @@ class CallManager:
         record = await self.store.get_call(call_id)
         return dict(record.data.get("call") or {}) if record is not None else None
 
-    async def stored_calls(self, limit: int) -> list[dict]:
-        """The newest stored calls' JSON (this process's and earlier ones')."""
+    async def stored_calls(self, limit: int) -> list[tuple[str, dict]]:
+        """The newest stored calls (this process's and earlier ones'): the user's number
+        (whole, for filtering) and the call's JSON."""
         if self.store is None:
             return []
-        return [dict(r.data.get("call") or {}) for r in await self.store.recent_calls(limit)]
+        return [(r.user, dict(r.data.get("call") or {})) for r in await self.store.recent_calls(limit)]
 
     def _buffer_early(self, call_id: str, event) -> None:
         now = time.monotonic()
