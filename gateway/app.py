@@ -301,7 +301,10 @@ class Service:
 
         async def recordings(app: web.Application):
             self._recordings_maintenance(startup=True)  # repair what a crash left
+            lag = asyncio.ensure_future(self.metrics.watch_loop_lag())
             yield
+            lag.cancel()
+            await asyncio.gather(lag, return_exceptions=True)
 
         async def calls(app: web.Application):
             # calls a killed process left live: finished at the provider (in the

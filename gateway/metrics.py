@@ -16,14 +16,28 @@ Exposed at ``GET /metrics`` via :func:`metrics_handler`::
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import enum
 import math
+import time
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# ``*_created`` series (a timestamp per counter) are noise for a service's dashboards.
+disable_created_metrics()
 
 __all__ = [
     "CONTENT_TYPE",
@@ -168,6 +182,12 @@ class Metrics:
             "wacall_recording_failures_total", "Recordings stopped early, by code (disk_full...).",
             ["code"], registry=r,
         )
+        # the process: CPU seconds, resident memory, open file descriptors (process_*)
+        ProcessCollector(registry=r)
+        self.loop_lag = Gauge(
+            "wacall_event_loop_lag_seconds", "How late the event loop ran a 1 s timer, lately (the "
+            "worst of the last 10 readings): what every call's audio waits on.", registry=r,
+        )
         self.routed = Histogram(
             "wacall_routed_seconds", "Seconds from another instance forwarding a webhook or command to "
             "this one handling it (several instances on Redis).", buckets=ROUTED_BUCKETS, registry=r,
@@ -195,6 +215,15 @@ class Metrics:
         setup = _seconds(setup_s)
         if setup is not None:
             self.call_setup.labels(direction).observe(setup)
+
+    async def watch_loop_lag(self, period_s: float = 1.0) -> None:
+        """Measure the event loop's lag forever (run it as a task)."""
+        recent: collections.deque[float] = collections.deque(maxlen=10)
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(period_s)
+            recent.append(max(0.0, time.monotonic() - before - period_s))
+            self.loop_lag.set(max(recent))
 
     def routed_seconds(self, seconds: float) -> None:
         self.routed.observe(max(0.0, seconds))

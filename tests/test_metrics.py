@@ -202,3 +202,22 @@ async def test_aiohttp_handler():
     sample = next(s for s in fams["wacall_webhooks"].samples if s.name == "wacall_webhooks_total")
     assert sample.labels == {"kind": "terminate", "result": "ok"}
     assert sample.value == 1
+
+
+async def test_process_metrics_loop_lag_and_no_created_series():
+    import asyncio
+
+    m = Metrics()
+    watching = asyncio.ensure_future(m.watch_loop_lag(period_s=0.01))
+    try:
+        started = asyncio.get_running_loop().time()
+        while "wacall_event_loop_lag_seconds" not in m.render()[0].decode() or \
+                asyncio.get_running_loop().time() - started < 0.05:
+            await asyncio.sleep(0.01)
+    finally:
+        watching.cancel()
+    text = m.render()[0].decode()
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total",
+                 "wacall_event_loop_lag_seconds"):
+        assert f"\n{name} " in text, name
+    assert "_created" not in text
