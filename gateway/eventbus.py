@@ -30,6 +30,7 @@ query or fragment (they may carry tokens).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -60,6 +61,7 @@ __all__ = [
     "WebhookDelivery",
     "event_routes",
     "sign_body",
+    "standard_webhook_headers",
     "sse_handler",
     "verify_signature",
 ]
@@ -552,6 +554,35 @@ def sign_body(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def _secrets(configured: str) -> list[str]:
+    """``WACALL_EVENT_SECRET``: one secret, or several separated by spaces or commas while
+    rotating (every one signs; the first also signs the ``X-Wacall-Signature`` header)."""
+    return [s for s in re.split(r"[\s,]+", configured.strip()) if s] or [configured]
+
+
+def _key(secret: str) -> bytes:
+    """A Standard Webhooks secret ``whsec_<base64>`` is its decoded bytes; any other text is
+    its UTF-8 bytes (receivers then use ``whsec_`` + base64 of it)."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            pass
+    return secret.encode()
+
+
+def standard_webhook_headers(event_id: str, body: bytes, secrets: Sequence[str],
+                             timestamp: int | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``,
+    ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">`` per secret),
+    so receivers verify with the scheme's libraries (and reject replays by the timestamp)."""
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    signed = f"{event_id}.{timestamp}.".encode() + body
+    signatures = " ".join("v1," + base64.b64encode(hmac.new(_key(s), signed, hashlib.sha256).digest()).decode()
+                          for s in secrets)
+    return {"webhook-id": event_id, "webhook-timestamp": str(timestamp), "webhook-signature": signatures}
+
+
 def verify_signature(body: bytes, header: str | None, secret: str) -> bool:
     """For receivers: does ``header`` (``X-Wacall-Signature``) match ``body``?
 
@@ -777,7 +808,9 @@ class WebhookDelivery:
             "User-Agent": "wacall-events",
         }
         if self._secret:
-            headers[SIGNATURE_HEADER] = sign_body(body, self._secret)
+            secrets = _secrets(self._secret)
+            headers[SIGNATURE_HEADER] = sign_body(body, secrets[0])  # (wacall's own, for one more release)
+            headers.update(standard_webhook_headers(event.id, body, secrets))
         self.attempts += 1
         try:
             async with self._session.post(

@@ -668,3 +668,34 @@ async def test_events_pending_at_a_crash_are_delivered_by_the_next_process(
     finally:
         await second.close(timeout_s=WAIT)
         store.close()
+
+
+async def test_event_webhooks_follow_standard_webhooks_and_rotate_secrets(receiver) -> None:
+    """Receivers verify with the Standard Webhooks library; while rotating, both secrets
+    verify; the old X-Wacall-Signature header is still there."""
+    import base64 as b64
+
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    rec, server = receiver
+    new = "whsec_" + b64.b64encode(b"a-new-secret-of-32-bytes-0123456").decode()
+    old = "an-old-plain-secret"
+    bus = EventBus()
+    delivery = WebhookDelivery(url(server), f"{new} {old}")
+    delivery.attach(bus)
+    delivery.start()
+    try:
+        event = bus.publish("call.ringing", {"n": 1}, call_id="c")
+        hit = await rec.next()
+    finally:
+        await delivery.close(timeout_s=WAIT)
+    headers = {k.lower(): v for k, v in hit.headers.items()}
+    assert headers["webhook-id"] == event.id
+    Webhook(new).verify(hit.body, headers)  # the new secret
+    Webhook("whsec_" + b64.b64encode(old.encode()).decode()).verify(hit.body, headers)  # the old one
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + b64.b64encode(b"someone-else").decode()).verify(hit.body, headers)
+    tampered = {**headers, "webhook-timestamp": str(int(headers["webhook-timestamp"]) - 3600)}
+    with pytest.raises(WebhookVerificationError):  # an old timestamp: a replay
+        Webhook(new).verify(hit.body, tampered)
+    assert verify_signature(hit.body, headers["x-wacall-signature"], new)
