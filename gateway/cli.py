@@ -40,13 +40,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (or WACALL_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="place one call to a simulated user through the embedded sandbox")
+    def command(name: str, summary: str, description: str, example: str, parent=sub):
+        return parent.add_parser(name, help=summary, description=description,
+                                 epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    demo = command("demo", "place one call to a simulated user through the embedded sandbox",
+                   "Start the gateway and its sandbox in this process, call a simulated WhatsApp user, "
+                   "play a 1 kHz tone while the user says a 600 Hz one, record both, and check both "
+                   "tones arrived. Needs no account and no network.", "wacall demo --out /tmp/demo")
     demo.add_argument("--play", type=Path, help="what the business plays (default: a 1 kHz tone, gateway/assets/business.ogg)")
     demo.add_argument("--phone-play", type=Path, help="what the simulated user says (default: a 600 Hz tone, gateway/assets/user.ogg)")
     demo.add_argument("--out", type=Path, default=Path("wacall-demo"), help="recordings directory (default: ./wacall-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of live progress")
 
-    call = sub.add_parser("call", help="place a real call through the configured provider")
+    call = command("call", "place a real call through the configured provider",
+                   "Place one business-initiated call: play the files once the user has picked up and "
+                   "media is up, record the user, hang up when playback ends (--stay: when the user "
+                   "does). The provider's webhooks must reach --host/--port.",
+                   "wacall call --to +4915112345678 --play hello.wav --record out/")
     call.add_argument("--to", required=True, help="the user's number, E.164 (+4915112345678)")
     call.add_argument("--play", type=Path, action="append", default=[], help="file to play (repeatable)")
     call.add_argument("--record", type=Path, help="directory for the recording of the user's audio")
@@ -58,14 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--port", type=int, help="webhook listen port (WACALL_PORT)")
     call.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
-    serve = sub.add_parser("serve", help="run the gateway: webhooks at POST /webhooks/whatsapp")
+    serve = command("serve", "run the gateway: webhooks at POST /webhooks/whatsapp",
+                    "Run wacall as a service: provider webhooks, the control API under /v1 "
+                    "(WACALL_API_TOKEN), events at /v1/events, /metrics, /healthz, /readyz.",
+                    "WACALL_API_TOKEN=$(openssl rand -hex 24) wacall serve --sandbox --port 8080")
     serve.add_argument("--host", help="listen address (WACALL_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (WACALL_PORT, default 8080)")
     serve.add_argument("--sandbox", action="store_true", help="also run the embedded sandbox provider")
 
-    sub.add_parser("config", help="print the effective settings (secrets masked) as JSON")
+    command("config", "print the effective settings (secrets masked) as JSON",
+            "The settings as wacall reads them (defaults, then --config/WACALL_CONFIG, then "
+            "WACALL_* variables), with every secret masked.", "WACALL_PORT=9000 wacall config")
 
-    perm = sub.add_parser("permission", help="call permissions, through a running `wacall serve`")
+    perm = command("permission", "call permissions, through a running `wacall serve`",
+                   "Ask a running service (its control API) about call permissions, or send a "
+                   "permission request.", "wacall permission status +4915112345678")
     perm.add_argument("--url", default=None, help="the service (WACALL_API_URL, default http://127.0.0.1:8080)")
     perm_sub = perm.add_subparsers(dest="action", required=True)
     req = perm_sub.add_parser("request", help="send a call-permission request")

@@ -53,3 +53,10 @@ def test_a_port_in_use_is_one_line(tmp_path):
 def test_a_bad_port_setting_is_a_configuration_error(tmp_path):
     done = wacall("config", env={"WACALL_PORT": "70000", "WACALL_DATA_DIR": str(tmp_path)})
     assert done.returncode == 2 and "WACALL_PORT" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "call", "serve", "config", "permission"])
+def test_every_command_explains_itself_with_an_example(command):
+    done = wacall(command, "--help")
+    assert done.returncode == 0
+    assert "example:\n  " in done.stdout and ("wacall " + command) in done.stdout.split("example:")[1]
