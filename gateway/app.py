@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from .api.routes import ControlApi, auth_middleware, json_errors
 from .bots import BotPolicy
@@ -112,6 +114,20 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
     return app
 
 
+class AccessLog(AbstractAccessLogger):
+    """One line per HTTP request (``gateway.access``): method, path, status, bytes, time;
+    query values that look like secrets masked (``hub.verify_token`` and the like)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        query = "&".join(f"{k}={'***' if _SECRET_PARAM.search(k) else v}" for k, v in request.query.items())
+        self.logger.info("%s %s%s %s %s B %.1f ms", request.method, request.path, f"?{query}" if query else "",
+                         response.status, response.body_length, time * 1000,
+                         extra={"event": "http", "status": response.status})
+
+
+_SECRET_PARAM = re.compile(r"token|secret|key|password|signature|auth", re.IGNORECASE)
+
+
 class Service:
     """Gateway (and optionally the sandbox) on one port; an async context manager."""
 
@@ -140,7 +156,8 @@ class Service:
         self.app = create_app(self.settings, self.manager, self.library, self.metrics, self.events,
                               self.gate, self.sandbox, webhook_auth=self.webhook_auth, store=self.store)
         self.app.cleanup_ctx.extend(self._lifecycle())
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=logging.getLogger("gateway.access"),
+                                     access_log_class=AccessLog, handle_signals=False)
         await self._runner.setup()  # runs each context up to its ``yield``, in order
         await web.SockSite(self._runner, sock).start()
         # Everything alive now (modules, settings, the app) lives as long as the

@@ -305,3 +305,23 @@ def test_reconfigure_switches_format(out):
     logging.getLogger("wacall.test").info("now human")
     assert out.getvalue() == ""
     assert "INFO wacall.test now human" in other.getvalue()
+
+
+async def test_every_http_request_is_one_access_line_with_secrets_masked(settings, caplog):
+    import logging
+
+    import aiohttp
+
+    from gateway.app import Service
+
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        async with Service(settings, sandbox=True) as service, aiohttp.ClientSession() as http:
+            async with http.get(f"{service.url}/webhooks/whatsapp",
+                                params={"hub.mode": "subscribe", "hub.verify_token": "vt-s3cret", "hub.challenge": "1"}):
+                pass
+            async with http.get(f"{service.url}/healthz"):
+                pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert any(line.startswith("GET /healthz 200") for line in lines), lines
+    handshake = next(line for line in lines if "/webhooks/whatsapp" in line)
+    assert "vt-s3cret" not in handshake and "hub.verify_token=***" in handshake and " 403 " in handshake
