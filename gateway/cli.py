@@ -284,9 +284,9 @@ async def _serve(args, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if not settings.api_token:
-        log.warning("WACALL_API_TOKEN is not set: the control API (/v1) refuses every request")
     async with Service(settings, sandbox=args.sandbox) as service:
+        if not settings.api_token:  # (once it runs: a refused start says only why)
+            log.warning("WACALL_API_TOKEN is not set: the control API (/v1) refuses every request")
         print(f"wacall serving on {service.url} (webhooks: POST /webhooks/whatsapp"
               f"{', sandbox: /sandbox' if args.sandbox else ''})", flush=True)
         await stop.wait()
