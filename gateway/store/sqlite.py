@@ -82,11 +82,6 @@ class SQLitePermissionStore:
             rows = self._db.execute("SELECT user FROM permission_records ORDER BY user").fetchall()
         return [r[0] for r in rows]
 
-    async def position(self, event_id: str) -> int | None:
-        with self._lock:
-            row = self._db.execute("SELECT MAX(seq) FROM events WHERE id = ?", (event_id,)).fetchone()
-        return row[0] if row else None
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
