@@ -51,6 +51,7 @@ import aiohttp
 from aiohttp import web
 
 from .logs import STORE_OUTAGE
+from .webhook_auth import matches_hmac
 from .store.base import VersionConflict
 
 __all__ = [
@@ -588,13 +589,7 @@ def verify_signature(body: bytes, header: str | None, secret: str) -> bool:
 
     Compare against the raw body bytes, before any JSON parsing. Constant-time.
     """
-    if not header or not secret:
-        return False
-    prefix, _, given = header.strip().partition("=")
-    if prefix.lower() != "sha256" or not given:
-        return False
-    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8"))
+    return matches_hmac(secret, body, header)
 
 
 def _log_url(url: str) -> str:

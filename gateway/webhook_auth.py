@@ -24,7 +24,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["WebhookAuth", "parse_header_setting", "MISSING_AUTH"]
+__all__ = ["WebhookAuth", "matches_hmac", "parse_header_setting", "MISSING_AUTH"]
 
 META_HEADER = "X-Hub-Signature-256"
 D360_HEADER = "x-360dialog-signature"
@@ -52,8 +52,10 @@ def _hmac_hex(secret: str, body: bytes) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _matches_hmac(secret: str, body: bytes, given: str | None, *, prefix_required: bool) -> bool:
-    if not given:
+def matches_hmac(secret: str | None, body: bytes, given: str | None, *, prefix_required: bool = True) -> bool:
+    """Does ``given`` (``sha256=<hex>``; the prefix optional unless ``prefix_required``) carry
+    the HMAC-SHA256 of ``body`` keyed with ``secret``? Constant time; any bytes refused cleanly."""
+    if not given or not secret:
         return False
     given = given.strip()
     head, sep, tail = given.partition("=")
@@ -107,11 +109,9 @@ class WebhookAuth:
         as ``"none"`` (the caller decided that is acceptable)."""
         if not self.configured:
             return "none"
-        if self.app_secret and _matches_hmac(self.app_secret, body, headers.get(META_HEADER),
-                                             prefix_required=True):
+        if matches_hmac(self.app_secret, body, headers.get(META_HEADER)):
             return "meta"
-        if self.d360_secret and _matches_hmac(self.d360_secret, body, headers.get(D360_HEADER),
-                                              prefix_required=False):
+        if matches_hmac(self.d360_secret, body, headers.get(D360_HEADER), prefix_required=False):
             return "360dialog"
         if self.header:
             name, value = self.header

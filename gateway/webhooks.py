@@ -12,7 +12,6 @@ Every POST is authenticated on its raw bytes before anything is parsed
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -34,7 +33,7 @@ from gateway.events import (
 )
 from gateway.logs import STORE_OUTAGE
 from gateway.redact import mask_phone
-from gateway.webhook_auth import WebhookAuth
+from gateway.webhook_auth import WebhookAuth, matches_hmac
 
 __all__ = [
     "EventDeduper",
@@ -205,13 +204,7 @@ def _kind_of(message: Mapping[str, Any]) -> str:
 
 def verify_signature(body: bytes, header: str | None, app_secret: str) -> bool:
     """Check Meta's ``X-Hub-Signature-256`` header against the raw body."""
-    if not header or not app_secret:
-        return False
-    prefix, _, given = header.strip().partition("=")
-    if prefix.lower() != "sha256" or not given:
-        return False
-    expected = hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8"))
+    return matches_hmac(app_secret, body, header)
 
 
 class EventDeduper:
