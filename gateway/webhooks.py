@@ -116,6 +116,16 @@ def _guard(skipped: list[str] | None, where: str, parse) -> list[WebhookEvent]:
         return []
 
 
+def _each(value: Mapping[str, Any], name: str, where: str, skipped: list[str] | None,
+          parse: Callable[[Any, str], list[WebhookEvent]]) -> list[WebhookEvent]:
+    """``parse(item, path)`` for each item of the list ``value[name]``, each guarded."""
+    out: list[WebhookEvent] = []
+    for k, item in enumerate(_items(value, name, where, skipped)):
+        path = f"{where}.value.{name}[{k}]"
+        out.extend(_guard(skipped, path, lambda: parse(item, path)))
+    return out
+
+
 def _with_id(item: Any, path: str) -> Mapping[str, Any]:
     """``item`` as an object with a non-empty string ``id``, or :class:`WebhookFormatError`."""
     item = _object(item, path)
@@ -157,12 +167,8 @@ def _parse_calls_value(value: Mapping[str, Any], where: str, skipped: list[str] 
             return [CallTerminate.from_status(status, phone_number_id=pnid, errors=errors)]
         return [CallStatus.from_dict(status, phone_number_id=pnid)]
 
-    for k, call in enumerate(_items(value, "calls", where, skipped)):
-        path = f"{where}.value.calls[{k}]"
-        out.extend(_guard(skipped, path, lambda: one_call(call, path)))
-    for k, status in enumerate(_items(value, "statuses", where, skipped)):
-        path = f"{where}.value.statuses[{k}]"
-        out.extend(_guard(skipped, path, lambda: one_status(status, path)))
+    out.extend(_each(value, "calls", where, skipped, one_call))
+    out.extend(_each(value, "statuses", where, skipped, one_status))
     if errors and not any(isinstance(e, CallTerminate) for e in out):
         out.extend(_guard(skipped, f"{where}.value.errors", lambda: [UnknownEvent.from_dict(
             {"errors": errors}, phone_number_id=pnid, field="calls", kind="errors")]))
@@ -185,12 +191,8 @@ def _parse_messages_value(value: Mapping[str, Any], where: str, skipped: list[st
     def one_status(status: Any, path: str) -> list[WebhookEvent]:
         return [MessageStatus.from_dict(_with_id(status, path), phone_number_id=pnid)]
 
-    for k, message in enumerate(_items(value, "messages", where, skipped)):
-        path = f"{where}.value.messages[{k}]"
-        out.extend(_guard(skipped, path, lambda: one_message(message, path)))
-    for k, status in enumerate(_items(value, "statuses", where, skipped)):
-        path = f"{where}.value.statuses[{k}]"
-        out.extend(_guard(skipped, path, lambda: one_status(status, path)))
+    out.extend(_each(value, "messages", where, skipped, one_message))
+    out.extend(_each(value, "statuses", where, skipped, one_status))
     if not out and (skipped is None or len(skipped) == bad_before):  # (a change with nothing we know)
         out.extend(_guard(skipped, where, lambda: [UnknownEvent.from_dict(
             value, phone_number_id=pnid, field="messages", kind="messages")]))
