@@ -349,12 +349,7 @@ class EventBus:
             self._unwritten.append(event)
             if self._writer is None or self._writer.done():
                 self._writer = asyncio.get_running_loop().create_task(self._write(), name="event outbox")
-        for sub in list(self._subs):
-            if sub.matches(event) and not sub._offer(event):
-                self.dropped_subscribers += 1
-                log.warning("event subscriber dropped: %d events behind (call_id filter %s); "
-                            "it may reconnect with Last-Event-ID", sub.max_queue, sub.call_id)
-                sub._drop()
+        self._offer(event)
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -388,11 +383,17 @@ class EventBus:
         if self._closed or event.id in self._mine_set:
             return False
         self._history.append(event)
+        self._offer(event)
+        return True
+
+    def _offer(self, event: Event) -> None:
+        """``event`` to every matching subscription; one that fell behind is dropped."""
         for sub in list(self._subs):
             if sub.matches(event) and not sub._offer(event):
                 self.dropped_subscribers += 1
+                log.warning("event subscriber dropped: %d events behind (call_id filter %s); "
+                            "it may reconnect with Last-Event-ID", sub.max_queue, sub.call_id)
                 sub._drop()
-        return True
 
     def knows(self, event_id: str) -> bool:
         return any(e.id == event_id for e in self._history)
