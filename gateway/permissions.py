@@ -63,6 +63,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from gateway.errors import ProviderError, error_for
+from gateway.events import MAX_TIMESTAMP
 from gateway.store import PermissionStore, SQLitePermissionStore
 
 __all__ = [
@@ -190,8 +191,8 @@ class PermissionState(StrEnum):
     EXPIRED = "expired"
 
 
-#: Unix seconds wacall believes (1970 to 9999): anything else is no time at all.
-MAX_TIME = 253402300799.0
+#: Unix seconds wacall believes (1970 to 9999, as webhooks are parsed): else no time at all.
+MAX_TIME = float(MAX_TIMESTAMP)
 
 
 def valid_time(t: object) -> float | None:
