@@ -166,15 +166,20 @@ def _time(query: Any, name: str) -> float | None:
     if raw is None:
         return None
     try:
-        parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+        return _seconds(raw)
     except ValueError:
         raise BadRequest(f"{name} must be an ISO 8601 time, e.g. 2026-12-07T09:00:00Z") from None
+
+
+def _seconds(text: str) -> float:
+    """ISO 8601 (``Z`` or an offset; naive is UTC) -> unix seconds; ValueError if not."""
+    parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def _created(call: dict) -> float:
     try:
-        return datetime.fromisoformat(str(call.get("created_at")).replace("Z", "+00:00")).timestamp()
+        return _seconds(str(call.get("created_at")))
     except ValueError:
         return 0.0
 
