@@ -126,7 +126,7 @@ class LiveCall:
         self.state_machine = Call(call_id, user=user, direction=direction, wacid=leg.wacid,
                                   ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s,
                                   media_end_grace_s=media_end_grace_s,
-                                  biz_opaque_callback_data=biz_opaque_callback_data, has_bot=bot is not None)
+                                  biz_opaque_callback_data=biz_opaque_callback_data)
         leg.call_id = call_id
         leg.media.subscribe(self._on_media)
         if timeline is not None:  # resumed after a restart: its history, no second "created"

@@ -329,7 +329,6 @@ class Call:
         media_end_grace_s: float = 2.0,
         wacid: str | None = None,
         biz_opaque_callback_data: str | None = None,
-        has_bot: bool = False,
         clock: Clock | None = None,
     ):
         self.id = call_id
@@ -341,7 +340,6 @@ class Call:
         self.ring_timeout_s = ring_timeout_s
         self.max_duration_s = max_duration_s
         self.media_end_grace_s = media_end_grace_s
-        self.has_bot = has_bot
         self.clock = clock or SystemClock()
         self.state = CallState.CREATED
         #: Set from the first :class:`End` on (the teardown is under way).
@@ -391,7 +389,7 @@ class Call:
 
     @property
     def accepted(self) -> bool:
-        return _ORDER[self.state] >= _ORDER[CallState.ACCEPTED]
+        return self.reached(CallState.ACCEPTED)
 
     def reached(self, state: CallState) -> bool:
         return _ORDER[self.state] >= _ORDER[state]
