@@ -366,9 +366,8 @@ class MediaPeer:
         from .stats import collect
 
         out = await collect(self._pc)
-        rtp = {k: v for k, v in out.items()}
         if out["packets_sent"] or out["packets_received"] or out["candidate_pair"]:
-            self._last_rtp = rtp
+            self._last_rtp = dict(out)
         elif self._last_rtp is not None:
             # the transport is gone (the far end hung up first: aiortc forgets its counters
             # and the candidate pair): the last numbers read while it was up
