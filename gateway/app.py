@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from media.pool import WorkerPool
+
 from .api.routes import ControlApi, auth_middleware, json_errors
 from .bots import BotPolicy
 from .calls import CallManager, InboundPlan, InboundPolicy
@@ -71,7 +73,8 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
 
 def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, metrics: Metrics,
                events: EventFanout, gate: Gatekeeper, sandbox: Sandbox | None = None, *,
-               webhook_auth: WebhookAuth | None = None, store=None) -> web.Application:
+               webhook_auth: WebhookAuth | None = None, store=None,
+               workers: WorkerPool | None = None) -> web.Application:
     app = web.Application(middlewares=[json_errors, auth_middleware(settings.api_token)])
     app[MANAGER] = manager
 
@@ -97,6 +100,12 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
         if live >= manager.max_calls:
             reasons.append(f"at capacity ({live} of {manager.max_calls} calls live)")
         body = {"ready": not reasons, "live_calls": live, "max_calls": manager.max_calls}
+        pool = workers
+        if pool is not None:
+            body["media_workers"] = {"running": pool.alive, "size": pool.size, "sessions": pool.load(),
+                                     "restarts": pool.restarts}
+            if not pool.alive:
+                reasons.append("no media worker is running")
         if manager.disk is not None:
             body["disk"] = disk = manager.disk.status()
             if disk["low"]:
@@ -154,7 +163,8 @@ class Service:
             sock.close()  # (a refused start leaves no socket behind)
             raise
         self.app = create_app(self.settings, self.manager, self.library, self.metrics, self.events,
-                              self.gate, self.sandbox, webhook_auth=self.webhook_auth, store=self.store)
+                              self.gate, self.sandbox, webhook_auth=self.webhook_auth, store=self.store,
+                              workers=self.workers)
         self.app.cleanup_ctx.extend(self._lifecycle())
         self._runner = web.AppRunner(self.app, access_log=logging.getLogger("gateway.access"),
                                      access_log_class=AccessLog, handle_signals=False)
@@ -267,6 +277,12 @@ class Service:
             lease_s=LEASE_S if settings.redis_url else None)
         self.gate.watch(self.manager)
         self.manager.sources_for = self.library.sources
+        #: Media worker processes (``WACALL_WORKERS``); ``None``: media in this process.
+        self.workers: WorkerPool | None = None
+        if settings.workers:
+            self.workers = WorkerPool(settings.workers)
+            self.manager.media_sessions = self.workers.session
+            self.metrics.watch_workers(self.workers)
         try:
             self.manager.bot_policy = BotPolicy.parse(settings.bot_allow, own_port=int(self.url.rsplit(":", 1)[1]))
         except ValueError as exc:
@@ -323,6 +339,14 @@ class Service:
             lag.cancel()
             await asyncio.gather(lag, return_exceptions=True)
 
+        async def media_workers(app: web.Application):
+            if self.workers is not None:
+                await self.workers.start()
+                log.info("media runs in %d worker process(es)", self.workers.size)
+            yield
+            if self.workers is not None:
+                await self.workers.close()  # (calls were hung up before: sessions are closed)
+
         async def calls(app: web.Application):
             # calls a killed process left live: finished at the provider (in the
             # background: a slow provider must not hold the service up), then retention
@@ -331,7 +355,7 @@ class Service:
             finishing.cancel()
             await asyncio.gather(finishing, return_exceptions=True)
 
-        return [store, sandbox, provider, permissions, events, recordings, calls]
+        return [store, sandbox, provider, permissions, events, recordings, media_workers, calls]
 
     async def _calls_maintenance(self) -> None:
         """At startup: finish the calls a previous process left live; then, hourly,

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (WACALL_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (WACALL_PORT, default 8080)")
     serve.add_argument("--sandbox", action="store_true", help="also run the embedded sandbox provider")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="media worker processes (WACALL_WORKERS; default: one per core; 0: media in "
+                            "the main process)")
 
     command("config", "print the effective settings (secrets masked) as JSON",
             "The settings as wacall reads them (defaults, then --config/WACALL_CONFIG, then "
@@ -280,6 +284,10 @@ async def _config(args, settings: Settings) -> int:
 
 async def _serve(args, settings: Settings) -> int:
     settings = replace(settings, host=args.host or settings.host, port=_port(args.port, "--port") or settings.port)
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, not {args.workers}")
+    workers = args.workers if args.workers is not None else settings.workers
+    settings = replace(settings, workers=workers if workers is not None else (os.cpu_count() or 1))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -174,6 +174,11 @@ class Settings:
     gather_timeout_s: float = setting(5.0, _positive(float), group="media")
     media_timeout_s: float = setting(20.0, _positive(float), group="media")
     rtp_timeout_s: float = setting(15.0, _positive(float), group="media")
+    #: Media worker processes: every call's media (WebRTC, recording, bots) runs in one
+    #: of them, on its own core; HTTP, webhooks and call state stay in the main process.
+    #: ``0``: media in the main process. Unset: ``wacall serve`` starts one per core,
+    #: an embedded service (tests, ``wacall demo``/``call``) runs media in-process.
+    workers: int | None = setting(parse=_non_negative(int), group="media")
     #: Also detect DTMF sent as audio tones (Goertzel), besides RFC 4733 events.
     inband_dtmf: bool = setting(False, _bool, group="media")
     #: Speech start/stop events (energy based) on the user's audio, as call events.

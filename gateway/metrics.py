@@ -236,6 +236,11 @@ class Metrics:
         self.data_free.set_function(lambda: float(free_bytes() or 0))
         self.data_min_free.set(min_free_bytes)
 
+    def watch_workers(self, pool) -> None:
+        """Media worker processes (:class:`media.pool.WorkerPool`), read at every scrape:
+        sessions, CPU and memory per worker, running workers, restarts."""
+        self.registry.register(_WorkerCollector(pool))
+
     def recording_failed(self, code: str) -> None:
         self.recording_failures.labels(self._recording_code(code)).inc()
 
@@ -289,6 +294,49 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The registry in the Prometheus text format: ``(body, content_type)``."""
         return generate_latest(self.registry), CONTENT_TYPE
+
+
+class _WorkerCollector:
+    """``wacall_media_worker_*`` series from the pool, at scrape time."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sessions = GaugeMetricFamily("wacall_media_worker_sessions", "Calls' media sessions per media worker.",
+                                     labels=["worker"])
+        cpu = CounterMetricFamily("wacall_media_worker_cpu_seconds", "CPU seconds a media worker process used.",
+                                  labels=["worker"])
+        rss = GaugeMetricFamily("wacall_media_worker_resident_memory_bytes", "A media worker's resident memory.",
+                                labels=["worker"])
+        for worker in self.pool.workers:
+            label = [str(worker.index)]
+            sessions.add_metric(label, len(worker.sessions))
+            usage = _proc_usage(worker.pid) if worker.alive else None
+            if usage is not None:
+                cpu.add_metric(label, usage[0])
+                rss.add_metric(label, usage[1])
+        yield sessions
+        yield cpu
+        yield rss
+        yield GaugeMetricFamily("wacall_media_workers", "Media worker processes running.", value=self.pool.alive)
+        yield CounterMetricFamily("wacall_media_worker_restarts", "Media workers started again after one died.",
+                                  value=self.pool.restarts)
+
+
+def _proc_usage(pid: int | None) -> tuple[float, float] | None:
+    """(CPU seconds, resident bytes) of a process, from /proc (``None`` elsewhere)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:

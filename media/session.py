@@ -7,8 +7,8 @@ over WebRTC). The gateway drives it with commands — negotiate (:meth:`offer`,
 plain-data events through :meth:`subscribe`: :class:`MediaEnded`, :class:`Dtmf`,
 :class:`Speech`, :class:`RecordingFailed`. Nothing outside :mod:`media` needs to hold a
 peer, a track or an RTP tap: :class:`LocalMediaSession` keeps the
-:class:`~media.peer.MediaPeer` in-process; a worker-process session will send the same
-commands over a pipe.
+:class:`~media.peer.MediaPeer` in-process; :class:`media.pool.WorkerMediaSession` sends the
+same commands to a media worker process.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class RecordSpec:
 @runtime_checkable
 class MediaSession(Protocol):
     received: ReceiveStats
+    #: Resolves with a reason when the transport fails or closes.
+    ended: asyncio.Future
+    closed: bool
 
     async def offer(self) -> str: ...
 
@@ -101,7 +104,11 @@ class MediaSession(Protocol):
 
     def subscribe(self, callback: Callable[[MediaEvent], None]) -> None: ...
 
+    async def start_bridge(self, bridge, **kwargs: Any) -> Any: ...
+
     def stats(self) -> dict: ...
+
+    async def get_stats(self) -> dict: ...
 
     async def close(self, *, recording_meta: dict | None = None, media_stats: dict | None = None) -> None: ...
 
@@ -119,6 +126,8 @@ class LocalMediaSession:
     def __init__(self, config: PeerConfig, *, label: str = "call", sinks: tuple[Sink, ...] = (),
                  speech: bool = False) -> None:
         self.peer = MediaPeer(config, label=label)
+        #: The call this media belongs to (for log lines), set by the gateway.
+        self.call_id: str | None = None
         self.received = self.peer.received
         self._callbacks: list[Callable[[MediaEvent], None]] = []
         self.recorder = None  # media.sinks.recorder.CallRecorder once record() ran
@@ -199,9 +208,11 @@ class LocalMediaSession:
         not negotiate telephone-event or the media ended, ``ValueError`` for bad input."""
         await self.peer.send_dtmf(digits, duration_ms, gap_ms)
 
-    async def start_bridge(self, bridge, **kwargs: Any) -> None:
-        """Connect a voice-bot bridge (:mod:`media.bridges`) to this call's audio."""
+    async def start_bridge(self, bridge, **kwargs: Any):
+        """Connect a voice-bot bridge (:mod:`media.bridges`) to this call's audio;
+        returns the handle to follow it by (here: the bridge itself)."""
         await bridge.start(self.peer, **kwargs)
+        return bridge
 
     def stats(self) -> dict:
         return self.peer.stats()

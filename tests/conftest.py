@@ -8,9 +8,10 @@ from gateway.config import Settings
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    """Settings for a gateway + sandbox on 127.0.0.1, a free port, media on loopback."""
+    """Settings for a gateway + sandbox on 127.0.0.1, a free port, media on loopback
+    (in-process; ``WACALL_TEST_WORKERS=N``: in N media worker processes)."""
     return Settings(data_dir=tmp_path / "data", port=0, ring_timeout_s=30.0, media_timeout_s=10.0,
-                    media_addresses=["127.0.0.1"])
+                    media_addresses=["127.0.0.1"], workers=int(os.environ.get("WACALL_TEST_WORKERS", "0")))
 
 
 #: The number most tests call; the ``service`` fixture gives it a permanent permission.

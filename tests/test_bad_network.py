@@ -346,7 +346,7 @@ async def run_impaired_call(tmp: Path, impairment: Impairment, seed: int) -> Imp
         await asyncio.wait_for(said.done, TIMEOUT)
         await asyncio.wait_for(call.wait_playback(), TIMEOUT)
         state = call.state
-        playout = (await call.media.peer.get_stats()).get("playout") or {}  # none on aiortc's path
+        playout = (await call.media.get_stats()).get("playout") or {}  # none on aiortc's path
         hangup_at = asyncio.get_running_loop().time()
         await call.hangup()
         await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
@@ -461,7 +461,7 @@ async def test_blackhole_ends_the_call_as_media_failure(relayed_service):
     call = await service.manager.place_call(USER)
     await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
     sandbox_call = service.sandbox.calls[call.wacid]
-    await drain(call.media.peer, sandbox_call.phone.peer)  # audio flows both ways
+    await drain(call.media, sandbox_call.phone.peer)  # audio flows both ways
     relay = service.relays[0]
     relay.blackhole(10.0)
     started = time.monotonic()
@@ -482,11 +482,11 @@ async def test_short_outage_is_survived_and_audio_resumes(relayed_service):
     call = await service.manager.place_call(USER)
     await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
     sandbox_call = service.sandbox.calls[call.wacid]
-    await drain(call.media.peer, sandbox_call.phone.peer)
+    await drain(call.media, sandbox_call.phone.peer)
     relay = service.relays[0]
     relay.blackhole(RTP_TIMEOUT_S / 2)
     # audio resumes on both sides once the outage is over (the relay ends it by itself)
-    await drain(call.media.peer, sandbox_call.phone.peer, frames=25)
+    await drain(call.media, sandbox_call.phone.peer, frames=25)
     assert not relay.blackholed()
     assert relay.stats()["to_gateway"].blackholed > 0 and relay.stats()["to_phone"].blackholed > 0
     assert call.state is CallState.MEDIA_CONNECTED
@@ -515,7 +515,7 @@ async def test_user_initiated_call_through_the_relay(relayed_service):
         unsubscribe()
     await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
     await call.wait_playback()
-    await drain(call.media.peer, sandbox_call.phone.peer)
+    await drain(call.media, sandbox_call.phone.peer)
     relay = service.relays[0]
     stats = relay.stats()
     # every packet crossed the relay, both ways (nothing went around it)

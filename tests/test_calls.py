@@ -35,7 +35,7 @@ async def test_audio_flows_both_ways_and_playback_waits_for_accept(service, tmp_
     said = sandbox_call.phone.peer.play(ToneSource(600, 1.0))
     await call.wait_playback()
     await asyncio.wait_for(said.done, TIMEOUT)
-    await drain(call.media.peer, sandbox_call.phone.peer)
+    await drain(call.media, sandbox_call.phone.peer)
     await call.hangup()
     await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
 

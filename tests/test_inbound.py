@@ -44,7 +44,7 @@ async def test_inbound_call_is_answered_played_and_recorded(service, tmp_path):
     said = sandbox_call.phone.peer.play(ToneSource(600, 0.6))
     await call.wait_playback()
     await asyncio.wait_for(said.done, TIMEOUT)
-    await drain(call.media.peer, sandbox_call.phone.peer)
+    await drain(call.media, sandbox_call.phone.peer)
     await call.hangup()
     await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
     names = [e.name for e in call.timeline]

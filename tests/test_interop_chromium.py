@@ -104,8 +104,8 @@ async def test_audio_both_ways_with_chromium(settings, chromium, tmp_path, capsy
         await call.wait_playback()
         report = await heard_tone(phone, 1000, 1.0)
         said = await asyncio.wait_for(phone.said, TIMEOUT)  # the page's 3 s of 600 Hz
-        await drain(call.media.peer)
-        ours = await call.media.peer.get_stats()
+        await drain(call.media)
+        ours = await call.media.get_stats()
         playout = ours["playout"]
         await call.hangup()
         await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
@@ -161,7 +161,7 @@ async def test_ice_lite_mark_on_a_browser_answer_still_connects(settings, chromi
     async with browser_service(settings, chromium, mark_ice_lite=True) as service:
         call, sandbox_call, phone = await connected_call(service)
         assert "a=ice-lite" in phone.answer_sdp.split("\r\n")
-        await drain(call.media.peer)
+        await drain(call.media)
         await call.hangup()
     assert call.end_reason is EndReason.BUSINESS_HANGUP
 
@@ -169,7 +169,7 @@ async def test_ice_lite_mark_on_a_browser_answer_still_connects(settings, chromi
 async def test_browser_hang_up_ends_the_wacall_call(settings, chromium):
     async with browser_service(settings, chromium) as service:
         call, sandbox_call, phone = await connected_call(service)
-        await drain(call.media.peer)
+        await drain(call.media)
         await phone.user_hang_up()  # pc.close() in the page
         await call.wait_state(CallState.ENDED, TIMEOUT)
         await call.wait_finished(TIMEOUT)
@@ -186,9 +186,9 @@ async def test_browser_hang_up_without_terminate_is_a_media_failure(settings, ch
         service.sandbox._watch_phone_hangup = lambda call: None  # the provider sends no terminate
         service.sandbox.users.update(USER, {"answer_after_ms": 0})
         call, sandbox_call, phone = await connected_call(service)
-        await drain(call.media.peer)
+        await drain(call.media)
         await phone.user_hang_up()
-        reason = await asyncio.wait_for(call.media.peer.ended, TIMEOUT)
+        reason = await asyncio.wait_for(call.media.ended, TIMEOUT)
         await call.wait_state(CallState.ENDED, TIMEOUT)
     assert reason == "transport closed"
     assert call.end_reason is EndReason.MEDIA_FAILURE
@@ -198,7 +198,7 @@ async def test_wacall_hang_up_ends_the_page_connection(settings, chromium):
     # The phone waits (bounded) for the page to see the far end go before closing it.
     async with browser_service(settings, chromium, await_remote_close_s=10.0) as service:
         call, sandbox_call, phone = await connected_call(service)
-        await drain(call.media.peer)
+        await drain(call.media)
         await call.hangup()
         await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
     assert call.end_reason is EndReason.BUSINESS_HANGUP

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from media.session import LocalMediaSession
+from media.session import MediaSession
 
 from ..domain.call import AcceptSent, AnswerMade, Dialed, MediaReady, OfferMade, PreAcceptSent
 from ..errors import ProviderError, ProviderUnavailableError
@@ -95,7 +95,7 @@ class LegSpec(Protocol):
 class Leg(Protocol):
     kind: str
 
-    async def join(self, media: LocalMediaSession, *, call_id: str, parameters: dict[str, str]) -> None:
+    async def join(self, media: MediaSession, *, call_id: str, parameters: dict[str, str]) -> None:
         """Connect this party to the user's media (raises when it cannot be reached)."""
         ...
 
@@ -117,9 +117,9 @@ class BotLeg:
     def protocol(self) -> str:
         return self.spec.protocol
 
-    async def join(self, media: LocalMediaSession, *, call_id: str, parameters: dict[str, str]) -> None:
-        await media.start_bridge(self.bridge, call_id=call_id,
-                                 parameters={**parameters, **self.spec.parameters})
+    async def join(self, media: MediaSession, *, call_id: str, parameters: dict[str, str]) -> None:
+        self.bridge = await media.start_bridge(self.bridge, call_id=call_id,
+                                               parameters={**parameters, **self.spec.parameters})
 
     async def ended(self) -> LegEnded:
         """Resolves when the bot's side ends; a bot that hung up first gets its last
@@ -146,7 +146,7 @@ class WhatsAppLeg:
 
     kind = "whatsapp"
 
-    def __init__(self, provider: CallingProvider, media: LocalMediaSession | None, *, user: str,
+    def __init__(self, provider: CallingProvider, media: MediaSession | None, *, user: str,
                  wacid: str | None = None, biz_opaque_callback_data: str | None = None,
                  media_timeout_s: float = 10.0):
         self.provider = provider

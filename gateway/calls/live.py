@@ -128,6 +128,7 @@ class LiveCall:
                                   media_end_grace_s=media_end_grace_s,
                                   biz_opaque_callback_data=biz_opaque_callback_data)
         leg.call_id = call_id
+        leg.media.call_id = call_id  # (a media worker's log lines carry it)
         leg.media.subscribe(self._on_media)
         if timeline is not None:  # resumed after a restart: its history, no second "created"
             self.state_machine.restore(timeline)

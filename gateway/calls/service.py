@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from media.frames import Sink, Source
-from media.peer import PeerConfig
-from media.session import LocalMediaSession
+from media.peer import MediaError, PeerConfig
+from media.session import LocalMediaSession, MediaSession
 
 from ..bots import BotPolicy, BotSpec, probe
 from ..numbers import normalize_number
@@ -89,6 +89,9 @@ class CallManager:
         self.hangup_pause_s = hangup_pause_s
         #: Where bots may be (``WACALL_BOT_ALLOW``; :class:`gateway.bots.BotPolicy`).
         self.bot_policy: BotPolicy | None = None
+        #: Makes a call's media session: in this process (default) or a media worker's
+        #: (:meth:`media.pool.WorkerPool.session`); raises :class:`MediaError` when it cannot.
+        self.media_sessions: Callable[..., MediaSession] = LocalMediaSession
         #: Calls being admitted right now (capacity is reserved for them).
         self._admitting = 0
         #: Play names -> sources (the media library), to resume parked calls after a restart.
@@ -159,7 +162,11 @@ class CallManager:
         sinks = tuple(sinks)
         label = f"call to {mask_phone(user)}" if direction is Direction.BUSINESS_INITIATED \
             else f"call from {mask_phone(user)}"
-        media = LocalMediaSession(self.peer_config, label=label, sinks=sinks, speech=self.speech_events)
+        try:
+            media = self.media_sessions(self.peer_config, label=label, sinks=sinks, speech=self.speech_events)
+        except MediaError as exc:  # (no media worker running right now: this call's media stays here)
+            log.warning("%s: %s; its media runs in the main process", label, exc)
+            media = LocalMediaSession(self.peer_config, label=label, sinks=sinks, speech=self.speech_events)
         leg = self._leg(media, user=user, wacid=wacid, biz_opaque_callback_data=biz_opaque_callback_data,
                         media_timeout_s=self.peer_config.connect_timeout_s)
         return LiveCall(
@@ -437,7 +444,7 @@ class CallManager:
                 call.record_to(self.recordings_dir)
         call._spawn(call.answer(event.sdp))
 
-    def _leg(self, media: LocalMediaSession | None, **kwargs: Any) -> WhatsAppLeg:
+    def _leg(self, media: MediaSession | None, **kwargs: Any) -> WhatsAppLeg:
         leg = WhatsAppLeg(self.provider, media, **kwargs)
         if self.hangup_attempts is not None:
             leg.hangup_attempts = self.hangup_attempts

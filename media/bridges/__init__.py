@@ -69,4 +69,6 @@ def make_bridge(protocol: str, url: str, **options: Any) -> Bridge:
         cls = PROTOCOLS[protocol]
     except KeyError:
         raise ValueError(f"unknown bridge protocol {protocol!r} (use one of {', '.join(PROTOCOLS)})") from None
-    return cls(url, **options)
+    bridge = cls(url, **options)
+    bridge.options = dict(options)  # (what it is made from again in a media worker process)
+    return bridge

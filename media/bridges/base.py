@@ -43,6 +43,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -563,6 +564,15 @@ class Bridge(abc.ABC):
         self._stop_sent: asyncio.Event | None = None
         self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The options it was made with (:func:`media.bridges.make_bridge` sets them).
+        self.options: dict[str, Any] | None = None
+
+    def __reduce__(self):
+        """Pickled (for a media worker process) as what it was made from: an unstarted
+        bridge of the same kind, URL and options."""
+        if self._started or self.options is None:
+            raise TypeError("only an unstarted bridge made by make_bridge() can be sent to a media worker")
+        return (functools.partial(type(self), self.url, **self.options), ())
 
     # -- public API ---------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from .wav import WavSink
 
 __all__ = [
     "CallRecorder",
+    "recording_paths",
     "SIDECAR",
     "apply_retention",
     "repair",
@@ -167,6 +168,22 @@ class _BusinessLeg:
         pass
 
 
+def recording_paths(directory: str | os.PathLike[str], *, wav: bool = True, stereo: bool = True,
+                    ogg: bool = True) -> dict[str, Path]:
+    """The files a :class:`CallRecorder` in ``directory`` writes, by kind (known before
+    it starts: a media worker process records, the gateway lists the files)."""
+    directory = Path(directory)
+    paths: dict[str, Path] = {}
+    if wav:
+        paths["user_wav"] = directory / "user.wav"
+    if stereo:
+        paths["stereo_wav"] = directory / "stereo.wav"
+    if ogg:
+        paths["user_ogg"] = directory / "user.ogg"
+    paths["sidecar"] = directory / SIDECAR
+    return paths
+
+
 class CallRecorder:
     """The recordings of one call in ``directory`` (created, mode 0700).
 
@@ -218,7 +235,7 @@ class CallRecorder:
         self._user_levels = Levels()
         self._business_levels = Levels()
 
-        self.paths: dict[str, Path] = {}
+        self.paths = recording_paths(self.directory, wav=wav, stereo=stereo, ogg=ogg)
         self._wav: WavSink | None = None
         self._stereo: AlignedStereoRecorder | None = None
         self._ogg_pass: OggOpusPassthrough | None = None
@@ -229,17 +246,13 @@ class CallRecorder:
         comments = {"CALL_ID": self.call_id, "DATE": iso(self.started_at)}
         self._ogg_comments = comments
         if wav:
-            self.paths["user_wav"] = self.directory / "user.wav"
             self._wav = WavSink(self.paths["user_wav"], flush_interval_s=FLUSH_S)
         if stereo:
-            self.paths["stereo_wav"] = self.directory / "stereo.wav"
             self._stereo = AlignedStereoRecorder(self.paths["stereo_wav"], clock=clock)
         if ogg:
-            self.paths["user_ogg"] = self.directory / "user.ogg"
             if ogg_mode == "encode":
                 self._start_ogg_encode()
             # pass-through needs a peer: decided in attach()
-        self.paths["sidecar"] = self.directory / SIDECAR
         self.user = _UserLeg(self)
         self.business = _BusinessLeg(self)
         ACTIVE.add(self.directory.resolve())

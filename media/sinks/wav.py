@@ -18,6 +18,7 @@ page cache, not necessarily the disk: a crash of the *machine* can lose more.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -243,6 +244,7 @@ class WavSink:
         self.path = Path(path)
         self.sample_rate = sample_rate
         self.channels = channels
+        self.flush_interval_s = flush_interval_s
         self.frames_written = 0
         self.samples_written = 0
         self._closed = False
@@ -255,6 +257,12 @@ class WavSink:
         self._wav = WavWriter(
             self.path, sample_rate=sample_rate, channels=channels, flush_interval_s=flush_interval_s
         )
+
+    def __reduce__(self):
+        """Pickled (for a media worker process) as what it was made from: the file is
+        opened (truncated) again on the other side."""
+        return (functools.partial(WavSink, self.path, sample_rate=self.sample_rate, channels=self.channels,
+                                  flush_interval_s=self.flush_interval_s), ())
 
     @property
     def duration_s(self) -> float:

@@ -17,6 +17,7 @@ analysis helpers use it too, so every entry point reports bad files the same way
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -161,6 +162,12 @@ class FileSource:
         except (av.FFmpegError, ValueError) as exc:
             self.close()
             raise MediaFileError(self.path, f"cannot decode its audio ({_describe(exc)})") from exc
+
+    def __reduce__(self):
+        """Pickled (for a media worker process) as what it was made from: the path and
+        options, opened again on the other side, from the start."""
+        return (functools.partial(FileSource, self.path, sample_rate=self.sample_rate,
+                                  channels=self.channels, loop=self.loop), ())
 
     # -- Source protocol -------------------------------------------------------------
 

@@ -59,6 +59,8 @@ class Prompt:
         self.packets: tuple[bytes, ...] | None = None
         self.opus: OpusSettings | None = None
         self.plays = 0
+        #: The file it was decoded from (``None`` for PCM given directly).
+        self.path: Path | None = None
         self._encode_lock = threading.Lock()
 
     @classmethod
@@ -69,7 +71,9 @@ class Prompt:
             while (frame := source.read()) is not None:
                 chunks.append(frame)
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=PCM_DTYPE)
-        return cls(pcm, name=Path(path).name)
+        prompt = cls(pcm, name=Path(path).name)
+        prompt.path = Path(path).resolve()
+        return prompt
 
     @classmethod
     def from_pcm(cls, pcm: np.ndarray, *, name: str = "prompt") -> Prompt:
@@ -150,8 +154,29 @@ class PromptSource:
         self._i = self._count
         self.packet = None
 
+    def __reduce__(self):
+        """Pickled (for a media worker process) as what it plays: a file-backed prompt
+        by its path, played from that process's own cache (decoded and pre-encoded once
+        per process); a PCM prompt with its samples. Always from the start."""
+        prompt = self.prompt
+        if prompt.path is not None:
+            return (_shared_source, (str(prompt.path), self._packets is not None))
+        return (PromptSource, (prompt,), None)
+
     def __repr__(self) -> str:
         return f"PromptSource({self.prompt.name!r}, encoded={self.encoded})"
+
+
+_SHARED: PromptCache | None = None
+
+
+def _shared_source(path: str, encoded: bool) -> PromptSource:
+    """A playback of ``path`` from this process's shared cache (pre-encoded on first
+    use, in a thread; PCM until the packets are ready)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = PromptCache(encode_after=1)
+    return _SHARED.source(path, encoded=None if encoded else False)
 
 
 class PromptCache:
