@@ -21,7 +21,10 @@ of the measured window.
 The machine's other core(s) run the provider's phones; when the machine is saturated
 the gateway's lateness shows it. Run:
 
-    python bench/load.py [--calls 25 50 100] [--seconds 20]
+    python bench/load.py [--calls 25 50 100] [--seconds 20] [--workers 0 1 2]
+
+With ``--workers N`` the gateway's media runs in N worker processes (``WACALL_WORKERS``):
+the gateway's CPU and memory are then its main process's plus its workers'.
 """
 
 from __future__ import annotations
@@ -69,11 +72,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def gateway_pids(service: Service) -> list[int]:
+    """This process and its media workers (their CPU and memory are the gateway's)."""
+    pool = service.workers
+    return [os.getpid(), *([w.pid for w in pool.workers if w.alive] if pool is not None else [])]
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str, process: subprocess.Popen,
@@ -108,6 +117,7 @@ class Provider:
                    WACALL_PORT=str(self.port),
                    WACALL_HOST="127.0.0.1",
                    WACALL_WEBHOOK_HEADER=WEBHOOK_HEADER,
+                   WACALL_WORKERS="0",  # (the phones are in the main process anyway)
                    WACALL_SANDBOX_WEBHOOK_URL=f"http://127.0.0.1:{gateway_port}/webhooks/whatsapp")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
@@ -125,8 +135,9 @@ class Provider:
             self.process.kill()
 
 
-async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: bool = True) -> dict:
-    run_dir = workdir / f"n{n}"
+async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: bool = True,
+              workers: int = 0) -> dict:
+    run_dir = workdir / f"n{n}-w{workers}"
     run_dir.mkdir()
     gateway_port = free_port()
     provider = Provider(run_dir, gateway_port)
@@ -141,7 +152,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 provider="360dialog", base_url=f"{provider.url}/sandbox", d360_api_key="sandbox-key",
                 media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
-                max_duration_s=seconds + 120)
+                max_duration_s=seconds + 120, workers=workers)
             async with Service(settings) as service:
                 for user in users:
                     async with session.post(f"{provider.url}/sandbox/users/{user}",
@@ -152,7 +163,8 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                         r.raise_for_status()
                 prompts = PromptCache()
                 await prompts.preload(prompt_file)  # pre-encoded once, shared by every call
-                base_rss = rss_mb()
+                pids = gateway_pids(service)
+                base_rss = sum(rss_mb(pid) for pid in pids)
                 calls = []
                 for user in users:  # a steady stream of dialling, not one burst
                     calls.append(await service.manager.place_call(
@@ -160,24 +172,26 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in calls))
                 await asyncio.sleep(1.0)  # let every playout buffer settle
                 for c in calls:  # count the sends' quality from here on
-                    c.media.peer.outbound.stats = type(c.media.peer.outbound.stats)()
-                me = os.getpid()
+                    await c.media.reset_pacing()
+                per_worker = service.workers.load() if service.workers is not None else None
                 profiler = None
                 if profile:
                     import cProfile
 
                     profiler = cProfile.Profile()
                     profiler.enable()
-                cpu0, wall0 = cpu_seconds(me), time.monotonic()
+                cpu0, wall0 = sum(map(cpu_seconds, pids)), time.monotonic()
+                worker_cpu0 = [cpu_seconds(pid) for pid in pids[1:]]
                 provider_cpu0 = cpu_seconds(provider.process.pid)
                 await asyncio.sleep(seconds)
-                cpu1, wall1 = cpu_seconds(me), time.monotonic()
+                cpu1, wall1 = sum(map(cpu_seconds, pids)), time.monotonic()
+                worker_cpu1 = [cpu_seconds(pid) for pid in pids[1:]]
                 provider_cpu1 = cpu_seconds(provider.process.pid)
                 if profiler is not None:
                     profiler.disable()
                     profiler.dump_stats(profile)
-                rss = rss_mb()
-                stats = [await c.media.peer.get_stats() for c in calls]
+                rss = sum(rss_mb(pid) for pid in pids)
+                stats = [await c.media.get_stats() for c in calls]
                 alive = sum(c.state is CallState.MEDIA_CONNECTED for c in calls)
                 ended: dict[str, int] = {}
                 for c in calls:
@@ -210,6 +224,9 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     concealed = sum(p.get("frames_concealed", 0) for p in playout)
     return {
         "calls": n,
+        "workers": workers,
+        "calls_per_worker": per_worker,
+        "worker_cores": [round((b - a) / wall, 2) for a, b in zip(worker_cpu0, worker_cpu1)],
         "record": record,
         "alive": alive,
         "ended_early": ended,
@@ -229,14 +246,16 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "user_tone_in_recording": [round(h, 3) for h in heard],
         "prompt_at_phone": [round(h, 3) for h in phone_heard],
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "main_cores": round((cpu1 - cpu0 - sum(worker_cpu1) + sum(worker_cpu0)) / wall, 2),
     }
 
 
-async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, record: bool) -> None:
+async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, record: bool,
+               workers: list[int]) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
-        for n in counts:
-            result = await run(n, seconds, Path(tmp), profile, record)
+        for n, w in ((n, w) for w in workers for n in counts):
+            result = await run(n, seconds, Path(tmp), profile, record, w)
             if as_json:
                 print(json.dumps(result), flush=True)
                 continue
@@ -244,7 +263,10 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                 print(f"     ended before the hang-up: {result['ended_early']}")
                 for line in result["provider_warnings"]:
                     print(f"     provider: {line[:300]}")
-            print(f"{n:4d} calls{'' if record else ' (no recording)'} ({result['alive']} up through {result['window_s']} s): "
+            where = (f"{w} media worker(s), calls per worker {result['calls_per_worker']}, worker cores "
+                     f"{result['worker_cores']}, main process {result['main_cores']} cores; " if w else "media in-process; ")
+            print(f"{n:4d} calls{'' if record else ' (no recording)'} ({result['alive']} up through {result['window_s']} s), "
+                  f"{where}"
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
                   f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call; "
                   f"cores busy: gateway {result['gateway_cores']}, provider+phones {result['provider_cores']}; "
@@ -263,5 +285,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile", metavar="FILE", help="cProfile the measured window into FILE (numbers then include its overhead)")
     parser.add_argument("--no-record", dest="record", action="store_false",
                         help="playback and receive only (the user's audio is still decoded)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0], metavar="N",
+                        help="media worker processes, one run per value (0: media in the gateway's process)")
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record))
+    asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers))

@@ -208,6 +208,9 @@ class WorkerMediaSession:
             self._stats = await self._call("get_stats")
         return dict(self._stats)
 
+    async def reset_pacing(self) -> None:
+        await self._call("reset_pacing")
+
     async def close(self, *, recording_meta: dict | None = None, media_stats: dict | None = None) -> None:
         if self.closed:
             return
@@ -272,7 +275,9 @@ class MediaWorker:
     async def start(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         package_root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, WACALL_WORKER_LOG_LEVEL=str(logging.getLogger().getEffectiveLevel()),
+        # (INFO and up at least: this process's loggers decide what is written)
+        level = min(logging.INFO, logging.getLogger().getEffectiveLevel())
+        env = dict(os.environ, WACALL_WORKER_LOG_LEVEL=str(level),
                    PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
         try:
             self.process = await asyncio.create_subprocess_exec(

@@ -220,6 +220,10 @@ class LocalMediaSession:
     async def get_stats(self) -> dict:
         return await self.peer.get_stats()
 
+    async def reset_pacing(self) -> None:
+        """Count the sends' pacing (``stats()["pacing"]``) from now on (a measurement window)."""
+        self.peer.outbound.stats = type(self.peer.outbound.stats)()
+
     async def close(self, *, recording_meta: dict | None = None, media_stats: dict | None = None) -> None:
         """Stop the media, finish the recording (with ``media_stats`` and
         ``recording_meta`` in its sidecar) and let go of every media object."""

@@ -203,7 +203,8 @@ class Worker:
                 result = await bridge.stop(*args) if bridge is not None else None
             elif method == "close":
                 result = await self._close(sid, **kwargs)
-            elif method in ("offer", "answer", "apply_answer", "wait_up", "send_dtmf", "get_stats"):
+            elif method in ("offer", "answer", "apply_answer", "wait_up", "send_dtmf", "get_stats",
+                            "reset_pacing"):
                 result = await getattr(session, method)(*args, **kwargs)
             else:
                 raise ValueError(f"unknown media command {method!r}")

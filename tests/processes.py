@@ -84,7 +84,7 @@ class ProviderAndGateway:
         self.api = {"Authorization": f"Bearer {token}"}
         self.logs = tmp_path
         common = common or {}
-        self._provider_env = {**common, "WACALL_PORT": str(provider_port),
+        self._provider_env = {**common, "WACALL_PORT": str(provider_port), "WACALL_WORKERS": "0",
                               "WACALL_DATA_DIR": str(tmp_path / "provider"),
                               "WACALL_SANDBOX_WEBHOOK_URL": f"{self.gateway_url}/webhooks/whatsapp"}
         self.gateway_env = {**common, "WACALL_PORT": str(gateway_port), "WACALL_DATA_DIR": str(tmp_path / "gateway"),
