@@ -144,6 +144,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     say = write_tone_wav(run_dir / "user-600hz.wav", USER_HZ, seconds + 30, amplitude=0.3)
     prompt_file = write_tone_wav(run_dir / "prompt-1khz.wav", BUSINESS_HZ, seconds + 30, amplitude=0.3)
     users = [f"+1555031{i:04d}" for i in range(n)]
+    warm_up = [f"+1555032{i:04d}" for i in range(max(1, workers))]  # one call per media process first
     try:
         async with aiohttp.ClientSession() as session:
             await provider.ready(session)
@@ -154,7 +155,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
                 max_duration_s=seconds + 120, workers=workers)
             async with Service(settings) as service:
-                for user in users:
+                for user in users + warm_up:
                     async with session.post(f"{provider.url}/sandbox/users/{user}",
                                             json={"answer_after_ms": 0, "say": str(say)}) as r:
                         r.raise_for_status()
@@ -163,6 +164,12 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                         r.raise_for_status()
                 prompts = PromptCache()
                 await prompts.preload(prompt_file)  # pre-encoded once, shared by every call
+                warm = [await service.manager.place_call(user, sources=[prompts.source(prompt_file)], record=record)
+                        for user in warm_up]  # (codecs and modules loaded before memory is counted)
+                await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in warm))
+                for c in warm:
+                    await c.hangup()
+                await asyncio.gather(*(c.wait_finished(30) for c in warm))
                 pids = gateway_pids(service)
                 base_rss = sum(rss_mb(pid) for pid in pids)
                 calls = []

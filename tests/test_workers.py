@@ -197,3 +197,17 @@ async def test_serve_runs_one_media_worker_per_core(tmp_path):
         assert 'wacall_media_worker_sessions{worker="0"} 0.0' in metrics
     finally:
         stop(proc)
+
+
+async def test_a_worker_lost_while_the_phone_rings_ends_that_call_at_once(service, tmp_path):
+    service.sandbox.users.update(USERS[0], {"answer_after_ms": 60_000, "say": None})
+    call = await service.manager.place_call(USERS[0])
+    await call.wait_state(CallState.RINGING, TIMEOUT)
+    victim = call.media.worker
+    os.kill(victim.pid, signal.SIGKILL)
+    await call.wait_finished(TIMEOUT)
+    assert call.end_reason is EndReason.MEDIA_FAILURE, (call.end_reason, call.end_detail)
+    assert "media worker lost" in (call.end_detail or "")
+    sandbox_call = service.sandbox.calls[call.wacid]
+    await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
+    assert sandbox_call.ended_by == "business"  # the ringing phone was hung up through the provider
