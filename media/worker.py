@@ -29,8 +29,9 @@ worker → main
 
 The worker ends when the main process closes its end (an orderly stop, or the main
 process died: the socket reads EOF either way); it closes every session first, so
-recordings are finished. It ignores SIGINT: Ctrl-C in a terminal reaches the whole
-process group, and the main process decides how calls end.
+recordings are finished. It ignores SIGINT and SIGTERM (Ctrl-C in a terminal, or a
+service manager stopping the whole group, reach it too): the main process decides how
+calls end, hangs them up, then stops its workers; only SIGKILL ends a worker at once.
 """
 
 from __future__ import annotations
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1 or not argv[0].isdigit():
         sys.exit("usage: python -m media.worker FD  (started by the gateway, not by hand)")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     asyncio.run(_main(int(argv[0])))
 
 
