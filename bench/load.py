@@ -136,8 +136,8 @@ class Provider:
 
 
 async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: bool = True,
-              workers: int = 0) -> dict:
-    run_dir = workdir / f"n{n}-w{workers}"
+              workers: int = 0, rtp_path: str = "lean") -> dict:
+    run_dir = workdir / f"n{n}-w{workers}-{rtp_path}"
     run_dir.mkdir()
     gateway_port = free_port()
     provider = Provider(run_dir, gateway_port)
@@ -153,7 +153,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 provider="360dialog", base_url=f"{provider.url}/sandbox", d360_api_key="sandbox-key",
                 media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
-                max_duration_s=seconds + 120, workers=workers)
+                max_duration_s=seconds + 120, workers=workers, rtp_path=rtp_path)
             async with Service(settings) as service:
                 for user in users + warm_up:
                     async with session.post(f"{provider.url}/sandbox/users/{user}",
@@ -231,6 +231,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     concealed = sum(p.get("frames_concealed", 0) for p in playout)
     return {
         "calls": n,
+        "rtp_path": rtp_path,
         "workers": workers,
         "calls_per_worker": per_worker,
         "worker_cores": [round((b - a) / wall, 2) for a, b in zip(worker_cpu0, worker_cpu1)],
@@ -258,11 +259,11 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
 
 
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, record: bool,
-               workers: list[int]) -> None:
+               workers: list[int], paths: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
-        for n, w in ((n, w) for w in workers for n in counts):
-            result = await run(n, seconds, Path(tmp), profile, record, w)
+        for n, w, path in ((n, w, p) for w in workers for n in counts for p in paths):
+            result = await run(n, seconds, Path(tmp), profile, record, w, path)
             if as_json:
                 print(json.dumps(result), flush=True)
                 continue
@@ -272,7 +273,8 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                     print(f"     provider: {line[:300]}")
             where = (f"{w} media worker(s), calls per worker {result['calls_per_worker']}, worker cores "
                      f"{result['worker_cores']}, main process {result['main_cores']} cores; " if w else "media in-process; ")
-            print(f"{n:4d} calls{'' if record else ' (no recording)'} ({result['alive']} up through {result['window_s']} s), "
+            print(f"{n:4d} calls{'' if record else ' (no recording)'}, {path} RTP path "
+                  f"({result['alive']} up through {result['window_s']} s), "
                   f"{where}"
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
                   f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call; "
@@ -294,5 +296,7 @@ if __name__ == "__main__":
                         help="playback and receive only (the user's audio is still decoded)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], metavar="N",
                         help="media worker processes, one run per value (0: media in the gateway's process)")
+    parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "aiortc"],
+                        help="the gateway's RTP path (WACALL_RTP_PATH), one run per value")
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers))
+    asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path))

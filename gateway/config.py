@@ -179,6 +179,9 @@ class Settings:
     #: ``0``: media in the main process. Unset: ``wacall serve`` starts one per core,
     #: an embedded service (tests, ``wacall demo``/``call``) runs media in-process.
     workers: int | None = setting(parse=_non_negative(int), group="media")
+    #: How RTP travels once DTLS is up: ``lean`` (one 20 ms ticker sends every call's
+    #: frames straight to the socket) or ``aiortc`` (aiortc's per-call send loop).
+    rtp_path: str = setting("lean", _choice(("lean", "aiortc")), group="media")
     #: Also detect DTMF sent as audio tones (Goertzel), besides RFC 4733 events.
     inband_dtmf: bool = setting(False, _bool, group="media")
     #: Speech start/stop events (energy based) on the user's audio, as call events.
@@ -265,6 +268,7 @@ class Settings:
             gather_timeout_s=self.gather_timeout_s,
             connect_timeout_s=self.media_timeout_s,
             inband_dtmf=self.inband_dtmf,
+            rtp_path=self.rtp_path,
         )
 
     def provider_kwargs(self) -> dict:

@@ -234,6 +234,66 @@ def nominated_pair(transceiver):
     return nominated.get(1)
 
 
+# -- the lean send path (media.lean) ---------------------------------------------------
+
+#: RTCRtpSender's private counters that its RTCP sender reports and getStats() read.
+_SENDER_COUNTERS = ("_RTCRtpSender__packet_count", "_RTCRtpSender__octet_count",
+                    "_RTCRtpSender__rtp_timestamp", "_RTCRtpSender__ntp_timestamp")
+_DTLS_COUNTERS = ("_RTCDtlsTransport__tx_bytes", "_RTCDtlsTransport__tx_packets")
+
+
+def lean_send_problems(sender) -> list[str]:
+    """What the lean send path needs from this started-to-be sender and its transport."""
+    found = [f"RTCRtpSender.{name.split('__')[-1]}" for name in _SENDER_COUNTERS if not hasattr(sender, name)]
+    if not hasattr(sender, "_RTCRtpSender__rtp_header_extensions_map"):
+        found.append("RTCRtpSender.__rtp_header_extensions_map")
+    transport = getattr(sender, "transport", None)
+    found += [f"RTCDtlsTransport.{name.split('__')[-1]}" for name in _DTLS_COUNTERS if not hasattr(transport, name)]
+    if not hasattr(transport, "_tx_srtp") or not hasattr(transport, "_state"):
+        found.append("RTCDtlsTransport._tx_srtp/_state")
+    return [f"{p} is missing (aiortc {AIORTC_VERSION})" for p in found]
+
+
+def on_sender_start(sender, callback: Callable[[Any], None]) -> None:
+    """Call ``callback(parameters)`` when aiortc starts ``sender`` (``send(parameters)``:
+    codecs, mid and header extensions negotiated), before its send loop starts."""
+    original = sender.send
+
+    @functools.wraps(original)
+    async def send(parameters) -> None:
+        callback(parameters)
+        await original(parameters)
+
+    sender.send = send
+
+
+def sender_extensions_map(sender):
+    return sender._RTCRtpSender__rtp_header_extensions_map
+
+
+def dtls_connected(transport) -> bool:
+    from aiortc.rtcdtlstransport import State
+
+    return transport is not None and transport._state == State.CONNECTED
+
+
+def plain_udp(pair) -> bool:
+    """Whether a candidate pair sends straight on its UDP socket (not through TURN)."""
+    from aioice.ice import StunProtocol
+
+    return type(pair.protocol) is StunProtocol and hasattr(pair.protocol.transport, "sendto")
+
+
+def count_sent(sender, transport, payload_bytes: int, wire_bytes: int, rtp_timestamp: int, ntp: int) -> None:
+    """Account one RTP packet sent around aiortc, as its own send loop does."""
+    sender._RTCRtpSender__packet_count += 1
+    sender._RTCRtpSender__octet_count += payload_bytes
+    sender._RTCRtpSender__rtp_timestamp = rtp_timestamp
+    sender._RTCRtpSender__ntp_timestamp = ntp
+    transport._RTCDtlsTransport__tx_bytes += wire_bytes
+    transport._RTCDtlsTransport__tx_packets += 1
+
+
 # Checked once at import: a changed aiortc is named here, not discovered mid-call.
 for _problem in problems():
     log.warning("%s: wacall falls back to aiortc's own path where it can", _problem)

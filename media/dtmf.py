@@ -486,19 +486,27 @@ class PeerDtmf:
         self._schedule_expiry()
 
     async def _hooked_send_rtp(self, original, data: bytes) -> None:
-        ssrc = self._ssrc
-        tick = None
-        if ssrc is not None and len(data) >= 12 and data[8:12] == ssrc and not _is_rtcp(data):
-            self.rtp_sent += 1
-            data, tick = self._outgoing(data)
-            if data is None:
-                return
+        data, tick = self.outgoing(data)
+        if data is None:
+            return
         try:
             await original(data)
         except Exception as exc:
             if tick is not None and tick.event is not None and not tick.owner.done():
                 tick.owner.set_exception(DtmfError(f"sending DTMF failed: {exc}"))
             raise
+        self.sent(tick)
+
+    def outgoing(self, data: bytes) -> tuple[bytes | None, _Tick | None]:
+        """An RTP or RTCP packet (clear) on its way out, as it should go (``None``: drop
+        it), and the DTMF tick it carries: pass that to :meth:`sent` once it is out."""
+        ssrc = self._ssrc
+        if ssrc is not None and len(data) >= 12 and data[8:12] == ssrc and not _is_rtcp(data):
+            self.rtp_sent += 1
+            return self._outgoing(data)
+        return data, None
+
+    def sent(self, tick: _Tick | None) -> None:
         if tick is not None and tick.last and not tick.owner.done():
             tick.owner.set_result(None)
 

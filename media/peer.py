@@ -42,6 +42,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from . import aiortc_hooks, ice, sdp as sdp_rules
 from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
 from .frames import FRAME_MS, SAMPLE_RATE, Sink, Source
+from .lean import LeanSender
 from .opus import OpusSettings
 from .receiver import OpusReceiver, aiortc_problems as receiver_problems
 from .sinkset import SinkFault, SinkSet
@@ -92,11 +93,17 @@ class PeerConfig:
     #: buffer, loss concealment, decoding on the event loop, one frame per 20 ms while
     #: RTP flows) or ``"aiortc"`` (aiortc's jitter buffer and decoder thread).
     receive: str = "wacall"
+    #: How RTP packets travel once DTLS is up: ``"lean"`` (media.lean: one shared 20 ms
+    #: ticker sends every call's frames, straight to the socket) or ``"aiortc"`` (aiortc's
+    #: per-call send loop; for comparison).
+    rtp_path: str = "lean"
 
     def __post_init__(self) -> None:
         self.port_range = ice.validate_port_range(self.port_range)
         if self.receive not in ("wacall", "aiortc"):
             raise ValueError(f"receive must be 'wacall' or 'aiortc', got {self.receive!r}")
+        if self.rtp_path not in ("lean", "aiortc"):
+            raise ValueError(f"rtp_path must be 'lean' or 'aiortc', got {self.rtp_path!r}")
         if self.advertised_address is not None:
             ipaddress.ip_address(self.advertised_address)  # ValueError if not an IP
 
@@ -154,7 +161,17 @@ class MediaPeer:
     # -- signalling ----------------------------------------------------------------------
 
     def _add_audio(self) -> None:
-        _prefer_opus(self._pc.addTransceiver(self.outbound, direction="sendrecv"))
+        transceiver = self._pc.addTransceiver(self.outbound, direction="sendrecv")
+        _prefer_opus(transceiver)
+        self._lean_send(transceiver)
+
+    def _lean_send(self, transceiver) -> None:
+        """Send our frames on the lean RTP path (media.lean), unless configured not to."""
+        if self.config.rtp_path != "lean" or self.outbound.lean is not None:
+            return
+        lean = LeanSender(self.outbound, transceiver, dtmf=self._dtmf)
+        aiortc_hooks.on_sender_start(transceiver.sender, lean.configure)
+        self.outbound.lean = lean
 
     async def _local_sdp(self, description) -> str:
         config = self.config
@@ -218,6 +235,7 @@ class MediaPeer:
         transceivers[0].direction = "sendrecv"
         transceivers[0].sender.replaceTrack(self.outbound)
         _prefer_opus(transceivers[0])
+        self._lean_send(transceivers[0])
         return await self._local_sdp(await self._pc.createAnswer())
 
     # -- media ---------------------------------------------------------------------------

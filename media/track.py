@@ -136,6 +136,9 @@ class OutboundAudioTrack(MediaStreamTrack):
         #: ``pts`` (samples at 48 kHz) and loop time of the frame being sent.
         self.sent_pts = 0
         self.sent_at = 0.0
+        #: The lean RTP path's sender (:class:`media.lean.LeanSender`) once the peer set
+        #: one up: then frames go out from the shared ticker, not through aiortc.
+        self.lean = None
 
     # -- playback control -------------------------------------------------------------
 
@@ -175,11 +178,19 @@ class OutboundAudioTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet | av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
+        lean = self.lean
+        if lean is not None and lean.usable():
+            # (aiortc asks for the first frame once DTLS is up: from here the process's
+            # 20 ms ticker sends this track's frames; aiortc's send loop waits here)
+            await lean.run()
+            raise MediaStreamError
         await self._wait_for_slot()
         return self.next_frame()
 
     def stop(self) -> None:
         self.clear()
+        if self.lean is not None:
+            self.lean.stop()
         super().stop()
 
     def release(self) -> None:
@@ -192,10 +203,33 @@ class OutboundAudioTrack(MediaStreamTrack):
     def next_frame(self) -> av.Packet | av.AudioFrame:
         """Produce the next frame now (no pacing): what :meth:`recv` returns once the
         frame is due. Benchmarks drive this directly."""
+        out = self._next()
+        if isinstance(out, bytes):
+            out = av.Packet(out)
+        out.pts = self.sent_pts
+        out.time_base = _TIME_BASE
+        return out
+
+    def next_payload(self) -> bytes:
+        """The next frame's Opus payload, now (the lean RTP path; needs ``opus``)."""
+        out = self._next()
+        return out if isinstance(out, bytes) else bytes(out)
+
+    def paced(self, now: float, late: float) -> None:
+        """A frame goes out at ``now``, ``late`` seconds after it was due (the lean
+        path's shared ticker paces; the statistics are the same as :meth:`recv`'s)."""
+        if not self._clock.started:
+            self._clock.begin(now)
+        else:
+            self._count_late(late)
+            self.stats._interval(now - self._last_sent)
+        self._last_sent = self.sent_at = now
+
+    def _next(self) -> bytes | av.Packet | av.AudioFrame:
         pcm = self.queue.read()
         pts = self._index * FRAME_SAMPLES
         stats = self.stats
-        out: av.Packet | av.AudioFrame
+        out: bytes | av.Packet | av.AudioFrame
         if self.opus is None:
             if pcm is None:
                 pcm = self._silence
@@ -205,11 +239,11 @@ class OutboundAudioTrack(MediaStreamTrack):
         elif pcm is None:
             pcm = self._silence
             stats.silent_frames += 1
-            out = av.Packet(self._silence_packet)
+            out = self._silence_packet
         else:
             encoded = self.queue.packet
             if encoded is not None and self.passthrough:
-                out = av.Packet(encoded)
+                out = encoded
                 stats.passthrough_frames += 1
                 self.queue.current.packets += 1
             else:
@@ -218,8 +252,6 @@ class OutboundAudioTrack(MediaStreamTrack):
                     encoder = self._encoder = OpusEncoder(self.opus)
                 out = encoder.encode(pcm)
                 stats.encoded_frames += 1
-        out.pts = pts
-        out.time_base = _TIME_BASE
         self._index += 1
         stats.frames += 1
         self.sent_pts = pts
@@ -241,14 +273,17 @@ class OutboundAudioTrack(MediaStreamTrack):
             await asyncio.sleep(-late)
             now = loop.time()
         else:
-            late_ms = late * 1000
-            stats = self.stats
-            if late_ms > 1.0:
-                stats.late_frames += 1
-                if late_ms > stats.max_late_ms:
-                    stats.max_late_ms = late_ms
-                if late_ms > FRAME_MS:
-                    stats.underruns += 1
-            stats.resyncs += clock.resyncs - resyncs
+            self._count_late(late)
+            self.stats.resyncs += clock.resyncs - resyncs
         self.stats._interval(now - self._last_sent)
         self._last_sent = self.sent_at = now
+
+    def _count_late(self, late: float) -> None:
+        late_ms = late * 1000
+        if late_ms > 1.0:
+            stats = self.stats
+            stats.late_frames += 1
+            if late_ms > stats.max_late_ms:
+                stats.max_late_ms = late_ms
+            if late_ms > FRAME_MS:
+                stats.underruns += 1

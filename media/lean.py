@@ -1,0 +1,228 @@
+"""The lean RTP path: after the handshakes, packets skip aiortc's per-packet machinery.
+
+aiortc stays in charge of what happens rarely — offer/answer, ICE checks and consent,
+the DTLS handshake, RTCP — and of the keys: once DTLS is up, its SRTP sessions protect
+and unprotect. What happens 50 times a second per call in each direction goes around it:
+
+* **Sending** (:class:`LeanSender`): one :class:`FrameTicker` per event loop wakes every
+  20 ms and, for every call, takes the next Opus payload from the outbound track (a
+  pre-encoded prompt's packet, the cached silence packet, or one frame encoded now),
+  writes it behind a prebuilt RTP header (sequence number and timestamp patched in
+  place), lets DTMF swap it for a telephone-event packet, protects it and hands it to the
+  nominated ICE pair's socket — no coroutine per call, no task hop, no ``RtpPacket``
+  object. aiortc's RTP send loop for that track waits, idle, until the call ends.
+  The counters aiortc's RTCP sender reports and ``getStats()`` reads (packets, octets,
+  last RTP/NTP timestamp; the DTLS transport's bytes and packets) are kept as aiortc
+  keeps them, so sender reports stay correct.
+
+``PeerConfig(rtp_path="aiortc")`` keeps aiortc's own per-call send loop (for comparison,
+and for non-Opus codecs or a relayed (TURN) path, where the lean path steps aside).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import weakref
+from collections.abc import Callable
+
+from aiortc import clock
+from aiortc.rtp import RtpPacket
+
+from . import aiortc_hooks
+from .clock import FRAME_S
+
+__all__ = ["FrameTicker", "LeanSender"]
+
+log = logging.getLogger(__name__)
+
+#: Behind by more than this many frames after a stall: drop the backlog (delay, not a burst).
+MAX_CATCH_UP = 5
+_SEQ_TS = struct.Struct("!HI")
+
+
+class FrameTicker:
+    """One 20 ms clock for every call on an event loop (see the module docstring).
+
+    Subscribers are called as ``tick(now, late, frames)``: ``late`` is how far behind its
+    schedule this tick runs (seconds), ``frames`` how many frames are due (1, more after
+    a short stall: the backlog is sent back to back, up to :data:`MAX_CATCH_UP`; beyond
+    that the schedule restarts now)."""
+
+    _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FrameTicker] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.subscribers: list[Callable[[float, float, int], None]] = []
+        self.ticks = 0
+        self.resyncs = 0
+        self._due = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def current(cls) -> FrameTicker:
+        """The running loop's ticker."""
+        loop = asyncio.get_running_loop()
+        ticker = cls._per_loop.get(loop)
+        if ticker is None:
+            ticker = cls._per_loop[loop] = cls(loop)
+        return ticker
+
+    def add(self, subscriber: Callable[[float, float, int], None]) -> None:
+        self.subscribers.append(subscriber)
+        if self._handle is None:
+            self._due = self.loop.time() + FRAME_S
+            self._handle = self.loop.call_at(self._due, self._tick)
+
+    def remove(self, subscriber: Callable[[float, float, int], None]) -> None:
+        try:
+            self.subscribers.remove(subscriber)
+        except ValueError:
+            return
+        if not self.subscribers and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        late = now - self._due
+        frames = 1
+        if late >= FRAME_S:
+            frames += int(late / FRAME_S)
+            if frames > MAX_CATCH_UP:  # a long stall: start again from now
+                self.resyncs += 1
+                frames = 1
+                self._due = now - FRAME_S
+        self._due += frames * FRAME_S
+        self.ticks += 1
+        for tick in tuple(self.subscribers):
+            try:
+                tick(now, late, frames)
+            except Exception:  # noqa: BLE001 - one call's failure never stops the others
+                log.exception("a lean sender failed; it stops, the other calls go on")
+                self.remove(tick)
+        if self.subscribers:
+            self._handle = self.loop.call_at(self._due, self._tick)
+        else:
+            self._handle = None
+
+
+class LeanSender:
+    """Sends one outbound track's frames on the lean path (see the module docstring).
+
+    Made by the peer for its audio transceiver; :meth:`configure` runs when aiortc
+    starts the sender (the negotiated codec, mid and header extensions are known then),
+    :meth:`usable` says whether the lean path applies, :meth:`run` sends until the call
+    ends."""
+
+    def __init__(self, track, transceiver, dtmf=None) -> None:
+        self.track = track
+        self.transceiver = transceiver
+        self.dtmf = dtmf
+        self.packets = 0
+        self._header: bytearray | None = None
+        self._seq = 0
+        self._ts_origin = 0
+        self._stopped: asyncio.Future | None = None
+        self._dtls = None
+        self._sender = None
+        self._connection = None
+        self._srtp = None
+        self._ticker: FrameTicker | None = None
+        self._why_not: str | None = "not configured"
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def configure(self, parameters) -> None:
+        """aiortc is starting the sender with ``parameters``: build the RTP header."""
+        codec = parameters.codecs[0] if parameters.codecs else None
+        if codec is None or codec.mimeType.lower() != "audio/opus":
+            self._why_not = f"codec {codec.mimeType if codec else None} (the lean path sends Opus)"
+            return
+        if self.track.opus is None:
+            self._why_not = "the track sends PCM for aiortc to encode"
+            return
+        sender = self.transceiver.sender
+        missing = aiortc_hooks.lean_send_problems(sender)
+        if missing:
+            self._why_not = "; ".join(missing)
+            return
+        template = RtpPacket(payload_type=codec.payloadType, sequence_number=0, timestamp=0,
+                             ssrc=aiortc_hooks.sender_ssrc(sender), marker=1)
+        template.extensions.mid = parameters.muxId
+        self._header = bytearray(template.serialize(aiortc_hooks.sender_extensions_map(sender)))
+        self._seq = int.from_bytes(os.urandom(2), "big")
+        self._ts_origin = int.from_bytes(os.urandom(4), "big")
+        self._why_not = None
+
+    def usable(self) -> bool:
+        """Whether this call's frames can go the lean way (else aiortc sends them)."""
+        if self._why_not is None:
+            dtls = self.transceiver.sender.transport
+            connection = aiortc_hooks.ice_connection(self.transceiver)
+            pair = aiortc_hooks.nominated_pair(self.transceiver)
+            if getattr(dtls, "_tx_srtp", None) is None:
+                self._why_not = "SRTP is not keyed"
+            elif pair is None or not aiortc_hooks.plain_udp(pair):
+                self._why_not = "the ICE pair is not plain UDP (a TURN relay)"
+            else:
+                self._dtls, self._connection, self._srtp = dtls, connection, dtls._tx_srtp
+                self._sender = self.transceiver.sender
+        if self._why_not is not None:
+            log.debug("lean RTP path not used: %s", self._why_not)
+        return self._why_not is None
+
+    async def run(self) -> None:
+        """Send from the shared ticker until :meth:`stop` or the transport closes."""
+        self._stopped = asyncio.get_running_loop().create_future()
+        self._ticker = FrameTicker.current()
+        self._ticker.add(self._tick)
+        try:
+            await self._stopped
+        finally:
+            self._ticker.remove(self._tick)
+
+    def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.remove(self._tick)
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    # -- per frame ------------------------------------------------------------------------
+
+    def _tick(self, now: float, late: float, frames: int) -> None:
+        dtls = self._dtls
+        if not aiortc_hooks.dtls_connected(dtls):
+            self.stop()
+            return
+        pair = aiortc_hooks.nominated_pair(self.transceiver)
+        if pair is None:
+            self.stop()
+            return
+        track = self.track
+        if self._sender.track is not track:
+            return  # replaced (or removed) for now: nothing goes out, as with aiortc
+        header = self._header
+        sendto = pair.protocol.transport.sendto
+        addr = pair.remote_addr
+        protect = self._srtp.protect
+        dtmf = self.dtmf
+        for i in range(frames):
+            track.paced(now, late - i * FRAME_S)
+            payload = track.next_payload()
+            _SEQ_TS.pack_into(header, 2, self._seq, (self._ts_origin + track.sent_pts) & 0xFFFFFFFF)
+            data = bytes(header) + payload
+            owed = None
+            if dtmf is not None:
+                data, owed = dtmf.outgoing(data)
+            if data is not None:
+                protected = protect(data)
+                sendto(protected, addr)
+                aiortc_hooks.count_sent(self._sender, dtls, len(payload), len(protected),
+                                        (self._ts_origin + track.sent_pts) & 0xFFFFFFFF, clock.current_ntp_time())
+                self.packets += 1
+            if owed is not None:
+                dtmf.sent(owed)
+            self._seq = (self._seq + 1) & 0xFFFF
