@@ -140,6 +140,8 @@ class ReceiverHook:
         self.consumer: Consumer | None = None
         self.started: list[Callable[[Any], None]] = []
         original_handle = receiver._handle_rtp_packet
+        #: aiortc's own handling of a routed packet (what neither observer nor consumer took).
+        self.original = original_handle
         original_receive = receiver.receive
         loop = asyncio.get_running_loop()
         hook = self
@@ -292,6 +294,22 @@ def count_sent(sender, transport, payload_bytes: int, wire_bytes: int, rtp_times
     sender._RTCRtpSender__ntp_timestamp = ntp
     transport._RTCDtlsTransport__tx_bytes += wire_bytes
     transport._RTCDtlsTransport__tx_packets += 1
+
+
+def lean_receive_problems(transport) -> list[str]:
+    found = [name for name in ("_RTCDtlsTransport__rx_bytes", "_RTCDtlsTransport__rx_packets", "_rx_srtp",
+                               "_rtp_header_extensions_map") if not hasattr(transport, name)]
+    return [f"RTCDtlsTransport.{n.split('__')[-1]} is missing (aiortc {AIORTC_VERSION})" for n in found]
+
+
+def count_received(transport, wire_bytes: int) -> None:
+    """Account one datagram received around aiortc, as its DTLS transport does."""
+    transport._RTCDtlsTransport__rx_bytes += wire_bytes
+    transport._RTCDtlsTransport__rx_packets += 1
+
+
+def receive_extensions_map(transport):
+    return transport._rtp_header_extensions_map
 
 
 # Checked once at import: a changed aiortc is named here, not discovered mid-call.

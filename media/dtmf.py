@@ -414,9 +414,16 @@ class PeerDtmf:
             aiortc_hooks.wrap_transport(sender.transport, "_send_rtp", self._hooked_send_rtp)
 
     async def _hooked_handle_rtp_data(self, original, data: bytes, arrival_time_ms: int) -> None:
+        data = self.incoming(data)
+        if data is not None:
+            await original(data, arrival_time_ms=arrival_time_ms)
+
+    def incoming(self, data: bytes) -> bytes | None:
+        """A received RTP packet (clear) as the audio path should see it: ``None`` when it
+        was a telephone-event (taken here), renumbered when events were taken before it."""
         self.rtp_received += 1
         if len(data) < 12:
-            return await original(data, arrival_time_ms=arrival_time_ms)
+            return data
         stream = self._rx.get(data[8:12])
         if stream is None:
             if len(self._rx) >= 8:
@@ -432,10 +439,10 @@ class PeerDtmf:
                 stream.taken += 1
                 stream.recent.append(seq)
             self._on_telephone_event(data)
-            return  # aiortc has no receiver for this payload type: it would drop it
+            return None  # aiortc has no receiver for this payload type: it would drop it
         if stream.taken:
             data = self._close_gap(stream, data, seq, newest)
-        await original(data, arrival_time_ms=arrival_time_ms)
+        return data
 
     @staticmethod
     def _close_gap(stream: _RxStream, data: bytes, seq: int, newest: bool) -> bytes:

@@ -15,8 +15,17 @@ and unprotect. What happens 50 times a second per call in each direction goes ar
   last RTP/NTP timestamp; the DTLS transport's bytes and packets) are kept as aiortc
   keeps them, so sender reports stay correct.
 
-``PeerConfig(rtp_path="aiortc")`` keeps aiortc's own per-call send loop (for comparison,
-and for non-Opus codecs or a relayed (TURN) path, where the lean path steps aside).
+* **Receiving** (:class:`LeanReceiver`): the nominated pair's socket hands every
+  datagram to a function of ours first. An SRTP packet of an audio or telephone-event
+  payload type is unprotected, passed through DTMF (events leave the stream there),
+  parsed into a small :class:`RtpView` and given to the RTP tap and our playout buffer
+  at once — no STUN parse attempt, no queue, no task hop, no ``RtpPacket``. Everything
+  else (STUN: ICE checks and consent; DTLS; RTCP; other payload types) goes on to aioice
+  and aiortc as before. aiortc's receive statistics (what its receiver reports in RTCP)
+  are kept by our playout as before; the DTLS transport's byte and packet counters here.
+
+``PeerConfig(rtp_path="aiortc")`` keeps aiortc's own per-call loops (for comparison, and
+for non-Opus codecs or a relayed (TURN) path, where the lean path steps aside).
 """
 
 from __future__ import annotations
@@ -34,13 +43,14 @@ from aiortc.rtp import RtpPacket
 from . import aiortc_hooks
 from .clock import FRAME_S
 
-__all__ = ["FrameTicker", "LeanSender"]
+__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "RtpView", "parse_rtp"]
 
 log = logging.getLogger(__name__)
 
 #: Behind by more than this many frames after a stall: drop the backlog (delay, not a burst).
 MAX_CATCH_UP = 5
 _SEQ_TS = struct.Struct("!HI")
+_HEADER = struct.Struct("!BBHII")
 
 
 class FrameTicker:
@@ -226,3 +236,130 @@ class LeanSender:
             if owed is not None:
                 dtmf.sent(owed)
             self._seq = (self._seq + 1) & 0xFFFF
+
+
+class RtpView:
+    """The fields of a received RTP packet the audio path reads (no header extensions)."""
+
+    __slots__ = ("payload_type", "marker", "sequence_number", "timestamp", "ssrc", "payload")
+
+    def __init__(self, payload_type: int, marker: int, sequence_number: int, timestamp: int, ssrc: int,
+                 payload: bytes) -> None:
+        self.payload_type = payload_type
+        self.marker = marker
+        self.sequence_number = sequence_number
+        self.timestamp = timestamp
+        self.ssrc = ssrc
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return (f"RtpView(pt={self.payload_type}, seq={self.sequence_number}, ts={self.timestamp}, "
+                f"{len(self.payload)} B)")
+
+
+def parse_rtp(data: bytes) -> RtpView:
+    """Parse an RTP packet's fixed header, skip CSRCs, extension and padding; ``ValueError``
+    when it is not RTP version 2 or its lengths do not add up."""
+    if len(data) < 12:
+        raise ValueError("an RTP packet has at least 12 bytes")
+    first, second, seq, timestamp, ssrc = _HEADER.unpack_from(data)
+    if first >> 6 != 2:
+        raise ValueError("not RTP version 2")
+    start = 12 + 4 * (first & 0x0F)
+    if first & 0x10:
+        if len(data) < start + 4:
+            raise ValueError("truncated RTP header extension")
+        start += 4 + 4 * int.from_bytes(data[start + 2:start + 4], "big")
+    end = len(data)
+    if first & 0x20:
+        end -= data[-1]
+    if start > end:
+        raise ValueError("RTP lengths do not add up")
+    return RtpView(second & 0x7F, second >> 7, seq, timestamp, ssrc, data[start:end])
+
+
+class LeanReceiver:
+    """Takes one call's received RTP on the lean path (see the module docstring).
+
+    ``payload_types()`` says which payload types to take (Opus and telephone-event as
+    negotiated); ``hook`` is the receiver's :class:`media.aiortc_hooks.ReceiverHook`
+    (tap observers first, then our playout as the consumer); ``dtmf`` the peer's
+    :class:`media.dtmf.PeerDtmf`."""
+
+    def __init__(self, transceiver, hook, dtmf, payload_types: Callable[[], frozenset[int]]) -> None:
+        self.transceiver = transceiver
+        self.hook = hook
+        self.dtmf = dtmf
+        self.payload_types = payload_types
+        self.packets = 0
+        self._protocol = None
+        self._original = None
+        self._pts: frozenset[int] = frozenset()
+        self._dtls = None
+        self._loop = asyncio.get_running_loop()
+
+    def install(self) -> bool:
+        """Once ICE and DTLS are up: receive on the lean path (``False``: it does not apply)."""
+        pair = aiortc_hooks.nominated_pair(self.transceiver)
+        dtls = self.transceiver.receiver.transport
+        if self._protocol is not None or pair is None or not aiortc_hooks.plain_udp(pair):
+            return False
+        if aiortc_hooks.lean_receive_problems(dtls):
+            log.warning("lean receive path not used: %s", "; ".join(aiortc_hooks.lean_receive_problems(dtls)))
+            return False
+        self._dtls = dtls
+        self._protocol = protocol = pair.protocol
+        self._original = protocol.datagram_received
+        protocol.datagram_received = self._datagram_received
+        return True
+
+    def uninstall(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.__dict__.get("datagram_received") == self._datagram_received:
+            del protocol.datagram_received
+        self._original = None
+        self.hook = self.dtmf = None
+
+    def _datagram_received(self, data: bytes, addr) -> None:
+        if len(data) >= 12 and 127 < data[0] < 192:
+            pt = data[1] & 0x7F
+            pts = self._pts
+            if pt not in pts:
+                pts = self._pts = self.payload_types()
+            if pt in pts and self._dtls._rx_srtp is not None:
+                self._rtp(data)
+                return
+        self._original(data, addr)
+
+    def _rtp(self, data: bytes) -> None:
+        dtls = self._dtls
+        try:
+            plain = dtls._rx_srtp.unprotect(data)
+        except Exception:  # noqa: BLE001 - pylibsrtp.Error: dropped, as aiortc drops it
+            return
+        aiortc_hooks.count_received(dtls, len(data))
+        self.packets += 1
+        dtmf = self.dtmf
+        if dtmf is not None:
+            plain = dtmf.incoming(plain)
+            if plain is None:
+                return
+        try:
+            packet = parse_rtp(plain)
+        except ValueError:
+            return
+        hook = self.hook
+        if hook is None:
+            return
+        if hook.observers:
+            at = self._loop.time()
+            for observe in hook.observers:
+                observe(packet, at)
+        consumer = hook.consumer
+        if consumer is None or not consumer(packet):
+            # not ours to play: aiortc handles it as it would have (its own packet object)
+            try:
+                full = RtpPacket.parse(plain, aiortc_hooks.receive_extensions_map(dtls))
+            except ValueError:
+                return
+            asyncio.ensure_future(hook.original(full, clock.current_ms()))

@@ -42,7 +42,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from . import aiortc_hooks, ice, sdp as sdp_rules
 from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
 from .frames import FRAME_MS, SAMPLE_RATE, Sink, Source
-from .lean import LeanSender
+from .lean import LeanReceiver, LeanSender
 from .opus import OpusSettings
 from .receiver import OpusReceiver, aiortc_problems as receiver_problems
 from .sinkset import SinkFault, SinkSet
@@ -147,6 +147,8 @@ class MediaPeer:
         self._pump: asyncio.Task | None = None
         #: Our receive path (media.receiver), when PeerConfig.receive == "wacall".
         self._receiver: OpusReceiver | None = None
+        #: Received RTP taken straight from the socket (media.lean) once media is up.
+        self._lean_receiver: LeanReceiver | None = None
         self._connected = asyncio.Event()
         self._ended = asyncio.get_running_loop().create_future()
         self._closed = False
@@ -324,6 +326,7 @@ class MediaPeer:
         log.debug("%s: connection %s", self.label, state)
         if state == "connected":
             self._connected.set()
+            self._lean_receive()
         elif state in ("failed", "closed") and not self._ended.done():
             self._ended.set_result(f"transport {state}")
 
@@ -337,6 +340,23 @@ class MediaPeer:
                     self.rtp_tap.install(transceiver.receiver)
             if self._receiver is None:
                 self._pump = asyncio.ensure_future(self._receive(track))
+
+    def _lean_receive(self) -> None:
+        """Take received RTP on the lean path (media.lean) once ICE and DTLS are up."""
+        if self.config.rtp_path != "lean" or self._receiver is None or self._lean_receiver is not None:
+            return
+        transceivers = self._pc.getTransceivers()
+        if not transceivers:
+            return
+        opus, dtmf = self._receiver, self._dtmf
+
+        def payload_types() -> frozenset[int]:
+            pts = opus.opus_payload_types
+            return pts | {dtmf.receive_pt} if dtmf.receive_pt is not None else pts
+
+        lean = LeanReceiver(transceivers[0], aiortc_hooks.receiver_hook(transceivers[0].receiver), dtmf, payload_types)
+        if lean.install():
+            self._lean_receiver = lean
 
     def _install_receiver(self, receiver, track: MediaStreamTrack) -> None:
         problems = receiver_problems(receiver)
@@ -434,6 +454,9 @@ class MediaPeer:
         keeps only its statistics alive."""
         self._pc.remove_all_listeners()
         self._fault_handlers = []
+        if self._lean_receiver is not None:
+            self._lean_receiver.uninstall()
+            self._lean_receiver = None
         self.outbound.release()
         self.rtp_tap.release()
         self._dtmf.release()

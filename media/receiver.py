@@ -206,6 +206,11 @@ class OpusReceiver:
     # -- wiring ------------------------------------------------------------------------
 
     @property
+    def opus_payload_types(self) -> frozenset[int]:
+        """The Opus payload types negotiated (empty before the receiver started)."""
+        return self._opus_pts
+
+    @property
     def installed(self) -> bool:
         return self._receiver is not None
 

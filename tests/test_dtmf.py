@@ -113,15 +113,15 @@ class RtpTap:
     """Records every RTP packet a peer receives (parsed by aiortc), before our hook."""
 
     def __init__(self, peer: MediaPeer):
-        transport = peer._pc.getTransceivers()[0].receiver.transport
-        inner = transport._handle_rtp_data
+        dtmf = peer._dtmf  # (every received RTP packet, decrypted, passes it first: either RTP path)
+        inner = dtmf.incoming
         self.packets: list[RtpPacket] = []
 
-        async def tap(data, arrival_time_ms):
+        def tap(data):
             self.packets.append(RtpPacket.parse(data))
-            await inner(data, arrival_time_ms=arrival_time_ms)
+            return inner(data)
 
-        transport._handle_rtp_data = tap
+        dtmf.incoming = tap
 
 
 async def connect(a_config=None, b_config=None) -> tuple[MediaPeer, MediaPeer]:
