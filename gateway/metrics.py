@@ -51,9 +51,11 @@ __all__ = [
 #: The Prometheus text exposition format that :func:`generate_latest` writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: Call setup (creation -> media connected): 10 ms ... 30 s.
 ROUTED_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: Call setup (to the provider's answer; see Metrics.call_ended): 10 ms ... 30 s.
 SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+#: A phone ringing until the user picks up: 0.5 s ... 60 s.
+RING_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0)
 #: Interarrival jitter of a call's inbound RTP: 0.5 ms ... 500 ms.
 JITTER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5)
 #: RTCP round-trip time: 5 ms ... 5 s.
@@ -136,8 +138,14 @@ class Metrics:
         )
         self.live_calls = Gauge("wacall_live_calls", "Calls not yet ended.", registry=r)
         self.call_setup = Histogram(
-            "wacall_call_setup_seconds", "Seconds from call creation to media connected.",
+            "wacall_call_setup_seconds", "Call setup: business-initiated, from the dial (or the permission "
+            "grant) to the provider's SDP answer; user-initiated, from the connect webhook to media connected. "
+            "The user's ring time is not in it.",
             ["direction"], buckets=SETUP_BUCKETS, registry=r,
+        )
+        self.call_ring = Histogram(
+            "wacall_call_ring_seconds", "Seconds a business-initiated call rang before the user picked up "
+            "(answered calls).", ["direction"], buckets=RING_BUCKETS, registry=r,
         )
         self.webhooks = Counter(
             "wacall_webhooks_total", "Provider webhooks received, by event kind and result.",
@@ -208,13 +216,18 @@ class Metrics:
         """A call moved to ``state`` (including ``created`` and ``ended``)."""
         self.call_states.labels(self._direction(direction), self._state(state)).inc()
 
-    def call_ended(self, direction: str, end_reason: str | None, setup_s: float | None) -> None:
-        """A call ended. ``setup_s`` is creation -> media connected, ``None`` if never connected."""
+    def call_ended(self, direction: str, end_reason: str | None, setup_s: float | None,
+                   ring_s: float | None = None) -> None:
+        """A call ended. ``setup_s``: its setup (see ``wacall_call_setup_seconds``), ``ring_s``:
+        how long it rang before being picked up; ``None`` when it never got there."""
         direction = self._direction(direction)
         self.calls.labels(direction, self._end_reason(end_reason)).inc()
         setup = _seconds(setup_s)
         if setup is not None:
             self.call_setup.labels(direction).observe(setup)
+        ring = _seconds(ring_s)
+        if ring is not None:
+            self.call_ring.labels(direction).observe(ring)
 
     async def watch_loop_lag(self, period_s: float = 1.0) -> None:
         """Measure the event loop's lag forever (run it as a task)."""

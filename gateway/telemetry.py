@@ -11,6 +11,7 @@ from __future__ import annotations
 from .domain import events as ev
 from .calls import CallManager, LiveCall as Call, TimelineEntry
 from .eventbus import EventFanout
+from .events import Direction
 from .metrics import Metrics
 
 
@@ -31,8 +32,7 @@ class CallTelemetry:
         if isinstance(event, ev.RecordingFailed):
             self.metrics.recording_failed(str((event.error or {}).get("code")))
         elif isinstance(event, ev.CallEnded):
-            self.metrics.call_ended(direction, event.reason or None,
-                                    call.elapsed_until(ev.MediaConnected.name))
+            self.metrics.call_ended(direction, event.reason or None, *setup_and_ring(call))
             if call.error is not None:
                 self.metrics.provider_error(call.error.code)
             self.metrics.media(call.media_stats)
@@ -41,7 +41,25 @@ class CallTelemetry:
                             {"state": call.state.value, "entry": entry.as_dict(), "call": call.summary()},
                             call_id=call.id)
 
-    def recovered(self, call: dict, entry: dict) -> None:
+    def recovered(self, call: dict, entry: dict) -> None:  # (its timings are not known here)
         """A call a previous process left live was finished at startup: its ``call.ended``."""
         self.metrics.call_ended(str(call.get("direction")), str(entry.get("reason")), None)
         self.events.publish("call.ended", {"state": "ended", "entry": entry, "call": call}, call_id=call.get("id"))
+
+
+def setup_and_ring(call: Call) -> tuple[float | None, float | None]:
+    """A call's setup and ring time, seconds (``None``: it did not get that far).
+
+    Business-initiated: setup runs from the dial (creation, or the permission grant of a
+    call that waited for one) to the provider's SDP answer; ring time from ``ringing`` to
+    ``accepted``. User-initiated: setup runs from the connect webhook to media connected
+    (the user is not ringing: they called)."""
+    at = call.elapsed_until
+    if call.direction is Direction.BUSINESS_INITIATED:
+        answered = at(ev.AnswerReceived.name)
+        start = at(ev.PermissionGranted.name) or 0.0
+        setup = answered - start if answered is not None and answered >= start else None
+        ringing, accepted = at(ev.Ringing.name), at(ev.Accepted.name)
+        ring = accepted - ringing if ringing is not None and accepted is not None else None
+        return setup, ring
+    return at(ev.MediaConnected.name), None

@@ -52,7 +52,7 @@ try:
 
     PIPECAT_MISSING = None
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    PIPECAT_MISSING = f"{exc} (pip install 'pipecat-ai[websocket]' uvicorn)"
+    PIPECAT_MISSING = f"{exc} (pip install 'wacall[bots]')"
 
 
 if PIPECAT_MISSING is None:

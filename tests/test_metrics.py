@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import pytest
+
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
@@ -38,6 +40,7 @@ def test_all_families_exposed_with_types():
         "wacall_call_state": "counter",
         "wacall_live_calls": "gauge",
         "wacall_call_setup_seconds": "histogram",
+        "wacall_call_ring_seconds": "histogram",
         "wacall_webhooks": "counter",
         "wacall_provider_errors": "counter",
         "wacall_rtp_packets": "counter",
@@ -70,6 +73,16 @@ def test_call_state_and_ended_counters():
     assert value(m, "wacall_call_setup_seconds_bucket", direction="BUSINESS_INITIATED", le="1.0") == 0
     assert value(m, "wacall_call_setup_seconds_bucket", direction="BUSINESS_INITIATED", le="2.0") == 1
     assert value(m, "wacall_call_setup_seconds_bucket", direction="BUSINESS_INITIATED", le="+Inf") == 1
+
+
+def test_ring_time_is_its_own_histogram():
+    m = Metrics()
+    m.call_ended("BUSINESS_INITIATED", "user_hangup", 0.4, 7.0)
+    m.call_ended("BUSINESS_INITIATED", "no_answer", 0.3, None)  # never picked up: no ring sample
+    assert value(m, "wacall_call_setup_seconds_count", direction="BUSINESS_INITIATED") == 2
+    assert value(m, "wacall_call_ring_seconds_count", direction="BUSINESS_INITIATED") == 1
+    assert value(m, "wacall_call_ring_seconds_bucket", direction="BUSINESS_INITIATED", le="5.0") == 0
+    assert value(m, "wacall_call_ring_seconds_bucket", direction="BUSINESS_INITIATED", le="7.5") == 1
 
 
 def test_setup_buckets_span_10ms_to_30s():
@@ -221,3 +234,24 @@ async def test_process_metrics_loop_lag_and_no_created_series():
                  "wacall_event_loop_lag_seconds"):
         assert f"\n{name} " in text, name
     assert "_created" not in text
+
+
+async def test_setup_stops_at_the_providers_answer_and_ringing_is_counted_apart(service):
+    """A user who picks up after 1.5 s: the call's setup (dial -> the provider's SDP
+    answer) is short, its ring time (ringing -> accepted) is the 1.5 s."""
+    from gateway.calls import CallState
+    from gateway.telemetry import setup_and_ring
+    from tests.conftest import TEST_USER
+
+    service.sandbox.users.update(TEST_USER, {"answer_after_ms": 1500})
+    call = await service.manager.place_call(TEST_USER)
+    await call.wait_state(CallState.MEDIA_CONNECTED, 20)
+    await call.hangup()
+    await call.wait_finished(20)
+    setup, ring = setup_and_ring(call)
+    assert setup is not None and setup < 1.0, setup
+    assert ring == pytest.approx(1.5, abs=0.4)
+    m = service.metrics
+    assert value(m, "wacall_call_ring_seconds_count", direction="BUSINESS_INITIATED") == 1
+    assert value(m, "wacall_call_ring_seconds_sum", direction="BUSINESS_INITIATED") == pytest.approx(ring)
+    assert value(m, "wacall_call_setup_seconds_sum", direction="BUSINESS_INITIATED") == pytest.approx(setup)
