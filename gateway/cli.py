@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from media.errors import MediaFileError
+from media.sinks.meter import LevelMeter, MeteredSource
 from media.sinks.wav import WavSink
 from media.sources.file import FileSource
 
@@ -200,8 +201,10 @@ def _print_demo_summary(summary: dict) -> None:
 async def _call(args, settings: Settings) -> int:
     settings = replace(settings, host=args.host or settings.host, port=_port(args.port, "--port") or settings.port)
     normalize_number(args.to)  # (a bad number is refused before anything starts)
-    sources = [FileSource(path) for path in args.play]
+    user_meter, business_meter = LevelMeter(), LevelMeter()  # (for the status line)
+    sources = [MeteredSource(FileSource(path), business_meter) for path in args.play]
     sinks = [WavSink(args.record / "user.wav")] if args.record else []
+    sinks.append(user_meter)
     printer = None if args.json else ProgressPrinter()
     async with Service(settings) as service:
         assert service.manager is not None
@@ -211,9 +214,14 @@ async def _call(args, settings: Settings) -> int:
             printer.line(f"wacall: webhooks expected at {service.url}/webhooks/whatsapp "
                          f"(provider {settings.provider}); calling {mask_phone(args.to)}")
             service.manager.subscribe(printer)
+            if printer.tty:
+                for handler in logging.getLogger().handlers:
+                    handler.addFilter(printer.guard_logs())
         call = await service.manager.place_call(
             args.to, sources=sources, sinks=sinks, biz_opaque_callback_data=args.callback_data,
             ring_timeout_s=args.ring_timeout, max_duration_s=args.max_duration)
+        status = (asyncio.ensure_future(printer.follow(call, user_meter, business_meter))
+                  if printer is not None and printer.tty else None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -231,9 +239,32 @@ async def _call(args, settings: Settings) -> int:
             if not call.ended:
                 await call.hangup()
             await call.wait_finished(15)
+            if status is not None:
+                status.cancel()
+                await asyncio.gather(status, return_exceptions=True)
     if args.json:
         print(json.dumps(call.summary(), indent=2))
+    else:
+        _call_summary(call, user_meter, business_meter, args.record)
     return 0 if call.connected_at is not None else 1
+
+
+def _call_summary(call, user_meter, business_meter, record: Path | None) -> None:
+    """What a person wants to know once the call is over: how it ended, how long it was
+    connected, how loud each side was, where the recording is."""
+    summary = call.summary()
+    connected = summary.get("connected_seconds")
+    how = f"{summary['end_reason']}" + (f" after {connected:.1f} s connected" if connected else ", never connected")
+    print(f"call {call.id}: {how}")
+    if call.error is not None:
+        print(f"  error: [{call.error.code}] {call.error.message}")
+    for name, meter in (("user", user_meter), ("business", business_meter)):
+        levels = meter.levels.as_dict()
+        if meter.frames:
+            print(f"  {name}: {meter.frames * 0.02:.1f} s of audio, {levels['rms_dbfs']} dBFS RMS, "
+                  f"peak {levels['peak_dbfs']} dBFS")
+    if record is not None:
+        print(f"  recording: {record / 'user.wav'} (what the user said)")
 
 
 async def _play_then_hangup(call) -> None:

@@ -73,3 +73,71 @@ async def test_wacall_call_plays_and_records_through_a_provider_process(tmp_path
         server.terminate()
         server.wait(20)
     assert server.returncode == 0
+
+
+async def test_wacall_call_on_a_terminal_shows_a_live_status_line_and_a_summary(tmp_path):
+    """On a TTY: a status line kept in place (state, time, both sides' levels) that log
+    lines never break into, then a summary with the recording's path."""
+    import pty
+    import re
+
+    sandbox_port, call_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{sandbox_port}"
+    env = {**os.environ, "WACALL_DATA_DIR": str(tmp_path / "sandbox-data"), "WACALL_WORKERS": "0",
+           "WACALL_PORT": str(sandbox_port), "WACALL_WEBHOOK_HEADER": "X-Test-Hook: shared-secret-1",
+           "WACALL_SANDBOX_WEBHOOK_URL": f"http://127.0.0.1:{call_port}/webhooks/whatsapp"}
+    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_healthy(base, server)
+        async with aiohttp.ClientSession() as http:
+            for path, body in ((f"/sandbox/users/{USER}/permission", {"permanent": True, "notify": False}),
+                               (f"/sandbox/users/{USER}", {"say": str(ROOT / "gateway/assets/user.ogg"),
+                                                           "answer_after_ms": 200})):
+                async with http.post(base + path, json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+        call_env = {**os.environ, "WACALL_PROVIDER": "360dialog", "WACALL_BASE_URL": f"{base}/sandbox",
+                    "WACALL_D360_API_KEY": "sandbox-key", "WACALL_PORT": str(call_port),
+                    "WACALL_MEDIA_ADDRESSES": "127.0.0.1", "WACALL_WEBHOOK_HEADER": "X-Test-Hook: shared-secret-1",
+                    "WACALL_DATA_DIR": str(tmp_path / "call-data"), "WACALL_LOG_FORMAT": "text",
+                    "WACALL_LOG_LEVEL": "INFO"}
+        controller, terminal = pty.openpty()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "call", "--to", USER,
+            "--play", str(ROOT / "gateway/assets/business.ogg"), "--record", str(tmp_path / "out"),
+            env=call_env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        chunks: list[bytes] = []
+        loop = asyncio.get_running_loop()
+
+        def read_all() -> None:
+            while True:
+                try:
+                    data = os.read(controller, 65536)
+                except OSError:  # the terminal closed: the process is gone
+                    return
+                if not data:
+                    return
+                chunks.append(data)
+
+        reader = loop.run_in_executor(None, read_all)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        await asyncio.wait_for(reader, 10)
+        os.close(controller)
+    finally:
+        server.terminate()
+        server.wait(15)
+    text = b"".join(chunks).decode(errors="replace")
+    screens = [segment for line in text.replace("\r\n", "\n").split("\n") for segment in line.split("\r")]
+    status = [s for s in screens if "dBFS" in s and "media_connected" in s]
+    assert status, text[-3000:]
+    # both sides' levels were live: the user's 600 Hz tone and the business's 1 kHz prompt
+    assert any(re.search(r"user +-\d+ dBFS .*business +-\d+ dBFS", s) for s in status), status[-5:]
+    # no log line or timeline line was written into the status line
+    for segment in screens:
+        if "dBFS" in segment and "business" in segment:
+            assert "INFO" not in segment and "WARNING" not in segment and "+" not in segment.split("media_connected")[0], segment
+    assert re.search(r"call call_\w+: business_hangup after [\d.]+ s connected", text), text[-2000:]
+    assert f"recording: {tmp_path / 'out' / 'user.wav'}" in text
+    x, rate = analysis.read_audio(tmp_path / "out" / "user.wav")
+    assert analysis.tone_seconds(x, rate, 600) >= 1.0

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..frames import FRAME_MS
 
-__all__ = ["Levels", "LevelMeter", "SpeechDetector", "SpeechEvent", "dbfs"]
+__all__ = ["Levels", "LevelMeter", "MeteredSource", "SpeechDetector", "SpeechEvent", "dbfs"]
 
 SILENCE_DBFS = -120.0
 _max = np.maximum.reduce  # without ndarray.max()'s Python-level wrapper
@@ -114,6 +114,28 @@ class LevelMeter:
 
     def close(self) -> None:
         self._closed = True
+
+
+class MeteredSource:
+    """A :class:`~media.frames.Source` that measures what it plays with a :class:`LevelMeter`
+    (``meter.level_dbfs`` is the level of the frame last read); everything else is the
+    wrapped source's."""
+
+    def __init__(self, source, meter: LevelMeter) -> None:
+        self.source = source
+        self.meter = meter
+
+    def read(self):
+        frame = self.source.read()
+        if frame is not None:
+            self.meter.write(frame, self.source.sample_rate, self.source.channels)
+        return frame
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+    def __repr__(self) -> str:
+        return f"MeteredSource({self.source!r})"
 
 
 @dataclass(frozen=True, slots=True)
