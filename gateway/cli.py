@@ -29,7 +29,7 @@ from .config import ConfigError, Settings
 from .errors import ProviderError
 from .permissions import iso
 from .progress import ProgressPrinter
-from .numbers import normalize_number
+from .numbers import normalize_recipient
 from .redact import mask_phone
 
 log = logging.getLogger("wacall")
@@ -200,7 +200,7 @@ def _print_demo_summary(summary: dict) -> None:
 
 async def _call(args, settings: Settings) -> int:
     settings = replace(settings, host=args.host or settings.host, port=_port(args.port, "--port") or settings.port)
-    normalize_number(args.to)  # (a bad number is refused before anything starts)
+    normalize_recipient(args.to)  # (a bad number is refused before anything starts)
     user_meter, business_meter = LevelMeter(), LevelMeter()  # (for the status line)
     sources = [MeteredSource(FileSource(path), business_meter) for path in args.play]
     sinks = [WavSink(args.record / "user.wav")] if args.record else []

@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Any, Self, TypeAlias
 
 from gateway.errors import ProviderError, WebhookFormatError, error_for
-from gateway.numbers import normalize_number
+from gateway.numbers import is_bsuid, normalize_recipient
 
 __all__ = [
     "CallConnect",
@@ -126,13 +126,18 @@ def _timestamp(value: Any) -> int | None:
 
 
 def _user(value: Any, what: str) -> str:
-    """A WhatsApp user's number (E.164 digits), or :class:`WebhookFormatError`."""
+    """A WhatsApp user: E.164 digits or a BSUID, or :class:`WebhookFormatError`."""
     if not isinstance(value, str) or not value:
         raise WebhookFormatError(f"{what} is missing")
     try:
-        return normalize_number(value)
+        return normalize_recipient(value)
     except ValueError:
-        raise WebhookFormatError(f"{what} is not a phone number") from None
+        raise WebhookFormatError(f"{what} is not a phone number or a BSUID") from None
+
+
+def _bsuid(value: Any) -> str | None:
+    """A business-scoped user id field (``*_user_id``), normalised; anything else: ``None``."""
+    return normalize_recipient(value) if is_bsuid(value) else None
 
 
 def _str(value: Any) -> str | None:
@@ -210,6 +215,8 @@ class CallConnect:
     sdp_type: str | None
     biz_opaque_callback_data: str | None
     phone_number_id: str | None
+    #: The user's business-scoped id (``from_user_id`` of a user's call, ``to_user_id`` of ours).
+    user_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> CallConnect:
@@ -219,9 +226,10 @@ class CallConnect:
         if sdp and sdp_type is None:
             sdp_type = {Direction.BUSINESS_INITIATED: "answer",
                         Direction.USER_INITIATED: "offer"}.get(direction)
+        user_id = _bsuid(d.get("to_user_id") if direction is Direction.BUSINESS_INITIATED else d.get("from_user_id"))
         return cls(call_id, direction, _str(d.get("from")), _str(d.get("to")),
                    _timestamp(d.get("timestamp")), sdp, sdp_type,
-                   _str(d.get("biz_opaque_callback_data")), phone_number_id)
+                   _str(d.get("biz_opaque_callback_data")), phone_number_id, user_id)
 
     @property
     def key(self) -> EventKey:
@@ -303,6 +311,8 @@ class CallStatus:
     recipient_id: str | None
     biz_opaque_callback_data: str | None
     phone_number_id: str | None
+    #: The user's business-scoped id (``recipient_user_id``).
+    user_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> CallStatus:
@@ -311,7 +321,7 @@ class CallStatus:
         raw = raw if isinstance(raw, str) else ""
         return cls(call_id, CallStatusKind.parse(raw), raw, _timestamp(d.get("timestamp")),
                    _str(d.get("recipient_id")), _str(d.get("biz_opaque_callback_data")),
-                   phone_number_id)
+                   phone_number_id, _bsuid(d.get("recipient_user_id")))
 
     @property
     def key(self) -> EventKey:
@@ -384,6 +394,8 @@ class PermissionReply:
     message_id: str | None = None
     timestamp: int | None = None
     phone_number_id: str | None = None
+    #: The user's business-scoped id (``from_user_id``), when the webhook carried one.
+    user_id: str | None = None
 
     @classmethod
     def from_message(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> PermissionReply:
@@ -397,10 +409,12 @@ class PermissionReply:
         else:
             kind = PermissionResponse.UNKNOWN
         context = d.get("context") if isinstance(d.get("context"), Mapping) else {}
-        user = _user(d.get("from"), "call_permission_reply 'from'")
+        user_id = _bsuid(d.get("from_user_id"))
+        # (a user who adopted a username may come without a phone number: the BSUID then)
+        user = _user(d.get("from") or user_id, "call_permission_reply 'from'")
         return cls(user, kind, bool(reply.get("is_permanent")), _timestamp(reply.get("expiration_timestamp")),
                    source, _str(context.get("id")), _str(d.get("id")), _timestamp(d.get("timestamp")),
-                   phone_number_id)
+                   phone_number_id, user_id)
 
     @classmethod
     def from_d360(cls, d: Mapping[str, Any]) -> PermissionReply:
@@ -431,12 +445,14 @@ class MessageStatus:
     timestamp: int | None
     errors: tuple[WebhookError, ...] = ()
     phone_number_id: str | None = None
+    #: The recipient's business-scoped id (``recipient_user_id``).
+    user_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> MessageStatus:
         errors = tuple(WebhookError.from_dict(e) for e in d.get("errors") or [] if isinstance(e, Mapping))
         return cls(str(d["id"]), str(d.get("status", "")).lower(), _str(d.get("recipient_id")),
-                   _timestamp(d.get("timestamp")), errors, phone_number_id)
+                   _timestamp(d.get("timestamp")), errors, phone_number_id, _bsuid(d.get("recipient_user_id")))
 
     @property
     def call_id(self) -> None:

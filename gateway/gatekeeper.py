@@ -25,11 +25,11 @@ from typing import Any
 from .domain import events as ev
 from .calls.live import LiveCall as Call
 from .errors import ProviderError
-from .events import Direction, MessageStatus, PermissionReply, PermissionResponse
+from .events import CallConnect, CallStatus, Direction, MessageStatus, PermissionReply, PermissionResponse
 from .permissions import PermissionLedger, PermissionState
 from .providers.base import CallingProvider
 from .redact import mask_phone
-from .numbers import normalize_number
+from .numbers import is_bsuid, normalize_recipient
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Gatekeeper:
         """One call to ``user`` at a time from the check of the rules to the call being
         placed (counted), in this process and, with a ledger shared through Redis, across
         instances: two dials of one user at once cannot both pass a limit only one fits."""
-        user = normalize_number(user)
+        user = self.key(user)
         local = self._deciding.setdefault(user, asyncio.Lock())
         try:
             async with local:
@@ -111,7 +111,7 @@ class Gatekeeper:
                 del self._deciding[user]  # (no lock left behind per user)
 
     async def check_call(self, user: str) -> None:
-        user = normalize_number(user)
+        user = self.key(user)
         try:
             self.ledger.check_call(user)
         except ProviderError as exc:
@@ -122,13 +122,13 @@ class Gatekeeper:
 
     async def refresh(self, user: str) -> None:
         """Reconcile the ledger with the provider's permission-state endpoint."""
-        user = normalize_number(user)
+        user = self.key(user)
         state = await self.provider.get_permission_state(user)
         self.ledger.apply_provider_state(user, state)
 
     async def request(self, user: str, how: PermissionRequest | None = None) -> str:
         """Send a call-permission request; the ``wamid`` of the message."""
-        user = normalize_number(user)
+        user = self.key(user)
         how = how or PermissionRequest()
         self.ledger.check_request(user)
         try:
@@ -148,13 +148,13 @@ class Gatekeeper:
     def refused(self, user: str, error: ProviderError) -> None:
         """The provider refused a call or request anyway: correct the ledger."""
         if error.code in LEDGER_CODES:
-            self.ledger.provider_refused(normalize_number(user), error.code, getattr(error, "retry_at", None))
+            self.ledger.provider_refused(self.key(user), error.code, getattr(error, "retry_at", None))
 
     # -- replies ---------------------------------------------------------------------------
 
     async def wait_for_reply(self, user: str, timeout: float) -> bool | None:
         """True when the user grants, False when they decline, None on timeout."""
-        user = normalize_number(user)
+        user = self.key(user)
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(user, []).append(future)
         try:
@@ -168,10 +168,31 @@ class Gatekeeper:
             if not waiters:
                 self._waiters.pop(user, None)  # no key left behind per user asked
 
+    def key(self, user: str) -> str:
+        """The ledger's name for ``user`` (a phone number, or a BSUID not linked to one)."""
+        return self.ledger.key(normalize_recipient(user))
+
+    def _learn(self, phone: str | None, bsuid: str | None) -> None:
+        """A webhook named the user both ways: one ledger entry for the two from now on."""
+        if phone and bsuid and not is_bsuid(phone):
+            try:
+                if self.ledger.link(bsuid, normalize_recipient(phone)):
+                    log.info("%s is %s", mask_phone(bsuid), mask_phone(phone))
+            except ValueError:
+                pass  # (a malformed number: nothing to link)
+
     def handle_event(self, event) -> bool:
-        """Apply a permission webhook; True if it was one."""
+        """Apply a permission webhook; True if it was one. (Call webhooks that name the
+        user by number and by BSUID link the two, and go on to the calls.)"""
+        if isinstance(event, CallConnect):
+            self._learn(event.to if event.direction is Direction.BUSINESS_INITIATED else event.from_, event.user_id)
+            return False
+        if isinstance(event, CallStatus):
+            self._learn(event.recipient_id, event.user_id)
+            return False
         if isinstance(event, PermissionReply):
-            user = normalize_number(event.user)
+            self._learn(event.user, event.user_id)
+            user = self.key(event.user)
             if event.response is PermissionResponse.GRANTED:
                 self.ledger.reply(user, True, permanent=event.permanent, expires_at=event.expires_at,
                                   source=event.source, message_id=event.message_id, at=event.timestamp)
@@ -186,9 +207,10 @@ class Gatekeeper:
             log.info("permission %s from %s", event.response.value, mask_phone(user))
             return True
         if isinstance(event, MessageStatus):
-            if event.status == "delivered" and event.recipient:
-                self.ledger.request_delivered(normalize_number(event.recipient), event.message_id,
-                                              at=event.timestamp)
+            self._learn(event.recipient, event.user_id)
+            recipient = event.recipient or event.user_id
+            if event.status == "delivered" and recipient:
+                self.ledger.request_delivered(self.key(recipient), event.message_id, at=event.timestamp)
             return True
         return False
 
@@ -209,7 +231,7 @@ class Gatekeeper:
         if not call.user or not call.wacid and not isinstance(event, ev.CallEnded):
             return
         try:
-            user = normalize_number(call.user)
+            user = self.key(call.user)
         except ValueError:
             return
         if call.direction is Direction.BUSINESS_INITIATED:

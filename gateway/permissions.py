@@ -64,6 +64,7 @@ from typing import Any, Protocol
 
 from gateway.errors import ProviderError, error_for
 from gateway.events import MAX_TIMESTAMP
+from gateway.numbers import is_bsuid
 from gateway.store import PermissionStore, SQLitePermissionStore
 
 __all__ = [
@@ -673,8 +674,38 @@ class PermissionLedger:
 
     # ------------------------------------------------------------------ internals: records
 
-    def _load(self, user: str) -> _Record:
+    def key(self, user: str) -> str:
+        """The ledger entry for ``user``: a BSUID known to belong to a phone number
+        (:meth:`link`) is that number's entry, so webhooks carrying only one of the two
+        count for the same user."""
         key = _user_key(user)
+        if is_bsuid(key):
+            alias = self.store.load(_ALIAS + key)
+            if alias and isinstance(alias.get("phone"), str):
+                return alias["phone"]
+        return key
+
+    def link(self, bsuid: str, phone: str) -> bool:
+        """Remember that ``bsuid`` and ``phone`` are one user (a webhook carried both).
+        An entry kept so far under the BSUID alone moves to the number; if both have
+        one, the number's wins (as the provider's ``to`` wins over ``recipient``).
+        True if this was news."""
+        bsuid, phone = _user_key(bsuid), _user_key(phone)
+        if not is_bsuid(bsuid) or is_bsuid(phone):
+            raise ValueError("link(bsuid, phone) takes a BSUID and a phone number")
+        known = self.store.load(_ALIAS + bsuid)
+        if known and known.get("phone") == phone:
+            return False
+        own = self.store.load(bsuid)
+        if own and not self.store.load(phone):
+            moved = _Record.from_json(own)
+            moved.user = phone
+            self.store.save(phone, moved.to_json())
+        self.store.save(_ALIAS + bsuid, {"phone": phone})
+        return True
+
+    def _load(self, user: str) -> _Record:
+        key = self.key(user)
         data = self.store.load(key)
         return _Record.from_json(data) if data else _Record(key)
 
@@ -882,7 +913,11 @@ class PermissionLedger:
     # Last in the class body, so ``list`` still means the builtin in annotations above.
     def list(self) -> list[str]:
         """Every user the ledger knows, sorted."""
-        return self.store.users()
+        return [u for u in self.store.users() if not u.startswith(_ALIAS)]
+
+
+#: Store keys of BSUID -> phone number links (not users themselves).
+_ALIAS = "alias/"
 
 
 def _user_key(user: str) -> str:

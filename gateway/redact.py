@@ -17,6 +17,9 @@ _SHORT_SECRET = 16  # shorter secrets reveal nothing, not even a prefix
 _PHONE_RUN = re.compile(r"\+?\d{7,}")
 
 
+_BSUID_PREFIX = re.compile(r"[A-Z]{2}\.(?:ENT\.)?(?=[A-Za-z0-9]+$)")
+
+
 def mask_phone(s: str | int | None) -> str:
     """Mask a phone number (or any id made of digits), keeping the last 4 digits.
 
@@ -31,6 +34,11 @@ def mask_phone(s: str | int | None) -> str:
     if s is None:
         return ""
     text = str(s)
+    bsuid = _BSUID_PREFIX.match(text)
+    if bsuid is not None:  # a business-scoped user id: its country (and ENT) and last 4 stay
+        rest = text[bsuid.end():]
+        keep = 4 if len(rest) > 4 else 0
+        return bsuid.group(0) + "*" * (len(rest) - keep) + rest[len(rest) - keep:]
     total = sum(ch.isdigit() for ch in text)
     keep = _KEEP_DIGITS if total > _KEEP_DIGITS else 0
     out: list[str] = []

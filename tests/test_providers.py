@@ -45,6 +45,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    query: dict[str, str] | None = None
 
 
 class FakeProvider:
@@ -66,7 +67,7 @@ class FakeProvider:
             body: Any = json.loads(text)
         except ValueError:
             body = text
-        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body))
+        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body, dict(request.query)))
         answer = self.responses.pop(0) if self.responses else OK
         if answer == "hang":
             await self.release.wait()
@@ -209,12 +210,36 @@ async def test_callback_data_limit(fake: FakeProvider, provider: CallingProvider
     assert len(fake.requests) == 1
 
 
-@pytest.mark.parametrize("to", ["", "+", "49-151-1234", "US.13491208655302741918"])
+@pytest.mark.parametrize("to", ["", "+", "49-151-1234", "U.1349", "US13491208655302741918"])
 async def test_connect_rejects_non_digit_numbers(fake: FakeProvider, provider: CallingProvider,
                                                  to: str) -> None:
     with pytest.raises(ValueError):
         await provider.connect(to, SDP)
     assert fake.requests == []
+
+
+async def test_a_bsuid_is_the_recipient_on_meta_and_refused_by_360dialog(
+        fake: FakeProvider, provider: CallingProvider) -> None:
+    from gateway.providers.base import BsuidUnsupported
+
+    bsuid = "US.ENT.11815799212886844830"
+    if provider.name == "360dialog":
+        for attempt in (provider.connect(bsuid, SDP), provider.send_permission_request(bsuid, "May we call?"),
+                        provider.get_permission_state(bsuid)):
+            with pytest.raises(BsuidUnsupported, match="does not document business-scoped user ids"):
+                await attempt
+        assert fake.requests == []
+        return
+    fake.responses.append(CONNECTED)
+    await provider.connect(bsuid, SDP)
+    body = fake.requests[0].body
+    assert body["recipient"] == bsuid and "to" not in body
+    fake.responses.append((200, {"messaging_product": "whatsapp", "messages": [{"id": "wamid.X"}]}))
+    await provider.send_permission_request(bsuid, "May we call?")
+    assert fake.requests[1].body["recipient"] == bsuid and "to" not in fake.requests[1].body
+    fake.responses.append((200, {"messaging_product": "whatsapp", "permission": {"status": "no_permission"}}))
+    await provider.get_permission_state(bsuid)
+    assert fake.requests[2].query == {"recipient": bsuid}
 
 
 async def test_empty_ids_rejected(fake: FakeProvider, provider: CallingProvider) -> None:

@@ -31,7 +31,7 @@ from ..calls import CallManager, CallState, CapacityError, LiveCall as Call
 from ..disk import LowDiskError
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
-from ..numbers import normalize_number
+from ..numbers import display, is_bsuid, normalize_recipient
 from ..logs import redact_text
 from ..store.base import VersionConflict
 
@@ -352,15 +352,20 @@ class ControlApi:
         return await self._idempotent(request, "calls", body, lambda: self._create_call(body))
 
     async def _create_call(self, body: dict) -> web.Response:
-        unknown = sorted(set(body) - {"to", "play", "record", "biz_opaque_callback_data",
+        unknown = sorted(set(body) - {"to", "recipient", "play", "record", "biz_opaque_callback_data",
                                       "ring_timeout_s", "max_duration_s", "bot", "if_no_permission",
                                       "permission_request", "permission_wait_s"})
         if unknown:
             raise BadRequest(f"unknown fields: {', '.join(unknown)}")
+        # ``to``: a phone number or a BSUID; ``recipient``: a BSUID (``to`` wins, as at Meta)
+        field = "to" if body.get("to") is not None or body.get("recipient") is None else "recipient"
         try:
-            to = normalize_number(body.get("to", ""))
+            to = normalize_recipient(body.get(field, ""))
         except ValueError as exc:
-            raise BadRequest(f"to: {exc}") from None
+            raise BadRequest(f"{field}: {exc}") from None
+        if field == "recipient" and not is_bsuid(to):
+            raise BadRequest("recipient: a business-scoped user id (CC.id), not a phone number")
+        self._bsuid_supported(to, field)
         bot = None
         if body.get("bot") is not None:
             from ..bots import BotSpec
@@ -395,7 +400,7 @@ class ControlApi:
                   "max_duration_s": max_duration_s} if if_no_permission == "request" else None
         try:
             call = await self.manager.place_call(
-                "+" + to, sources=sources, biz_opaque_callback_data=callback,
+                display(to), sources=sources, biz_opaque_callback_data=callback,
                 ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record,
                 if_no_permission=if_no_permission, permission_request=how,
                 permission_wait_s=permission_wait_s, bot=bot, recipe=recipe)
@@ -427,7 +432,7 @@ class ControlApi:
         user = query.get("user")
         if user is not None:
             try:
-                user = normalize_number(user)
+                user = normalize_recipient(user)
             except ValueError as exc:
                 raise BadRequest(f"user: {exc}") from None
         direction = query.get("direction")
@@ -527,20 +532,28 @@ class ControlApi:
 
     def _user(self, request: web.Request) -> str:
         try:
-            return normalize_number(request.match_info["user"])
+            user = normalize_recipient(request.match_info["user"])
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        self._bsuid_supported(user, "user")
+        return user
+
+    def _bsuid_supported(self, user: str, field: str) -> None:
+        provider = self.manager.provider
+        if is_bsuid(user) and not getattr(provider, "supports_bsuid", False):
+            raise BadRequest(f"{field}: {getattr(provider, 'name', 'this provider')} does not document "
+                             "business-scoped user ids; use the user's phone number (or the Meta backend)")
 
     async def get_permission(self, request: web.Request) -> web.Response:
         user = self._user(request)
         if request.query.get("refresh") in ("1", "true"):
             await self.gate.refresh(user)
-        return web.json_response({"user": "+" + user, **self.gate.ledger.status(user).to_dict()})
+        return web.json_response({"user": display(user), **self.gate.ledger.status(user).to_dict()})
 
     async def list_permissions(self, request: web.Request) -> web.Response:
         users = self.gate.ledger.list()
         return web.json_response({"permissions": [
-            {"user": "+" + user, **self.gate.ledger.status(user).to_dict()} for user in users]})
+            {"user": display(user), **self.gate.ledger.status(user).to_dict()} for user in users]})
 
     async def request_permission(self, request: web.Request) -> web.Response:
         from ..gatekeeper import PermissionRequest
@@ -554,7 +567,7 @@ class ControlApi:
 
         async def send() -> web.Response:
             message_id = await self.gate.request(user, how)
-            return web.json_response({"user": "+" + user, "message_id": message_id, "via": how.via,
+            return web.json_response({"user": display(user), "message_id": message_id, "via": how.via,
                                       **self.gate.ledger.status(user).to_dict()}, status=202)
 
         return await self._idempotent(request, f"permission:{user}", body, send)

@@ -38,6 +38,7 @@ from ..errors import ProviderError, ProviderUnavailableError
 from ..store.base import CallRecord
 from ..events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
 from ..logs import STORE_OUTAGE, bind_call_id
+from ..numbers import display
 from .legs import BotLeg, WhatsAppLeg, tagged
 
 log = logging.getLogger("gateway.calls")
@@ -348,7 +349,7 @@ class LiveCall:
             return
         self.bot_leg = leg = BotLeg(self.bot)
         parameters = {"wacall_call_id": self.id, "whatsapp_call_id": self.wacid or "",
-                      "direction": self.direction.value, "user": "+" + self.user.lstrip("+")}
+                      "direction": self.direction.value, "user": display(self.user)}
         try:
             await leg.join(self.media, call_id=self.id, parameters=parameters)
         except BridgeUnavailable as exc:

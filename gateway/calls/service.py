@@ -24,7 +24,6 @@ from media.peer import MediaError, PeerConfig
 from media.session import LocalMediaSession, MediaSession
 
 from ..bots import BotPolicy, BotSpec, probe
-from ..numbers import normalize_number
 from ..permissions import PermissionState
 from ..disk import DiskGuard
 from ..domain import events as ev
@@ -288,7 +287,7 @@ class CallManager:
                 call.handle(event)
 
     async def _dial_when_granted(self, call: LiveCall, wait_s: float) -> None:
-        if self.gate.ledger.status(normalize_number(call.user)).status is PermissionState.GRANTED:
+        if self.gate.ledger.status(self.gate.key(call.user)).status is PermissionState.GRANTED:
             granted: bool | None = True  # (granted while no one was waiting: a restart)
         else:
             granted = await self.gate.wait_for_reply(call.user, wait_s)
@@ -419,7 +418,7 @@ class CallManager:
             except Exception:
                 log.exception("inbound policy failed for %s; rejecting", event.call_id)
         call = self._new_call(
-            user=event.from_ or "", direction=Direction.USER_INITIATED, wacid=event.call_id,
+            user=event.from_ or event.user_id or "", direction=Direction.USER_INITIATED, wacid=event.call_id,
             sources=plan.sources if plan else (), sinks=plan.sinks if plan else (),
             biz_opaque_callback_data=plan.biz_opaque_callback_data if plan else None,
             max_duration_s=plan.max_duration_s if plan else None, bot=plan.bot if plan else None,

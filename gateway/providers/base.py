@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import aiohttp
 
 from gateway.errors import ProviderError, ProviderUnavailableError, error_for
+from gateway.numbers import is_bsuid, normalize_recipient
 from gateway.redact import mask_phone, mask_secret, mask_text
 
 #: Requests that change nothing (reads) are retried this often on a network error, a
@@ -93,9 +94,10 @@ class CallingProvider(ABC):
         ``to`` is the user's number with country code; a leading ``+`` and spaces
         are removed. Requires the user's call permission (else 138006).
         """
-        digits = _normalise_to(to)
+        whom = self._recipient(to)
+        digits = next(iter(whom.values()))
         _require(sdp, "sdp")
-        body = {"messaging_product": "whatsapp", "to": digits, "action": "connect",
+        body = {"messaging_product": "whatsapp", **whom, "action": "connect",
                 "session": {"sdp_type": "offer", "sdp": sdp}}
         _add_callback_data(body, biz_opaque_callback_data)
         try:
@@ -174,10 +176,11 @@ class CallingProvider(ABC):
     async def send_permission_request(self, to: str, body_text: str) -> str:
         """Send the interactive call-permission-request message; return its ``wamid``.
         Free-form, so only inside the customer-service window (else 131047)."""
-        digits = _normalise_to(to)
+        whom = self._recipient(to)
+        digits = next(iter(whom.values()))
         _require(body_text, "body_text")
         data = await self._request("POST", self.messages_url, {
-            "messaging_product": "whatsapp", "recipient_type": "individual", "to": digits,
+            "messaging_product": "whatsapp", "recipient_type": "individual", **whom,
             "type": "interactive",
             "interactive": {"type": "call_permission_request",
                             "action": {"name": "call_permission_request"},
@@ -190,7 +193,8 @@ class CallingProvider(ABC):
                             parameters: list[str] | dict[str, str] | None = None) -> str:
         """Send an approved template (e.g. one with a call-permission-request component)
         with body parameters: a list (positional ``{{1}}``) or a dict (named)."""
-        digits = _normalise_to(to)
+        whom = self._recipient(to)
+        digits = next(iter(whom.values()))
         _require(name, "name")
         template: dict[str, Any] = {"name": name, "language": {"code": language}}
         if parameters:
@@ -200,7 +204,7 @@ class CallingProvider(ABC):
                 values = [{"type": "text", "text": str(v)} for v in parameters]
             template["components"] = [{"type": "body", "parameters": values}]
         data = await self._request("POST", self.messages_url, {
-            "messaging_product": "whatsapp", "recipient_type": "individual", "to": digits,
+            "messaging_product": "whatsapp", "recipient_type": "individual", **whom,
             "type": "template", "template": template}, action="template")
         message_id = _message_id(self.name, data)
         log.info("%s template %s to=%s message_id=%s", self.name, name, mask_phone(digits), message_id)
@@ -228,13 +232,28 @@ class CallingProvider(ABC):
     async def get_permission_state(self, user: str) -> dict[str, Any]:
         """The provider's truth about ``user``: ``permission`` and ``actions[]`` with
         ``can_perform_action`` and ``limits`` (see gateway.permissions)."""
-        url, params = self._permissions_request(_normalise_to(user))
+        whom = self._recipient(user)
+        url, params = self._permissions_request(next(iter(whom.values())))
         return await self._request("GET", url, params=params, action="call_permissions")
 
     async def update_call_settings(self, calling: dict[str, Any]) -> None:
         """``POST`` the ``calling`` settings object (e.g. ``{"callback_permission_status":
         "ENABLED"}``)."""
         await self._request("POST", self.settings_url, {"calling": calling}, action="settings")
+
+    #: Whether users can be addressed by business-scoped user id (``recipient``).
+    supports_bsuid: ClassVar[bool] = False
+
+    def _recipient(self, to: str) -> dict[str, str]:
+        """``{"to": digits}`` for a phone number, ``{"recipient": bsuid}`` for a BSUID
+        (:class:`BsuidUnsupported` where the provider does not document it)."""
+        if is_bsuid(to):
+            if not self.supports_bsuid:
+                raise BsuidUnsupported(
+                    f"{self.name} does not document business-scoped user ids (recipient); "
+                    "call and ask by phone number, or use the Meta backend")
+            return {"recipient": normalize_recipient(to)}
+        return {"to": _normalise_to(to)}
 
     # -- transport -------------------------------------------------------------
 
@@ -338,6 +357,10 @@ def _message_id(provider: str, data: dict[str, Any]) -> str:
         if isinstance(message_id, str) and message_id:
             return message_id
     raise ProviderError(f"{provider} accepted the message but returned no message id")
+
+
+class BsuidUnsupported(ValueError):
+    """A BSUID recipient on a provider that does not document them."""
 
 
 def _normalise_to(to: str) -> str:

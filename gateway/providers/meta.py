@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from gateway.numbers import is_bsuid
 from gateway.providers.base import CallingProvider
 
 __all__ = ["MetaProvider"]
@@ -57,8 +58,11 @@ class MetaProvider(CallingProvider):
     def messages_url(self) -> str:
         return f"{self._number_url}/messages"
 
+    supports_bsuid = True
+
     def _permissions_request(self, user: str) -> tuple[str, dict[str, str] | None]:
-        return f"{self._number_url}/call_permissions", {"user_wa_id": user}
+        key = "recipient" if is_bsuid(user) else "user_wa_id"
+        return f"{self._number_url}/call_permissions", {key: user}
 
     @property
     def settings_url(self) -> str:
