@@ -77,6 +77,7 @@ class Gatekeeper:
         self.reconcile = reconcile
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._deciding: dict[str, asyncio.Lock] = {}
+        provider.on_contact = self._learn  # (a sent message's response names the user both ways)
 
     # -- gates ---------------------------------------------------------------------------
 

@@ -185,9 +185,13 @@ doc = {
                                "resolution": {"type": "string"}, "details": {"type": "string"}},
             },
             "CreateCall": {
-                "type": "object", "required": ["to"], "additionalProperties": False,
+                "type": "object", "anyOf": [{"required": ["to"]}, {"required": ["recipient"]}],
+                "additionalProperties": False,
                 "properties": {
-                    "to": {"type": "string", "description": "E.164 number, e.g. +4915112345678"},
+                    "to": {"type": "string", "description": "E.164 number, e.g. +4915112345678, or a "
+                           "business-scoped user id (BSUID, e.g. US.13491208655302741918; Meta backend)"},
+                    "recipient": {"type": "string", "description": "A BSUID (CC.id or CC.ENT.id; Meta backend; "
+                                  "`to` wins when both are given)"},
                     "play": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
                              "description": "File(s) relative to WACALL_MEDIA_DIR, played once the user picks up"},
                     "record": {"type": "boolean", "default": False},

@@ -24,6 +24,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from email.utils import parsedate_to_datetime
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import aiohttp
@@ -186,6 +187,7 @@ class CallingProvider(ABC):
                             "action": {"name": "call_permission_request"},
                             "body": {"text": body_text}}}, action="call_permission_request")
         message_id = _message_id(self.name, data)
+        self._contacts(data)
         log.info("%s permission request to=%s message_id=%s", self.name, mask_phone(digits), message_id)
         return message_id
 
@@ -207,6 +209,7 @@ class CallingProvider(ABC):
             "messaging_product": "whatsapp", "recipient_type": "individual", **whom,
             "type": "template", "template": template}, action="template")
         message_id = _message_id(self.name, data)
+        self._contacts(data)
         log.info("%s template %s to=%s message_id=%s", self.name, name, mask_phone(digits), message_id)
         return message_id
 
@@ -243,6 +246,18 @@ class CallingProvider(ABC):
 
     #: Whether users can be addressed by business-scoped user id (``recipient``).
     supports_bsuid: ClassVar[bool] = False
+    #: Called with ``(phone, bsuid)`` when a response names a user both ways (a sent
+    #: message's ``contacts``: ``wa_id`` and ``user_id``); the permission gate links them.
+    on_contact: Callable[[str, str], None] | None = None
+
+    def _contacts(self, data: dict[str, Any]) -> None:
+        contacts = data.get("contacts")
+        if self.on_contact is None or not isinstance(contacts, list):
+            return
+        for contact in contacts:
+            if isinstance(contact, dict) and isinstance(contact.get("wa_id"), str) \
+                    and is_bsuid(contact.get("user_id")):
+                self.on_contact(contact["wa_id"], contact["user_id"])
 
     def _recipient(self, to: str) -> dict[str, str]:
         """``{"to": digits}`` for a phone number, ``{"recipient": bsuid}`` for a BSUID

@@ -41,7 +41,7 @@ from ..webhook_auth import WebhookAuth
 from ..permissions import PermissionLimits
 from .messaging import Refusal, SandboxClock, SandboxMessaging
 from .phone import Phone
-from .users import DEFAULT_ORDER, UserBehaviour, UserDirectory, normalize_number
+from .users import DEFAULT_ORDER, UserBehaviour, UserDirectory
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class Sandbox:
                     notify: bool = True) -> None:
         """Sandbox only: the user grants (or declines) call permission unprompted, e.g.
         from the business profile; ``notify`` sends the webhook as the provider would."""
-        user = normalize_number(user)
+        user = self.users.canonical(user)
         if notify:
             await self.messaging.user_replies(user, granted, permanent=permanent)
         else:
@@ -343,7 +343,8 @@ class Sandbox:
 
     async def _connect(self, body: dict) -> web.Response:
         try:
-            user = normalize_number(body.get("to", ""))
+            # ``to`` wins over ``recipient`` (a BSUID), as at Meta
+            user = self.users.canonical(body.get("to") or body.get("recipient") or "")
         except ValueError as exc:
             raise SandboxRefusal(400, 100, "Invalid parameter", str(exc)) from None
         session = body.get("session")
@@ -447,7 +448,7 @@ class Sandbox:
     async def _user_calls_business(self, request: web.Request) -> web.Response:
         """Sandbox only: the simulated user calls the business (``{"say", "hangup_after_s"}``)."""
         try:
-            user = normalize_number(request.match_info["user"])
+            user = self.users.canonical(request.match_info["user"])
             body = await request.json() if request.can_read_body else {}
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
@@ -466,7 +467,7 @@ class Sandbox:
         """The simulated ``user`` calls the business: a ``connect`` webhook with the
         phone's offer, as the provider delivers it. The business then has
         ``answer_window_s`` to pre_accept/accept or reject."""
-        user = normalize_number(user)
+        user = self.users.canonical(user)
         wacid = "wacid." + secrets.token_urlsafe(24)
         phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
                                    say=say)
@@ -587,13 +588,13 @@ class Sandbox:
 
     async def _user_calls(self, request: web.Request) -> web.Response:
         try:
-            user = normalize_number(request.match_info["user"])
+            user = self.users.canonical(request.match_info["user"])
         except ValueError as exc:
             return web.json_response({"error": {"code": "bad_request", "message": str(exc)}}, status=400)
         return web.json_response({"calls": [c.as_dict() for c in self.calls.values() if c.user == user]})
 
     def calls_to(self, user: str) -> list[SandboxCall]:
-        number = normalize_number(user)
+        number = self.users.canonical(user)
         return [c for c in self.calls.values() if c.user == number]
 
     # -- webhooks ------------------------------------------------------------------------
@@ -603,10 +604,13 @@ class Sandbox:
 
     async def _send_calls_event(self, call: SandboxCall, event: str, *,
                                 errors: list[dict] | None = None, **fields: Any) -> None:
-        business, user = self.display_phone_number, call.user
-        caller, callee = (user, business) if call.direction == "USER_INITIATED" else (business, user)
+        business = self.display_phone_number
+        if call.direction == "USER_INITIATED":
+            people = {**self.users.ids(call.user, "from", "from_user_id"), "to": business}
+        else:
+            people = {"from": business, **self.users.ids(call.user, "to", "to_user_id")}
         item: dict[str, Any] = {
-            "id": call.wacid, "from": caller, "to": callee,
+            "id": call.wacid, **people,
             "event": event, "timestamp": self._timestamp(), "direction": call.direction, **fields,
         }
         if call.biz_opaque_callback_data is not None:
@@ -618,7 +622,8 @@ class Sandbox:
 
     async def _send_status(self, call: SandboxCall, status: str) -> None:
         item: dict[str, Any] = {"id": call.wacid, "type": "call", "status": status,
-                                "timestamp": self._timestamp(), "recipient_id": call.user}
+                                "timestamp": self._timestamp(),
+                                **self.users.ids(call.user, "recipient_id", "recipient_user_id")}
         if call.biz_opaque_callback_data is not None:
             item["biz_opaque_callback_data"] = call.biz_opaque_callback_data
         await self._deliver({"statuses": [item]})

@@ -32,7 +32,8 @@ from ..errors import ProviderError
 from ..permissions import DAY, PermissionLedger, PermissionLimits, PermissionState
 from ..redact import mask_phone
 from ..store import MemoryPermissionStore
-from .users import UserDirectory, normalize_number
+from ..numbers import is_bsuid
+from .users import UserDirectory
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class SandboxMessaging:
 
     async def message(self, body: dict) -> dict:
         try:
-            user = normalize_number(body.get("to", ""))
+            user = self.users.canonical(body.get("to") or body.get("recipient") or "")
         except ValueError as exc:
             raise Refusal(400, 100, "Invalid parameter", str(exc)) from None
         kind = body.get("type")
@@ -140,14 +141,18 @@ class SandboxMessaging:
             self.ledger.request_sent(user, message_id)
             self._spawn(self._deliver_and_answer(user, message_id))
         log.info("sandbox: %s message %s to %s", kind, message_id[:16], mask_phone(user))
-        return {"messaging_product": "whatsapp", "contacts": [{"input": user, "wa_id": user}],
+        contact = self.users.ids(user, "wa_id", "user_id")
+        if not is_bsuid(user):
+            contact["wa_id"] = user  # (the business wrote the number: the response names it)
+        return {"messaging_product": "whatsapp", "contacts": [{"input": body.get("to") or body.get("recipient"),
+                                                              **contact}],
                 "messages": [{"id": message_id}]}
 
     async def _deliver_and_answer(self, user: str, message_id: str) -> None:
         for status in ("sent", "delivered"):
             await self._deliver({"statuses": [{
                 "id": message_id, "status": status, "timestamp": str(int(self.clock.now())),
-                "recipient_id": user}]}, field_name="messages")
+                **self.users.ids(user, "recipient_id", "recipient_user_id")}]}, field_name="messages")
         self.ledger.request_delivered(user, message_id)
         behaviour = self.users.get(user)
         if behaviour.on_permission_request == "ignore":
@@ -174,11 +179,12 @@ class SandboxMessaging:
             if expires is not None:
                 reply["expiration_timestamp"] = str(expires)
         message: dict[str, Any] = {
-            "from": user, "id": reply_id, "timestamp": str(int(now)), "type": "interactive",
-            "interactive": {"type": "call_permission_reply", "call_permission_reply": reply}}
+            **self.users.ids(user, "from", "from_user_id"), "id": reply_id, "timestamp": str(int(now)),
+            "type": "interactive", "interactive": {"type": "call_permission_reply", "call_permission_reply": reply}}
         if context_id:
             message["context"] = {"id": context_id}
-        await self._deliver({"contacts": [{"wa_id": user}], "messages": [message]}, field_name="messages")
+        await self._deliver({"contacts": [self.users.ids(user, "wa_id", "user_id")], "messages": [message]},
+                            field_name="messages")
 
     # -- calls (called by the emulator) ---------------------------------------------------
 
@@ -218,8 +224,9 @@ class SandboxMessaging:
             return
         reply = {"response": "accept", "is_permanent": False, "response_source": "automatic",
                  "expiration_timestamp": str(int(expires_at or self.clock.now() + 7 * DAY))}
-        await self._deliver({"contacts": [{"wa_id": user}], "messages": [{
-            "from": user, "id": "wamid." + secrets.token_urlsafe(24), "timestamp": str(int(self.clock.now())),
+        await self._deliver({"contacts": [self.users.ids(user, "wa_id", "user_id")], "messages": [{
+            **self.users.ids(user, "from", "from_user_id"), "id": "wamid." + secrets.token_urlsafe(24),
+            "timestamp": str(int(self.clock.now())),
             "type": "interactive", "context": {"id": call_id},
             "interactive": {"type": "call_permission_reply", "call_permission_reply": reply}}]},
             field_name="messages")
@@ -248,7 +255,7 @@ class SandboxMessaging:
         return {"id": template_id, "status": "APPROVED", "category": body["category"]}
 
     def permission_state(self, user: str) -> dict:
-        user = normalize_number(user)
+        user = self.users.canonical(user)
         status = self.ledger.status(user)
         if status.status is PermissionState.GRANTED:
             permission: dict[str, Any] = {"status": "permanent" if status.permanent else "temporary"}
@@ -310,7 +317,8 @@ class SandboxMessaging:
         return web.json_response(self.create_template(body))
 
     async def _r_state(self, request: web.Request, body: dict) -> web.Response:
-        user = request.match_info.get("user") or request.query.get("user_wa_id", "")
+        user = (request.match_info.get("user") or request.query.get("user_wa_id")
+                or request.query.get("recipient", ""))
         try:
             return web.json_response(self.permission_state(user))
         except ValueError as exc:
