@@ -222,10 +222,10 @@ async def _call(args, settings: Settings) -> int:
             ring_timeout_s=args.ring_timeout, max_duration_s=args.max_duration)
         status = (asyncio.ensure_future(printer.follow(call, user_meter, business_meter))
                   if printer is not None and printer.tty else None)
-        stop = asyncio.Event()
+        stop, interrupted = asyncio.Event(), []
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda sig=sig: (interrupted.append(sig), stop.set()))
         try:
             waiter = asyncio.ensure_future(stop.wait())
             if not args.stay:
@@ -246,6 +246,8 @@ async def _call(args, settings: Settings) -> int:
         print(json.dumps(call.summary(), indent=2))
     else:
         _call_summary(call, user_meter, business_meter, args.record)
+    if signal.SIGINT in interrupted:
+        return 130  # (Ctrl-C: the call was hung up, as the user asked)
     return 0 if call.connected_at is not None else 1
 
 
@@ -319,10 +321,10 @@ async def _serve(args, settings: Settings) -> int:
         raise ConfigError(f"--workers must be 0 or more, not {args.workers}")
     workers = args.workers if args.workers is not None else settings.workers
     settings = replace(settings, workers=workers if workers is not None else (os.cpu_count() or 1))
-    stop = asyncio.Event()
+    stop, interrupted = asyncio.Event(), []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (interrupted.append(sig), stop.set()))
     async with Service(settings, sandbox=args.sandbox) as service:
         if not settings.api_token:  # (once it runs: a refused start says only why)
             log.warning("WACALL_API_TOKEN is not set: the control API (/v1) refuses every request")
@@ -330,7 +332,8 @@ async def _serve(args, settings: Settings) -> int:
               f"{', sandbox: /sandbox' if args.sandbox else ''})", flush=True)
         await stop.wait()
         log.info("shutting down: hanging up %d live call(s)", len(service.manager.live_calls))
-    return 0
+    # Ctrl-C: 130, as every command interrupted that way; SIGTERM (a service manager): 0
+    return 130 if signal.SIGINT in interrupted else 0
 
 
 if __name__ == "__main__":

@@ -60,3 +60,31 @@ def test_every_command_explains_itself_with_an_example(command):
     done = wacall(command, "--help")
     assert done.returncode == 0
     assert "example:\n  " in done.stdout and ("wacall " + command) in done.stdout.split("example:")[1]
+
+
+def test_ctrl_c_ends_serve_with_130_and_no_traceback(tmp_path):
+    """Ctrl-C (SIGINT) stops `wacall serve` cleanly, exit 130 like every command
+    interrupted that way; SIGTERM (a service manager) is a normal stop, 0."""
+    import signal
+    import socket
+    import time
+
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "WACALL_DATA_DIR": str(tmp_path / f"data-{code}"), "WACALL_PORT": str(port),
+               "WACALL_HOST": "127.0.0.1", "WACALL_WORKERS": "0"}
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            line = proc.stdout.readline()  # "wacall serving on ..." once it listens
+            assert "serving on" in line and time.monotonic() < deadline, line
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == code, (sig, proc.returncode, err[-2000:])
+        assert "Traceback" not in err
