@@ -199,7 +199,8 @@ def _print_demo_summary(summary: dict) -> None:
 
 
 async def _call(args, settings: Settings) -> int:
-    settings = replace(settings, host=args.host or settings.host, port=_port(args.port, "--port") or settings.port)
+    settings = replace(settings, host=args.host or settings.host, port=_port(args.port, "--port") or settings.port,
+                       workers=0)  # (one call: its media here, where the status line reads its levels)
     normalize_recipient(args.to)  # (a bad number is refused before anything starts)
     user_meter, business_meter = LevelMeter(), LevelMeter()  # (for the status line)
     sources = [MeteredSource(FileSource(path), business_meter) for path in args.play]

@@ -77,7 +77,8 @@ class Gatekeeper:
         self.reconcile = reconcile
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._deciding: dict[str, asyncio.Lock] = {}
-        provider.on_contact = self._learn  # (a sent message's response names the user both ways)
+        if provider is not None:  # (a sent message's response names the user both ways)
+            provider.on_contact = self._learn
 
     # -- gates ---------------------------------------------------------------------------
 

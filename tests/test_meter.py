@@ -96,3 +96,19 @@ async def test_speech_events_in_a_call_match_the_tone_burst():
     assert (start.kind, stop.kind) == ("start", "stop")
     assert start.at_s == pytest.approx(begin, abs=0.1)
     assert stop.at_s == pytest.approx(end, abs=0.1)
+
+
+def test_a_metered_source_measures_what_it_plays_and_crosses_to_a_worker():
+    import pickle
+
+    from media.sinks.meter import LevelMeter, MeteredSource
+    from media.sources.tone import ToneSource
+
+    meter = LevelMeter()
+    source = MeteredSource(ToneSource(1000, 0.1, amplitude=0.5), meter)
+    assert source.sample_rate == 48000 and source.channels == 1  # the wrapped source's
+    while source.read() is not None:
+        pass
+    assert meter.frames == 5 and -10 < meter.level_dbfs < -6  # a sine at 0.5: about -9 dBFS
+    copy = pickle.loads(pickle.dumps(MeteredSource(ToneSource(1000, 0.04), LevelMeter())))
+    assert copy.read() is not None and copy.meter.frames == 1

@@ -102,4 +102,4 @@ def test_the_wacall_call_recipe_against_a_sandbox_runs_as_written(tmp_path):
     assert statuses == ["200", "200"], statuses
     assert "ended" in out
     x, rate = analysis.read_audio(tmp_path / "out" / "user.wav")
-    assert analysis.tone_seconds(x, rate, 600) >= 1.0  # the user's tone was recorded
+    assert analysis.tone_seconds(x, rate, 600) >= 1.0, out[-3000:]  # the user's tone was recorded

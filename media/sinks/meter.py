@@ -132,7 +132,10 @@ class MeteredSource:
         return frame
 
     def __getattr__(self, name: str):
-        return getattr(self.source, name)
+        source = self.__dict__.get("source")  # (not there while unpickling/copying)
+        if source is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(source, name)
 
     def __repr__(self) -> str:
         return f"MeteredSource({self.source!r})"
