@@ -381,6 +381,10 @@ class Service:
                                  self.settings.call_retention_days)
                 except Exception as exc:
                     log.warning("call retention failed: %s", exc)
+                try:  # (recordings too, also when no call ends for a long time)
+                    await asyncio.to_thread(self.sweep_recordings)
+                except Exception as exc:
+                    log.warning("recording retention failed: %s", exc)
                 await asyncio.sleep(3600)
         finally:
             if leases is not None:
@@ -399,24 +403,35 @@ class Service:
         retention settings (at startup, then at most once a minute after calls)."""
         import time
 
-        from media.recordings import apply_retention, repair_directory
+        from media.recordings import repair_directory
 
-        settings, directory = self.settings, Path(self.settings.data_dir) / "recordings"
+        directory = Path(self.settings.data_dir) / "recordings"
         if not directory.exists():
             return
         now = time.monotonic()
         if startup or now - getattr(self, "_retention_at", 0.0) >= 60:
             self._retention_at = now
-            if settings.recording_max_age_s or settings.recording_max_count or settings.recording_max_bytes:
-                removed = apply_retention(directory, settings.recording_max_age_s,
-                                          settings.recording_max_count, settings.recording_max_bytes)
-                if removed:
-                    log.info("retention removed %d old recording(s)", len(removed))
+            self.sweep_recordings()
         if startup:  # after retention: repairing touches the files it keeps
             result = repair_directory(directory)
             if result["repaired"] or result["recovered"]:
                 log.warning("repaired %d recording file(s) of %d interrupted call(s)",
                             len(result["repaired"]), len(result["recovered"]))
+
+    def sweep_recordings(self) -> list[Path]:
+        """Apply the recording retention settings now (the calls' records stay)."""
+        from media.recordings import apply_retention
+
+        settings, directory = self.settings, Path(self.settings.data_dir) / "recordings"
+        ages = [a for a in (settings.recording_max_age_s,
+                            settings.recording_retention_days and settings.recording_retention_days * 86400) if a]
+        max_age = min(ages) if ages else None
+        if not (max_age or settings.recording_max_count or settings.recording_max_bytes) or not directory.exists():
+            return []
+        removed = apply_retention(directory, max_age, settings.recording_max_count, settings.recording_max_bytes)
+        if removed:
+            log.info("retention removed %d old recording(s)", len(removed))
+        return removed
 
     async def _enable_callback_permission(self) -> None:
         try:

@@ -211,6 +211,9 @@ class Settings:
     event_history: int = setting(1000, _non_negative(int), group="events")
     # -- recording retention (applied at startup and after calls; unset = keep all) --------
     recording_max_age_s: float | None = setting(parse=_positive(float), group="recording")
+    #: Recordings older than this many days are deleted (hourly; the call record stays).
+    #: The same as ``WACALL_RECORDING_MAX_AGE_S`` in days; the shorter of the two wins.
+    recording_retention_days: float | None = setting(parse=_positive(float), group="recording")
     recording_max_count: int | None = setting(parse=_positive(int), group="recording")
     recording_max_bytes: int | None = setting(parse=_positive(int), group="recording")
     # -- permissions -----------------------------------------------------------------------

@@ -179,6 +179,13 @@ async def test_a_gateway_killed_mid_call_finishes_the_call_at_the_next_start(tmp
             assert [e["name"] for e in ended["timeline"]][-1] == "ended"
             listed = await world.get(f"{gateway_url}/v1/calls")
             assert call_id in [c["id"] for c in listed["calls"]]
+            # the recording of the killed call is listed by the new process, and plays
+            (recording,) = (await world.get(f"{gateway_url}/v1/recordings?call_id={call_id}"))["recordings"]
+            files = {f["name"]: f for f in recording["files"]}
+            async with http.get(gateway_url + files["user.wav"]["url"], headers=world.api) as resp:
+                assert resp.status == 200
+                downloaded = await resp.read()
+            assert downloaded[:4] == b"RIFF" and len(downloaded) == files["user.wav"]["size"] > 44
             # a retry of the POST with its Idempotency-Key: the same call, as it is now
             async with http.post(f"{gateway_url}/v1/calls", json={"to": USER, "record": True},
                                  headers=keyed) as resp:

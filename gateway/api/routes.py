@@ -8,6 +8,8 @@ no token configured the API refuses every request rather than running open.
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import hmac
 import json
@@ -32,6 +34,7 @@ from ..disk import LowDiskError
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
 from ..numbers import display, is_bsuid, normalize_recipient
+from ..recordings import MAX_WIDTH, RecordingBusy, Recordings
 from ..logs import redact_text
 from ..store.base import VersionConflict
 
@@ -158,6 +161,7 @@ def _plays(value: Any) -> list[str]:
 
 #: The query parameters of GET /v1/calls.
 LIST_QUERY = ("state", "limit", "cursor", "user", "direction", "since", "until")
+RECORDINGS_QUERY = ("call_id", "user", "since", "until", "limit", "cursor")
 
 
 def _time(query: Any, name: str) -> float | None:
@@ -237,12 +241,14 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
 
 class ControlApi:
     def __init__(self, manager: CallManager, library: MediaLibrary, gate: Any = None,
-                 secrets: list[str] | None = None):
+                 secrets: list[str] | None = None, recordings: Recordings | None = None):
         #: Masks configured secrets and phone numbers in what providers wrote.
         self.redact = lambda text: redact_text(text, secrets or ())
         self.manager = manager
         self.library = library
         self.gate = gate
+        #: The QA recordings on disk (:mod:`gateway.recordings`).
+        self.recordings = recordings or Recordings(getattr(manager, "recordings_dir", "wacall-data/recordings"))
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -253,6 +259,10 @@ class ControlApi:
             web.delete("/v1/calls/{id}", self._guard(self.hangup)),
             web.post("/v1/calls/{id}/play", self._guard(self.play)),
             web.post("/v1/calls/{id}/dtmf", self._guard(self.dtmf)),
+            web.get("/v1/recordings", self._guard(self.list_recordings, query=RECORDINGS_QUERY)),
+            web.delete("/v1/calls/{id}/recordings", self._guard(self.erase_recordings)),
+            web.get("/v1/calls/{id}/recordings/{file}", self._guard(self.recording_file)),
+            web.get("/v1/calls/{id}/waveform", self._guard(self.waveform, query=("file", "width"))),
             web.get("/v1/permissions", self._guard(self.list_permissions)),
             web.get("/v1/permissions/{user}", self._guard(self.get_permission, query=("refresh",))),
             web.post("/v1/permissions/{user}/request", self._guard(self.request_permission)),
@@ -527,6 +537,93 @@ class ControlApi:
         except DtmfError as exc:
             raise BadRequest(str(exc), "dtmf_unavailable", 409) from None
         return web.json_response({"id": call.id, "sent": digits, "state": call.state.value}, status=202)
+
+    # -- recordings ------------------------------------------------------------------------
+
+    async def list_recordings(self, request: web.Request) -> web.Response:
+        query = request.query
+        try:
+            limit = int(query.get("limit", "50"))
+        except ValueError:
+            raise BadRequest("limit must be an integer") from None
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+        user = query.get("user")
+        if user is not None:
+            try:
+                user = normalize_recipient(user)
+            except ValueError as exc:
+                raise BadRequest(f"user: {exc}") from None
+        since, until = _time(query, "since"), _time(query, "until")
+        call_id = query.get("call_id")
+        found = []
+        for data in await asyncio.to_thread(self.recordings.sidecars):
+            meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+            if call_id is not None and data.get("call_id") != call_id:
+                continue
+            if user is not None:
+                try:
+                    if normalize_recipient(str(meta.get("user") or "")) != user:
+                        continue
+                except ValueError:
+                    continue
+            if since is not None or until is not None:
+                try:
+                    started = _seconds(str(data.get("started_at")))
+                except ValueError:
+                    continue
+                if (since is not None and started < since) or (until is not None and started >= until):
+                    continue
+            found.append(data)
+        cursor = query.get("cursor")
+        if cursor:
+            ids = [str(d.get("call_id")) for d in found]
+            if cursor not in ids:
+                raise BadRequest("cursor is not a call id from a previous page")
+            found = found[ids.index(cursor) + 1:]
+        page = [self.recordings.item(d) for d in found[:limit]]
+        next_cursor = page[-1]["call_id"] if len(found) > limit else None
+        return web.json_response({"recordings": page, "next_cursor": next_cursor})
+
+    def _recording(self, request: web.Request, name: str):
+        info = self.recordings.file(request.match_info["id"], name)
+        if info is None:
+            raise BadRequest(f"call {request.match_info['id']!r} has no recording file {name[:64]!r}",
+                             "not_found", 404)
+        return info
+
+    async def recording_file(self, request: web.Request) -> web.StreamResponse:
+        info = self._recording(request, request.match_info["file"])
+        # (aiohttp serves Range requests with 206, and ETag / If-None-Match / If-Range)
+        return web.FileResponse(info.path, headers={"Content-Type": info.content_type,
+                                                    "Cache-Control": "private, no-cache",
+                                                    "Content-Disposition": f'inline; filename="{info.name}"'})
+
+    async def erase_recordings(self, request: web.Request) -> web.Response:
+        call_id = request.match_info["id"]
+        try:
+            erased = await asyncio.to_thread(self.recordings.erase, call_id)
+        except RecordingBusy as exc:
+            raise BadRequest(str(exc), "recording", 409) from None
+        if not erased:
+            raise BadRequest(f"call {call_id!r} has no recordings here", "not_found", 404)
+        return web.json_response({"call_id": call_id, "erased": True})
+
+    async def waveform(self, request: web.Request) -> web.Response:
+        info = self._recording(request, request.query.get("file", "stereo.wav"))
+        try:
+            width = int(request.query.get("width", "800"))
+        except ValueError:
+            raise BadRequest("width must be an integer") from None
+        if not 1 <= width <= MAX_WIDTH:
+            raise BadRequest(f"width must be between 1 and {MAX_WIDTH}")
+        if info.kind == "sidecar":
+            raise BadRequest("a waveform is drawn from an audio file")
+        try:
+            peaks = await asyncio.to_thread(self.recordings.waveform, info, width)
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"cannot read {info.name}: {exc}", "bad_media_file", 422) from None
+        return web.json_response(peaks)
 
     # -- permissions -----------------------------------------------------------------------
 

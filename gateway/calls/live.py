@@ -529,7 +529,8 @@ class LiveCall:
         received) and ``recording.json`` (durations, levels, media statistics). Files are
         0600 in a 0700 directory and stay playable if the process is killed."""
         self.recording_files = self.media.record(RecordSpec(
-            str(Path(directory) / self.id), self.id, {"direction": self.direction.value, "wacid": self.wacid}))
+            str(Path(directory) / self.id), self.id,
+            {"direction": self.direction.value, "wacid": self.wacid, "user": self.user}))
         return self.recording_files["sidecar"].parent
 
     # -- reporting -------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""The QA recordings on disk, as the API serves them: list, find a file, erase, peaks.
+
+Each recorded call has a directory ``<data dir>/recordings/<call id>/`` with its files and
+a ``recording.json`` sidecar (see :mod:`media.sinks.recorder`). This module reads the
+sidecars (cached by modification time), lists recordings newest first, finds a call's
+file **by matching the name against the sidecar's own list** (a requested name is never
+joined to a path, so ``../`` cannot reach anything), erases a call's recordings, and
+computes waveform peaks (min/max per column, per channel), cached next to the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from media import analysis
+from media.recordings import ACTIVE, SIDECAR
+
+from .numbers import display
+from .redact import mask_phone
+
+__all__ = ["FileInfo", "RecordingBusy", "Recordings"]
+
+log = logging.getLogger(__name__)
+
+#: What a recording's files are, by extension.
+CONTENT_TYPES = {".wav": "audio/wav", ".ogg": "audio/ogg", ".json": "application/json"}
+#: Waveform widths served (columns).
+MAX_WIDTH = 4000
+
+
+class RecordingBusy(RuntimeError):
+    """The call is still being recorded (its files cannot be erased yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    call_id: str
+    name: str
+    kind: str
+    path: Path
+    content_type: str
+
+
+class Recordings:
+    """Recorded calls under ``directory`` (see the module docstring)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self._cache: dict[str, tuple[int, dict]] = {}
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _sidecar(self, call_dir: Path) -> dict | None:
+        path = call_dir / SIDECAR
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        cached = self._cache.get(call_dir.name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+            return None
+        self._cache[call_dir.name] = (stamp, data)
+        return data
+
+    def sidecars(self) -> list[dict]:
+        """Every readable sidecar, newest first."""
+        found = []
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return []
+        seen = set()
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                seen.add(entry.name)
+                data = self._sidecar(Path(entry.path))
+                if data is not None:
+                    found.append(data)
+        for gone in set(self._cache) - seen:
+            del self._cache[gone]
+        found.sort(key=lambda d: (str(d.get("started_at") or ""), str(d.get("call_id"))), reverse=True)
+        return found
+
+    def sidecar(self, call_id: str) -> dict | None:
+        if not _safe_name(call_id):
+            return None
+        return self._sidecar(self.directory / call_id)
+
+    def item(self, data: dict, url_prefix: str = "/v1/calls") -> dict[str, Any]:
+        """One recording as the API shows it (the user masked)."""
+        call_id = str(data.get("call_id"))
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+        durations = data.get("durations_s") if isinstance(data.get("durations_s"), dict) else {}
+        call_dir = self.directory / call_id
+        files = []
+        for kind, name in data["files"].items():
+            path = call_dir / str(name)
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue  # (erased, or never written)
+            files.append({"name": name, "kind": kind, "format": Path(name).suffix.lstrip("."),
+                          "content_type": CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream"),
+                          "size": size, "duration_s": durations.get(kind),
+                          "url": f"{url_prefix}/{call_id}/recordings/{name}"})
+        user = meta.get("user")
+        return {"call_id": call_id, "direction": meta.get("direction"), "wacid": meta.get("wacid"),
+                "user": mask_phone(display(user)) if isinstance(user, str) and user else None,
+                "started_at": data.get("started_at"), "ended_at": data.get("ended_at"),
+                "duration_s": durations.get("stereo_wav") or durations.get("user_wav"),
+                "complete": bool(data.get("complete")), "recovered": bool(data.get("recovered")),
+                "error": data.get("error"), "files": files}
+
+    def file(self, call_id: str, name: str) -> FileInfo | None:
+        """The call's file called ``name``, if the call lists one by that name."""
+        data = self.sidecar(call_id)
+        if data is None:
+            return None
+        names = {str(v): k for k, v in data["files"].items()}
+        names[SIDECAR] = "sidecar"
+        kind = names.get(name)
+        if kind is None:
+            return None
+        path = self.directory / call_id / name
+        if not path.is_file():
+            return None
+        return FileInfo(call_id, name, kind, path, CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
+
+    # -- erasure -----------------------------------------------------------------------
+
+    def erase(self, call_id: str) -> bool:
+        """Delete the call's recordings (the call record stays). ``False``: none here."""
+        if not _safe_name(call_id):
+            return False
+        call_dir = self.directory / call_id
+        if not call_dir.is_dir():
+            return False
+        if call_dir.resolve() in ACTIVE:
+            raise RecordingBusy(f"call {call_id} is still being recorded; hang it up first")
+        shutil.rmtree(call_dir)
+        self._cache.pop(call_id, None)
+        log.info("recordings of call %s erased", call_id)
+        return True
+
+    # -- waveform ----------------------------------------------------------------------
+
+    def waveform(self, info: FileInfo, width: int) -> dict[str, Any]:
+        """Min/max per column (values -1..1), per channel, computed once per file version
+        and width, cached next to the file."""
+        stat = info.path.stat()
+        cache = info.path.with_name(f".{info.name}.peaks-{width}.json")
+        version = f"{stat.st_size}:{stat.st_mtime_ns}"
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("version") == version:
+                return cached["waveform"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        samples, rate = _read_channels(info.path)
+        frames = samples.shape[0]
+        columns = []
+        for channel in samples.T:
+            if frames == 0:
+                columns.append([])
+                continue
+            edges = np.linspace(0, frames, num=min(width, frames) + 1).astype(np.int64)
+            lo = np.minimum.reduceat(channel, edges[:-1])
+            hi = np.maximum.reduceat(channel, edges[:-1])
+            columns.append([[round(float(a), 4), round(float(b), 4)] for a, b in zip(lo, hi)])
+        result = {"file": info.name, "width": len(columns[0]) if columns else 0, "channels": len(columns),
+                  "sample_rate": rate, "duration_s": round(frames / rate, 3) if rate else 0.0, "peaks": columns}
+        try:
+            tmp = cache.with_name(cache.name + ".tmp")
+            tmp.write_text(json.dumps({"version": version, "waveform": result}))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, cache)
+        except OSError as exc:  # (a full disk: computed again next time)
+            log.warning("cannot cache the waveform of %s: %s", info.name, exc.strerror or exc)
+        return result
+
+
+def _read_channels(path: Path) -> tuple[np.ndarray, int]:
+    """``(frames × channels float32 in -1..1, rate)``: WAV directly, anything else mono."""
+    if path.suffix.lower() == ".wav":
+        with wave.open(str(path)) as w:
+            channels, rate, width = w.getnchannels(), w.getframerate(), w.getsampwidth()
+            raw = w.readframes(w.getnframes())
+        if width == 2:
+            data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+            return data.reshape(-1, channels), rate
+    mono, rate = analysis.read_audio(path)
+    return mono.reshape(-1, 1), rate
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
+        and "\x00" not in name and len(name) <= 128
