@@ -239,6 +239,7 @@ class Service:
                 peer_config=replace(settings.peer_config(),
                                     host_addresses=settings.media_addresses or ["127.0.0.1"]),
             )
+            self.sandbox.public_url = f"{self.url}{SANDBOX_PREFIX}"  # (artifact URLs)
             # The provider client speaks to the sandbox with the sandbox's credentials,
             # in whichever URL shape (360dialog or Meta Graph) the settings chose.
             settings = replace(settings, base_url=f"{self.url}{SANDBOX_PREFIX}",
@@ -296,6 +297,7 @@ class Service:
         self.manager.subscribe(telemetry)
         self.manager.on_recovered = telemetry.recovered
         self.manager.on_routed = self.metrics.routed_seconds
+        self.manager.on_artifact = self._artifact_event
 
     def _lifecycle(self) -> list:
         """The parts' startup and shutdown, in startup order (shutdown runs backwards).
@@ -417,6 +419,15 @@ class Service:
             if result["repaired"] or result["recovered"]:
                 log.warning("repaired %d recording file(s) of %d interrupted call(s)",
                             len(result["repaired"]), len(result["recovered"]))
+
+    def _artifact_event(self, call_id: str, outcome: dict) -> None:
+        """``call.recording_available`` / ``call.transcription_available`` (or ``…_failed``)."""
+        kind = outcome.get("kind", "recording")
+        name = f"call.{kind}_{'failed' if outcome.get('error') else 'available'}"
+        data = dict(outcome)
+        if outcome.get("file"):
+            data["url"] = f"/v1/calls/{call_id}/recordings/{outcome['file']}"
+        self.events.publish(name, data, call_id=call_id)
 
     def sweep_recordings(self) -> list[Path]:
         """Apply the recording retention settings now (the calls' records stay)."""

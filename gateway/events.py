@@ -33,6 +33,7 @@ __all__ = [
     "Direction",
     "TerminateStatus",
     "UnknownEvent",
+    "CallArtifact",
     "WebhookError",
     "WebhookEvent",
     "WebhookFormatError",
@@ -463,14 +464,54 @@ class MessageStatus:
         return ("message_status", self.message_id, self.status, self.timestamp)
 
 
+@dataclass(frozen=True, slots=True)
+class CallArtifact:
+    """``calls[]`` with ``event: "call_recording_available"`` or
+    ``"call_transcription_available"``: WhatsApp's own recording (Ogg/Opus) or transcript
+    (JSON) of a call, to download from ``url`` (authenticated, valid about 5 minutes) and
+    check against ``sha256`` (base64 of the digest)."""
+
+    call_id: str
+    kind: str  # "recording" or "transcription"
+    media_id: str | None
+    sha256: str
+    mime_type: str | None
+    url: str
+    timestamp: int | None = None
+    phone_number_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, phone_number_id: str | None = None) -> CallArtifact:
+        call_id = _call_id(d, "call artifact")
+        if d.get("event") == "call_recording_available":
+            kind, holder = "recording", d.get("call_recording")
+            item = holder.get("audio") if isinstance(holder, Mapping) else None
+        else:
+            kind, holder = "transcription", d.get("call_transcript")
+            item = holder.get("document") if isinstance(holder, Mapping) else None
+        if not isinstance(item, Mapping):
+            raise WebhookFormatError(f"{d.get('event')} has no {'audio' if kind == 'recording' else 'document'}")
+        url, digest = _str(item.get("url")), _str(item.get("sha256"))
+        if url is None or not url.startswith(("https://", "http://")) or len(url) > 4096:
+            raise WebhookFormatError(f"{d.get('event')}: url is missing or not http(s)")
+        if digest is None or len(digest) > 128:
+            raise WebhookFormatError(f"{d.get('event')}: sha256 is missing")
+        return cls(call_id, kind, _str(item.get("id")), digest, _str(item.get("mime_type")), url,
+                   _timestamp(d.get("timestamp")), phone_number_id)
+
+    @property
+    def key(self) -> EventKey:
+        return ("artifact", self.call_id, f"{self.kind}:{self.media_id or self.sha256}", self.timestamp)
+
+
 WebhookEvent: TypeAlias = (CallConnect | CallTerminate | CallStatus | PermissionReply | MessageStatus
-                           | UnknownEvent)
+                           | CallArtifact | UnknownEvent)
 
 
 # -- the wire: events passed between instances -----------------------------------------------
 
 _WIRE_TYPES = {cls.__name__: cls for cls in (CallConnect, CallTerminate, CallStatus, UnknownEvent,
-                                              PermissionReply, MessageStatus)}
+                                              PermissionReply, MessageStatus, CallArtifact)}
 
 
 def to_wire(event: WebhookEvent) -> dict[str, Any]:

@@ -10,10 +10,14 @@ computes waveform peaks (min/max per column, per channel), cached next to the fi
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
 import shutil
+import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from media import analysis
-from media.recordings import ACTIVE, SIDECAR
+from media.recordings import ACTIVE, DIR_MODE, SIDECAR, iso, write_json
 
 from .numbers import display
 from .redact import mask_phone
@@ -157,6 +161,38 @@ class Recordings:
         log.info("recordings of call %s erased", call_id)
         return True
 
+    # -- WhatsApp's artifacts ----------------------------------------------------------
+
+    def store_artifact(self, call_id: str, kind: str, data: bytes, meta: dict[str, Any]) -> Path:
+        """Keep a verified provider artifact beside the call's own recordings and list it in
+        the sidecar (one is made for a call wacall did not record itself)."""
+        if not _safe_name(call_id) or kind not in ARTIFACT_FILES:
+            raise ValueError(f"bad artifact {kind!r} for {call_id!r}")
+        call_dir = self.directory / call_id
+        call_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        name = ARTIFACT_FILES[kind]
+        path = call_dir / name
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        sidecar = self._sidecar(call_dir) or {
+            "call_id": call_id, "started_at": meta.get("started_at"), "ended_at": meta.get("ended_at"),
+            "complete": True, "files": {}, "durations_s": {}, "meta": {k: v for k, v in meta.items()
+                                                                       if k in ("direction", "wacid", "user")}}
+        sidecar = dict(sidecar)
+        sidecar["files"] = {**sidecar.get("files", {}), f"whatsapp_{kind}": name}
+        sidecar.setdefault("provider_artifacts", {})[kind] = {"file": name, "size": len(data),
+                                                              "received_at": iso(time.time())}
+        write_json(call_dir / SIDECAR, sidecar)
+        return path
+
     # -- waveform ----------------------------------------------------------------------
 
     def waveform(self, info: FileInfo, width: int) -> dict[str, Any]:
@@ -210,3 +246,64 @@ def _read_channels(path: Path) -> tuple[np.ndarray, int]:
 def _safe_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
         and "\x00" not in name and len(name) <= 128
+
+
+# -- WhatsApp's own recording and transcription ------------------------------------------
+
+#: The announcement languages Meta lists for call recording / transcription notices.
+ANNOUNCEMENT_LANGUAGES = ("en", "en_US", "nl", "fr", "de", "hi", "it", "kn", "pt", "es", "es_ES", "te", "vi")
+#: Artifacts WhatsApp delivers, by kind: the file name they are kept as.
+ARTIFACT_FILES = {"recording": "whatsapp-recording.ogg", "transcription": "whatsapp-transcript.json"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRecording:
+    """WhatsApp-native recording (and transcription) of a call, as asked on ``connect`` /
+    ``accept``: ``{"purpose": "quality assurance", "announcement_language": "en_US",
+    "transcription": true}``. Both parties hear a notice built from the purpose."""
+
+    purpose: str
+    announcement_language: str = "en_US"
+    transcription: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ProviderRecording:
+        if not isinstance(data, dict):
+            raise ValueError("provider_recording must be an object: {'purpose', 'announcement_language'?, "
+                             "'transcription'?}")
+        unknown = sorted(set(data) - {"purpose", "announcement_language", "transcription"})
+        if unknown:
+            raise ValueError(f"unknown provider_recording fields: {', '.join(unknown)}")
+        purpose = data.get("purpose")
+        if not isinstance(purpose, str) or not purpose.strip() or len(purpose) > 250 or not purpose.isprintable():
+            raise ValueError("provider_recording.purpose is required: 1 to 250 printable characters")
+        language = data.get("announcement_language", "en_US")
+        if language not in ANNOUNCEMENT_LANGUAGES:
+            raise ValueError(f"provider_recording.announcement_language must be one of {', '.join(ANNOUNCEMENT_LANGUAGES)}")
+        transcription = data.get("transcription", False)
+        if not isinstance(transcription, bool):
+            raise ValueError("provider_recording.transcription must be true or false")
+        return cls(purpose.strip(), language, transcription)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"purpose": self.purpose, "announcement_language": self.announcement_language,
+                "transcription": self.transcription}
+
+    def fields(self) -> dict[str, Any]:
+        """What goes on ``connect`` / ``accept`` (Meta's ``recording`` / ``transcription``)."""
+        enabled = {"status": "ENABLED", "purpose": self.purpose, "announcement_language": self.announcement_language}
+        out: dict[str, Any] = {"recording": dict(enabled)}
+        if self.transcription:
+            out["transcription"] = dict(enabled)
+        return out
+
+
+def verify_sha256(data: bytes, expected: str) -> bool:
+    """Whether ``data`` has the digest the provider announced: base64 of SHA-256 (hex
+    accepted too)."""
+    digest = hashlib.sha256(data).digest()
+    expected = expected.strip()
+    return hmac.compare_digest(base64.b64encode(digest).decode(), expected) or \
+        hmac.compare_digest(digest.hex(), expected.lower())
+
+

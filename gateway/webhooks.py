@@ -29,6 +29,7 @@ from gateway.events import (
     MessageStatus,
     PermissionReply,
     UnknownEvent,
+    CallArtifact,
     WebhookEvent,
 )
 from gateway.logs import STORE_OUTAGE
@@ -158,6 +159,8 @@ def _parse_calls_value(value: Mapping[str, Any], where: str, skipped: list[str] 
             return [CallConnect.from_dict(call, phone_number_id=pnid)]
         if event == "terminate":
             return [CallTerminate.from_dict(call, phone_number_id=pnid, errors=errors)]
+        if event in ("call_recording_available", "call_transcription_available"):
+            return [CallArtifact.from_dict(call, phone_number_id=pnid)]
         return [UnknownEvent.from_dict(call, phone_number_id=pnid, field="calls")]
 
     def one_status(status: Any, path: str) -> list[WebhookEvent]:
@@ -249,6 +252,8 @@ def event_kind(event: WebhookEvent) -> str:
         return "permission"
     if isinstance(event, MessageStatus):
         return "message_status"
+    if isinstance(event, CallArtifact):
+        return event.kind
     return event.kind
 
 
@@ -264,6 +269,8 @@ def _describe(event: WebhookEvent) -> str:
         return f"permission {event.response} user={mask_phone(event.user)} source={event.source}"
     if isinstance(event, MessageStatus):
         return f"message {event.status} message_id={event.message_id}"
+    if isinstance(event, CallArtifact):
+        return f"{event.kind} available call_id={event.call_id}"
     return f"terminate {event.status} call_id={event.call_id}"
 
 

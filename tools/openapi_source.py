@@ -244,6 +244,16 @@ doc = {
                     "ring_timeout_s": {"type": "number", "exclusiveMinimum": 0},
                     "max_duration_s": {"type": "number", "exclusiveMinimum": 0},
                     "bot": ref("Bot"),
+                    "provider_recording": {
+                        "type": "object", "required": ["purpose"], "additionalProperties": False,
+                        "description": "WhatsApp records (and transcribes) the call itself, announcing it to both "
+                                       "parties; the artifacts arrive by webhook and are kept with the recordings "
+                                       "(Meta backend)",
+                        "properties": {"purpose": {"type": "string", "maxLength": 250},
+                                       "announcement_language": {"type": "string", "enum": [
+                                           "en", "en_US", "nl", "fr", "de", "hi", "it", "kn", "pt", "es", "es_ES",
+                                           "te", "vi"], "default": "en_US"},
+                                       "transcription": {"type": "boolean", "default": False}}},
                     "if_no_permission": {"type": "string", "enum": ["fail", "request"], "default": "fail",
                                          "description": "request: park the call, ask for permission, dial on GRANTED"},
                     "permission_request": ref("PermissionRequest"),
@@ -380,6 +390,12 @@ doc = {
                         "properties": {"action": {"type": "string", "enum": ["terminate", "reject"]},
                                        "confirmed": {"type": "boolean"}, "attempts": {"type": "integer"},
                                        "gone": {"type": "boolean"}, "error": nullable({"type": "object"})}},
+                    "provider_recording": {
+                        "type": "object", "description": "WhatsApp's own recording asked for, and its artifacts "
+                        "once delivered (kind -> file name, listed by the recordings API)",
+                        "properties": {"purpose": {"type": "string"}, "announcement_language": {"type": "string"},
+                                       "transcription": {"type": "boolean"},
+                                       "artifacts": {"type": "object", "additionalProperties": {"type": "string"}}}},
                 },
             },
             "CallList": {"type": "object", "required": ["calls", "next_cursor"],

@@ -34,7 +34,7 @@ from ..disk import LowDiskError
 from ..errors import ProviderError, ProviderUnavailableError
 from ..media_library import MediaLibrary, MediaPathError
 from ..numbers import display, is_bsuid, normalize_recipient
-from ..recordings import MAX_WIDTH, RecordingBusy, Recordings
+from ..recordings import MAX_WIDTH, ProviderRecording, RecordingBusy, Recordings
 from ..logs import redact_text
 from ..store.base import VersionConflict
 
@@ -362,7 +362,7 @@ class ControlApi:
         return await self._idempotent(request, "calls", body, lambda: self._create_call(body))
 
     async def _create_call(self, body: dict) -> web.Response:
-        unknown = sorted(set(body) - {"to", "recipient", "play", "record", "biz_opaque_callback_data",
+        unknown = sorted(set(body) - {"to", "recipient", "play", "record", "biz_opaque_callback_data", "provider_recording",
                                       "ring_timeout_s", "max_duration_s", "bot", "if_no_permission",
                                       "permission_request", "permission_wait_s"})
         if unknown:
@@ -387,6 +387,16 @@ class ControlApi:
         record = body.get("record", False)
         if not isinstance(record, bool):
             raise BadRequest("record must be true or false")
+        provider_recording = None
+        if body.get("provider_recording") is not None:
+            try:
+                provider_recording = ProviderRecording.from_dict(body["provider_recording"])
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            provider = self.manager.provider
+            if not getattr(provider, "supports_recording", False):
+                raise BadRequest(f"provider_recording: {getattr(provider, 'name', 'this provider')} does not "
+                                 "document WhatsApp's call recording fields yet; record with \"record\": true")
         callback = body.get("biz_opaque_callback_data")
         if callback is not None and (not isinstance(callback, str) or len(callback) > 512):
             raise BadRequest("biz_opaque_callback_data must be a string of at most 512 characters")
@@ -413,7 +423,8 @@ class ControlApi:
                 display(to), sources=sources, biz_opaque_callback_data=callback,
                 ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record,
                 if_no_permission=if_no_permission, permission_request=how,
-                permission_wait_s=permission_wait_s, bot=bot, recipe=recipe)
+                permission_wait_s=permission_wait_s, bot=bot, recipe=recipe,
+                provider_recording=provider_recording)
         except CapacityError as exc:
             return error_response(503, "over_capacity", str(exc), "retry when a call has ended")
         except LowDiskError as exc:

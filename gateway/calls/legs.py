@@ -159,6 +159,8 @@ class WhatsAppLeg:
         self.local_sdp: str | None = None
         #: wacall's call id, tagged into ``connect``'s ``biz_opaque_callback_data``.
         self.call_id: str | None = None
+        #: Extra ``connect``/``accept`` fields (WhatsApp's ``recording``/``transcription``).
+        self.call_options: dict | None = None
         #: How a hang-up is retried (see :meth:`hangup`).
         self.hangup_attempts = HANGUP_ATTEMPTS
         self.hangup_pause_s = HANGUP_FIRST_PAUSE_S
@@ -168,7 +170,7 @@ class WhatsAppLeg:
         self.local_sdp = await self.media.offer()  # (the media is let go when the call ends)
         yield OfferMade()
         biz = tagged(self.call_id, self.biz_opaque_callback_data) if self.call_id else self.biz_opaque_callback_data
-        self.wacid = await self.provider.connect(self.user, self.local_sdp, biz)
+        self.wacid = await self.provider.connect(self.user, self.local_sdp, biz, extra=self.call_options)
         yield Dialed(self.wacid)
 
     async def answer(self, offer: str) -> AsyncIterator[object]:
@@ -182,7 +184,7 @@ class WhatsAppLeg:
         yield PreAcceptSent()
         await media.wait_up(self.media_timeout_s)
         yield MediaReady()
-        await self.provider.accept(self.wacid, answer, self.biz_opaque_callback_data)
+        await self.provider.accept(self.wacid, answer, self.biz_opaque_callback_data, extra=self.call_options)
         yield AcceptSent()
 
     async def bring_up(self, answer: str) -> AsyncIterator[object]:

@@ -121,6 +121,10 @@ class LiveCall:
         self.received = leg.media.received
         #: Seconds played to the user (set when the call ends).
         self.played_s = 0.0
+        #: WhatsApp's own recording asked for (:class:`gateway.recordings.ProviderRecording`).
+        self.provider_recording = None
+        #: WhatsApp's recording / transcript once delivered and verified: kind -> file path.
+        self.provider_artifacts: dict[str, str] = {}
         self.bot = bot  # gateway.bots.BotSpec
         #: The bot's leg once it joined; ``None`` after the end.
         self.bot_leg: BotLeg | None = None
@@ -522,6 +526,12 @@ class LiveCall:
                 self.log.debug("call %s: stats unavailable", self.id, exc_info=True)
         return self.media_stats
 
+    def ask_provider_recording(self, spec) -> None:
+        """Ask WhatsApp to record (and transcribe) the call itself
+        (:class:`gateway.recordings.ProviderRecording`, sent on ``connect``/``accept``)."""
+        self.provider_recording = spec
+        self.leg.call_options = spec.fields() if spec is not None else None
+
     def record_to(self, directory: Path) -> Path:
         """Record the call for QA in ``<directory>/<call id>/``: ``user.wav`` (what the
         user said), ``stereo.wav`` (left = user, right = business, aligned in wall-clock
@@ -559,6 +569,9 @@ class LiveCall:
         }
         if self.provider_hangup is not None:
             out["provider_hangup"] = self.provider_hangup
+        if self.provider_recording is not None:
+            out["provider_recording"] = {**self.provider_recording.to_dict(),
+                                         "artifacts": dict(self.provider_artifacts)}
         return out
 
 

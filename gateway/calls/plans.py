@@ -32,6 +32,8 @@ class InboundPlan:
     max_duration_s: float | None = None
     #: A voice bot that takes the call (:class:`gateway.bots.BotSpec`).
     bot: Any = None
+    #: WhatsApp's own recording / transcription (:class:`gateway.recordings.ProviderRecording`).
+    provider_recording: Any = None
 
 
 #: Decides about an inbound call: a plan to answer it, or ``None`` to reject it.

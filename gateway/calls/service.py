@@ -29,7 +29,8 @@ from ..disk import DiskGuard
 from ..domain import events as ev
 from ..domain.call import Dialed, EndReason, PermissionAsked, PermissionGiven, TimelineEntry
 from ..errors import ProviderError
-from ..events import CallConnect, CallTerminate, Direction, from_wire, to_wire
+from ..events import CallArtifact, CallConnect, CallTerminate, Direction, from_wire, to_wire
+from ..recordings import Recordings, verify_sha256
 from ..providers.base import CallingProvider
 from ..redact import mask_phone
 from ..store.base import CallRecord, CallStore, VersionConflict
@@ -83,6 +84,10 @@ class CallManager:
         self.lease_s = lease_s
         #: Called with the seconds from another instance forwarding a message to this one.
         self.on_routed: Callable[[float], None] | None = None
+        #: Called with ``(call id, outcome)`` when WhatsApp's own recording or transcript of
+        #: a call was kept (``file``, ``size``) or refused (``error``).
+        self.on_artifact: Callable[[str, dict], None] | None = None
+        self._tasks: set[asyncio.Task] = set()
         #: How a hang-up at the provider is retried (attempts, first pause; doubling).
         self.hangup_attempts = hangup_attempts
         self.hangup_pause_s = hangup_pause_s
@@ -109,6 +114,8 @@ class CallManager:
         self.max_calls = max_calls
         self.speech_events = speech_events
         self.recordings_dir = Path(recordings_dir) if recordings_dir else Path("wacall-data/recordings")
+        #: The recordings on disk (WhatsApp's artifacts are kept there too).
+        self.recordings = Recordings(self.recordings_dir)
         self.inbound_policy: InboundPolicy = inbound_policy or (lambda event: InboundPlan())
         self.media_end_grace_s = media_end_grace_s
         self.rtp_timeout_s = rtp_timeout_s
@@ -194,6 +201,7 @@ class CallManager:
         permission_request: Any = None,
         permission_wait_s: float | None = None,
         recipe: dict | None = None,
+        provider_recording: Any = None,
     ) -> LiveCall:
         """Place a business-initiated call. Returns once the provider answered the
         ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
@@ -228,6 +236,7 @@ class CallManager:
                 call = self._new_call(user=to, direction=Direction.BUSINESS_INITIATED, sources=sources,
                                       sinks=sinks, biz_opaque_callback_data=biz_opaque_callback_data,
                                       ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot)
+                call.ask_provider_recording(provider_recording)
                 if record:
                     call.record_to(self.recordings_dir)
                 if park:
@@ -314,6 +323,9 @@ class CallManager:
         call_id = getattr(event, "call_id", None)
         if not call_id:
             return
+        if isinstance(event, CallArtifact):
+            self._spawn(self._artifact(event))  # (downloaded now: its URL lives minutes)
+            return
         call = self._by_wacid.get(call_id)
         if call is not None:
             call.handle(event)
@@ -342,6 +354,53 @@ class CallManager:
             self._inbound(event)
             return
         self._buffer_early(call_id, event)
+
+    # -- WhatsApp's own recording and transcript -------------------------------------------
+
+    async def _artifact(self, event: CallArtifact) -> None:
+        """Download, verify (sha256) and keep a recording or transcript WhatsApp made of
+        one of our calls, beside wacall's own files; tell :attr:`on_artifact`."""
+        call = self._by_wacid.get(event.call_id)
+        meta: dict[str, Any] = {}
+        if call is not None:
+            call_id = call.id
+            meta = {"direction": call.direction.value, "wacid": call.wacid, "user": call.user}
+            try:  # (the call's own recorder writes its last sidecar first)
+                await asyncio.wait_for(call.finished.wait(), 30)
+            except asyncio.TimeoutError:
+                pass
+        else:
+            record = await self.store.call_by_wacid(event.call_id) if self.store is not None else None
+            if record is None:
+                log.warning("%s for unknown call %s: ignored", event.kind, event.call_id)
+                return
+            if self._runs_elsewhere(record) and self.routes:
+                await self._forward(record.owner, {"kind": "event", "event": to_wire(event)})
+                return
+            call_id = record.id
+            meta = {"direction": record.direction, "wacid": record.wacid, "user": record.user}
+        outcome: dict[str, Any] = {"kind": event.kind, "media_id": event.media_id}
+        try:
+            data = await self.provider.download(event.url)
+            if not verify_sha256(data, event.sha256):
+                raise ValueError(f"its sha256 is not the one announced ({len(data)} bytes downloaded)")
+            path = await asyncio.to_thread(self.recordings.store_artifact, call_id, event.kind, data, meta)
+        except (ProviderError, ValueError, OSError) as exc:
+            outcome["error"] = str(exc)
+            log.warning("call %s: WhatsApp's %s refused: %s", call_id, event.kind, exc, extra={"call_id": call_id})
+        else:
+            outcome.update(file=path.name, size=len(data))
+            if call is not None:
+                call.provider_artifacts[event.kind] = path.name
+            log.info("call %s: WhatsApp's %s kept (%d bytes, sha256 verified)", call_id, event.kind, len(data),
+                     extra={"call_id": call_id})
+        if self.on_artifact is not None:
+            self.on_artifact(call_id, outcome)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- several instances: the one that runs a call gets its webhooks and commands ----------
 
@@ -423,6 +482,7 @@ class CallManager:
             biz_opaque_callback_data=plan.biz_opaque_callback_data if plan else None,
             max_duration_s=plan.max_duration_s if plan else None, bot=plan.bot if plan else None,
         )
+        call.ask_provider_recording(plan.provider_recording if plan else None)
         self._track(call)
         self._by_wacid[call.wacid] = call
         call.log.info("call %s (%s): inbound from %s", call.id, call.wacid, mask_phone(event.from_))
@@ -664,3 +724,8 @@ class CallManager:
             *(c.end(EndReason.SHUTDOWN, notify=True) for c in self.live_calls),
             return_exceptions=True,
         )
+        if self._tasks:  # (artifacts being downloaded: a little time, then they are let go)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=10)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -88,7 +88,8 @@ class CallingProvider(ABC):
     # -- actions -------------------------------------------------------------
 
     async def connect(
-        self, to: str, sdp: str, biz_opaque_callback_data: str | None = None
+        self, to: str, sdp: str, biz_opaque_callback_data: str | None = None, *,
+        extra: dict[str, Any] | None = None,
     ) -> str:
         """Start a business-initiated call to ``to``; return its ``wacid.…`` id.
 
@@ -99,7 +100,7 @@ class CallingProvider(ABC):
         digits = next(iter(whom.values()))
         _require(sdp, "sdp")
         body = {"messaging_product": "whatsapp", **whom, "action": "connect",
-                "session": {"sdp_type": "offer", "sdp": sdp}}
+                "session": {"sdp_type": "offer", "sdp": sdp}, **self._call_options(extra)}
         _add_callback_data(body, biz_opaque_callback_data)
         try:
             data = await self._post(body)
@@ -126,13 +127,14 @@ class CallingProvider(ABC):
         log.info("%s pre_accept call_id=%s", self.name, call_id)
 
     async def accept(
-        self, call_id: str, sdp: str, biz_opaque_callback_data: str | None = None
+        self, call_id: str, sdp: str, biz_opaque_callback_data: str | None = None, *,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """Answer an incoming call; send media only after this returns."""
         _require(call_id, "call_id")
         _require(sdp, "sdp")
         body = {"messaging_product": "whatsapp", "call_id": call_id, "action": "accept",
-                "session": {"sdp_type": "answer", "sdp": sdp}}
+                "session": {"sdp_type": "answer", "sdp": sdp}, **self._call_options(extra)}
         _add_callback_data(body, biz_opaque_callback_data)
         await self._post(body)
         log.info("%s accept call_id=%s", self.name, call_id)
@@ -246,6 +248,38 @@ class CallingProvider(ABC):
 
     #: Whether users can be addressed by business-scoped user id (``recipient``).
     supports_bsuid: ClassVar[bool] = False
+    #: Whether WhatsApp's own call recording / transcription can be asked for.
+    supports_recording: ClassVar[bool] = False
+    #: The largest artifact (recording, transcript) :meth:`download` takes.
+    MAX_DOWNLOAD = 256 * 1024 * 1024
+
+    def _call_options(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        """Optional ``connect``/``accept`` fields (``recording``, ``transcription``)."""
+        if not extra:
+            return {}
+        if not self.supports_recording:
+            raise ValueError(f"{self.name} does not document call recording or transcription fields")
+        return dict(extra)
+
+    async def download(self, url: str) -> bytes:
+        """An artifact the provider announced (recording, transcript): an authenticated
+        GET of its short-lived URL."""
+        try:
+            async with self._get_session().get(url, headers=self._auth_headers(),
+                                               timeout=aiohttp.ClientTimeout(total=max(self.timeout, 60))) as resp:
+                if resp.status >= 400:
+                    text = await resp.text(errors="replace")
+                    err = _error_from(self.name, resp.status, _decode(text), text) or ProviderError(
+                        f"{self.name} download failed with HTTP {resp.status}")
+                    raise err
+                if (resp.content_length or 0) > self.MAX_DOWNLOAD:
+                    raise ProviderError(f"{self.name} artifact is larger than {self.MAX_DOWNLOAD} bytes")
+                data = await resp.content.read(self.MAX_DOWNLOAD + 1)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ProviderUnavailableError(f"{self.name} unreachable during download: {type(exc).__name__}") from exc
+        if len(data) > self.MAX_DOWNLOAD:
+            raise ProviderError(f"{self.name} artifact is larger than {self.MAX_DOWNLOAD} bytes")
+        return data
     #: Called with ``(phone, bsuid)`` when a response names a user both ways (a sent
     #: message's ``contacts``: ``wa_id`` and ``user_id``); the permission gate links them.
     on_contact: Callable[[str, str], None] | None = None

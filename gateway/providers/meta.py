@@ -59,6 +59,7 @@ class MetaProvider(CallingProvider):
         return f"{self._number_url}/messages"
 
     supports_bsuid = True
+    supports_recording = True
 
     def _permissions_request(self, user: str) -> tuple[str, dict[str, str] | None]:
         key = "recipient" if is_bsuid(user) else "user_wa_id"

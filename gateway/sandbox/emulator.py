@@ -19,7 +19,9 @@ Admin routes (sandbox only): ``POST /users/{user}`` sets a user's behaviour,
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import hashlib
 import hmac
 import json
 import logging
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 
 from media import sdp as sdp_rules
@@ -40,6 +43,7 @@ from ..redact import mask_phone
 from ..webhook_auth import WebhookAuth
 from ..permissions import PermissionLimits
 from .messaging import Refusal, SandboxClock, SandboxMessaging
+from ..recordings import ANNOUNCEMENT_LANGUAGES
 from .phone import Phone
 from .users import DEFAULT_ORDER, UserBehaviour, UserDirectory
 
@@ -70,6 +74,9 @@ class SandboxCall:
     #: Inbound calls: the SDP answer given in pre_accept (accept must repeat it).
     pre_accept_sdp: str | None = None
     hangup_after_s: float | None = None
+    #: WhatsApp's own recording / transcription asked on connect or accept.
+    recording: dict | None = None
+    transcription: dict | None = None
 
     @property
     def ended(self) -> bool:
@@ -155,6 +162,14 @@ class Sandbox:
         #: and nothing done; ``connect`` with ``"lose_response": true``: the call is placed
         #: but the answer is a bare 502 (an outcome the client cannot know).
         self.faults: dict[str, dict[str, Any]] = {}
+        #: Announce the next ``n`` recording/transcript artifacts with a wrong sha256.
+        self.corrupt_artifacts = 0
+        #: Where this provider is reached (artifact URLs point here); set by the service.
+        self.public_url = ""
+        #: Artifacts to download: media id -> (bytes, mime type, expires at, monotonic).
+        self.artifacts: dict[str, tuple[bytes, str, float]] = {}
+        #: How long an artifact URL works (Meta: 5 minutes).
+        self.artifact_ttl_s = 300.0
 
     # -- aiohttp -------------------------------------------------------------------------
 
@@ -170,6 +185,7 @@ class Sandbox:
         app.router.add_post("/users/{user}/permission", self._set_permission)
         app.router.add_post("/calls/{call_id}/dtmf", self._press)
         app.router.add_post("/faults", self._set_faults)
+        app.router.add_get("/media/{media_id}", self._artifact)
         app.add_routes(self.messaging.routes(self._authenticated))
         return app
 
@@ -246,6 +262,11 @@ class Sandbox:
             body = await request.json()
             if not isinstance(body, dict):
                 raise ValueError("the body must be an object of actions")
+            corrupt = body.pop("corrupt_artifacts", None)
+            if corrupt is not None:
+                if isinstance(corrupt, bool) or not isinstance(corrupt, int) or corrupt < 0:
+                    raise ValueError("corrupt_artifacts must be a count")
+                self.corrupt_artifacts = corrupt
             for action, fault in body.items():
                 if action not in ("connect", "terminate", "pre_accept", "accept", "reject"):
                     raise ValueError(f"unknown action {action!r}")
@@ -360,6 +381,7 @@ class Sandbox:
                                           or len(callback_data) > MAX_CALLBACK_DATA):
             raise SandboxRefusal(400, 100, "Invalid parameter",
                                  f"biz_opaque_callback_data must be a string of at most {MAX_CALLBACK_DATA} chars")
+        recording, transcription = _recording_fields(body)
         self.messaging.check_call(user)
         if any(c.user == user and not c.ended for c in self.calls.values()):
             raise SandboxRefusal(400, 138003, "Duplicate call",
@@ -369,7 +391,8 @@ class Sandbox:
         wacid = "wacid." + secrets.token_urlsafe(24)
         phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
                                    say=behaviour.say)
-        call = SandboxCall(wacid, user, behaviour, phone, biz_opaque_callback_data=callback_data)
+        call = SandboxCall(wacid, user, behaviour, phone, biz_opaque_callback_data=callback_data,
+                           recording=recording, transcription=transcription)
         self.calls[wacid] = call
         try:
             answer = await phone.answer(session["sdp"])
@@ -522,6 +545,7 @@ class Sandbox:
                 raise SandboxRefusal(400, 138014, "Invalid SDP", str(exc)) from None
             call.pre_accept_sdp = answer
         if action == "accept":
+            call.recording, call.transcription = _recording_fields(body)
             call.state = "accepted"
             call.accepted_at = time.time()
             call.biz_opaque_callback_data = body.get("biz_opaque_callback_data")
@@ -567,6 +591,50 @@ class Sandbox:
                 extra.update(start_time=str(int(call.accepted_at)), end_time=str(int(call.ended_at)),
                              duration=call.duration)
             await self._send_calls_event(call, "terminate", errors=errors, **extra)
+        if call.recording is not None and call.accepted_at is not None:
+            self._spawn(self._deliver_artifacts(call))
+
+    # -- WhatsApp's own recording and transcription -------------------------------------
+
+    async def _deliver_artifacts(self, call: SandboxCall) -> None:
+        """After a recorded call: its recording (what the user's phone heard, Ogg/Opus) and
+        transcript, behind authenticated URLs that expire, announced by webhook."""
+        try:
+            audio = await asyncio.to_thread(_ogg_of, call.phone.recording_path)
+        except (OSError, ValueError) as exc:
+            log.warning("sandbox: no recording artifact for %s: %s", call.wacid[:16], exc)
+            return
+        await self._announce(call, "call_recording_available", "call_recording", "audio", audio,
+                             "audio/ogg; codecs=opus")
+        if call.transcription is not None:
+            seconds = round(call.duration or 0.0, 1)
+            document = json.dumps({"call_id": call.wacid, "language": call.transcription.get("announcement_language"),
+                                   "segments": [{"speaker": "business", "start_s": 0.0, "end_s": seconds,
+                                                 "text": "(sandbox: simulated transcript, no speech recognition)"}]})
+            await self._announce(call, "call_transcription_available", "call_transcript", "document",
+                                 document.encode(), "application/json")
+
+    async def _announce(self, call: SandboxCall, event: str, holder: str, item: str, data: bytes, mime: str) -> None:
+        media_id = str(secrets.randbelow(10**16))
+        self.artifacts[media_id] = (data, mime, time.monotonic() + self.artifact_ttl_s)
+        digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        if self.corrupt_artifacts > 0:
+            self.corrupt_artifacts -= 1
+            digest = base64.b64encode(hashlib.sha256(data + b"!").digest()).decode()
+        await self._send_calls_event(call, event, **{holder: {"type": item if item == "audio" else "document", item: {
+            "id": media_id, "sha256": digest, "mime_type": mime, "url": f"{self.public_url}/media/{media_id}"}}})
+
+    async def _artifact(self, request: web.Request) -> web.Response:
+        """``GET /media/{id}``: an artifact, with the provider's credentials, while its URL lives."""
+        token_ok = hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.token}")
+        key_ok = hmac.compare_digest(request.headers.get("D360-API-KEY", ""), self.api_key)
+        if not (token_ok or key_ok):
+            return SandboxRefusal(401, 190, "Invalid OAuth access token").response()
+        found = self.artifacts.get(request.match_info["media_id"])
+        if found is None or found[2] < time.monotonic():
+            self.artifacts.pop(request.match_info["media_id"], None)
+            return SandboxRefusal(404, 100, "Invalid parameter", "no such media, or its URL expired").response()
+        return web.Response(body=found[0], content_type=found[1].split(";")[0])
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -663,3 +731,48 @@ class Sandbox:
             delay *= 2
         log.warning("sandbox gave up delivering a webhook to %s", ", ".join(self.webhook_urls))
         return False
+
+
+def _recording_fields(body: dict) -> tuple[dict | None, dict | None]:
+    """``recording`` / ``transcription`` of a connect or accept, checked as Meta does."""
+    out = []
+    for name in ("recording", "transcription"):
+        value = body.get(name)
+        if value is None:
+            out.append(None)
+            continue
+        if not isinstance(value, dict) or value.get("status") not in ("ENABLED", "DISABLED"):
+            raise SandboxRefusal(400, 100, "Invalid parameter", f"{name}.status must be ENABLED or DISABLED")
+        if value["status"] == "DISABLED":
+            out.append(None)
+            continue
+        purpose = value.get("purpose")
+        if not isinstance(purpose, str) or not purpose.strip() or len(purpose) > 250:
+            raise SandboxRefusal(400, 100, "Invalid parameter", f"{name}.purpose is required (at most 250 characters)")
+        if value.get("announcement_language", "en_US") not in ANNOUNCEMENT_LANGUAGES:
+            raise SandboxRefusal(400, 100, "Invalid parameter", f"{name}.announcement_language is not supported")
+        out.append(dict(value))
+    if out[1] is not None and out[0] is None:
+        raise SandboxRefusal(400, 100, "Invalid parameter", "transcription needs recording")
+    return out[0], out[1]
+
+
+def _ogg_of(wav_path) -> bytes:
+    """The WAV the phone recorded, as Ogg/Opus bytes (what WhatsApp's recording is)."""
+    import tempfile
+    import wave as wave_module
+
+    from media.sinks.ogg import OggOpusSink
+
+    with wave_module.open(str(wav_path)) as w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    if rate != 48000 or channels != 1:
+        raise ValueError(f"the phone's recording is {rate} Hz x {channels}, not 48 kHz mono")
+    with tempfile.TemporaryDirectory(prefix="wacall-artifact-") as tmp:
+        path = Path(tmp) / "recording.ogg"
+        sink = OggOpusSink(path)
+        for start in range(0, pcm.size - pcm.size % 960, 960):
+            sink.write(pcm[start:start + 960], 48000, 1)
+        sink.close()
+        return path.read_bytes()
