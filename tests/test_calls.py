@@ -205,7 +205,7 @@ async def test_duplicate_and_late_webhooks_change_nothing(service):
 async def test_unknown_and_malformed_webhooks(service):
     async with aiohttp.ClientSession() as http:
         unknown = {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
-            {"field": "calls", "value": {"calls": [{"id": "wacid.nobody", "event": "call_recording_available"}]}}]}]}
+            {"field": "calls", "value": {"calls": [{"id": "wacid.nobody", "event": "call_quality_summary"}]}}]}]}
         async with http.post(f"{service.url}/webhooks/whatsapp", **signed(service, unknown)) as resp:
             assert resp.status == 200
         async with http.post(f"{service.url}/webhooks/whatsapp", **signed(service, b"{not json")) as resp:

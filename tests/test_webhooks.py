@@ -18,6 +18,7 @@ from aiortc.sdp import SessionDescription
 
 from gateway.errors import InvalidSdpError, ProviderError
 from gateway.events import (
+    CallArtifact,
     CallConnect,
     CallStatus,
     CallStatusKind,
@@ -132,9 +133,17 @@ def test_batch_two_changes() -> None:
 def test_unknown_event_fixture() -> None:
     ev = one(load("unknown_event.json"))
     assert isinstance(ev, UnknownEvent)
-    assert (ev.field, ev.kind) == ("calls", "call_recording_available")
+    assert (ev.field, ev.kind) == ("calls", "call_quality_summary")
     assert ev.call_id == WACID
-    assert ev.raw["call_recording"]["type"] == "audio"
+    assert ev.raw["quality"] == {"mos": 4.1}
+
+
+def test_call_recording_available_fixture() -> None:
+    ev = one(load("call_recording_available.json"))
+    assert isinstance(ev, CallArtifact)
+    assert (ev.call_id, ev.kind, ev.media_id) == (WACID, "recording", "1873264501923847")
+    assert ev.sha256 == "q9Jw0L5Xr6tY3uI8oP2aS4dF6gH8jK0lZ1xC3vB5nM7="
+    assert ev.url.startswith("https://lookaside.fbsbx.com/")
 
 
 def test_every_fixture_parses() -> None:
@@ -436,7 +445,7 @@ async def test_unknown_event_is_200_and_logged(client: TestClient, recorder: Rec
     resp = await client.post("/webhooks/whatsapp", json=load("unknown_event.json"))
     assert resp.status == 200
     assert isinstance(recorder.events[0], UnknownEvent)
-    assert any(r.levelno == logging.INFO and "call_recording_available" in r.getMessage()
+    assert any(r.levelno == logging.INFO and "call_quality_summary" in r.getMessage()
                for r in caplog.records)
 
 
