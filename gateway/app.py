@@ -24,6 +24,8 @@ from aiohttp.abc import AbstractAccessLogger
 from media.pool import WorkerPool
 
 from .api.routes import ControlApi, auth_middleware, json_errors
+from .console import Console, ConsoleAuth
+from .console.session import COOKIE as CONSOLE_COOKIE
 from .bots import BotPolicy
 from .calls import CallManager, InboundPlan, InboundPolicy
 from .config import ConfigError, Settings
@@ -75,7 +77,12 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
                events: EventFanout, gate: Gatekeeper, sandbox: Sandbox | None = None, *,
                webhook_auth: WebhookAuth | None = None, store=None,
                workers: WorkerPool | None = None) -> web.Application:
-    app = web.Application(middlewares=[json_errors, auth_middleware(settings.api_token)])
+    console_auth = ConsoleAuth(settings.api_token)
+
+    def console_cookie(request: web.Request) -> bool:
+        return console_auth.session(request.cookies.get(CONSOLE_COOKIE)) is not None
+
+    app = web.Application(middlewares=[json_errors, auth_middleware(settings.api_token, cookie_ok=console_cookie)])
     app[MANAGER] = manager
 
     async def dispatch(event) -> None:
@@ -85,7 +92,9 @@ def create_app(settings: Settings, manager: CallManager, library: MediaLibrary, 
     auth = webhook_auth if webhook_auth is not None else WebhookAuth.from_settings(settings)
     app.add_routes(webhook_routes(dispatch, verify_token=settings.verify_token, auth=auth,
                                   dedupe_store=store, observe=metrics.webhook))
-    app.add_routes(ControlApi(manager, library, gate, secrets=settings.secret_values()).routes())
+    api = ControlApi(manager, library, gate, secrets=settings.secret_values())
+    app.add_routes(api.routes())
+    app.add_routes(Console(api, console_auth).routes())
     app.add_routes(events.routes())
     app.router.add_get("/metrics", metrics_handler(metrics))
 

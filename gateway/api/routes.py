@@ -100,12 +100,19 @@ class BadRequest(Exception):
         self.message, self.code, self.status = message, code, status
 
 
-def auth_middleware(token: str | None, prefix: str = "/v1/") -> Callable:
+def auth_middleware(token: str | None, prefix: str = "/v1/",
+                    cookie_ok: Callable[[web.Request], bool] | None = None) -> Callable:
+    """Bearer-token auth for ``prefix``. ``cookie_ok`` (the console's session check) lets a
+    logged-in browser *read* (GET/HEAD: recordings for ``<audio>``, the event stream)
+    without the header; changing state always takes the bearer token."""
     public = {"/v1/openapi.json"}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable]) -> web.StreamResponse:
         if not request.path.startswith(prefix) or request.path in public:
+            return await handler(request)
+        if token and cookie_ok is not None and request.method in ("GET", "HEAD") \
+                and "Authorization" not in request.headers and cookie_ok(request):
             return await handler(request)
         if not token:
             return error_response(401, "unauthorized", "the control API is disabled",
@@ -460,17 +467,7 @@ class ControlApi:
         if direction is not None and direction not in ("BUSINESS_INITIATED", "USER_INITIATED"):
             raise BadRequest("direction must be BUSINESS_INITIATED or USER_INITIATED")
         since, until = _time(query, "since"), _time(query, "until")
-        # this process's calls (live ones first hand), then what the store keeps (earlier
-        # processes' calls too), newest first
-        found = [(c.user, c.summary()) for c in reversed(self.manager.calls.values())]
-        known = {s["id"] for _, s in found}
-        found += [(u, s) for u, s in await self.manager.stored_calls(MAX_STORED) if s.get("id") not in known]
-        found.sort(key=lambda pair: str(pair[1].get("created_at")), reverse=True)
-        calls = [s for u, s in found
-                 if (state is None or s.get("state") == state)
-                 and (user is None or u.lstrip("+") == user)
-                 and (direction is None or s.get("direction") == direction)
-                 and (since is None or _created(s) >= since) and (until is None or _created(s) < until)]
+        calls = await self.find_calls(state=state, user=user, direction=direction, since=since, until=until)
         cursor = query.get("cursor")
         if cursor:
             ids = [s.get("id") for s in calls]
@@ -480,6 +477,31 @@ class ControlApi:
         page = calls[:limit]
         next_cursor = page[-1]["id"] if len(calls) > limit else None
         return web.json_response({"calls": page, "next_cursor": next_cursor})
+
+    async def find_calls(self, *, state: str | None = None, user: str | None = None,
+                         direction: str | None = None, since: float | None = None,
+                         until: float | None = None) -> list[dict]:
+        """Call summaries, newest first: this process's calls (live ones first hand), then
+        what the store keeps (earlier processes' calls too), filtered. ``user`` is a
+        normalised recipient."""
+        found = [(c.user, c.summary()) for c in reversed(self.manager.calls.values())]
+        known = {s["id"] for _, s in found}
+        found += [(u, s) for u, s in await self.manager.stored_calls(MAX_STORED) if s.get("id") not in known]
+        found.sort(key=lambda pair: str(pair[1].get("created_at")), reverse=True)
+        return [s for u, s in found
+                if (state is None or s.get("state") == state)
+                and (user is None or str(u).lstrip("+") == user)
+                and (direction is None or s.get("direction") == direction)
+                and (since is None or _created(s) >= since) and (until is None or _created(s) < until)]
+
+    async def call_summary(self, call_id: str, *, refresh: bool = True) -> dict | None:
+        """One call's summary (this process's, else the store's), ``None`` if unknown."""
+        call = self.manager.get(call_id)
+        if call is None:
+            return await self.manager.stored_call(call_id)
+        if refresh:
+            await call.refresh_stats()
+        return call.summary()
 
     async def get_call(self, request: web.Request) -> web.Response:
         call = self.manager.get(request.match_info["id"])
