@@ -18,7 +18,8 @@ def test_the_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("wacall-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("gateway/assets/business.ogg", "gateway/assets/user.ogg", "gateway/api/openapi.json"):
+    for expected in ("gateway/assets/business.ogg", "gateway/assets/user.ogg", "gateway/api/openapi.json",
+                     "gateway/console/templates/call.html", "gateway/console/static/console.js"):
         assert expected in names, expected
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "fixtures/", "bench/")) for n in names)

@@ -30,7 +30,6 @@ from ..api.routes import MAX_PAGE, BadRequest, ControlApi
 from ..calls import CallState
 from ..domain import events as call_events
 from ..numbers import display, normalize_recipient
-from ..permissions import iso
 from ..redact import mask_phone
 from .session import COOKIE, ConsoleAuth, Session
 
@@ -123,6 +122,30 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(data, float):
         data = round(data, 4)
     return [(prefix, "—" if data is None else str(data))]
+
+
+def _quality(media: dict) -> list[tuple[str, str]]:
+    """The few numbers QA looks at first: packets, loss, jitter, round trip, codec, path."""
+    if not media:
+        return []
+
+    def ms(value: Any) -> str:
+        return "—" if value is None else f"{float(value) * 1000:.1f} ms"
+
+    sent, received, lost = media.get("packets_sent"), media.get("packets_received"), media.get("packets_lost") or 0
+    expected = (received or 0) + lost
+    loss = f"{lost} ({100.0 * lost / expected:.2f} %)" if expected else "—"
+    playout = media.get("playout") if isinstance(media.get("playout"), dict) else {}
+    return [
+        ("Packets sent / received", f"{sent if sent is not None else '—'} / {received if received is not None else '—'}"),
+        ("Packets lost", loss),
+        ("Jitter", ms(media.get("jitter_s"))),
+        ("Round trip", ms(media.get("round_trip_s"))),
+        ("Concealed frames", str(playout.get("frames_concealed", "—"))),
+        # (a WhatsApp leg carries Opus only: the SDP wacall accepts has nothing else)
+        ("Codec", str(media.get("codec") or "Opus 48 kHz")),
+        ("Candidate pair", str(media.get("candidate_pair") or "—")),
+    ]
 
 
 def _day(text: str, name: str, *, end: bool = False) -> float | None:
@@ -387,7 +410,8 @@ class Console:
                              "detail": json.dumps(detail, separators=(", ", ": ")) if detail else ""})
         return self.render("call.html", session=session, call=summary, live=summary.get("state") != "ended",
                            recordings=files, transcript=transcript, recording_note=note, timeline=timeline,
-                           media=_flatten(summary.get("media") or {}), waveform_width=WAVEFORM_WIDTH,
+                           media=_flatten(summary.get("media") or {}), quality=_quality(summary.get("media") or {}),
+                           waveform_width=WAVEFORM_WIDTH,
                            event_names=self.event_names)
 
     async def hangup(self, request: web.Request, session: Session) -> web.StreamResponse:
@@ -407,8 +431,14 @@ class Console:
         limits = ledger.limits
         week = max(limits.request_limits, key=lambda r: r.window_s) if limits.request_limits else None
         rows = []
+        now = time.time()
         for user in ledger.list():
-            status = ledger.status(user).to_dict()
+            raw = ledger.status(user)
+            status = raw.to_dict()
+            for name in ("next_call_allowed_at", "next_request_allowed_at"):
+                at = getattr(raw, name)
+                if at is not None and at <= now:  # (a moment passed since: allowed now)
+                    status[name] = None
             rows.append({
                 **status,
                 "user": mask_phone(display(user)),
@@ -423,8 +453,7 @@ class Console:
                      f"{_span(limits.call_window_s)}",
             "unanswered": limits.unanswered_revoke_after,
         }
-        return self.render("permissions.html", session=session, permissions=rows[:MAX_PAGE * 5], limits=rules,
-                           now=iso(time.time()))
+        return self.render("permissions.html", session=session, permissions=rows[:MAX_PAGE * 5], limits=rules)
 
 
 def _span(seconds: float) -> str:

@@ -16,7 +16,10 @@
     const source = new EventSource("/v1/events" + query);
     for (const name of names) {
       source.addEventListener(name, (e) => {
-        try { onEvent(name, JSON.parse(e.data)); } catch (err) { console.warn("bad event", err); }
+        // (the stream's envelope: {id, type, created_at, call_id, data: {state, entry, call}})
+        let payload;
+        try { payload = JSON.parse(e.data); } catch (err) { console.warn("bad event", err); return; }
+        onEvent(name, payload.data || {});
       });
     }
     return source;
