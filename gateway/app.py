@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import re
 import socket
@@ -38,6 +39,7 @@ from .telemetry import CallTelemetry
 from .media_library import MediaLibrary
 from .memory import HeapTrimmer
 from .providers import CallingProvider, make_provider
+from .recordings import ProviderRecording
 from .store.redis import RedisPermissionStore, RedisStore
 from .store.sqlite import SQLiteStore
 from .webhook_auth import MISSING_AUTH, WebhookAuth
@@ -64,11 +66,16 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
 
         bot = BotSpec.from_dict({"protocol": settings.inbound_bot_protocol, "url": settings.inbound_bot_url})
 
+    recording = None
+    if settings.inbound_provider_recording:
+        recording = ProviderRecording.from_dict(json.loads(settings.inbound_provider_recording))
+
     def policy(event) -> InboundPlan | None:
         if settings.inbound == "reject":
             return None
         return InboundPlan(sources=library.sources(settings.inbound_play), record=bool(settings.inbound_record),
-                           record_required=settings.inbound_record == "required", bot=bot)
+                           record_required=settings.inbound_record == "required", bot=bot,
+                           provider_recording=recording)
 
     return policy
 

@@ -9,6 +9,8 @@ with secrets masked.
 
 from __future__ import annotations
 
+import json
+
 import os
 import socket
 import tomllib
@@ -19,6 +21,7 @@ from typing import Any
 
 from media.peer import IceServer, PeerConfig
 
+from .recordings import ProviderRecording
 from .redact import mask_secret
 from .webhook_auth import parse_header_setting
 
@@ -95,6 +98,17 @@ def _record_policy(raw: Any) -> bool | str:
     if str(raw).strip().lower() == "required":
         return "required"
     return _bool(raw)
+
+
+def _provider_recording(raw: Any) -> str:
+    """``WACALL_INBOUND_PROVIDER_RECORDING``: the purpose as text, or the API's object as
+    JSON (TOML: a table); kept as the object's canonical JSON."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        data = json.loads(text) if text.startswith("{") else {"purpose": text}
+    else:
+        data = raw
+    return json.dumps(ProviderRecording.from_dict(data).to_dict())
 
 
 def _choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[Any], str]:
@@ -200,6 +214,10 @@ class Settings:
     inbound_record: bool | str = setting(True, _record_policy, group="inbound")
     #: Route inbound calls to this voice bot (``ws://…`` or ``tcp://host:port``).
     inbound_bot_url: str | None = setting(group="inbound")
+    #: Ask WhatsApp to record (and transcribe) answered inbound calls: the purpose
+    #: announced, or ``{"purpose", "announcement_language", "transcription"}`` as JSON.
+    #: Meta backend only.
+    inbound_provider_recording: str | None = setting(parse=_provider_recording, group="inbound")
     inbound_bot_protocol: str = setting("twilio", _choice(("twilio", "pcm", "audiosocket")), group="inbound")
     #: Where bots may be: networks (CIDR) and host names. Unset: anywhere but link-local
     #: (cloud metadata) addresses and this gateway's own port.
@@ -280,6 +298,9 @@ class Settings:
             if not self.d360_api_key:
                 raise ConfigError("WACALL_D360_API_KEY is required for the 360dialog provider")
             kwargs = {"api_key": self.d360_api_key}
+            if self.inbound_provider_recording:
+                raise ConfigError("WACALL_INBOUND_PROVIDER_RECORDING needs the meta provider: 360dialog does not "
+                                  "document WhatsApp's call recording fields yet")
         else:
             missing = [n for n, v in (("WACALL_META_TOKEN", self.meta_token),
                                       ("WACALL_PHONE_NUMBER_ID", self.phone_number_id)) if not v]

@@ -7,12 +7,14 @@ the recordings API, announced as events; a wrong sha256 is refused and reported;
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 import aiohttp
 import pytest
 
 from gateway.app import Service
+from gateway.config import ConfigError, Settings
 from gateway.calls import CallState
 from gateway.recordings import ProviderRecording
 from gateway.sandbox.browser import write_tone_wav
@@ -127,3 +129,31 @@ async def test_360dialog_refuses_the_option_with_a_clear_400(settings):
                 assert "does not document WhatsApp's call recording" in (await resp.json())["error"]["message"]
             async with http.post("/v1/calls", json={"to": USER, "provider_recording": {"purpose": ""}}) as resp:
                 assert resp.status == 400
+
+
+async def test_inbound_calls_ask_for_it_by_configuration(settings):
+    configured = Settings.load({"WACALL_INBOUND_PROVIDER_RECORDING": "customer support QA"})
+    assert json.loads(configured.inbound_provider_recording)["purpose"] == "customer support QA"
+    async with Service(replace(settings, api_token=TOKEN, provider="meta",
+                               inbound_provider_recording=configured.inbound_provider_recording),
+                       sandbox=True) as service:
+        events = []
+        service.events.bus.add_listener(events.append)
+        sandbox_call = await service.sandbox.user_calls(USER, hangup_after_s=1.0)
+        # (sent on accept: the sandbox keeps what the business asked for)
+        await until(lambda: sandbox_call.recording is not None, TIMEOUT)
+        assert sandbox_call.recording["purpose"] == "customer support QA" and sandbox_call.transcription is None
+        await until(lambda: any(e.type == "call.recording_available" for e in events), TIMEOUT)
+        call_id = next(e.call_id for e in events if e.type == "call.recording_available")
+        assert (service.manager.recordings_dir / call_id / "whatsapp-recording.ogg").stat().st_size > 0
+
+
+def test_the_inbound_setting_is_checked():
+    as_json = Settings.load({"WACALL_INBOUND_PROVIDER_RECORDING": json.dumps(ASK)}).inbound_provider_recording
+    assert json.loads(as_json) == ASK
+    for bad in ('{"purpose": ""}', '{"purpose": "qa", "announcement_language": "xx"}', "{not json"):
+        with pytest.raises(ConfigError):
+            Settings.load({"WACALL_INBOUND_PROVIDER_RECORDING": bad})
+    d360 = Settings.load({"WACALL_INBOUND_PROVIDER_RECORDING": "qa", "WACALL_D360_API_KEY": "k"})
+    with pytest.raises(ConfigError, match="needs the meta provider"):
+        d360.provider_kwargs()
