@@ -181,3 +181,21 @@ async def test_recordings_older_than_the_retention_are_swept_and_the_call_stays(
             async with http.get(f"/v1/calls/{call.id}") as resp:
                 assert resp.status == 200
         await asyncio.sleep(0)
+
+
+async def test_a_call_the_user_hangs_up_lists_with_playable_files(api):
+    """QA needs the calls the *user* ended too (most real calls end that way)."""
+    api.sandbox.users.update(USERS[0], {"hangup_after_s": 2.0})
+    call = await api.manager.place_call(USERS[0], sources=[ToneSource(1000, 30.0)], record=True)
+    await call.wait_finished(TIMEOUT)
+    assert call.end_reason.value == "user_hangup"
+    async with api.http.get("/v1/recordings", params={"call_id": call.id}) as resp:
+        (item,) = (await resp.json())["recordings"]
+    assert item["complete"] and 1.5 < item["duration_s"] < 3.0
+    files = {f["name"]: f for f in item["files"]}
+    async with api.http.get(files["stereo.wav"]["url"]) as resp:
+        left, right, rate = channels(await resp.read())
+    assert analysis.tone_seconds(left, rate, 600) >= 1.2  # the user, until they hung up
+    assert analysis.tone_seconds(right, rate, 1000) >= 1.5  # the business, cut by the hang-up
+    async with api.http.get(files["user.ogg"]["url"]) as resp:
+        assert resp.status == 200 and (await resp.read())[:4] == b"OggS"
