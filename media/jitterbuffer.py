@@ -209,6 +209,9 @@ class PlayoutBuffer:
         #: ``() -> bool``: the sender is sending telephone-events instead of audio right
         #: now (set by media.receiver from media.dtmf); empty slots are then skipped.
         self.events_hint: Callable[[], bool] | None = None
+        #: ``(payload, frame_samples) -> int``: the RTP clock ticks a payload covers
+        #: (Opus: from its TOC byte; :mod:`media.rtp` sets its own for G.711 / G.722).
+        self.samples_of: Callable[[bytes, int], int] = opus_samples
         self.stats = JitterStats(target_delay_s=initial_delay_s)
         self.target_s = initial_delay_s
         #: When playout should start (a packet is buffered, playout is stopped), or None.
@@ -478,7 +481,7 @@ class PlayoutBuffer:
 
     def _play(self, entry: tuple[bytes, int], pts: int, delay: float, now: float) -> tuple[int, bytes, int]:
         payload, self._last_seq = entry
-        following = pts + opus_samples(payload, self.frame_samples)
+        following = pts + self.samples_of(payload, self.frame_samples)
         self._next = self._played_end = following
         self._run = 0
         stats = self.stats
@@ -526,7 +529,7 @@ class PlayoutBuffer:
                     payload, self._last_seq = entry
                     out.append((PLAY, payload, nxt))
                     stats.frames_played += 1
-                    nxt += opus_samples(payload, frame)
+                    nxt += self.samples_of(payload, frame)
                     self._played_end = nxt
                     self._run = 0
             self._next = nxt
