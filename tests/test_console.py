@@ -18,6 +18,7 @@ from gateway.calls import CallState
 from gateway.console.session import COOKIE, ConsoleAuth
 from gateway.sandbox.browser import write_tone_wav
 from media.sources.tone import ToneSource
+from tests.helpers import until
 
 TOKEN = "console-test-token-0123456789abcdef"
 USER = "+4915112345611"
@@ -220,3 +221,29 @@ def test_session_cookie_expires_and_follows_the_token():
     now[0] += 61
     assert auth.session(cookie) is None
     assert ConsoleAuth(None).session(cookie) is None and not ConsoleAuth(None).token_matches("")
+
+
+async def test_call_page_shows_whatsapps_transcript_and_dtmf(settings, tmp_path):
+    from gateway.recordings import ProviderRecording
+
+    async with Service(replace(settings, api_token=TOKEN, provider="meta"), sandbox=True) as service:
+        events = []
+        service.events.bus.add_listener(events.append)
+        await service.sandbox.grant(USER, permanent=True)
+        service.sandbox.users.update(USER, {"answer_after_ms": 0})
+        call = await service.manager.place_call(
+            USER, sources=[ToneSource(1000, 30.0)],
+            provider_recording=ProviderRecording("quality assurance", transcription=True))
+        await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+        await service.sandbox.calls[call.wacid].phone.press("42#")
+        await until(lambda: "".join(call.dtmf_received) == "42#", TIMEOUT)
+        await call.hangup()
+        await call.wait_finished(TIMEOUT)
+        await until(lambda: any(e.type == "call.transcription_available" for e in events), TIMEOUT)
+        async with session(service) as http:
+            await login(http)
+            async with http.get(f"/console/calls/{call.id}") as resp:
+                page = await resp.text()
+    assert "<h2>Transcript</h2>" in page and "simulated transcript" in page
+    assert '<dd class="dtmf">42#</dd>' in page
+    assert 'data-file="whatsapp-recording.ogg"' in page  # WhatsApp's own recording, playable
