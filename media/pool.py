@@ -108,6 +108,28 @@ class RemoteBridge:
         return result
 
 
+class RemoteRtpParty(RemoteBridge):
+    """A plain-RTP party (:class:`media.rtp.party.RtpParty`) running in a worker: the
+    same commands, sent over the worker's socket."""
+
+    def _command(name: str):  # noqa: N805 - builds the methods below
+        async def command(self, *args: Any) -> Any:
+            return await self._session._call("rtp", name, *args)
+
+        command.__name__ = name
+        command.__doc__ = f"``RtpParty.{name}`` in the worker."
+        return command
+
+    offer = _command("offer")
+    accept = _command("accept")
+    answer = _command("answer")
+    join = _command("join")
+    send_dtmf = _command("send_dtmf")
+    receive_dtmf = _command("receive_dtmf")
+    get_stats = _command("get_stats")
+    del _command
+
+
 class WorkerMediaSession:
     """A :class:`~media.session.MediaSession` whose media runs in a worker process."""
 
@@ -198,6 +220,12 @@ class WorkerMediaSession:
         self.bridge = RemoteBridge(self)
         await self._call("start_bridge", pickle.dumps(bridge, protocol=pickle.HIGHEST_PROTOCOL), **kwargs)
         return self.bridge
+
+    async def open_rtp(self, **options: Any) -> RemoteRtpParty:
+        """A plain-RTP party (a SIP leg's audio) in the worker, its port bound there."""
+        self.bridge = party = RemoteRtpParty(self)
+        await self._call("open_rtp", **options)
+        return party
 
     def stats(self) -> dict:
         """The last statistics read (:meth:`get_stats`)."""

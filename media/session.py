@@ -24,6 +24,7 @@ from .dtmf import DtmfError
 from .frames import Sink, Source
 from .mix import Playback
 from .peer import MediaPeer, PeerConfig, ReceiveStats
+from .rtp.party import RtpParty
 from .sinkset import SinkFault
 
 __all__ = [
@@ -105,6 +106,11 @@ class MediaSession(Protocol):
     def subscribe(self, callback: Callable[[MediaEvent], None]) -> None: ...
 
     async def start_bridge(self, bridge, **kwargs: Any) -> Any: ...
+
+    async def open_rtp(self, **options: Any) -> Any:
+        """A plain-RTP party (a SIP leg's audio) with its port bound, not yet joined:
+        :class:`media.rtp.party.RtpParty`'s commands."""
+        ...
 
     def stats(self) -> dict: ...
 
@@ -213,6 +219,10 @@ class LocalMediaSession:
         returns the handle to follow it by (here: the bridge itself)."""
         await bridge.start(self.peer, **kwargs)
         return bridge
+
+    async def open_rtp(self, **options: Any) -> RtpParty:
+        """A plain-RTP party on this call (see :mod:`media.rtp.party`)."""
+        return await RtpParty.open(self.peer, **options)
 
     def stats(self) -> dict:
         return self.peer.stats()

@@ -189,6 +189,8 @@ class Worker:
         self.sessions[sid] = session
 
     async def _serve(self, req: int, sid: int, method: str, args: tuple, kwargs: dict) -> None:
+        from .rtp.party import COMMANDS as RTP_COMMANDS, RtpParty
+
         session = self.sessions.get(sid)
         try:
             if session is None:
@@ -199,6 +201,16 @@ class Worker:
                 await session.start_bridge(bridge, **kwargs)
                 self._watch_bridge(sid, bridge)
                 result = None
+            elif method == "open_rtp":
+                party = await RtpParty.open(session.peer, **kwargs)
+                self.bridges[sid] = party
+                self._watch_bridge(sid, party)
+                result = None
+            elif method == "rtp":
+                party = self.bridges.get(sid)
+                if not isinstance(party, RtpParty) or args[0] not in RTP_COMMANDS:
+                    raise RuntimeError(f"no RTP party for {args[0]!r} in media session {sid}")
+                result = await getattr(party, args[0])(*args[1:])
             elif method == "stop_bridge":
                 bridge = self.bridges.get(sid)
                 result = await bridge.stop(*args) if bridge is not None else None
