@@ -40,6 +40,8 @@ from .media_library import MediaLibrary
 from .memory import HeapTrimmer
 from .providers import CallingProvider, make_provider
 from .recordings import ProviderRecording
+from .sip.spec import SipSpec
+from .siptrunk import SipTrunk
 from .store.redis import RedisPermissionStore, RedisStore
 from .store.sqlite import SQLiteStore
 from .webhook_auth import MISSING_AUTH, WebhookAuth
@@ -66,6 +68,12 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
 
         bot = BotSpec.from_dict({"protocol": settings.inbound_bot_protocol, "url": settings.inbound_bot_url})
 
+    sip = None
+    if settings.inbound_sip_uri:
+        sip = SipSpec.from_dict({"uri": settings.inbound_sip_uri, "codecs": settings.sip_codecs,
+                                 **({"username": settings.inbound_sip_username,
+                                     "password": settings.inbound_sip_password}
+                                    if settings.inbound_sip_username else {})})
     recording = None
     if settings.inbound_provider_recording:
         recording = ProviderRecording.from_dict(json.loads(settings.inbound_provider_recording))
@@ -75,7 +83,7 @@ def inbound_policy(settings: Settings, library: MediaLibrary) -> InboundPolicy:
             return None
         return InboundPlan(sources=library.sources(settings.inbound_play), record=bool(settings.inbound_record),
                            record_required=settings.inbound_record == "required", bot=bot,
-                           provider_recording=recording)
+                           provider_recording=recording, sip=sip)
 
     return policy
 
@@ -314,6 +322,8 @@ class Service:
         self.manager.on_recovered = telemetry.recovered
         self.manager.on_routed = self.metrics.routed_seconds
         self.manager.on_artifact = self._artifact_event
+        #: SIP legs' user agent and the SIP trunk (``WACALL_SIP_LISTEN``); ``None``: no SIP.
+        self.sip: SipTrunk | None = SipTrunk(settings, self.manager) if settings.sip_listen else None
 
     def _lifecycle(self) -> list:
         """The parts' startup and shutdown, in startup order (shutdown runs backwards).
@@ -365,6 +375,13 @@ class Service:
             if self.workers is not None:
                 await self.workers.close()  # (calls were hung up before: sessions are closed)
 
+        async def sip(app: web.Application):
+            if self.sip is not None:
+                await self.sip.start()
+            yield
+            if self.sip is not None:
+                await self.sip.close()  # (calls were hung up before: BYEs are sent)
+
         async def calls(app: web.Application):
             # calls a killed process left live: finished at the provider (in the
             # background: a slow provider must not hold the service up), then retention
@@ -373,7 +390,7 @@ class Service:
             finishing.cancel()
             await asyncio.gather(finishing, return_exceptions=True)
 
-        return [store, sandbox, provider, permissions, events, recordings, media_workers, calls]
+        return [store, sandbox, provider, permissions, events, recordings, media_workers, sip, calls]
 
     async def _calls_maintenance(self) -> None:
         """At startup: finish the calls a previous process left live; then, hourly,

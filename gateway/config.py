@@ -23,6 +23,7 @@ from media.peer import IceServer, PeerConfig
 
 from .recordings import ProviderRecording
 from .redact import mask_secret
+from .sip.spec import CODECS as SIP_CODECS, parse_uri
 from .webhook_auth import parse_header_setting
 
 PROVIDERS = ("360dialog", "meta")
@@ -109,6 +110,31 @@ def _provider_recording(raw: Any) -> str:
     else:
         data = raw
     return json.dumps(ProviderRecording.from_dict(data).to_dict())
+
+
+def _host_port(raw: Any) -> tuple[str, int]:
+    text = str(raw).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT, e.g. 0.0.0.0:5060, got {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def _sip_uri(raw: Any) -> str:
+    parse_uri(str(raw).strip())
+    return str(raw).strip()
+
+
+def _sip_codecs(raw: Any) -> list[str]:
+    known = {c.lower(): c for c in SIP_CODECS}
+    chosen = []
+    for item in _list(raw):
+        if item.lower() not in known:
+            raise ValueError(f"{item!r} is not one of {', '.join(SIP_CODECS)}")
+        chosen.append(known[item.lower()])
+    if not chosen:
+        raise ValueError("name at least one codec")
+    return chosen
 
 
 def _choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[Any], str]:
@@ -222,6 +248,25 @@ class Settings:
     #: Where bots may be: networks (CIDR) and host names. Unset: anywhere but link-local
     #: (cloud metadata) addresses and this gateway's own port.
     bot_allow: list[str] = setting(parse=_list, group="inbound", factory=list)
+    #: Join inbound callers to this SIP party (an IVR, a PBX queue) once answered.
+    inbound_sip_uri: str | None = setting(parse=_sip_uri, group="inbound")
+    inbound_sip_username: str | None = setting(group="inbound")
+    inbound_sip_password: str | None = setting(group="inbound", secret=True)
+    # -- SIP --------------------------------------------------------------------------------
+    #: ``host:port`` the SIP user agent listens on (UDP and TCP); SIP is off without it.
+    sip_listen: tuple[str, int] | None = setting(parse=_host_port, group="sip")
+    #: Digest credentials a PBX must present to place WhatsApp calls through wacall
+    #: (the SIP trunk). Without them INVITEs from outside are refused (403).
+    sip_username: str | None = setting(group="sip")
+    sip_password: str | None = setting(group="sip", secret=True)
+    #: The address in our Contact and SDP when it differs from the listening one (NAT).
+    sip_advertised_address: str | None = setting(group="sip")
+    #: UDP ports for SIP legs' RTP (even ports for RTP, the next odd one for RTCP).
+    sip_rtp_port_range: tuple[int, int] | None = setting(parse=_port_range, group="sip")
+    #: Codecs offered and accepted on SIP legs, in preference order.
+    sip_codecs: list[str] = setting(parse=_sip_codecs, group="sip", factory=lambda: list(SIP_CODECS))
+    #: A SIP party whose RTP stops for this long is hung up (``sip_failure``).
+    sip_rtp_timeout_s: float = setting(30.0, _positive(float), group="sip")
     # -- events out ------------------------------------------------------------------------
     event_webhooks: list[str] = setting(parse=_list, group="events", factory=list)
     event_secret: str | None = setting(group="events", secret=True)

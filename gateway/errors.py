@@ -254,3 +254,25 @@ def error_for(
     cls = _TYPED.get(code, ProviderError) if code is not None else ProviderError
     return cls(message, code=code, http_status=http_status, details=details,
                subcode=subcode, fbtrace_id=fbtrace_id)
+
+
+#: Provider codes that mean "not allowed", "not now" and "busy with another call".
+FORBIDDEN_CODES = frozenset({138006, 138010, 138000, 138001})
+TOO_MANY_CODES = frozenset({138011, 138012, 138009, 138002, 138005, 613})
+CONFLICT_CODES = frozenset({138017, 138003})
+
+
+def refusal_kind(exc: ProviderError) -> str:
+    """What a provider error means to whoever asked: ``"unavailable"`` (the provider
+    could not be reached), ``"forbidden"``, ``"too_many"`` (try later), ``"conflict"`` or
+    ``"failed"`` (anything else). The API maps these to 503/403/429/409/502, the SIP
+    trunk to 503/403/480/486/502."""
+    if isinstance(exc, ProviderUnavailableError):
+        return "unavailable"
+    if exc.code in FORBIDDEN_CODES:
+        return "forbidden"
+    if exc.code in TOO_MANY_CODES or exc.http_status == 429:
+        return "too_many"
+    if exc.code in CONFLICT_CODES:
+        return "conflict"
+    return "failed"

@@ -30,8 +30,10 @@ from media.bridges import BridgeUnavailable
 from ..bots import BotTargetRefused
 
 from ..calls import CallManager, CallState, CapacityError, LiveCall as Call
+from ..calls.legs import SipUnreachable
+from ..sip.spec import SipSpec
 from ..disk import LowDiskError
-from ..errors import ProviderError, ProviderUnavailableError
+from ..errors import ProviderError, refusal_kind
 from ..media_library import MediaLibrary, MediaPathError
 from ..numbers import display, is_bsuid, normalize_recipient
 from ..recordings import MAX_WIDTH, ProviderRecording, RecordingBusy, Recordings
@@ -47,10 +49,6 @@ IDEMPOTENCY_TTL_S = 24 * 3600.0
 IDEMPOTENCY_STALE_S = 120.0
 #: How many stored calls ``GET /v1/calls`` pages through (beyond this process's own).
 MAX_STORED = 1000
-#: Provider codes that mean "not allowed" (403) or "not now" (429).
-_FORBIDDEN = {138006, 138010, 138000, 138001}
-_TOO_MANY = {138011, 138012, 138009, 138002, 138005, 613}
-_CONFLICT = {138017, 138003}
 
 
 def error_response(status: int, code: str | int, message: str, resolution: str | None = None,
@@ -74,16 +72,7 @@ def provider_error_response(exc: ProviderError, redact: Callable[[str], str] | N
     """The provider's error as our JSON error, with ``redact`` applied to what the
     provider wrote (a provider may echo credentials or numbers back)."""
     clean = redact or (lambda text: text)
-    if isinstance(exc, ProviderUnavailableError):
-        status = 503
-    elif exc.code in _FORBIDDEN:
-        status = 403
-    elif exc.code in _TOO_MANY or exc.http_status == 429:
-        status = 429
-    elif exc.code in _CONFLICT:
-        status = 409
-    else:
-        status = 502
+    status = {"unavailable": 503, "forbidden": 403, "too_many": 429, "conflict": 409}.get(refusal_kind(exc), 502)
     response = error_response(status, exc.code if exc.code is not None else "provider_unavailable",
                               clean(exc.message or ""), exc.resolution,
                               details=clean(exc.details) if exc.details else None, retry_at=_retry_at(exc),
@@ -370,7 +359,7 @@ class ControlApi:
 
     async def _create_call(self, body: dict) -> web.Response:
         unknown = sorted(set(body) - {"to", "recipient", "play", "record", "biz_opaque_callback_data", "provider_recording",
-                                      "ring_timeout_s", "max_duration_s", "bot", "if_no_permission",
+                                      "ring_timeout_s", "max_duration_s", "bot", "sip", "if_no_permission",
                                       "permission_request", "permission_wait_s"})
         if unknown:
             raise BadRequest(f"unknown fields: {', '.join(unknown)}")
@@ -391,6 +380,14 @@ class ControlApi:
                 bot = BotSpec.from_dict(body["bot"])
             except ValueError as exc:
                 raise BadRequest(f"bot: {exc}") from None
+        sip = None
+        if body.get("sip") is not None:
+            try:
+                sip = SipSpec.from_dict(body["sip"])
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            if bot is not None:
+                raise BadRequest("a call takes a bot or a sip party, not both")
         record = body.get("record", False)
         if not isinstance(record, bool):
             raise BadRequest("record must be true or false")
@@ -423,7 +420,7 @@ class ControlApi:
         sources = self.library.sources(plays)
         # (a call parked for a permission request is placed from this after a restart)
         recipe = {"play": plays, "record": record, "bot": bot.to_dict() if bot is not None else None,
-                  "ring_timeout_s": ring_timeout_s,
+                  "sip": sip.to_dict() if sip is not None else None, "ring_timeout_s": ring_timeout_s,
                   "max_duration_s": max_duration_s} if if_no_permission == "request" else None
         try:
             call = await self.manager.place_call(
@@ -431,7 +428,7 @@ class ControlApi:
                 ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, record=record,
                 if_no_permission=if_no_permission, permission_request=how,
                 permission_wait_s=permission_wait_s, bot=bot, recipe=recipe,
-                provider_recording=provider_recording)
+                provider_recording=provider_recording, sip=sip)
         except CapacityError as exc:
             return error_response(503, "over_capacity", str(exc), "retry when a call has ended")
         except LowDiskError as exc:
@@ -440,8 +437,13 @@ class ControlApi:
             return error_response(502, "bot_unavailable", f"{exc}; the call was not placed",
                                   "check that the bot is running and reachable from wacall")
         except BotTargetRefused as exc:
-            return error_response(400, "bot_not_allowed", f"{exc}; the call was not placed",
-                                  "point bot.url at an allowed host (WACALL_BOT_ALLOW)")
+            what = "sip.uri" if sip is not None else "bot.url"
+            return error_response(400, f"{'sip' if sip is not None else 'bot'}_not_allowed",
+                                  f"{exc}; the call was not placed",
+                                  f"point {what} at an allowed host (WACALL_BOT_ALLOW)")
+        except SipUnreachable as exc:
+            return error_response(502, "sip_unavailable", f"{exc}; the call was not placed",
+                                  "check that the SIP party answers OPTIONS and is reachable from wacall")
         if call.error is not None and call.state is CallState.ENDED:
             return provider_error_response(call.error, self.redact, call_id=call.id)
         return web.json_response(call.summary(), status=201)

@@ -31,8 +31,11 @@ from media.session import MediaSession
 from ..domain.call import AcceptSent, AnswerMade, Dialed, MediaReady, OfferMade, PreAcceptSent
 from ..errors import ProviderError, ProviderUnavailableError
 from ..providers.base import CallingProvider
+from ..sip import CallFailed, EndKind
+from ..sip.spec import parse_uri
 
-__all__ = ["BotLeg", "Leg", "LegEnded", "LegSpec", "WhatsAppLeg", "tag_of", "tagged"]
+__all__ = ["BotLeg", "Leg", "LegEnded", "LegSpec", "SipContext", "SipLeg", "SipUnreachable", "WhatsAppLeg",
+           "tag_of", "tagged"]
 
 #: wacall's mark in ``biz_opaque_callback_data`` (the provider echoes it in every webhook
 #: about the call): a call whose ``connect`` outcome was unknown is recognised by it.
@@ -137,6 +140,149 @@ class BotLeg:
     async def hangup(self, reason: str) -> None:
         """The user hung up (or we did): the bot gets its stop message."""
         await self.bridge.stop(reason)
+
+
+class SipUnreachable(RuntimeError):
+    """The SIP party could not be reached or did not answer (``str``: why)."""
+
+
+@dataclass
+class SipContext:
+    """What SIP legs share: the process's user agent, the RTP options for each leg's
+    media (:class:`media.rtp.RtpBridge`'s: host, port range, advertised address,
+    inactivity timeout) and where SIP targets may be (``policy``)."""
+
+    ua: Any  # gateway.sip.UserAgent
+    rtp: dict[str, Any]
+    policy: Any = None  # gateway.bots.BotPolicy
+    #: How long a probe (OPTIONS) of a target may take.
+    probe_timeout_s: float = 5.0
+
+    async def probe(self, spec: Any) -> None:
+        """Before a call is placed: may ``spec``'s target be dialled, and does it answer
+        OPTIONS at all (any response but a timeout or 503)? Raises :class:`SipUnreachable`
+        (or ``BotTargetRefused``)."""
+        parts = parse_uri(spec.uri)
+        if self.policy is not None:
+            await self.policy.check(parts["host"], parts["port"])
+        try:
+            response = await asyncio.wait_for(self.ua.options(spec.uri), self.probe_timeout_s)
+        except (asyncio.TimeoutError, OSError) as exc:
+            raise SipUnreachable(f"SIP party at {spec.target} unreachable: "
+                                 f"{'no answer to OPTIONS' if isinstance(exc, asyncio.TimeoutError) else exc}") from None
+        if response.code in (408, 503):
+            raise SipUnreachable(f"SIP party at {spec.target} unreachable: {response.code} {response.phrase}")
+
+
+class SipLeg:
+    """A SIP party on the call (an IVR, a PBX queue): dialled with a
+    :class:`~gateway.sip.spec.SipSpec` once the user picked up, or an INVITE a PBX sent
+    us (the SIP trunk) answered once the user picked up. Its audio is plain RTP joined to
+    the user's media (:meth:`media.session.MediaSession.open_rtp`); DTMF crosses both
+    ways (RFC 4733 on the RTP side, SIP INFO from the SIP side)."""
+
+    kind = "sip"
+
+    def __init__(self, context: SipContext, *, spec: Any = None, incoming: Any = None) -> None:
+        if (spec is None) == (incoming is None):
+            raise ValueError("a SIP leg dials a spec or answers an incoming call")
+        self.context = context
+        self.spec = spec
+        self.incoming = incoming
+        self.sip: Any = incoming  # gateway.sip.Call
+        self.party: Any = None  # media.rtp.party.RtpParty (or its worker handle)
+        self.codec: str | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def target(self) -> str:
+        if self.spec is not None:
+            return self.spec.target
+        return "sip trunk"
+
+    async def join(self, media: MediaSession, *, call_id: str, parameters: dict[str, str]) -> None:
+        """Dial (or answer) and join the audio; raises :class:`SipUnreachable`."""
+        options = dict(self.context.rtp)
+        if self.spec is not None:
+            options["codecs"] = tuple(self.spec.codecs)
+        self.party = party = await media.open_rtp(**options)
+        try:
+            if self.spec is not None:
+                spec = self.spec
+                headers = {**spec.headers, "X-Wacall-Call-Id": call_id,
+                           "X-WhatsApp-Call-Id": parameters.get("whatsapp_call_id", "")}
+                self.sip = self.context.ua.invite(spec.uri, await party.offer(), headers=headers, auth=spec.auth)
+                try:
+                    answer = await self.sip.wait_answered(spec.answer_timeout_s)
+                except asyncio.TimeoutError:
+                    self.sip.cancel()
+                    raise SipUnreachable(f"SIP party at {spec.target} did not answer within "
+                                         f"{spec.answer_timeout_s:g} s") from None
+                except CallFailed as exc:
+                    end = exc.reason
+                    why = f"{end.code} {end.phrase}".strip() if end.code else end.kind.value
+                    raise SipUnreachable(f"SIP party at {spec.target} refused the call: {why}") from None
+                self.codec = await party.answer(answer.decode("utf-8", "replace"))
+            else:
+                offer = (self.incoming.offer or b"").decode("utf-8", "replace")
+                answer = await party.accept(offer)
+                self.codec = (await party.get_stats()).get("codec") or "?"
+                self.incoming.answer(answer, headers={"X-Wacall-Call-Id": call_id,
+                                                      "X-WhatsApp-Call-Id": parameters.get("whatsapp_call_id", "")})
+        except BaseException as exc:
+            if self.incoming is not None:  # (no-op once answered)
+                self.incoming.reject(500, "Server Internal Error",
+                                     headers={"Warning": f'399 wacall "{type(exc).__name__}"'})
+            await party.stop("sip leg failed")
+            raise
+        self.sip.on_dtmf = self._sip_dtmf
+        await party.join(call_id)
+
+    def _sip_dtmf(self, dtmf: Any) -> None:
+        """A digit in a SIP INFO: on to WhatsApp (in order: one task at a time)."""
+        party = self.party
+        if party is None:
+            return
+        task = asyncio.ensure_future(party.receive_dtmf(dtmf.digit, dtmf.duration_ms or 160))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("SIP INFO digit not passed on: %s", task.exception())
+
+    async def ended(self) -> LegEnded:
+        """Resolves when the SIP side hangs up (BYE), its session timer lapses or its RTP
+        goes silent, or when we hung it up."""
+        sip_end, rtp_end = self.sip.ended, self.party.closed
+        await asyncio.wait({sip_end, rtp_end}, return_when=asyncio.FIRST_COMPLETED)
+        if sip_end.done():
+            end = sip_end.result()
+            if end.kind is EndKind.REMOTE_BYE:
+                return LegEnded("remote", "bye" + (f" ({end.reason})" if end.reason else ""))
+            if end.kind in (EndKind.LOCAL_BYE, EndKind.CLOSED):
+                return LegEnded("local", end.kind.value)
+            return LegEnded("failure", end.kind.value)
+        reason = rtp_end.result()
+        return LegEnded("failure" if self.party.ended_by == "rtp" else "local", reason)
+
+    async def hangup(self, reason: str) -> None:
+        """The user hung up (or we did): BYE (or CANCEL while it rings), then the RTP."""
+        sip = self.sip
+        try:
+            if sip is not None and not sip.ended.done():
+                if self.incoming is not None and sip.local_sdp is None:  # (not answered yet)
+                    sip.reject(480, "Temporarily Unavailable", headers={"Warning": f'399 wacall "{reason}"'})
+                elif self.incoming is None and not sip.answered.done():
+                    sip.cancel()
+                else:
+                    await sip.bye(headers={"Reason": f'Q.850;cause=16;text="{reason}"'})
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self.party is not None:
+                await self.party.stop(reason)
 
 
 class WhatsAppLeg:

@@ -39,7 +39,7 @@ from ..store.base import CallRecord
 from ..events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
 from ..logs import STORE_OUTAGE, bind_call_id
 from ..numbers import display
-from .legs import BotLeg, WhatsAppLeg, tagged
+from .legs import BotLeg, SipContext, SipLeg, SipUnreachable, WhatsAppLeg, tagged
 
 log = logging.getLogger("gateway.calls")
 
@@ -79,8 +79,16 @@ class LiveCall:
         timeline: list[dict] | None = None,
         bot_policy: Any = None,
         lease_s: float | None = None,
+        sip: Any = None,
+        sip_context: SipContext | None = None,
     ):
         self._bot_policy = bot_policy
+        #: A SIP party to join once the user picked up: a :class:`gateway.sip.spec.SipSpec`
+        #: to dial, or a PBX's :class:`gateway.sip.IncomingCall` to answer (the SIP trunk).
+        self.sip = sip
+        self._sip_context = sip_context
+        #: The SIP party's leg once it is dialled; ``None`` after the end.
+        self.sip_leg: SipLeg | None = None
         #: Several instances share the store: each save holds the call for this long.
         self.lease_s = lease_s
         call_id = call_id or f"call_{secrets.token_hex(6)}"
@@ -216,6 +224,8 @@ class LiveCall:
             self._pending_sources.clear()
             if self.bot is not None:
                 self._spawn(self._run_bot())
+            elif self.sip is not None:
+                self._spawn(self._run_sip())
         elif isinstance(output, dc.Teardown):
             self._teardown_action = output.notify
             self._changed()
@@ -363,6 +373,28 @@ class LiveCall:
         end = await leg.ended()
         await self._settle(dc.BotLeft(end.by, end.reason))
 
+    async def _run_sip(self) -> None:
+        """Dial (or answer) the SIP party and join it to the user's media; when it hangs
+        up (or fails, or goes silent), end the WhatsApp call."""
+        if self.state_machine.ending:
+            return
+        if self._sip_context is None:
+            await self._settle(dc.End(EndReason.SIP_FAILURE, notify=True,
+                                      detail="SIP is not set up on this gateway (WACALL_SIP_LISTEN)"))
+            return
+        spec, incoming = (None, self.sip) if hasattr(self.sip, "offer") else (self.sip, None)
+        self.sip_leg = leg = SipLeg(self._sip_context, spec=spec, incoming=incoming)
+        parameters = {"whatsapp_call_id": self.wacid or ""}
+        try:
+            await leg.join(self.media, call_id=self.id, parameters=parameters)
+        except (SipUnreachable, MediaError, OSError, ValueError) as exc:
+            await self._settle(dc.End(EndReason.SIP_FAILURE, notify=True, detail=str(exc)))
+            return
+        self.log.info("call %s: SIP party %s joined (%s)", self.id, leg.target, leg.codec)
+        self.feed(dc.SipJoined(leg.target, str(leg.codec)))
+        end = await leg.ended()
+        await self._settle(dc.SipLeft(end.by, end.reason))
+
     async def send_dtmf(self, digits: str, duration_ms: int = 160, gap_ms: int = 80) -> None:
         """Send DTMF digits to the user (RFC 4733 on the audio stream)."""
         if self.state is not CallState.MEDIA_CONNECTED:
@@ -434,6 +466,11 @@ class LiveCall:
                     await self.bot_leg.hangup(self.end_reason.value)
                 except Exception:
                     self.log.exception("call %s: stopping the bot failed", self.id)
+            if self.sip_leg is not None:
+                try:  # the SIP party gets its BYE (or CANCEL)
+                    await self.sip_leg.hangup(self.end_reason.value)
+                except Exception:
+                    self.log.exception("call %s: hanging up the SIP party failed", self.id)
             await leg.media.close(recording_meta={"wacid": self.wacid}, media_stats=self.media_stats)
             for playback in self.playbacks:
                 playback._finish()

@@ -34,6 +34,8 @@ class InboundPlan:
     bot: Any = None
     #: WhatsApp's own recording / transcription (:class:`gateway.recordings.ProviderRecording`).
     provider_recording: Any = None
+    #: A SIP party (IVR, PBX) joined once the caller is answered (:class:`gateway.sip.spec.SipSpec`).
+    sip: Any = None
 
 
 #: Decides about an inbound call: a plan to answer it, or ``None`` to reject it.

@@ -34,7 +34,8 @@ from ..recordings import Recordings, verify_sha256
 from ..providers.base import CallingProvider
 from ..redact import mask_phone
 from ..store.base import CallRecord, CallStore, VersionConflict
-from .legs import WhatsAppLeg, tag_of
+from ..sip.spec import SipSpec
+from .legs import SipContext, SipUnreachable, WhatsAppLeg, tag_of
 from .live import Listener, LiveCall
 from .plans import InboundPlan, InboundPolicy
 
@@ -93,6 +94,8 @@ class CallManager:
         self.hangup_pause_s = hangup_pause_s
         #: Where bots may be (``WACALL_BOT_ALLOW``; :class:`gateway.bots.BotPolicy`).
         self.bot_policy: BotPolicy | None = None
+        #: SIP legs' user agent and RTP options (``None``: no SIP on this gateway).
+        self.sip_context: SipContext | None = None
         #: Makes a call's media session: in this process (default) or a media worker's
         #: (:meth:`media.pool.WorkerPool.session`); raises :class:`MediaError` when it cannot.
         self.media_sessions: Callable[..., MediaSession] = LocalMediaSession
@@ -164,7 +167,7 @@ class CallManager:
                   sources: Iterable[Source] = (), sinks: Iterable[Sink] = (),
                   biz_opaque_callback_data: str | None = None, ring_timeout_s: float | None = None,
                   max_duration_s: float | None = None, bot: Any = None, call_id: str | None = None,
-                  timeline: list[dict] | None = None) -> LiveCall:
+                  timeline: list[dict] | None = None, sip: Any = None) -> LiveCall:
         sinks = tuple(sinks)
         label = f"call to {mask_phone(user)}" if direction is Direction.BUSINESS_INITIATED \
             else f"call from {mask_phone(user)}"
@@ -183,7 +186,7 @@ class CallManager:
             media_end_grace_s=self.media_end_grace_s, rtp_timeout_s=self.rtp_timeout_s,
             on_entry=self._notify, on_end=self._forget_later, bot=bot, bot_policy=self.bot_policy,
             save=self.store.save_call if self.store is not None else None, owner=self.owner,
-            call_id=call_id, timeline=timeline, lease_s=self.lease_s,
+            call_id=call_id, timeline=timeline, lease_s=self.lease_s, sip=sip, sip_context=self.sip_context,
         )
 
     async def place_call(
@@ -202,6 +205,7 @@ class CallManager:
         permission_wait_s: float | None = None,
         recipe: dict | None = None,
         provider_recording: Any = None,
+        sip: Any = None,
     ) -> LiveCall:
         """Place a business-initiated call. Returns once the provider answered the
         ``connect`` request (the call is then ``offer_sent``) or the call failed (then it
@@ -216,7 +220,9 @@ class CallManager:
         ``retry_at``). ``if_no_permission="request"`` instead parks the call, sends a
         permission request (``permission_request``) and dials once the user grants it;
         a decline or no answer within ``permission_wait_s`` ends it. ``recipe`` (the
-        API request, JSON) lets a parked call be resumed after a restart."""
+        API request, JSON) lets a parked call be resumed after a restart. ``sip`` (a
+        :class:`gateway.sip.spec.SipSpec`, or a PBX's INVITE) joins a SIP party once the
+        user picked up; a target that does not answer OPTIONS means no call."""
         if if_no_permission not in ("fail", "request"):
             raise ValueError("if_no_permission must be 'fail' or 'request'")
         # Capacity is taken now, before the first await: every call counts from its
@@ -232,10 +238,11 @@ class CallManager:
             # the ledger): the rules are checked and the call placed and counted before
             # the next dial of the same user is checked
             async with self.gate.deciding(to) if self.gate is not None else contextlib.nullcontext():
-                park = await self._admit(to, record=record, bot=bot, if_no_permission=if_no_permission)
+                park = await self._admit(to, record=record, bot=bot, sip=sip, if_no_permission=if_no_permission)
                 call = self._new_call(user=to, direction=Direction.BUSINESS_INITIATED, sources=sources,
                                       sinks=sinks, biz_opaque_callback_data=biz_opaque_callback_data,
-                                      ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot)
+                                      ring_timeout_s=ring_timeout_s, max_duration_s=max_duration_s, bot=bot,
+                                      sip=sip)
                 call.ask_provider_recording(provider_recording)
                 if record:
                     call.record_to(self.recordings_dir)
@@ -267,7 +274,7 @@ class CallManager:
         """Calls that count against ``max_calls``: live (parked included) and being admitted."""
         return len(self._live) + self._admitting
 
-    async def _admit(self, to: str, *, record: bool, bot: Any, if_no_permission: str) -> bool:
+    async def _admit(self, to: str, *, record: bool, bot: Any, if_no_permission: str, sip: Any = None) -> bool:
         """May a call to ``to`` be placed now? Raises the refusal (low disk for a
         recording, bot unreachable, the permission rules, capacity); returns ``True``
         when the call must first wait for a permission request to be answered."""
@@ -275,6 +282,10 @@ class CallManager:
             self.disk.check_recording()  # LowDiskError
         if bot is not None:  # no bot, no call: probe it before anything is placed
             await probe(bot, policy=self.bot_policy)
+        if isinstance(sip, SipSpec):  # no IVR, no call (a PBX's INVITE is there already)
+            if self.sip_context is None:
+                raise SipUnreachable("SIP is not set up on this gateway (set WACALL_SIP_LISTEN)")
+            await self.sip_context.probe(sip)
         park = False
         if self.gate is not None:
             try:
@@ -481,6 +492,7 @@ class CallManager:
             sources=plan.sources if plan else (), sinks=plan.sinks if plan else (),
             biz_opaque_callback_data=plan.biz_opaque_callback_data if plan else None,
             max_duration_s=plan.max_duration_s if plan else None, bot=plan.bot if plan else None,
+            sip=plan.sip if plan else None,
         )
         call.ask_provider_recording(plan.provider_recording if plan else None)
         self._track(call)
@@ -600,11 +612,12 @@ class CallManager:
         durable, call_json = record.data["durable"], record.data.get("call") or {}
         recipe = durable["recipe"]
         bot = BotSpec.from_dict(recipe["bot"]) if recipe.get("bot") else None
+        sip = SipSpec.from_dict(recipe["sip"]) if recipe.get("sip") else None
         sources = self.sources_for(recipe.get("play") or []) if self.sources_for else []
         call = self._new_call(user=record.user, direction=Direction.BUSINESS_INITIATED, sources=sources,
                               biz_opaque_callback_data=call_json.get("biz_opaque_callback_data"),
                               ring_timeout_s=recipe.get("ring_timeout_s"),
-                              max_duration_s=recipe.get("max_duration_s"), bot=bot,
+                              max_duration_s=recipe.get("max_duration_s"), bot=bot, sip=sip,
                               call_id=record.id, timeline=list(call_json.get("timeline") or []))
         call.recipe, call.permission_deadline = recipe, float(durable["permission_deadline"])
         if recipe.get("record"):

@@ -43,7 +43,8 @@ __all__ = [
     "Action", "AcceptSent", "AnswerMade", "ApplyAnswer", "BotJoined", "BotLeft", "Call",
     "CallState", "CancelTimer", "Clock", "Dialed", "DtmfIn", "DtmfOut", "End", "EndReason",
     "MediaLost", "MediaReady", "OfferMade", "Offered", "PermissionAsked", "PermissionGiven",
-    "PreAcceptSent", "RecordingStopped", "SpeechIn", "StartAudio", "StartTimer", "SystemClock",
+    "PreAcceptSent", "RecordingStopped", "SipJoined", "SipLeft", "SpeechIn", "StartAudio", "StartTimer",
+    "SystemClock",
     "Teardown", "TerminateLate", "TimelineEntry", "TimerFired", "TornDown", "TRANSITIONS",
     "WatchMedia",
 ]
@@ -92,6 +93,9 @@ class EndReason(enum.StrEnum):
     #: The voice bot ended the call, or could not be reached / broke its protocol / went idle.
     BOT_HANGUP = "bot_hangup"
     BOT_FAILURE = "bot_failure"
+    #: The SIP party (IVR, PBX) hung up, or could not be reached / went silent.
+    SIP_HANGUP = "sip_hangup"
+    SIP_FAILURE = "sip_failure"
     #: The process running the call stopped (crashed, was killed); the next start
     #: finished the call at the provider.
     GATEWAY_RESTART = "gateway_restart"
@@ -223,6 +227,22 @@ class BotJoined:
 @dataclass(frozen=True, slots=True)
 class BotLeft:
     """The bot's leg ended: ``by`` is ``remote``, ``local`` or ``failure``."""
+
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SipJoined:
+    """The SIP party answered and its audio is joined: ``target`` (masked), ``codec``."""
+
+    target: str
+    codec: str
+
+
+@dataclass(frozen=True, slots=True)
+class SipLeft:
+    """The SIP party's leg ended: ``by`` is ``remote``, ``local`` or ``failure``."""
 
     by: str
     reason: str
@@ -604,6 +624,16 @@ class Call:
         reason = EndReason.BOT_HANGUP if event.by == "remote" else EndReason.BOT_FAILURE
         self._end(reason, notify=True, detail=f"bot: {event.reason}")
 
+    def _on_sip_joined(self, event: SipJoined) -> None:
+        if not self.ending:
+            self._mark(ev.SipConnected(event.target, event.codec))
+
+    def _on_sip_left(self, event: SipLeft) -> None:
+        if self.ending or event.by == "local":
+            return
+        reason = EndReason.SIP_HANGUP if event.by == "remote" else EndReason.SIP_FAILURE
+        self._end(reason, notify=True, detail=f"sip: {event.reason}")
+
     def _on_dtmf_in(self, event: DtmfIn) -> None:
         if self.ending:
             return
@@ -646,6 +676,8 @@ _HANDLERS = {
     PermissionGiven: Call._on_permission_given,
     BotJoined: Call._on_bot_joined,
     BotLeft: Call._on_bot_left,
+    SipJoined: Call._on_sip_joined,
+    SipLeft: Call._on_sip_left,
     DtmfIn: Call._on_dtmf_in,
     DtmfOut: Call._on_dtmf_out,
     SpeechIn: Call._on_speech,

@@ -17,7 +17,7 @@ __all__ = [
     "Accepted", "AnswerCreated", "AnswerReceived", "BotConnected", "CallCreated", "CallEnded",
     "CallEvent", "DtmfReceived", "DtmfSent", "MediaConnected", "MediaUp", "OfferCreated",
     "OfferReceived", "OfferSent", "PermissionGranted", "PermissionRequested", "PreAccepted",
-    "RecordingFailed", "Ringing", "SpeechStarted", "SpeechStopped", "STATE_EVENTS",
+    "RecordingFailed", "Ringing", "SipConnected", "SpeechStarted", "SpeechStopped", "STATE_EVENTS",
 ]
 
 
@@ -145,6 +145,15 @@ class PermissionGranted(CallEvent):
 class BotConnected(CallEvent):
     name: ClassVar[str] = "bot_connected"
     protocol: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SipConnected(CallEvent):
+    """The SIP party (an IVR, a PBX, a trunk) answered and its audio is joined."""
+
+    name: ClassVar[str] = "sip_connected"
+    target: str | None = None
+    codec: str | None = None
 
 
 # -- during the call ---------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""SIP/IVR bridge, end to end on the sandbox: a WhatsApp call (a simulated phone, a real
+aiortc peer) joined to a SIP party once the user picked up — here an "IVR" made of a SIP
+user agent and a plain-RTP endpoint on 127.0.0.1 (tests/test_sip_interop.py does the same
+against baresip, Kamailio and SIPp). Tones both ways FFT-detected, DTMF both ways (RFC
+4733 and SIP INFO), X-headers, either side hanging up ends both, recording on a bridged
+call, the trunk direction (a PBX dials a WhatsApp user) with CANCEL and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from gateway.app import Service
+from gateway.calls import CallState, EndReason
+from gateway.sip import EndKind, UserAgent, UserAgentConfig
+from media import analysis
+from media.rtp import RtpEndpoint
+from media.sources.tone import ToneSource
+from tests.helpers import ToneEars, until
+from tests.sip.support import FAST, free_udp_port
+from tests.test_rtp_endpoint import Digits
+
+USER = "+4915112345631"
+PHONE_HZ, IVR_HZ = 600.0, 1000.0
+TIMEOUT = 20
+TOKEN = "sip-bridge-token-0123456789abcdef"
+
+
+class Ivr:
+    """A SIP party: a user agent answering every INVITE with an RTP endpoint that plays a
+    tone and listens."""
+
+    def __init__(self, codecs=("PCMU",)) -> None:
+        self.codecs = codecs
+        self.ua = UserAgent(UserAgentConfig(udp_port=0, tcp_port=0, timers=FAST, user="ivr"), on_invite=self.answer)
+        self.endpoint: RtpEndpoint | None = None
+        self.ears = ToneEars(PHONE_HZ)
+        self.call = None
+        self.answered = asyncio.get_running_loop().create_future()
+        self.digits: Digits | None = None
+        self.info_digits: list[str] = []
+
+    async def answer(self, incoming) -> None:
+        self.call = incoming
+        endpoint = self.endpoint = RtpEndpoint(codecs=list(self.codecs), label="ivr")
+        await endpoint.open()
+        endpoint.add_sink(self.ears)
+        endpoint.play(ToneSource(IVR_HZ, None))
+        self.digits = Digits(endpoint)
+        incoming.on_dtmf = lambda d: self.info_digits.append(d.digit)
+        incoming.ring()
+        incoming.answer(endpoint.accept_offer(incoming.offer.decode()))
+        self.answered.set_result(incoming)
+
+    @property
+    def uri(self) -> str:
+        return f"sip:ivr@127.0.0.1:{self.ua.port('UDP')}"
+
+    async def __aenter__(self) -> Ivr:
+        await self.ua.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        await self.ua.close()
+
+
+@pytest.fixture
+async def gateway(settings):
+    sip = replace(settings, api_token=TOKEN, sip_listen=("127.0.0.1", free_udp_port()))
+    async with Service(sip, sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
+        service.sandbox.users.update(USER, {"answer_after_ms": 0, "say": None})
+        yield service
+
+
+async def bridged_call(service, ivr, **place):
+    from gateway.sip.spec import SipSpec
+
+    call = await service.manager.place_call(USER, sip=SipSpec.from_dict({"uri": ivr.uri, "codecs": ["PCMU"],
+                                                                         "headers": {"X-Campaign": "spring"}}),
+                                            **place)
+    await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+    phone = service.sandbox.calls[call.wacid].phone
+    user_ears = ToneEars(IVR_HZ)
+    phone.peer.add_sink(user_ears)
+    phone.peer.play(ToneSource(PHONE_HZ, None))
+    await asyncio.wait_for(ivr.answered, TIMEOUT)
+    return call, phone, user_ears
+
+
+async def test_a_call_bridged_to_an_ivr_carries_tones_and_dtmf_both_ways(gateway, tmp_path):
+    async with Ivr() as ivr:
+        call, phone, user_ears = await bridged_call(gateway, ivr, record=True)
+        await asyncio.gather(ivr.ears.hears(1.0), user_ears.hears(1.0))
+        request = ivr.call.request
+        assert request.headers.get("X-Wacall-Call-Id") == call.id
+        assert request.headers.get("X-WhatsApp-Call-Id") == call.wacid
+        assert request.headers.get("X-Campaign") == "spring"
+        assert [e["name"] for e in call.summary()["timeline"]].count("sip_connected") == 1
+        # DTMF: WhatsApp -> RFC 4733 at the IVR; IVR RFC 4733 and SIP INFO -> WhatsApp
+        await phone.press("12")
+        assert await ivr.digits.wait(2) == "12"
+        await ivr.endpoint.send_dtmf("9", duration_ms=120)
+        await ivr.call.send_dtmf("#", 120)
+        await until(lambda: "".join(phone.dtmf_received) == "9#", TIMEOUT)
+        # the IVR hangs up: the WhatsApp call ends, terminated at the provider
+        await ivr.call.bye()
+        await call.wait_finished(TIMEOUT)
+    assert call.end_reason is EndReason.SIP_HANGUP
+    sandbox_call = gateway.sandbox.calls[call.wacid]
+    await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
+    assert sandbox_call.ended_by == "business"
+    # recording on a bridged call: the user left, the IVR (played to the user) right
+    stereo = gateway.manager.recordings_dir / call.id / "stereo.wav"
+    left, right, rate = _channels(stereo)
+    assert analysis.tone_seconds(left, rate, PHONE_HZ) >= 1.0
+    assert analysis.tone_seconds(right, rate, IVR_HZ) >= 1.0
+
+
+async def test_the_user_hanging_up_sends_bye_to_the_ivr(gateway):
+    async with Ivr() as ivr:
+        call, phone, user_ears = await bridged_call(gateway, ivr)
+        await user_ears.hears(0.5)
+        await gateway.sandbox._end(gateway.sandbox.calls[call.wacid], ended_by="user_hangup")  # (the user hangs up)
+        end = await asyncio.wait_for(ivr.call.ended, TIMEOUT)
+        await call.wait_finished(TIMEOUT)
+    assert end.kind is EndKind.REMOTE_BYE
+    assert call.end_reason is EndReason.USER_HANGUP
+
+
+async def test_an_unreachable_ivr_means_no_call(gateway):
+    from gateway.sip.spec import SipSpec
+
+    dead = f"sip:ivr@127.0.0.1:{free_udp_port()}"
+    gateway.manager.sip_context.probe_timeout_s = 1.0
+    async with aiohttp.ClientSession(base_url=gateway.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        async with http.post("/v1/calls", json={"to": USER, "sip": {"uri": dead}}) as resp:
+            body = await resp.json()
+            assert resp.status == 502 and body["error"]["code"] == "sip_unavailable", body
+        async with http.post("/v1/calls", json={"to": USER, "sip": {"uri": "http://x"}}) as resp:
+            assert resp.status == 400 and "sip.uri" in (await resp.json())["error"]["message"]
+    assert gateway.sandbox.calls_to(USER) == []
+    with pytest.raises(ValueError):
+        SipSpec.from_dict({"uri": dead, "headers": {"Via": "x"}})
+
+
+def _channels(path):
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(path)) as w:
+        rate = w.getframerate()
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
+    return x[0::2], x[1::2], rate
