@@ -158,3 +158,107 @@ def _channels(path):
         rate = w.getframerate()
         x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
     return x[0::2], x[1::2], rate
+
+
+# -- the SIP trunk: a PBX places WhatsApp calls through wacall ----------------------------
+
+PBX_USER, PBX_PASSWORD = "pbx", "trunk-secret-42"
+
+
+@pytest.fixture
+async def trunk(settings):
+    sip = replace(settings, api_token=TOKEN, sip_listen=("127.0.0.1", free_udp_port()),
+                  sip_username=PBX_USER, sip_password=PBX_PASSWORD)
+    async with Service(sip, sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
+        service.sandbox.users.update(USER, {"answer_after_ms": 300, "say": None})
+        pbx = UserAgent(UserAgentConfig(udp_port=0, timers=FAST, user="pbx"))
+        await pbx.start()
+        pbx.endpoint = RtpEndpoint(codecs=["PCMA"], label="pbx")
+        await pbx.endpoint.open()
+        service.pbx = pbx
+        try:
+            yield service
+        finally:
+            pbx.endpoint.close()
+            await pbx.close()
+
+
+def dial(service, number: str = USER, auth=(PBX_USER, PBX_PASSWORD)):
+    target = f"sip:{number}@127.0.0.1:{service.sip.ua.port('UDP')}"
+    return service.pbx.invite(target, service.pbx.endpoint.create_offer(), auth=auth)
+
+
+async def test_a_pbx_calls_a_whatsapp_user_through_the_trunk(trunk):
+    pbx = trunk.pbx
+    ears = ToneEars(PHONE_HZ)
+    pbx.endpoint.add_sink(ears)
+    pbx.endpoint.play(ToneSource(IVR_HZ, None))
+    outgoing = dial(trunk)
+    codes = []
+    outgoing.on_provisional = lambda p: codes.append(p.code)
+    answer = await outgoing.wait_answered(TIMEOUT)
+    assert 180 in codes  # the user's phone rang first
+    pbx.endpoint.set_remote_answer(answer.decode())
+    (call,) = [c for c in trunk.manager.calls.values()]
+    assert call.state is CallState.MEDIA_CONNECTED and call.user.endswith("5631")
+    phone = trunk.sandbox.calls[call.wacid].phone
+    user_ears = ToneEars(IVR_HZ)
+    phone.peer.add_sink(user_ears)
+    phone.peer.play(ToneSource(PHONE_HZ, None))
+    await asyncio.gather(ears.hears(1.0), user_ears.hears(1.0))
+    # the PBX hangs up: the WhatsApp call is terminated
+    await outgoing.bye()
+    await call.wait_finished(TIMEOUT)
+    assert call.end_reason is EndReason.SIP_HANGUP
+    assert trunk.sandbox.calls[call.wacid].ended_by == "business"
+
+
+async def test_cancel_before_the_answer_ends_the_whatsapp_call(trunk):
+    trunk.sandbox.users.update(USER, {"answer_after_ms": 60_000})
+    outgoing = dial(trunk)
+    provisional = await asyncio.wait_for(anext(outgoing.provisionals()), TIMEOUT)
+    await until(lambda: any(c.state is CallState.RINGING for c in trunk.manager.calls.values()), TIMEOUT)
+    (call,) = list(trunk.manager.calls.values())
+    outgoing.cancel()
+    end = await asyncio.wait_for(outgoing.ended, TIMEOUT)
+    await call.wait_finished(TIMEOUT)
+    assert provisional.code in (100, 180) and end.kind is EndKind.CANCELLED
+    assert call.end_reason is EndReason.BUSINESS_HANGUP
+    assert trunk.sandbox.calls[call.wacid].ended_by == "business"
+
+
+async def test_refusals_are_sip_errors_with_the_reason(trunk):
+    from gateway.sip import CallFailed
+
+    async def refused(outgoing):
+        with pytest.raises(CallFailed) as failed:
+            await outgoing.wait_answered(TIMEOUT)
+        return failed.value.reason
+
+    stranger = "+4915112345699"  # no permission
+    end = await refused(dial(trunk, stranger))
+    assert end.code == 403 and "138006" in (end.warning or "") and "138006" in (end.reason or "")
+    end = await refused(dial(trunk, "not-a-number"))
+    assert end.code == 404
+    end = await refused(dial(trunk, auth=(PBX_USER, "wrong")))
+    assert end.code in (401, 403)
+    trunk.sandbox.users.update(USER, {"answer_after_ms": 0, "on_call": "reject"})
+    end = await refused(dial(trunk))
+    assert end.code == 603
+    assert trunk.sandbox.calls_to(stranger) == []
+
+
+async def test_without_credentials_the_trunk_is_closed(gateway):
+    pbx = UserAgent(UserAgentConfig(udp_port=0, timers=FAST, user="pbx"))
+    await pbx.start()
+    try:
+        from gateway.sip import CallFailed
+
+        target = f"sip:{USER}@127.0.0.1:{gateway.sip.ua.port('UDP')}"
+        with pytest.raises(CallFailed) as failed:
+            await pbx.invite(target, "v=0\r\n").wait_answered(TIMEOUT)
+        assert failed.value.reason.code == 403 and "WACALL_SIP_USERNAME" in failed.value.reason.warning
+    finally:
+        await pbx.close()
+    assert gateway.sandbox.calls_to(USER) == []
