@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from gateway.redact import mask_text
 from gateway.sip.dialog import Dialog
@@ -31,8 +31,8 @@ from gateway.sip.message import (
 from gateway.sip.transaction import ServerTransaction
 from gateway.sip.transport import Peer
 
-if TYPE_CHECKING:
-    from gateway.sip.ua import UserAgent
+#: The :class:`gateway.sip.ua.UserAgent` this works for (not imported: it imports us).
+UserAgent = Any
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from gateway.redact import mask_text
 
-if TYPE_CHECKING:
-    from gateway.sip.ua import UserAgent
+#: The :class:`gateway.sip.ua.UserAgent` this works for (not imported: it imports us).
+UserAgent = Any
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
 from gateway.redact import mask_text
 from gateway.sip.message import URI, Address, Response, new_call_id, split_header
 
-if TYPE_CHECKING:
-    from gateway.sip.ua import UserAgent
+#: The :class:`gateway.sip.ua.UserAgent` this works for (not imported: it imports us).
+UserAgent = Any
 
 log = logging.getLogger(__name__)
 

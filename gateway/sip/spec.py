@@ -54,7 +54,8 @@ class SipSpec:
     ``username``/``password`` answer the far side's digest challenge; ``headers`` are
     added to the INVITE (wacall adds ``X-Wacall-Call-Id`` and ``X-WhatsApp-Call-Id``
     itself); ``codecs`` is the offer's preference order; ``answer_timeout_s`` bounds the
-    ringing on the SIP side."""
+    ringing on the SIP side; ``probe`` sends OPTIONS before the WhatsApp call is placed
+    (no answer at all: no call), off for a party that does not answer OPTIONS."""
 
     kind: ClassVar[str] = "sip"
 
@@ -64,13 +65,15 @@ class SipSpec:
     headers: dict[str, str] = field(default_factory=dict)
     codecs: tuple[str, ...] = CODECS
     answer_timeout_s: float = 30.0
+    probe: bool = True
 
     @classmethod
     def from_dict(cls, data: Any) -> SipSpec:
         if not isinstance(data, dict):
             raise ValueError("sip must be an object: {'uri', 'username'?, 'password'?, 'headers'?, 'codecs'?, "
-                             "'answer_timeout_s'?}")
-        unknown = sorted(set(data) - {"uri", "username", "password", "headers", "codecs", "answer_timeout_s"})
+                             "'answer_timeout_s'?, 'probe'?}")
+        unknown = sorted(set(data) - {"uri", "username", "password", "headers", "codecs", "answer_timeout_s",
+                                      "probe"})
         if unknown:
             raise ValueError(f"unknown sip fields: {', '.join(unknown)}")
         uri = data.get("uri")
@@ -109,12 +112,15 @@ class SipSpec:
         timeout = data.get("answer_timeout_s", 30.0)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 1 <= timeout <= 600:
             raise ValueError("sip.answer_timeout_s must be a number of seconds from 1 to 600")
-        return cls(uri.strip(), username, password, dict(headers), tuple(chosen), float(timeout))
+        probe = data.get("probe", True)
+        if not isinstance(probe, bool):
+            raise ValueError("sip.probe must be true or false")
+        return cls(uri.strip(), username, password, dict(headers), tuple(chosen), float(timeout), probe)
 
     def to_dict(self) -> dict[str, Any]:
         """As ``from_dict`` takes it (the password included: a parked call keeps it)."""
         out: dict[str, Any] = {"uri": self.uri, "headers": dict(self.headers), "codecs": list(self.codecs),
-                               "answer_timeout_s": self.answer_timeout_s}
+                               "answer_timeout_s": self.answer_timeout_s, "probe": self.probe}
         if self.username is not None:
             out.update(username=self.username, password=self.password)
         return out
