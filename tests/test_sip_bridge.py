@@ -33,8 +33,9 @@ class Ivr:
     """A SIP party: a user agent answering every INVITE with an RTP endpoint that plays a
     tone and listens."""
 
-    def __init__(self, codecs=("PCMU",)) -> None:
+    def __init__(self, codecs=("PCMU",), *, dtmf: bool = True) -> None:
         self.codecs = codecs
+        self.dtmf = dtmf
         self.ua = UserAgent(UserAgentConfig(udp_port=0, tcp_port=0, timers=FAST, user="ivr"), on_invite=self.answer)
         self.endpoint: RtpEndpoint | None = None
         self.ears = ToneEars(PHONE_HZ)
@@ -45,7 +46,7 @@ class Ivr:
 
     async def answer(self, incoming) -> None:
         self.call = incoming
-        endpoint = self.endpoint = RtpEndpoint(codecs=list(self.codecs), label="ivr")
+        endpoint = self.endpoint = RtpEndpoint(codecs=list(self.codecs), dtmf=self.dtmf, label="ivr")
         await endpoint.open()
         endpoint.add_sink(self.ears)
         endpoint.play(ToneSource(IVR_HZ, None))
@@ -120,6 +121,16 @@ async def test_a_call_bridged_to_an_ivr_carries_tones_and_dtmf_both_ways(gateway
     left, right, rate = _channels(stereo)
     assert analysis.tone_seconds(left, rate, PHONE_HZ) >= 1.0
     assert analysis.tone_seconds(right, rate, IVR_HZ) >= 1.0
+
+
+async def test_without_telephone_event_the_users_keys_go_as_sip_info(gateway):
+    async with Ivr(dtmf=False) as ivr:
+        call, phone, user_ears = await bridged_call(gateway, ivr)
+        assert b"telephone-event" not in ivr.call.local_sdp
+        await user_ears.hears(0.5)
+        await phone.press("4*")
+        await until(lambda: ivr.info_digits == ["4", "*"], TIMEOUT)
+        await call.hangup()
 
 
 async def test_the_user_hanging_up_sends_bye_to_the_ivr(gateway):

@@ -6,8 +6,8 @@ import json
 
 END_REASONS = ["rejected", "user_hangup", "business_hangup", "ring_timeout", "not_answered",
                "max_duration", "media_failure", "provider_error", "shutdown", "declined",
-               "permission_denied", "permission_timeout", "bot_hangup", "bot_failure", "gateway_restart",
-               "instance_lost"]
+               "permission_denied", "permission_timeout", "bot_hangup", "bot_failure", "sip_hangup",
+               "sip_failure", "gateway_restart", "instance_lost"]
 PERMISSION_STATES = ["none", "requested", "granted", "rejected", "revoked", "expired"]
 STATES = ["created", "offer_sent", "ringing", "accepted", "media_connected", "ended"]
 
@@ -244,6 +244,7 @@ doc = {
                     "ring_timeout_s": {"type": "number", "exclusiveMinimum": 0},
                     "max_duration_s": {"type": "number", "exclusiveMinimum": 0},
                     "bot": ref("Bot"),
+                    "sip": ref("Sip"),
                     "provider_recording": {
                         "type": "object", "required": ["purpose"], "additionalProperties": False,
                         "description": "WhatsApp records (and transcribes) the call itself, announcing it to both "
@@ -272,6 +273,26 @@ doc = {
                     "connect_timeout_s": {"type": "number"},
                     "sample_rate": {"type": "integer", "enum": [8000, 16000, 24000, 48000]},
                     "account_sid": {"type": "string"},
+                },
+            },
+            "Sip": {
+                "type": "object", "required": ["uri"], "additionalProperties": False,
+                "description": "A SIP party (an IVR, a PBX queue) dialled once the user picked up and joined to "
+                               "the call (needs WACALL_SIP_LISTEN); the INVITE carries X-Wacall-Call-Id and "
+                               "X-WhatsApp-Call-Id. Either side hanging up ends both (end reasons sip_hangup, "
+                               "sip_failure)",
+                "properties": {
+                    "uri": {"type": "string", "description": "sip: or sips: URI, e.g. sip:ivr@pbx.example:5060 "
+                                                            "(;transport=tcp for TCP)"},
+                    "username": {"type": "string", "description": "digest user for a 401/407 challenge"},
+                    "password": {"type": "string"},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": 20,
+                                "description": "extra INVITE headers (e.g. X-Campaign)"},
+                    "codecs": {"type": "array", "items": {"type": "string", "enum": ["opus", "G722", "PCMU", "PCMA"]},
+                               "description": "offer order (default opus, G722, PCMU, PCMA)"},
+                    "answer_timeout_s": {"type": "number", "minimum": 1, "maximum": 600, "default": 30},
+                    "probe": {"type": "boolean", "default": True,
+                              "description": "OPTIONS first: no answer means no call (502 sip_unavailable)"},
                 },
             },
             "Dtmf": {"type": "object", "required": ["digits"],

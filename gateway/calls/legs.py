@@ -237,6 +237,18 @@ class SipLeg:
             raise
         self.sip.on_dtmf = self._sip_dtmf
         await party.join(call_id)
+        if hasattr(party, "on_dtmf") and not party.dtmf_negotiated:
+            # no telephone-event on the SIP side: the user's keys go as SIP INFO
+            # (media in this process; a worker's digits go as RFC 4733 only)
+            party.on_dtmf(self._user_dtmf)
+
+    def _user_dtmf(self, event: Any) -> None:
+        sip = self.sip
+        if sip is None or sip.ended.done():
+            return
+        task = asyncio.ensure_future(sip.send_dtmf(event.digit, event.duration_ms or 160))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     def _sip_dtmf(self, dtmf: Any) -> None:
         """A digit in a SIP INFO: on to WhatsApp (in order: one task at a time)."""

@@ -88,6 +88,11 @@ class RtpParty:
         """WhatsApp's digits (in-process only: for SIP INFO when telephone-event is off)."""
         return self.bridge.on_dtmf(callback)
 
+    @property
+    def dtmf_negotiated(self) -> bool:
+        """The SIP side negotiated telephone-event (digits go as RFC 4733)."""
+        return self.bridge.dtmf_negotiated
+
     async def get_stats(self) -> dict:
         return self.bridge.stats
 
