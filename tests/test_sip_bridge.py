@@ -273,3 +273,24 @@ async def test_without_credentials_the_trunk_is_closed(gateway):
     finally:
         await pbx.close()
     assert gateway.sandbox.calls_to(USER) == []
+
+
+async def test_inbound_callers_join_the_configured_sip_party(settings):
+    async with Ivr(codecs=("G722", "PCMU")) as ivr:
+        sip = replace(settings, sip_listen=("127.0.0.1", free_udp_port()), inbound_sip_uri=ivr.uri,
+                      inbound_record=False)
+        async with Service(sip, sandbox=True) as service:
+            sandbox_call = await service.sandbox.user_calls(USER)
+            incoming = await asyncio.wait_for(ivr.answered, TIMEOUT)
+            call = next(c for c in service.manager.calls.values() if c.wacid == sandbox_call.wacid)
+            assert call.direction.value == "USER_INITIATED"
+            assert incoming.request.headers.get("X-WhatsApp-Call-Id") == sandbox_call.wacid
+            phone = sandbox_call.phone
+            user_ears = ToneEars(IVR_HZ)
+            phone.peer.add_sink(user_ears)
+            phone.peer.play(ToneSource(PHONE_HZ, None))
+            await asyncio.gather(user_ears.hears(1.0), ivr.ears.hears(1.0))
+            assert call.sip_leg.codec == "G722"
+            await ivr.call.bye()
+            await call.wait_finished(TIMEOUT)
+            assert call.end_reason is EndReason.SIP_HANGUP
