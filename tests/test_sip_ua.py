@@ -316,3 +316,21 @@ def test_stream_framer_and_parse():
     assert parse(msg).body == b"abc"
     with pytest.raises(ValueError):
         parse(b"garbage\r\n\r\n")
+
+
+async def test_a_host_name_is_resolved_off_the_loop(make_ua):
+    """``sip:bob@localhost``: the name is resolved with the loop's resolver (a blocking
+    ``sendto`` with a name would stall every call on DNS), and the call connects."""
+    calls = []
+
+    def answer(call):
+        calls.append(call)
+        call.answer(sdp(40090))
+
+    bob = await make_ua(answer, user="bob")
+    alice = await make_ua(user="alice")
+    call = alice.invite(f"sip:bob@localhost:{bob.port()}", sdp(40091))
+    await call.wait_answered(TIMEOUT)
+    transport = alice.transports["UDP"]
+    assert transport._names["localhost"][0] == "127.0.0.1"
+    await call.bye()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,14 @@ from gateway.sip.message import StreamFramer
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +100,16 @@ class UdpTransport(Transport):
     name = "UDP"
     reliable = False
 
+    #: How long a host name's address is reused.
+    DNS_TTL_S = 60.0
+
     def __init__(self, host: str, port: int, on_message: Receiver, on_error: ErrorHandler) -> None:
         super().__init__(host, port, on_message, on_error)
         self._transport: asyncio.DatagramTransport | None = None
+        #: host name -> (address, expires): a name is resolved off the loop (``sendto``
+        #: with a name would block the event loop on DNS), then reused for a while.
+        self._names: dict[str, tuple[str, float]] = {}
+        self._resolving: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,12 +120,38 @@ class UdpTransport(Transport):
     def _send(self, data: bytes, peer: Peer) -> None:
         if self._transport is None or self._transport.is_closing():
             return
+        host = peer.host
+        if not _is_address(host):
+            loop = asyncio.get_running_loop()
+            known = self._names.get(host)
+            if known is None or known[1] < loop.time():
+                task = loop.create_task(self._resolve_and_send(data, peer))
+                self._resolving.add(task)
+                task.add_done_callback(self._resolving.discard)
+                return
+            host = known[0]
         try:
-            self._transport.sendto(data, (peer.host, peer.port))
+            self._transport.sendto(data, (host, peer.port))
         except OSError as exc:
             self._on_error(peer, exc)
 
+    async def _resolve_and_send(self, data: bytes, peer: Peer) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(peer.host, peer.port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            self._on_error(peer, exc if isinstance(exc, OSError) else OSError(str(exc)))
+            return
+        if not infos:
+            self._on_error(peer, OSError(f"{peer.host}: no address"))
+            return
+        self._names[peer.host] = (infos[0][4][0], loop.time() + self.DNS_TTL_S)
+        self._send(data, peer)
+
     async def close(self) -> None:
+        for task in list(self._resolving):
+            task.cancel()
+        await asyncio.gather(*self._resolving, return_exceptions=True)
         if self._transport is not None:
             self._transport.close()
             self._transport = None
