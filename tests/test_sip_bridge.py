@@ -294,3 +294,41 @@ async def test_inbound_callers_join_the_configured_sip_party(settings):
             await ivr.call.bye()
             await call.wait_finished(TIMEOUT)
             assert call.end_reason is EndReason.SIP_HANGUP
+
+
+class EarlyIvr(Ivr):
+    """Plays its announcement as early media (183 with SDP) and answers only later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer_now = asyncio.get_running_loop().create_future()
+
+    async def answer(self, incoming) -> None:
+        self.call = incoming
+        endpoint = self.endpoint = RtpEndpoint(codecs=list(self.codecs), label="ivr")
+        await endpoint.open()
+        endpoint.add_sink(self.ears)
+        endpoint.play(ToneSource(IVR_HZ, None))
+        sdp = endpoint.accept_offer(incoming.offer.decode())
+        incoming.progress(sdp)
+        await self.answer_now
+        incoming.answer(sdp)
+        self.answered.set_result(incoming)
+
+
+async def test_early_media_is_heard_before_the_answer(gateway):
+    from gateway.sip.spec import SipSpec
+
+    async with EarlyIvr() as ivr:
+        call = await gateway.manager.place_call(USER, sip=SipSpec.from_dict({"uri": ivr.uri, "codecs": ["PCMU"]}))
+        await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+        phone = gateway.sandbox.calls[call.wacid].phone
+        user_ears = ToneEars(IVR_HZ)
+        phone.peer.add_sink(user_ears)
+        await user_ears.hears(0.6)  # the announcement, while the SIP party has not answered
+        assert not ivr.answered.done() and call.sip_leg.sip.answered.done() is False
+        ivr.answer_now.set_result(None)
+        await asyncio.wait_for(ivr.answered, TIMEOUT)
+        await until(lambda: any(e["name"] == "sip_connected" for e in call.summary()["timeline"]), TIMEOUT)
+        await user_ears.hears(1.2)  # and on after the answer
+        await call.hangup()

@@ -193,6 +193,8 @@ class SipLeg:
         self.party: Any = None  # media.rtp.party.RtpParty (or its worker handle)
         self.codec: str | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._early_sdp: bytes | None = None
+        self._joined = False
 
     @property
     def target(self) -> str:
@@ -212,17 +214,20 @@ class SipLeg:
                 headers = {**spec.headers, "X-Wacall-Call-Id": call_id,
                            "X-WhatsApp-Call-Id": parameters.get("whatsapp_call_id", "")}
                 self.sip = self.context.ua.invite(spec.uri, await party.offer(), headers=headers, auth=spec.auth)
+                early = asyncio.ensure_future(self._early_media(call_id))
                 try:
-                    answer = await self.sip.wait_answered(spec.answer_timeout_s)
+                    answer = await self._answered(spec)
+                except BaseException:
+                    early.cancel()
+                    await asyncio.gather(early, return_exceptions=True)
+                    raise
+                # (the provisionals end with the final answer: early media is set up or not)
+                try:
+                    await asyncio.wait_for(early, 5.0)
                 except asyncio.TimeoutError:
-                    self.sip.cancel()
-                    raise SipUnreachable(f"SIP party at {spec.target} did not answer within "
-                                         f"{spec.answer_timeout_s:g} s") from None
-                except CallFailed as exc:
-                    end = exc.reason
-                    why = f"{end.code} {end.phrase}".strip() if end.code else end.kind.value
-                    raise SipUnreachable(f"SIP party at {spec.target} refused the call: {why}") from None
-                self.codec = await party.answer(answer.decode("utf-8", "replace"))
+                    pass
+                if answer != self._early_sdp:  # (the 200's SDP, unless the 183 had the same)
+                    self.codec = await party.answer(answer.decode("utf-8", "replace"))
             else:
                 offer = (self.incoming.offer or b"").decode("utf-8", "replace")
                 answer = await party.accept(offer)
@@ -236,7 +241,9 @@ class SipLeg:
             await party.stop("sip leg failed")
             raise
         self.sip.on_dtmf = self._sip_dtmf
-        await party.join(call_id)
+        if not self._joined:
+            await party.join(call_id)
+            self._joined = True
         if hasattr(party, "on_dtmf") and not party.dtmf_negotiated:
             # no telephone-event on the SIP side: the user's keys go as SIP INFO
             # (media in this process; a worker's digits go as RFC 4733 only)
@@ -249,6 +256,32 @@ class SipLeg:
         task = asyncio.ensure_future(sip.send_dtmf(event.digit, event.duration_ms or 160))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+
+    async def _answered(self, spec: Any) -> bytes:
+        """The SIP party's answer SDP; :class:`SipUnreachable` when it refuses or rings
+        too long (then it is cancelled)."""
+        try:
+            return await self.sip.wait_answered(spec.answer_timeout_s)
+        except asyncio.TimeoutError:
+            self.sip.cancel()
+            raise SipUnreachable(f"SIP party at {spec.target} did not answer within "
+                                 f"{spec.answer_timeout_s:g} s") from None
+        except CallFailed as exc:
+            end = exc.reason
+            why = f"{end.code} {end.phrase}".strip() if end.code else end.kind.value
+            raise SipUnreachable(f"SIP party at {spec.target} refused the call: {why}") from None
+
+    async def _early_media(self, call_id: str) -> None:
+        """A 183 with SDP before the answer (an IVR's "please hold", a queue's music):
+        the user hears it at once."""
+        async for provisional in self.sip.provisionals():
+            if provisional.sdp and self._early_sdp is None:
+                self._early_sdp = provisional.sdp
+                self.codec = await self.party.answer(provisional.sdp.decode("utf-8", "replace"))
+                await self.party.join(call_id)
+                self._joined = True
+                log.info("call %s: early media from the SIP party (%s %s)", call_id, provisional.code,
+                         provisional.phrase)
 
     def _sip_dtmf(self, dtmf: Any) -> None:
         """A digit in a SIP INFO: on to WhatsApp (in order: one task at a time)."""
