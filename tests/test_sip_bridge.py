@@ -113,6 +113,13 @@ async def test_a_call_bridged_to_an_ivr_carries_tones_and_dtmf_both_ways(gateway
         await ivr.call.bye()
         await call.wait_finished(TIMEOUT)
     assert call.end_reason is EndReason.SIP_HANGUP
+    sip = call.summary()["sip"]  # the SIP leg's own numbers, kept after the end
+    assert sip["codec"] == "PCMU" and sip["target"].startswith("sip:…@127.0.0.1:")
+    assert sip["media"]["packets_received"] > 40 and sip["media"]["packets_sent"] > 40
+    async with aiohttp.ClientSession(base_url=gateway.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        async with http.get(f"/console/calls/{call.id}") as resp:
+            page = await resp.text()
+    assert "<h2>SIP party</h2>" in page and "sip_connected" in page and "sip_hangup" in page
     sandbox_call = gateway.sandbox.calls[call.wacid]
     await asyncio.wait_for(sandbox_call.finished.wait(), TIMEOUT)
     assert sandbox_call.ended_by == "business"

@@ -87,8 +87,10 @@ class LiveCall:
         #: to dial, or a PBX's :class:`gateway.sip.IncomingCall` to answer (the SIP trunk).
         self.sip = sip
         self._sip_context = sip_context
-        #: The SIP party's leg once it is dialled; ``None`` after the end.
+        #: The SIP party's leg once it is dialled.
         self.sip_leg: SipLeg | None = None
+        #: The SIP leg's RTP statistics, last read (kept after the end).
+        self.sip_stats: dict = {}
         #: Several instances share the store: each save holds the call for this long.
         self.lease_s = lease_s
         call_id = call_id or f"call_{secrets.token_hex(6)}"
@@ -561,6 +563,12 @@ class LiveCall:
                 self.media_stats = await asyncio.wait_for(media.get_stats(), 2.0)
             except (asyncio.TimeoutError, Exception):  # stats must never break a call
                 self.log.debug("call %s: stats unavailable", self.id, exc_info=True)
+        leg = self.sip_leg
+        if leg is not None and leg.party is not None and not leg.party.closed.done():
+            try:
+                self.sip_stats = await asyncio.wait_for(leg.party.get_stats(), 2.0)
+            except (asyncio.TimeoutError, Exception):
+                self.log.debug("call %s: SIP leg stats unavailable", self.id, exc_info=True)
         return self.media_stats
 
     def ask_provider_recording(self, spec) -> None:
@@ -606,6 +614,9 @@ class LiveCall:
         }
         if self.provider_hangup is not None:
             out["provider_hangup"] = self.provider_hangup
+        leg = self.sip_leg
+        if leg is not None:
+            out["sip"] = {"target": leg.target, "codec": leg.codec, "media": self.sip_stats}
         if self.provider_recording is not None:
             out["provider_recording"] = {**self.provider_recording.to_dict(),
                                          "artifacts": dict(self.provider_artifacts)}

@@ -411,7 +411,8 @@ class Console:
         return self.render("call.html", session=session, call=summary, live=summary.get("state") != "ended",
                            recordings=files, transcript=transcript, recording_note=note, timeline=timeline,
                            media=_flatten(summary.get("media") or {}), quality=_quality(summary.get("media") or {}),
-                           waveform_width=WAVEFORM_WIDTH,
+                           waveform_width=WAVEFORM_WIDTH, sip=summary.get("sip"),
+                           sip_media=_flatten((summary.get("sip") or {}).get("media") or {}),
                            event_names=self.event_names)
 
     async def hangup(self, request: web.Request, session: Session) -> web.StreamResponse:
