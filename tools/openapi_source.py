@@ -411,6 +411,12 @@ doc = {
                         "properties": {"action": {"type": "string", "enum": ["terminate", "reject"]},
                                        "confirmed": {"type": "boolean"}, "attempts": {"type": "integer"},
                                        "gone": {"type": "boolean"}, "error": nullable({"type": "object"})}},
+                    "sip": {
+                        "type": "object", "required": ["target", "codec", "media"],
+                        "description": "The SIP party joined to the call (an IVR, a PBX): where (no user part), "
+                                       "the codec, its RTP statistics (packets, loss, jitter, DTMF)",
+                        "properties": {"target": {"type": "string"}, "codec": nullable({"type": "string"}),
+                                       "media": {"type": "object"}}},
                     "provider_recording": {
                         "type": "object", "description": "WhatsApp's own recording asked for, and its artifacts "
                         "once delivered (kind -> file name, listed by the recordings API)",
