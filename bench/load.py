@@ -22,9 +22,23 @@ The machine's other core(s) run the provider's phones; when the machine is satur
 the gateway's lateness shows it. Run:
 
     python bench/load.py [--calls 25 50 100] [--seconds 20] [--workers 0 1 2]
+                         [--rtp-path lean aiortc naive] [--record full|ogg-only|none]
 
 With ``--workers N`` the gateway's media runs in N worker processes (``WACALL_WORKERS``):
 the gateway's CPU and memory are then its main process's plus its workers'.
+
+``--rtp-path`` runs each value in turn, against the same kind of phones: ``lean`` and
+``aiortc`` are wacall's two RTP paths (``WACALL_RTP_PATH``); ``naive`` keeps the
+gateway's signalling but makes each call's media the way a newcomer would with stock
+aiortc (``bench/naive.py``: a ``MediaPlayer`` on the prompt file, a ``MediaRecorder``
+to user.wav, nothing else). A table of the runs closes the output.
+
+``--record``: ``full`` (default: user.wav, stereo.wav, user.ogg, speech events),
+``ogg-only`` (only user.ogg, passed through from RTP, and no speech events: nothing
+reads the user's PCM, so wacall decodes none of it; media in-process only),
+``ogg-decoded`` (the same, but decoding every frame anyway: what ogg-only saves), ``none``
+(no recording; speech events still decode the user's audio). The naive gateway always
+records user.wav alone.
 """
 
 from __future__ import annotations
@@ -135,10 +149,59 @@ class Provider:
             self.process.kill()
 
 
-async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: bool = True,
+class _OggOnlyRecorder:
+    """While installed: the gateway's recorder makes only user.ogg (``--record ogg-only``);
+    ``decode``: the user's audio is decoded all the same (``--record ogg-decoded``, what
+    it cost before decoding followed its readers)."""
+
+    def __init__(self, decode: bool = False) -> None:
+        self.decode = decode
+
+    def __enter__(self):
+        from media.session import LocalMediaSession
+        from media.sinks import recorder
+
+        if self.decode:
+            self._gate = LocalMediaSession._pcm_wanted
+            LocalMediaSession._pcm_wanted = lambda session: True
+
+        self._module, self._original = recorder, recorder.CallRecorder
+        original = self._original
+
+        class OggOnly(original):
+            def __init__(self, directory, **kwargs):
+                super().__init__(directory, **{**kwargs, "wav": False, "stereo": False, "ogg": True})
+
+        recorder.CallRecorder = OggOnly
+        return self
+
+    def __exit__(self, *exc_info):
+        self._module.CallRecorder = self._original
+        if self.decode:
+            from media.session import LocalMediaSession
+
+            LocalMediaSession._pcm_wanted = self._gate
+
+    async def __aenter__(self):
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info):
+        self.__exit__(*exc_info)
+
+
+async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: str = "full",
               workers: int = 0, rtp_path: str = "lean") -> dict:
-    run_dir = workdir / f"n{n}-w{workers}-{rtp_path}"
-    run_dir.mkdir()
+    import contextlib
+
+    if rtp_path == "naive" or record.startswith("ogg-"):
+        if workers:
+            raise SystemExit(f"--rtp-path {rtp_path} --record {record}: with media in-process only (--workers 0)")
+    run_dir = workdir / f"n{n}-w{workers}-{rtp_path}-{record}"
+    run_dir.mkdir(parents=True)
+    recording = record != "none"
+    naive = rtp_path == "naive"
+    patch = (_OggOnlyRecorder(decode=record == "ogg-decoded") if record.startswith("ogg-") and not naive
+             else contextlib.nullcontext())
     gateway_port = free_port()
     provider = Provider(run_dir, gateway_port)
     say = write_tone_wav(run_dir / "user-600hz.wav", USER_HZ, seconds + 30, amplitude=0.3)
@@ -153,8 +216,13 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 provider="360dialog", base_url=f"{provider.url}/sandbox", d360_api_key="sandbox-key",
                 media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
-                max_duration_s=seconds + 120, workers=workers, rtp_path=rtp_path)
-            async with Service(settings) as service:
+                max_duration_s=seconds + 120, workers=workers, rtp_path="aiortc" if naive else rtp_path,
+                speech_events=not record.startswith("ogg-"))
+            async with Service(settings) as service, patch:
+                if naive:
+                    from naive import sessions
+
+                    service.manager.media_sessions = sessions(prompt_file)
                 for user in users + warm_up:
                     async with session.post(f"{provider.url}/sandbox/users/{user}",
                                             json={"answer_after_ms": 0, "say": str(say)}) as r:
@@ -164,7 +232,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                         r.raise_for_status()
                 prompts = PromptCache()
                 await prompts.preload(prompt_file)  # pre-encoded once, shared by every call
-                warm = [await service.manager.place_call(user, sources=[prompts.source(prompt_file)], record=record)
+                warm = [await service.manager.place_call(user, sources=[prompts.source(prompt_file)], record=recording)
                         for user in warm_up]  # (codecs and modules loaded before memory is counted)
                 await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in warm))
                 for c in warm:
@@ -175,7 +243,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 calls = []
                 for user in users:  # a steady stream of dialling, not one burst
                     calls.append(await service.manager.place_call(
-                        user, sources=[prompts.source(prompt_file)], record=record))
+                        user, sources=[prompts.source(prompt_file)], record=recording))
                 await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in calls))
                 await asyncio.sleep(1.0)  # let every playout buffer settle
                 for c in calls:  # count the sends' quality from here on
@@ -199,6 +267,9 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     profiler.dump_stats(profile)
                 rss = sum(rss_mb(pid) for pid in pids)
                 stats = [await c.media.get_stats() for c in calls]
+                # frames handed on without decoding (nothing read PCM; media in-process only)
+                receivers = [getattr(getattr(c.media, "peer", None), "_receiver", None) for c in calls]
+                not_decoded = sum(getattr(rx, "frames_not_decoded", 0) for rx in receivers)
                 alive = sum(c.state is CallState.MEDIA_CONNECTED for c in calls)
                 ended: dict[str, int] = {}
                 for c in calls:
@@ -210,9 +281,9 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     await c.hangup()
                 await asyncio.gather(*(c.wait_finished(30) for c in calls))
                 heard = []
-                for c in sample if record else ():
-                    user_wav = Path(c.recording_files["user_wav"])
-                    x, rate = analysis.read_audio(user_wav)
+                for c in sample if recording else ():
+                    files = c.recording_files
+                    x, rate = analysis.read_audio(Path(files.get("user_wav") or files["user_ogg"]))
                     heard.append(analysis.tone_seconds(x, rate, USER_HZ) / (x.size / rate))
     finally:
         provider.stop()
@@ -225,7 +296,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
             phone_heard.append(analysis.tone_seconds(x, rate, BUSINESS_HZ) / (x.size / rate))
     wall = wall1 - wall0
     cpu_ms_per_call_s = (cpu1 - cpu0) * 1000 / (n * wall)
-    pacing = [s["pacing"] for s in stats]
+    pacing = [s.get("pacing") or {"frames": 0, "underruns": 0, "max_late_ms": 0.0} for s in stats]  # (naive: none)
     playout = [s.get("playout") or {} for s in stats]
     played = sum(p.get("frames_played", 0) + p.get("frames_concealed", 0) for p in playout)
     concealed = sum(p.get("frames_concealed", 0) for p in playout)
@@ -236,6 +307,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "calls_per_worker": per_worker,
         "worker_cores": [round((b - a) / wall, 2) for a, b in zip(worker_cpu0, worker_cpu1)],
         "record": record,
+        "gateway": "naive stock aiortc" if naive else "wacall",
         "alive": alive,
         "ended_early": ended,
         "provider_warnings": provider_says,
@@ -250,6 +322,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "max_late_ms": round(max(p["max_late_ms"] for p in pacing), 1),
         "p50_call_max_late_ms": round(statistics.median(p["max_late_ms"] for p in pacing), 1),
         "received_frames": played,
+        "frames_not_decoded": not_decoded,
         "concealed_pct": round(100 * concealed / played, 3) if played else None,
         "user_tone_in_recording": [round(h, 3) for h in heard],
         "prompt_at_phone": [round(h, 3) for h in phone_heard],
@@ -258,12 +331,15 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     }
 
 
-async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, record: bool,
-               workers: list[int], paths: list[str]) -> None:
+async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
+               workers: list[int], paths: list[str], rounds: int = 1) -> None:
     logging.basicConfig(level=logging.WARNING)
+    results = []
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
-        for n, w, path in ((n, w, p) for w in workers for n in counts for p in paths):
-            result = await run(n, seconds, Path(tmp), profile, record, w, path)
+        runs = [(n, w, p, r) for _ in range(rounds) for w in workers for n in counts for p in paths for r in records]
+        for i, (n, w, path, record) in enumerate(runs):
+            result = await run(n, seconds, Path(tmp) / str(i), profile, record, w, path)
+            results.append(result)
             if as_json:
                 print(json.dumps(result), flush=True)
                 continue
@@ -273,7 +349,7 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                     print(f"     provider: {line[:300]}")
             where = (f"{w} media worker(s), calls per worker {result['calls_per_worker']}, worker cores "
                      f"{result['worker_cores']}, main process {result['main_cores']} cores; " if w else "media in-process; ")
-            print(f"{n:4d} calls{'' if record else ' (no recording)'}, {path} RTP path "
+            print(f"{n:4d} calls{'' if record == 'full' else f' (recording: {record})'}, {path} RTP path "
                   f"({result['alive']} up through {result['window_s']} s), "
                   f"{where}"
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
@@ -281,9 +357,21 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                   f"cores busy: gateway {result['gateway_cores']}, provider+phones {result['provider_cores']}; "
                   f"sends: {result['underruns']} underruns of {result['sent_frames']}, worst "
                   f"{result['max_late_ms']} ms late (median call {result['p50_call_max_late_ms']} ms); "
-                  f"received: {result['concealed_pct']} % concealed; tones found: user's in "
+                  f"received: {result['concealed_pct']} % concealed, {result['frames_not_decoded']} frames "
+                  f"not decoded; tones found: user's in "
                   f"recordings {result['user_tone_in_recording']}, prompt at phones "
                   f"{result['prompt_at_phone']}", flush=True)
+    if len(results) > 1 and not as_json:
+        table: dict[tuple, list[dict]] = {}
+        for r in results:
+            table.setdefault((r["calls"], r["workers"], r["rtp_path"], r["record"]), []).append(r)
+        print("\ncalls workers path    record    gateway CPU ms/call-s (median; each run)   MB RSS/call  underruns")
+        for (calls, w, path, record), rs in table.items():
+            cpu = [r["cpu_ms_per_call_s"] for r in rs]
+            print(f"{calls:5d} {w:7d} {path:7s} {record:9s} {statistics.median(cpu):8.2f} "
+                  f"({' '.join(f'{c:.1f}' for c in cpu)}){'':4s} "
+                  f"{statistics.median(r['rss_mb_per_call'] for r in rs):8.2f}  "
+                  f"{'n/a' if path == 'naive' else statistics.median(r['underruns'] for r in rs)}")
 
 
 if __name__ == "__main__":
@@ -292,11 +380,20 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the measured window into FILE (numbers then include its overhead)")
-    parser.add_argument("--no-record", dest="record", action="store_false",
-                        help="playback and receive only (the user's audio is still decoded)")
+    parser.add_argument("--record", nargs="+", choices=["full", "ogg-only", "ogg-decoded", "none"], default=["full"],
+                        help="one run per value; full: user.wav + stereo.wav + user.ogg + speech events; ogg-only: user.ogg "
+                             "passed through, no speech events (no PCM read: nothing decoded); ogg-decoded: the same, "
+                             "decoding all the same (the saving's baseline); none")
+    parser.add_argument("--no-record", dest="record", action="store_const", const=["none"],
+                        help="= --record none (the user's audio is still decoded for speech events)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], metavar="N",
                         help="media worker processes, one run per value (0: media in the gateway's process)")
-    parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "aiortc"],
-                        help="the gateway's RTP path (WACALL_RTP_PATH), one run per value")
+    parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "aiortc", "naive"],
+                        help="the gateway's RTP path (WACALL_RTP_PATH), one run per value; naive: stock "
+                             "aiortc media (MediaPlayer/MediaRecorder, bench/naive.py) behind the same signalling")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole set of runs, interleaved (A/B/A/B on a noisy machine); the "
+                             "table then shows each configuration's median")
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path))
+    asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path,
+                     args.rounds))

@@ -375,8 +375,18 @@ class MediaPeer:
             on_fallback=fallback,
             events_received=lambda: dtmf.packets_received,
             label=self.label,
+            pcm_wanted=self._pcm_wanted,
         )
         self._receiver.install(receiver)
+
+    def _pcm_wanted(self) -> bool:
+        """Whether a receive sink reads decoded audio (asked by the receiver every tick: a
+        tick nobody reads is not decoded): every sink does unless it says ``needs_pcm =
+        False`` (the recorder when it only passes Opus through to user.ogg)."""
+        for sink in self._sinks:
+            if getattr(sink, "needs_pcm", True):
+                return True
+        return False
 
     def _deliver(self, pcm: np.ndarray, pts: int | None) -> None:
         """One 20 ms mono frame from our receive path to the sinks."""

@@ -24,6 +24,14 @@ one :class:`aiortc.RTCRtpReceiver`:
   PyAV by decoding a TOC-only packet (a 0-byte frame, what DTX sends: libopus then
   extrapolates from its state and fades out). PyAV cannot reach in-band FEC: FFmpeg's
   libopus wrapper always decodes with ``decode_fec=0``.
+* **Decode only for a reader** — with ``pcm_wanted`` given (``() -> bool``, asked every
+  tick), a tick when nobody reads PCM (say the only sink is the recorder writing
+  user.ogg from the RTP packets as received) decodes nothing: it delivers
+  :data:`NOT_DECODED` (a shared read-only 20 ms of zeros) in place of the audio, so
+  frames, their ``pts`` and the watchdogs counting them go on as before, at no libopus
+  cost. (Packets that are not one 20 ms frame are still decoded, to be cut into frames.)
+  Once a reader is back, decoding resumes with the next packet; libopus then starts
+  from the state it had, which a few milliseconds of the first frame may show.
 * **Deliver** — ``deliver(pcm, pts)`` with a 960-sample int16 array (a read-only view
   of the decoded frame: sinks copy what they keep) and the frame's stream position
   (``None`` for a frame inserted to grow the delay). One frame per tick while playing,
@@ -59,7 +67,7 @@ from .clock import FRAME_S, FrameClock
 from .frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from .jitterbuffer import DISCARD, GAP, IDLE, PLAY, PlayoutBuffer
 
-__all__ = ["OpusDecoder", "OpusReceiver", "aiortc_problems", "RESYNC_S"]
+__all__ = ["NOT_DECODED", "OpusDecoder", "OpusReceiver", "aiortc_problems", "RESYNC_S"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,17 @@ def _plc_tocs() -> tuple[bytes, ...]:
 
 
 _PLC = _plc_tocs()
+#: For each TOC byte: whether the packet is one 20 ms frame (code 0; SILK config % 4 == 1,
+#: Hybrid odd, CELT config % 4 == 3), i.e. exactly one frame to deliver.
+_ONE_FRAME = tuple(
+    (toc & 3) == 0 and (
+        (toc >> 3) % 4 == 1 if toc >> 3 < 12 else (toc >> 3) % 2 == 1 if toc >> 3 < 16 else (toc >> 3) % 4 == 3)
+    for toc in range(256)
+)
+#: What a tick delivers in place of audio when nothing reads PCM (see ``pcm_wanted``):
+#: 20 ms of zeros, shared, read-only. Sinks that declare ``needs_pcm = False`` may get it.
+NOT_DECODED = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
+NOT_DECODED.flags.writeable = False
 #: Before anything was decoded: CELT fullband 20 ms mono.
 _DEFAULT_TOC = 0xF8
 
@@ -166,6 +185,10 @@ class OpusReceiver:
             slots are the sender's (no frame), not losses (no concealment).
         clock: arrival timestamps and tick times (the event loop's clock by default;
             the schedule always runs on the loop).
+        pcm_wanted: ``() -> bool``, asked once per tick: whether anything reads the
+            decoded audio; when it says no, the tick delivers :data:`NOT_DECODED`
+            without decoding. ``None`` (default): always decode. May be set later
+            (:attr:`pcm_wanted`).
     """
 
     def __init__(
@@ -177,8 +200,14 @@ class OpusReceiver:
         events_received: Callable[[], int] | None = None,
         label: str = "peer",
         clock: Callable[[], float] | None = None,
+        pcm_wanted: Callable[[], bool] | None = None,
     ) -> None:
         self.buffer = buffer if buffer is not None else PlayoutBuffer()
+        self.pcm_wanted = pcm_wanted
+        #: Frames delivered as :data:`NOT_DECODED` (nothing read PCM), and packets
+        #: dropped to shrink the delay without decoding them.
+        self.frames_not_decoded = 0
+        self.discarded_not_decoded = 0
         self.decoder: OpusDecoder | None = None
         self.label = label
         self._deliver = deliver
@@ -349,14 +378,24 @@ class OpusReceiver:
         if carry is not None and carry.size >= FRAME_SAMPLES:
             return self._emit_carry()
         pop = self.buffer.pop
+        wanted = self.pcm_wanted
+        skip = wanted is not None and carry is None and not wanted()
         while True:
             kind, payload, pts = pop(now)
             if kind == DISCARD:
-                self._decoder().decode(payload)
+                if skip:
+                    self.discarded_not_decoded += 1
+                else:
+                    self._decoder().decode(payload)
                 continue
             if kind == IDLE:
                 return False
             if kind == GAP:
+                return True
+            if skip and (kind != PLAY or _ONE_FRAME[payload[0]]):
+                # nothing reads PCM: this frame's slot passes without libopus
+                self.frames_not_decoded += 1
+                self._deliver(NOT_DECODED, pts)
                 return True
             if self._render(kind, payload, pts):
                 return True

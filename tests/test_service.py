@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.eventbus import verify_signature
+from gateway.sandbox.browser import write_tone_wav
 from media import analysis
 from tests.helpers import free_port
 
@@ -216,15 +217,17 @@ async def test_inbound_call_is_answered_and_recorded(served):
     assert analysis.tone_seconds(y, rate, 1000) == pytest.approx(3.0, rel=0.1)
 
 
-async def test_sigterm_hangs_up_live_calls_and_delivers_the_last_events(served):
+async def test_sigterm_hangs_up_live_calls_and_delivers_the_last_events(served, tmp_path):
     http, receiver, proc, _ = served
-    async with http.post(f"/sandbox/users/{USER}", json={"answer_after_ms": 0}) as resp:
+    say = write_tone_wav(tmp_path / "say.wav", 600.0, 30.0, amplitude=0.3)
+    async with http.post(f"/sandbox/users/{USER}", json={"answer_after_ms": 0, "say": str(say)}) as resp:
         assert resp.status == 200
     async with http.post(f"/sandbox/users/{USER}/permission", json={"permanent": True}) as resp:
         assert resp.status == 200
     async with http.post("/v1/calls", json={"to": USER, "record": True}, headers=AUTH) as resp:
         call = await resp.json()
-    await receiver.wait_for(lambda evs: any(e["type"] == "call.media_connected" for e in evs))
+    # (the user is heard first: a recording with audio in it is what must survive)
+    await receiver.wait_for(lambda evs: any(e["type"] == "call.speech_start" for e in evs))
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, TIMEOUT) == 0
     ended = [e for e in receiver.events if e["type"] == "call.ended" and e["call_id"] == call["id"]]

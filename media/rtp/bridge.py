@@ -81,6 +81,12 @@ class _CallerSink:
         bridge.endpoint.push_pcm(pcm)
         bridge.frames_to_rtp += 1
 
+    @property
+    def needs_pcm(self) -> bool:
+        """Opus passed through to the SIP side reads no PCM (the receiver may skip
+        decoding when no other sink does)."""
+        return not self.closed and not self._bridge._passthrough_active()
+
     def close(self) -> None:
         self.closed = True
 

@@ -11,7 +11,8 @@ began (the first loud frame) or ended (the end of the last loud frame);
 ``detected_at_s`` is when the decision could be made (``at_s`` + the hold time).
 Events go to callbacks and, optionally, an ``asyncio.Queue``.
 
-Per frame the work is a handful of numpy calls on preallocated buffers.
+Per frame the work is one float conversion into a preallocated block and one ``dot``
+(the frame's energy); the peak is taken once per 100 ms block.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ __all__ = ["Levels", "LevelMeter", "MeteredSource", "SpeechDetector", "SpeechEve
 SILENCE_DBFS = -120.0
 _max = np.maximum.reduce  # without ndarray.max()'s Python-level wrapper
 _min = np.minimum.reduce
+_dot = np.dot
+_copyto = np.copyto
+#: Samples per block of :class:`Levels` (100 ms at 48 kHz): the peak is taken per block.
+BLOCK_SAMPLES = 4800
 _FULL_SCALE_SQ = 32768.0 * 32768.0
 
 
@@ -42,47 +47,102 @@ def dbfs(mean_square_int16: float) -> float:
 
 
 class Levels:
-    """Running RMS / peak of int16 audio, one frame at a time, without allocating."""
+    """Running RMS / peak of int16 audio, one frame at a time, without allocating.
 
-    __slots__ = ("_scratch", "sum_sq", "samples", "peak", "last_ms")
+    Each frame is converted to float32 once, into a preallocated 100 ms block
+    (:data:`BLOCK_SAMPLES`); :meth:`add` measures the frame's energy right there (one
+    ``dot``), :meth:`accumulate` (for totals only) leaves it to the block. The peak is
+    taken once per block (one ``max`` and one ``min`` over 100 ms instead of per frame).
+    Reading :attr:`sum_sq`, :attr:`peak` or the dBFS values takes in the partial block
+    first, so they are always exact."""
 
-    def __init__(self, frame_samples: int = 1920) -> None:
-        self._scratch = np.empty(frame_samples, dtype=np.float32)
-        self.sum_sq = 0.0
-        self.samples = 0
-        self.peak = 0
-        #: Mean square of the last frame (int16 units).
+    __slots__ = ("_block", "_used", "_counted", "_sum_sq", "_samples", "_peak", "last_ms")
+
+    def __init__(self, block_samples: int = BLOCK_SAMPLES) -> None:
+        self._block = np.empty(block_samples, dtype=np.float32)
+        self._used = 0  # samples in the block
+        self._counted = 0  # of which their energy is in _sum_sq already
+        self._sum_sq = 0.0
+        self._samples = 0
+        self._peak = 0
+        #: Mean square of the last frame given to :meth:`add` (int16 units).
         self.last_ms = 0.0
 
     def add(self, pcm: np.ndarray) -> float:
         """Measure one frame; returns its mean square."""
         n = pcm.size
-        if n == 0:
+        if not n:
             return 0.0
-        if n > self._scratch.size:
-            self._scratch = np.empty(n, dtype=np.float32)
-        f = self._scratch[:n]
-        np.copyto(f, pcm, casting="unsafe")
-        sq = float(np.dot(f, f))
-        hi = int(_max(pcm))
-        lo = -int(_min(pcm))
-        peak = hi if hi > lo else lo
-        if peak > self.peak:
-            self.peak = peak
-        self.sum_sq += sq
-        self.samples += n
-        self.last_ms = sq / n
-        return self.last_ms
+        used = self._used
+        end = used + n
+        if end > self._block.size or self._counted != used:
+            self._settle(n)
+            used, end = 0, n
+        f = self._block[used:end]
+        _copyto(f, pcm, "unsafe")
+        sq = float(_dot(f, f))
+        self._counted = self._used = end
+        self._sum_sq += sq
+        self._samples += n
+        self.last_ms = ms = sq / n
+        return ms
+
+    def accumulate(self, pcm: np.ndarray) -> None:
+        """Take one frame into the totals only (no per-frame value: cheaper)."""
+        n = pcm.size
+        used = self._used
+        end = used + n
+        if end > self._block.size:
+            self._settle(n)
+            used, end = 0, n
+        _copyto(self._block[used:end], pcm, "unsafe")
+        self._used = end
+        self._samples += n
+
+    def _settle(self, room: int = 0) -> None:
+        """Fold the block into the totals and empty it (grown to ``room`` samples if smaller)."""
+        used = self._used
+        if used:
+            counted = self._counted
+            if counted != used:
+                f = self._block[counted:used]
+                self._sum_sq += float(_dot(f, f))
+            f = self._block[:used]
+            hi = float(_max(f))
+            lo = -float(_min(f))
+            peak = int(hi if hi > lo else lo)
+            if peak > self._peak:
+                self._peak = peak
+            self._used = self._counted = 0
+        if room > self._block.size:
+            self._block = np.empty(room, dtype=np.float32)
+
+    @property
+    def sum_sq(self) -> float:
+        """Sum of the squared samples so far (int16 units)."""
+        self._settle()
+        return self._sum_sq
+
+    @property
+    def samples(self) -> int:
+        return self._samples
+
+    @property
+    def peak(self) -> int:
+        """Largest absolute sample so far."""
+        self._settle()
+        return self._peak
 
     @property
     def rms_dbfs(self) -> float:
-        return round(dbfs(self.sum_sq / self.samples), 2) if self.samples else SILENCE_DBFS
+        return round(dbfs(self.sum_sq / self._samples), 2) if self._samples else SILENCE_DBFS
 
     @property
     def peak_dbfs(self) -> float:
-        if self.peak <= 0:
+        peak = self.peak
+        if peak <= 0:
             return SILENCE_DBFS
-        return round(20 * math.log10(self.peak / 32768.0), 2)
+        return round(20 * math.log10(peak / 32768.0), 2)
 
     def as_dict(self) -> dict:
         return {"rms_dbfs": self.rms_dbfs, "peak_dbfs": self.peak_dbfs, "peak": self.peak}

@@ -23,8 +23,10 @@ Files (each optional):
   crashed recordings ``"recovered": true``).
 
 Crash safety: the user's audio reaches user.wav and user.ogg every 100 ms (:data:`FLUSH_S`),
-WAV headers kept valid, Ogg pages whole; a SIGKILL loses at most the last 100 ms there
-(stereo.wav: its 0.75 s alignment window). Run :func:`repair_directory` at
+Ogg pages whole, user.wav's header updated every second (:data:`HEADER_S`: valid as it
+stands, up to a second behind its data); a SIGKILL loses at most the last 100 ms there
+once :func:`repair_directory` re-derived the header (stereo.wav: its 0.75 s alignment
+window, its header updated with every commit). Run :func:`repair_directory` at
 startup to fix up whatever a crash left (header lengths, torn Ogg pages, sidecars).
 :func:`apply_retention` deletes the oldest call directories by age, count or size.
 """
@@ -42,6 +44,7 @@ import numpy as np
 
 from ..frames import FRAME_MS, SAMPLE_RATE
 from ..opus import DEFAULT_SETTINGS, OpusSettings
+from ..receiver import NOT_DECODED
 from ..sinkset import fault_code
 from .meter import Levels
 from ..recordings import ACTIVE, DIR_MODE, SIDECAR, iso, write_json, apply_retention, repair, repair_directory
@@ -80,9 +83,17 @@ def _private_dir(path: Path) -> None:
 #: up to ``max_delay_s + commit_s`` = 0.75 s, by design.) A write per 100 ms per file costs
 #: a few microseconds.
 FLUSH_S = 0.1
+#: How often user.wav's header is brought up to date with its data (a ``pwrite``; the
+#: data itself goes out every :data:`FLUSH_S`).
+HEADER_S = 1.0
 
 class _UserLeg:
-    """Inbound sink: user.wav, the stereo left channel, levels, Ogg (encode mode)."""
+    """Inbound sink: user.wav, the stereo left channel, levels, Ogg (encode mode).
+
+    :attr:`needs_pcm` is ``False`` when none of those is made from the decoded audio
+    (only user.ogg, passed through from RTP): the receive path may then skip decoding
+    and hand :data:`media.receiver.NOT_DECODED` frames, which count towards
+    ``user_seconds`` but not the user's levels."""
 
     def __init__(self, rec: CallRecorder) -> None:
         self._rec = rec
@@ -91,6 +102,12 @@ class _UserLeg:
         self._stage = 0  # which file write() was at: 0 user.wav, 1 stereo.wav, 2 user.ogg
         self._acc = np.empty(960, dtype=np.int32)
         self._mono = np.empty(960, dtype=np.int16)
+
+    @property
+    def needs_pcm(self) -> bool:
+        rec = self._rec
+        return not (self.closed or rec._finished) and (
+            rec._wav is not None or rec._stereo is not None or rec._ogg_sink is not None)
 
     def write(self, pcm: np.ndarray, sample_rate: int, channels: int = 1) -> None:
         rec = self._rec
@@ -126,8 +143,8 @@ class _UserLeg:
                 if at is None:
                     pts = None  # no packet timing: lay frames end to end instead
             rec._stereo.left.write_timed(pcm, sample_rate, channels, pts, at)
-        else:
-            rec._user_levels.add(pcm)
+        elif pcm is not NOT_DECODED:
+            rec._user_levels.accumulate(pcm)
         self._stage = 2
         if rec._ogg_pending_auto:
             rec._resolve_ogg_mode()
@@ -162,7 +179,7 @@ class _BusinessLeg:
             except Exception as exc:  # noqa: BLE001 - never into the send path
                 rec._fail(exc, "stereo.wav")
         else:
-            rec._business_levels.add(pcm)
+            rec._business_levels.accumulate(pcm)
 
     def close(self) -> None:
         pass
@@ -246,7 +263,7 @@ class CallRecorder:
         comments = {"CALL_ID": self.call_id, "DATE": iso(self.started_at)}
         self._ogg_comments = comments
         if wav:
-            self._wav = WavSink(self.paths["user_wav"], flush_interval_s=FLUSH_S)
+            self._wav = WavSink(self.paths["user_wav"], flush_interval_s=FLUSH_S, header_interval_s=HEADER_S)
         if stereo:
             self._stereo = AlignedStereoRecorder(self.paths["stereo_wav"], clock=clock)
         if ogg:

@@ -95,13 +95,14 @@ class AlignedLeg:
         rec = self._rec
         if self._closed or rec.closed:
             return
-        if sample_rate != rec.sample_rate:
-            raise ValueError(f"the stereo recording is {rec.sample_rate} Hz, got {sample_rate} Hz")
-        mono = self._to_mono(pcm, channels)
+        rate = rec.sample_rate
+        if sample_rate != rate:
+            raise ValueError(f"the stereo recording is {rate} Hz, got {sample_rate} Hz")
+        mono = pcm.reshape(-1) if channels == 1 else self._to_mono(pcm, channels)
         n = mono.size
         if at is None:
             at = rec.clock()
-        arrived = round((at - rec.t0) * rec.sample_rate)
+        arrived = round((at - rec.t0) * rate)
         limit = rec.resync_samples
         if self._anchor_pos is None:
             self.first_at = at
@@ -123,7 +124,7 @@ class AlignedLeg:
             self._anchor_pos, self._anchor_pts = target, pts
         if target < self._pos:
             target = self._pos  # overlap (duplicate / reordered): keep the audio, append
-        self.levels.add(mono)
+        self.levels.accumulate(mono)
         self.frames += 1
         self.samples += n
         self._pos = rec._place(self.channel, target, mono)
@@ -182,6 +183,7 @@ class AlignedStereoRecorder:
         self._commit_chunk = round(commit_s * sample_rate)
         self._ring_len = round(self.RING_S * sample_rate)
         self._ring = np.zeros((self._ring_len, 2), dtype=PCM_DTYPE)
+        self._columns = (self._ring[:, 0], self._ring[:, 1])
         self._committed = 0  # samples (per channel) written to the file
         self._writer = WavWriter(path, sample_rate=sample_rate, channels=2)
         self.path = self._writer.path
@@ -199,26 +201,28 @@ class AlignedStereoRecorder:
 
     def _place(self, channel: int, pos: int, mono: np.ndarray) -> int:
         """Write ``mono`` at ``pos`` (clamped to the commit point); returns its end."""
-        if pos < self._committed:
-            pos = self._committed
+        committed = self._committed
+        if pos < committed:
+            pos = committed
         n = mono.size
         end = pos + n
         ring_len = self._ring_len
-        if end - self._committed > ring_len:
+        if end - committed > ring_len:
             self._commit(end - ring_len)
         start = pos % ring_len
         stop = start + n
+        column = self._columns[channel]  # (a preallocated strided view of the ring)
         if stop <= ring_len:
-            self._ring[start:stop, channel] = mono
+            column[start:stop] = mono
         else:
             first = ring_len - start
-            self._ring[start:, channel] = mono[:first]
-            self._ring[: n - first, channel] = mono[first:]
+            column[start:] = mono[:first]
+            column[: n - first] = mono[first:]
         # Commit what is older than max_delay on the clock, in chunks.
-        now = round((self.clock() - self.t0) * self.sample_rate)
-        horizon = now - self._max_delay
-        if horizon - self._committed >= self._commit_chunk:
-            self._commit(min(horizon, self._committed + ring_len))
+        committed = self._committed
+        horizon = round((self.clock() - self.t0) * self.sample_rate) - self._max_delay
+        if horizon - committed >= self._commit_chunk:
+            self._commit(min(horizon, committed + ring_len))
         return end
 
     def _commit(self, upto: int) -> None:

@@ -2,10 +2,12 @@
 
 :class:`WavWriter` is the file: a 44-byte header, then samples appended through one
 preallocated buffer. Every ``flush_interval_s`` of audio (1 s by default) the buffer
-goes to the kernel with one ``write`` and the header's two length fields are rewritten
-(two 4-byte ``pwrite`` calls) to match, so at any moment the file on disk is a valid
-WAV of everything flushed: a process killed with SIGKILL leaves a file that plays up to
-the last flush (at most ``flush_interval_s`` before the kill). :func:`repair_wav`
+goes to the kernel with one ``write``, and the header's length fields are rewritten to
+match (one 40-byte ``pwrite``) after every flush, or, with ``header_interval_s``, once
+that much more audio was flushed (the data reaches the file often, the header follows
+about once a second). So at any moment the file on disk is a valid WAV of everything
+flushed (up to the last header update): a process killed with SIGKILL leaves a file
+that plays up to there, and up to the last flush once repaired. :func:`repair_wav`
 re-derives the lengths from the file size for files whose header lags behind their
 data (killed between the data write and the header update, or written by another
 tool), and is what :func:`media.sinks.recorder.repair_directory` runs at startup.
@@ -82,15 +84,19 @@ class WavWriter:
         sample_rate: int = SAMPLE_RATE,
         channels: int = 1,
         flush_interval_s: float = 1.0,
+        header_interval_s: float | None = None,
         mode: int = 0o600,
     ) -> None:
         self.path = Path(path)
         self.sample_rate = sample_rate
         self.channels = channels
         self.data_bytes = 0  # flushed to the file
+        self.header_bytes = 0  # what the header on disk says
         capacity = max(1, round(sample_rate * flush_interval_s)) * channels
         self._buf = np.empty(capacity, dtype=PCM_DTYPE)
         self._used = 0
+        #: The header is rewritten once this many more bytes were flushed (0: every flush).
+        self._header_every = 0 if header_interval_s is None else round(sample_rate * header_interval_s) * 2 * channels
         self._fd: int | None = open_private(self.path, mode)
         os.write(self._fd, wav_header(sample_rate, channels, 0))
 
@@ -112,7 +118,7 @@ class WavWriter:
             self.flush()
             if n >= self._buf.size:
                 self._write(np.ascontiguousarray(pcm, dtype=PCM_DTYPE))
-                self._sync_header()
+                self._maybe_sync_header()
                 return
         self._buf[self._used : self._used + n] = pcm.reshape(-1)
         self._used += n
@@ -125,15 +131,22 @@ class WavWriter:
             return
         self.flush()
         self._write(np.ascontiguousarray(pcm, dtype=PCM_DTYPE))
-        self._sync_header()
+        self._maybe_sync_header()
 
     def flush(self) -> None:
-        """Buffered samples to the file, then the header lengths to match."""
+        """Buffered samples to the file, then the header lengths to match (every
+        ``header_interval_s`` of audio when one was given)."""
         if self._fd is None or self._used == 0:
             return
         self._write(self._buf[: self._used])
         self._used = 0
-        self._sync_header()
+        self._maybe_sync_header()
+
+    def sync_header(self) -> None:
+        """Flush, and make the header match everything written now."""
+        self.flush()
+        if self._fd is not None and self.header_bytes != self.data_bytes:
+            self._sync_header()
 
     def _write(self, data: np.ndarray) -> None:
         view = memoryview(data).cast("B")
@@ -142,16 +155,20 @@ class WavWriter:
             view = view[written:]
         self.data_bytes += data.size * 2
 
+    def _maybe_sync_header(self) -> None:
+        if self.data_bytes - self.header_bytes >= self._header_every:
+            self._sync_header()
+
     def _sync_header(self) -> None:
-        size = min(self.data_bytes, _MAX_DATA)
-        os.pwrite(self._fd, struct.pack("<I", 36 + size), 4)
-        os.pwrite(self._fd, struct.pack("<I", size), 40)
+        # bytes 4..44 (RIFF length .. data length) in one pwrite
+        os.pwrite(self._fd, wav_header(self.sample_rate, self.channels, self.data_bytes)[4:], 4)
+        self.header_bytes = self.data_bytes
 
     def close(self) -> None:
         if self._fd is None:
             return
         try:
-            self.flush()
+            self.sync_header()
         finally:
             os.close(self._fd)
             self._fd = None
@@ -223,6 +240,9 @@ class WavSink:
             anything else via mono).
         flush_interval_s: how much audio may sit in memory before it is written and
             the header updated (what a SIGKILL can lose).
+        header_interval_s: update the header only once this much more audio was
+            written (``None``: at every write); the data still goes out every
+            ``flush_interval_s`` and :func:`repair_wav` recovers it after a crash.
 
     Counters: ``frames_written`` counts :meth:`write` calls that wrote audio,
     ``samples_written`` counts samples *per channel* (WAV "sample frames"), and
@@ -236,6 +256,7 @@ class WavSink:
         sample_rate: int = SAMPLE_RATE,
         channels: int = 1,
         flush_interval_s: float = 1.0,
+        header_interval_s: float | None = None,
     ) -> None:
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
@@ -245,6 +266,7 @@ class WavSink:
         self.sample_rate = sample_rate
         self.channels = channels
         self.flush_interval_s = flush_interval_s
+        self.header_interval_s = header_interval_s
         self.frames_written = 0
         self.samples_written = 0
         self._closed = False
@@ -255,14 +277,16 @@ class WavSink:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wav = WavWriter(
-            self.path, sample_rate=sample_rate, channels=channels, flush_interval_s=flush_interval_s
+            self.path, sample_rate=sample_rate, channels=channels, flush_interval_s=flush_interval_s,
+            header_interval_s=header_interval_s,
         )
 
     def __reduce__(self):
         """Pickled (for a media worker process) as what it was made from: the file is
         opened (truncated) again on the other side."""
         return (functools.partial(WavSink, self.path, sample_rate=self.sample_rate, channels=self.channels,
-                                  flush_interval_s=self.flush_interval_s), ())
+                                  flush_interval_s=self.flush_interval_s,
+                                  header_interval_s=self.header_interval_s), ())
 
     @property
     def duration_s(self) -> float:
@@ -302,7 +326,7 @@ class WavSink:
     def flush(self) -> None:
         """Write what is buffered and update the header now."""
         if not self._closed:
-            self._wav.flush()
+            self._wav.sync_header()
 
     def close(self) -> None:
         """Flush and close the file. Idempotent."""
