@@ -59,7 +59,9 @@ class FrameTicker:
     Subscribers are called as ``tick(now, late, frames)``: ``late`` is how far behind its
     schedule this tick runs (seconds), ``frames`` how many frames are due (1, more after
     a short stall: the backlog is sent back to back, up to :data:`MAX_CATCH_UP`; beyond
-    that the schedule restarts now)."""
+    that the schedule restarts now). Receivers (:mod:`media.receiver`) subscribe
+    ``first``: a frame they deliver to a sender on the same loop (a bridge) goes out in
+    the same tick. :attr:`next_due` is the schedule (the grid they align to)."""
 
     _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FrameTicker] = weakref.WeakKeyDictionary()
 
@@ -70,20 +72,38 @@ class FrameTicker:
         self.resyncs = 0
         self._due = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        self._ticking = False
 
     @classmethod
     def current(cls) -> FrameTicker:
         """The running loop's ticker."""
-        loop = asyncio.get_running_loop()
+        return cls.of(asyncio.get_running_loop())
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> FrameTicker:
+        """``loop``'s ticker."""
         ticker = cls._per_loop.get(loop)
         if ticker is None:
             ticker = cls._per_loop[loop] = cls(loop)
         return ticker
 
-    def add(self, subscriber: Callable[[float, float, int], None]) -> None:
-        self.subscribers.append(subscriber)
-        if self._handle is None:
-            self._due = self.loop.time() + FRAME_S
+    @property
+    def next_due(self) -> float | None:
+        """When the next tick is due (loop clock; inside a tick: the one after it), or
+        ``None`` while the ticker is idle (no subscriber)."""
+        return self._due if self._handle is not None or self._ticking else None
+
+    def add(self, subscriber: Callable[[float, float, int], None], *, first: bool = False,
+            at: float | None = None) -> None:
+        """Call ``subscriber`` every tick from the next one on; ``first``: before the
+        subscribers already there. An idle ticker starts with its first tick due ``at``
+        (loop clock; default: one frame from now)."""
+        if first:
+            self.subscribers.insert(0, subscriber)
+        else:
+            self.subscribers.append(subscriber)
+        if self._handle is None and not self._ticking:
+            self._due = self.loop.time() + FRAME_S if at is None else at
             self._handle = self.loop.call_at(self._due, self._tick)
 
     def remove(self, subscriber: Callable[[float, float, int], None]) -> None:
@@ -96,6 +116,8 @@ class FrameTicker:
             self._handle = None
 
     def _tick(self) -> None:
+        self._handle = None
+        self._ticking = True
         now = self.loop.time()
         late = now - self._due
         frames = 1
@@ -107,16 +129,17 @@ class FrameTicker:
                 self._due = now - FRAME_S
         self._due += frames * FRAME_S
         self.ticks += 1
-        for tick in tuple(self.subscribers):
-            try:
-                tick(now, late, frames)
-            except Exception:  # noqa: BLE001 - one call's failure never stops the others
-                log.exception("a lean sender failed; it stops, the other calls go on")
-                self.remove(tick)
-        if self.subscribers:
-            self._handle = self.loop.call_at(self._due, self._tick)
-        else:
-            self._handle = None
+        try:
+            for tick in tuple(self.subscribers):
+                try:
+                    tick(now, late, frames)
+                except Exception:  # noqa: BLE001 - one call's failure never stops the others
+                    log.exception("a frame ticker subscriber failed; it stops, the other calls go on")
+                    self.remove(tick)
+        finally:
+            self._ticking = False
+            if self.subscribers and self._handle is None:
+                self._handle = self.loop.call_at(self._due, self._tick)
 
 
 class LeanSender:

@@ -14,11 +14,20 @@ one :class:`aiortc.RTCRtpReceiver`:
   earlier, in the DTLS transport, and closes their sequence-number gap.
 * **Buffer** — :class:`media.jitterbuffer.PlayoutBuffer` (ordering, duplicates, late
   packets, adaptive target delay, loss concealment decisions).
-* **Clock** — ``loop.call_at`` ticks every 20 ms on a drift-free schedule (tick *n* at
-  ``start + n × 20 ms``; a tick more than :data:`RESYNC_S` late starts a new schedule
-  rather than a burst, like :mod:`media.track`). Playout stops once nothing is
-  buffered and no packet came for ``PlayoutBuffer.hold_s`` (200 ms), so frames stop on
-  a dead network (the RTP watchdog counts them); no tick runs while it is stopped.
+* **Clock** — a drift-free schedule (tick *n* at ``start + n × 20 ms``; a tick more
+  than :data:`RESYNC_S` late starts a new schedule rather than a burst, like
+  :mod:`media.track`), run by the event loop's shared :class:`media.lean.FrameTicker`
+  (one timer for every call's sending and receiving, not one per receiver). The
+  schedule lies on the ticker's grid: it starts at the first tick at or after the
+  buffer's ``start_at`` (so playout starts up to 20 ms later than the first packet
+  alone would say: the delay is that much above target, which the buffer measures and,
+  once it is a frame and more too long, takes back), and after a stall it goes on from
+  the ticker's tick. Each tick plays the slot due by then; after the loop was late,
+  the backlog follows one slot per loop iteration (with the socket reads in between). Receivers tick before the senders on the ticker: a
+  frame delivered to a bridge's sender goes out in the same tick. Playout stops once
+  nothing is buffered and no packet came for ``PlayoutBuffer.hold_s`` (200 ms), so
+  frames stop on a dead network (the RTP watchdog counts them); the receiver leaves the
+  ticker while it is stopped.
 * **Decode** — :class:`OpusDecoder`: one persistent libopus context (PyAV), mono
   48 kHz s16, on the event loop. Concealment is libopus' own PLC, reached through
   PyAV by decoding a TOC-only packet (a 0-byte frame, what DTX sends: libopus then
@@ -57,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 import av
@@ -66,6 +76,7 @@ from . import aiortc_hooks
 from .clock import FRAME_S, FrameClock
 from .frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from .jitterbuffer import DISCARD, GAP, IDLE, PLAY, PlayoutBuffer
+from .lean import FrameTicker
 
 __all__ = ["NOT_DECODED", "OpusDecoder", "OpusReceiver", "aiortc_problems", "RESYNC_S"]
 
@@ -74,6 +85,9 @@ log = logging.getLogger(__name__)
 #: A tick this late (the event loop stalled) starts a new schedule instead of catching
 #: up: the stall becomes playout delay, which the buffer then shrinks again.
 RESYNC_S = 3 * FRAME_S
+#: A slot due this little after a tick of the shared ticker is played in that tick
+#: (clock noise: the schedule lies on the ticker's grid).
+_DUE_SLACK_S = 0.001
 
 Deliver = Callable[[np.ndarray, "int | None"], None]
 
@@ -108,6 +122,22 @@ NOT_DECODED = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
 NOT_DECODED.flags.writeable = False
 #: Before anything was decoded: CELT fullband 20 ms mono.
 _DEFAULT_TOC = 0xF8
+
+
+class _Subscription:
+    """A receiver's place on the shared ticker (what ``OpusReceiver._timer`` holds while
+    playout runs; ``cancel()`` leaves the ticker, as a timer handle's would)."""
+
+    __slots__ = ("callback", "ticker")
+
+    def __init__(self, ticker: FrameTicker, callback: Callable[[float, float, int], None],
+                 at: float | None) -> None:
+        self.ticker = ticker
+        self.callback = callback
+        ticker.add(callback, first=True, at=at)
+
+    def cancel(self) -> None:
+        self.ticker.remove(self.callback)
 
 
 class OpusDecoder:
@@ -214,9 +244,12 @@ class OpusReceiver:
         self._on_fallback = on_fallback
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
-        self._timer: asyncio.TimerHandle | None = None
+        self._loop_clock = clock is None  # our clock is the loop's (the ticker's)
+        self._ticker = FrameTicker.of(self._loop)
+        self._timer: _Subscription | None = None  # on the ticker while playout runs
         self._frames = FrameClock(resync_after_s=RESYNC_S)
         self._tick_n = 0  # ticks since the schedule began
+        self._catching_up = False  # a catch-up slot is due in the next loop iteration
         self._receiver = None
         self._opus_pts: frozenset[int] = frozenset()
         self._streams: dict | None = None
@@ -282,9 +315,7 @@ class OpusReceiver:
             except Exception:
                 log.exception("%s: flushing the receive buffer failed", self.label)
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._leave_ticker()
 
     def release(self) -> None:
         """After :meth:`close`: free the decoder (libopus context) and the buffered
@@ -326,10 +357,68 @@ class OpusReceiver:
     # -- playout -----------------------------------------------------------------------
 
     def _schedule(self, start: float) -> None:
-        """Start a new playout schedule: tick 0 due at ``start``."""
+        """Start a new playout schedule: tick 0 due at the ticker's first tick at or
+        after ``start`` (``start`` itself when the ticker is idle: it starts then)."""
+        offset = self._clock_offset()
+        grid = self._ticker.next_due
+        if grid is not None:
+            grid += offset
+            start = grid + math.ceil((start - grid) / FRAME_S - 1e-6) * FRAME_S
         self._frames.begin(start)
         self._tick_n = 0
-        self._timer = self._loop.call_at(start, self._tick)
+        if self._timer is None:
+            self._timer = _Subscription(self._ticker, self._on_ticker, start - offset)
+
+    def _clock_offset(self) -> float:
+        """Our clock minus the loop's (0 unless a test gave a clock of its own)."""
+        return 0.0 if self._loop_clock else self._clock() - self._loop.time()
+
+    def _leave_ticker(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _on_ticker(self, now: float, late: float, frames: int) -> None:
+        """A tick of the shared ticker: play our slot due by now. (The ticker's own
+        ``late``/``frames`` are not used: our schedule has its own stall rule,
+        :data:`RESYNC_S`, and a backlog is played one slot per loop iteration.)"""
+        self._play_due(now if self._loop_clock else self._clock())
+
+    def _play_due(self, clock: float) -> None:
+        """Play the slot due by ``clock`` (our clock's time), if any. After a stall
+        longer than :data:`RESYNC_S`, it starts a new schedule on the ticker's grid (the
+        stall becomes delay). When more slots are due (the loop was late), the next one
+        is played in the next loop iteration, after the socket reads in between, as the
+        per-call timer did: a datagram transport reads one packet per socket per
+        iteration, so a backlog played at once would conceal packets that are there."""
+        schedule = self._frames
+        try:
+            if self._timer is None:
+                return
+            n = self._tick_n
+            due = schedule.start + n * FRAME_S
+            if due > clock + _DUE_SLACK_S:
+                return
+            if clock - due > RESYNC_S:
+                # the stall becomes delay: this slot is due at the ticker's last tick
+                # (the grid's last point at or before now), the next one at its next
+                schedule.resyncs += 1
+                grid = self._ticker.next_due + self._clock_offset()
+                if grid > clock + _DUE_SLACK_S:
+                    grid -= math.ceil((grid - clock - _DUE_SLACK_S) / FRAME_S) * FRAME_S
+                schedule.begin(grid - n * FRAME_S)
+            self._tick(clock)
+            if (self._timer is not None and not self._catching_up
+                    and schedule.start + self._tick_n * FRAME_S <= clock + _DUE_SLACK_S):
+                self._catching_up = True
+                self._loop.call_soon(self._catch_up)
+        except Exception:  # never lose the ticker over one tick
+            self.errors += 1
+            log.exception("%s: receive playout tick failed", self.label)
+
+    def _catch_up(self) -> None:
+        self._catching_up = False
+        self._play_due(self._clock())
 
     @property
     def resyncs(self) -> int:
@@ -345,11 +434,13 @@ class OpusReceiver:
         self._frames.begin(at)
         self._tick_n = 0
 
-    def _tick(self) -> None:
-        self._timer = None
+    def _tick(self, now: float | None = None) -> None:
+        """Play the slot due now (``now``: our clock's time, read if not given)."""
         if self._closed:
+            self._leave_ticker()
             return
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         frames, n = self._frames, self._tick_n
         frames.late(n, now)  # a stalled loop restarts the schedule (the stall becomes delay)
         due = frames.due(n)
@@ -364,11 +455,14 @@ class OpusReceiver:
             return
         if played:
             self._tick_n = n + 1
-            self._timer = self._loop.call_at(frames.due(n + 1), self._tick)
+            if self._timer is None:
+                self._timer = _Subscription(self._ticker, self._on_ticker, None)
         else:
             start = self.buffer.start_at
             if start is not None:
                 self._schedule(max(start, now))
+            else:
+                self._leave_ticker()  # stopped: the next packet starts a new schedule
 
     def play(self, now: float) -> bool:
         """Do what the tick due at ``now`` does: deliver a frame (or, for a slot the
