@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import wave
 from dataclasses import dataclass
@@ -59,16 +60,21 @@ class Recordings:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        self._cache: dict[str, tuple[int, dict]] = {}
+        self._cache: dict[str, tuple[tuple[int, int, int], dict]] = {}
+        #: Sidecar updates (artifacts arrive on threads, two at once) one at a time.
+        self._writing = threading.Lock()
 
     # -- reading -----------------------------------------------------------------------
 
     def _sidecar(self, call_dir: Path) -> dict | None:
         path = call_dir / SIDECAR
         try:
-            stamp = path.stat().st_mtime_ns
+            stat = path.stat()
         except OSError:
             return None
+        # (a sidecar is replaced whole: a new inode; the mtime alone can repeat within a
+        # clock tick)
+        stamp = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
         cached = self._cache.get(call_dir.name)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -182,16 +188,23 @@ class Recordings:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        with self._writing:
+            self._cache.pop(call_id, None)  # (read it from the disk)
+            self._list_artifact(call_dir, call_id, kind, name, len(data), meta)
+        return path
+
+    def _list_artifact(self, call_dir: Path, call_id: str, kind: str, name: str, size: int,
+                       meta: dict[str, Any]) -> None:
         sidecar = self._sidecar(call_dir) or {
             "call_id": call_id, "started_at": meta.get("started_at"), "ended_at": meta.get("ended_at"),
             "complete": True, "files": {}, "durations_s": {}, "meta": {k: v for k, v in meta.items()
                                                                        if k in ("direction", "wacid", "user")}}
         sidecar = dict(sidecar)
         sidecar["files"] = {**sidecar.get("files", {}), f"whatsapp_{kind}": name}
-        sidecar.setdefault("provider_artifacts", {})[kind] = {"file": name, "size": len(data),
+        sidecar.setdefault("provider_artifacts", {})[kind] = {"file": name, "size": size,
                                                               "received_at": iso(time.time())}
         write_json(call_dir / SIDECAR, sidecar)
-        return path
+        self._cache.pop(call_id, None)
 
     # -- waveform ----------------------------------------------------------------------
 

@@ -157,3 +157,28 @@ def test_the_inbound_setting_is_checked():
     d360 = Settings.load({"WACALL_INBOUND_PROVIDER_RECORDING": "qa", "WACALL_D360_API_KEY": "k"})
     with pytest.raises(ConfigError, match="needs the meta provider"):
         d360.provider_kwargs()
+
+
+def test_two_artifacts_stored_at_once_are_both_listed(tmp_path):
+    """The recording and the transcript arrive together (two threads write the sidecar):
+    neither is lost, whatever the order or the clock's resolution."""
+    import threading
+
+    from gateway.recordings import Recordings
+
+    recordings = Recordings(tmp_path)
+    for i in range(20):
+        call_id = f"call_{i:04d}"
+        start = threading.Barrier(2)
+
+        def store(kind: str) -> None:
+            start.wait()
+            recordings.store_artifact(call_id, kind, b"x" * 100, {"direction": "BUSINESS_INITIATED"})
+
+        threads = [threading.Thread(target=store, args=(kind,)) for kind in ("recording", "transcription")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        item = recordings.item(recordings.sidecar(call_id))
+        assert {f["name"] for f in item["files"]} == {"whatsapp-recording.ogg", "whatsapp-transcript.json"}
