@@ -904,7 +904,7 @@ class PermissionLedger:
         for w in self._windows(rec, action):
             used = w.usage(events, now)
             if used >= w.max_allowed:
-                parts.append(f"{used} {noun} in {_span(w.window_s)} (max {w.max_allowed})")
+                parts.append(f"{used} {noun} in {span(w.window_s)} (max {w.max_allowed})")
         block = self._active_block(rec, action)
         if block is not None and block.until > now:
             parts.append(f"provider refused with {block.code}")
@@ -927,7 +927,8 @@ def _user_key(user: str) -> str:
     return key
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """A window as people say it: ``24 h``, ``7 days``, ``6 h``, ``90 s``."""
     if seconds % DAY == 0:
         return f"{int(seconds // DAY) * 24} h" if seconds == DAY else f"{int(seconds // DAY)} days"
     if seconds % 3600 == 0:

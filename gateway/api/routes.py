@@ -166,12 +166,12 @@ def _time(query: Any, name: str) -> float | None:
     if raw is None:
         return None
     try:
-        return _seconds(raw)
+        return iso_seconds(raw)
     except ValueError:
         raise BadRequest(f"{name} must be an ISO 8601 time, e.g. 2026-12-07T09:00:00Z") from None
 
 
-def _seconds(text: str) -> float:
+def iso_seconds(text: str) -> float:
     """ISO 8601 (``Z`` or an offset; naive is UTC) -> unix seconds; ValueError if not."""
     parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
@@ -179,7 +179,7 @@ def _seconds(text: str) -> float:
 
 def _created(call: dict) -> float:
     try:
-        return _seconds(str(call.get("created_at")))
+        return iso_seconds(str(call.get("created_at")))
     except ValueError:
         return 0.0
 
@@ -604,7 +604,7 @@ class ControlApi:
                     continue
             if since is not None or until is not None:
                 try:
-                    started = _seconds(str(data.get("started_at")))
+                    started = iso_seconds(str(data.get("started_at")))
                 except ValueError:
                     continue
                 if (since is not None and started < since) or (until is not None and started >= until):

@@ -26,10 +26,11 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
-from ..api.routes import MAX_PAGE, BadRequest, ControlApi
+from ..api.routes import MAX_PAGE, BadRequest, ControlApi, iso_seconds
 from ..calls import CallState
 from ..domain import events as call_events
 from ..numbers import display, normalize_recipient
+from ..permissions import span
 from ..redact import mask_phone
 from .session import COOKIE, ConsoleAuth, Session
 
@@ -157,8 +158,7 @@ def _day(text: str, name: str, *, end: bool = False) -> float | None:
         if len(text) == 10:
             day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
             return day.timestamp() + (86400.0 if end else 0.0)
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+        return iso_seconds(text)
     except ValueError:
         raise BadRequest(f"{name} must be a date (YYYY-MM-DD)") from None
 
@@ -447,18 +447,12 @@ class Console:
                 "calls_left": max(0, limits.max_calls - status["calls_last_24h"]),
             })
         rules = {
-            "validity": _span(limits.validity_s),
-            "requests": "; ".join(f"{r.max_allowed} requests per {_span(r.window_s)}" for r in limits.request_limits)
+            "validity": span(limits.validity_s),
+            "requests": "; ".join(f"{r.max_allowed} requests per {span(r.window_s)}" for r in limits.request_limits)
                         or "requests unlimited",
             "calls": f"{limits.max_calls} {'connected ' if limits.count_only_connected_calls else ''}calls per "
-                     f"{_span(limits.call_window_s)}",
+                     f"{span(limits.call_window_s)}",
             "unanswered": limits.unanswered_revoke_after,
         }
         return self.render("permissions.html", session=session, permissions=rows[:MAX_PAGE * 5], limits=rules)
 
-
-def _span(seconds: float) -> str:
-    days, rest = divmod(seconds, 86400)
-    if not rest:
-        return f"{days:.0f} day{'s' if days != 1 else ''}"
-    return f"{seconds / 3600:g} h"
