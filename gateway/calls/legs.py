@@ -159,12 +159,14 @@ class SipContext:
     probe_timeout_s: float = 5.0
 
     async def probe(self, spec: Any) -> None:
-        """Before a call is placed: may ``spec``'s target be dialled, and does it answer
-        OPTIONS at all (any response but a timeout or 503)? Raises :class:`SipUnreachable`
-        (or ``BotTargetRefused``)."""
+        """Before a call is placed: may ``spec``'s target be dialled, and (unless
+        ``spec.probe`` is off) does it answer OPTIONS at all (any response but a timeout
+        or 503)? Raises :class:`SipUnreachable` (or ``BotTargetRefused``)."""
         parts = parse_uri(spec.uri)
         if self.policy is not None:
             await self.policy.check(parts["host"], parts["port"])
+        if not spec.probe:
+            return
         try:
             response = await asyncio.wait_for(self.ua.options(spec.uri), self.probe_timeout_s)
         except (asyncio.TimeoutError, OSError) as exc:

@@ -39,6 +39,7 @@ from ..store.base import CallRecord
 from ..events import CallConnect, CallStatus, CallStatusKind, CallTerminate, Direction
 from ..logs import STORE_OUTAGE, bind_call_id
 from ..numbers import display
+from ..sip.spec import SipSpec
 from .legs import BotLeg, SipContext, SipLeg, SipUnreachable, WhatsAppLeg, tagged
 
 log = logging.getLogger("gateway.calls")
@@ -384,7 +385,7 @@ class LiveCall:
             await self._settle(dc.End(EndReason.SIP_FAILURE, notify=True,
                                       detail="SIP is not set up on this gateway (WACALL_SIP_LISTEN)"))
             return
-        spec, incoming = (None, self.sip) if hasattr(self.sip, "offer") else (self.sip, None)
+        spec, incoming = (self.sip, None) if isinstance(self.sip, SipSpec) else (None, self.sip)
         self.sip_leg = leg = SipLeg(self._sip_context, spec=spec, incoming=incoming)
         parameters = {"whatsapp_call_id": self.wacid or ""}
         try:

@@ -34,7 +34,7 @@ from ..recordings import Recordings, verify_sha256
 from ..providers.base import CallingProvider
 from ..redact import mask_phone
 from ..store.base import CallRecord, CallStore, VersionConflict
-from ..sip.spec import SipSpec, parse_uri
+from ..sip.spec import SipSpec
 from .legs import SipContext, SipUnreachable, WhatsAppLeg, tag_of
 from .live import Listener, LiveCall
 from .plans import InboundPlan, InboundPolicy
@@ -285,11 +285,7 @@ class CallManager:
         if isinstance(sip, SipSpec):  # no IVR, no call (a PBX's INVITE is there already)
             if self.sip_context is None:
                 raise SipUnreachable("SIP is not set up on this gateway (set WACALL_SIP_LISTEN)")
-            if sip.probe:
-                await self.sip_context.probe(sip)
-            elif self.sip_context.policy is not None:
-                parts = parse_uri(sip.uri)
-                await self.sip_context.policy.check(parts["host"], parts["port"])
+            await self.sip_context.probe(sip)
         park = False
         if self.gate is not None:
             try:
