@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gateway.app import Service
@@ -63,6 +64,29 @@ auplay_srate\t\t48000
 ausrc_channels\t\t2
 auplay_channels\t\t2
 """
+
+
+def growing_wav(path: Path) -> tuple[np.ndarray, int]:
+    """What a 16-bit PCM WAV that baresip is still writing holds so far, as mono float32.
+
+    While the call lasts the header's sizes are not final and the file may end inside a
+    frame (a decoder refuses that), so this reads the ``fmt `` chunk and then every whole
+    frame after the ``data`` chunk's header, up to the end of the file as it is now."""
+    raw = path.read_bytes()
+    channels, rate, pos = 1, 0, 12
+    while pos + 8 <= len(raw):
+        kind, size = raw[pos:pos + 4], int.from_bytes(raw[pos + 4:pos + 8], "little")
+        if kind == b"fmt ":
+            channels = int.from_bytes(raw[pos + 10:pos + 12], "little")
+            rate = int.from_bytes(raw[pos + 12:pos + 16], "little")
+            assert int.from_bytes(raw[pos + 22:pos + 24], "little") == 16, "baresip writes 16-bit PCM"
+        elif kind == b"data":
+            body = raw[pos + 8:]
+            body = body[:len(body) - len(body) % (2 * channels)]
+            pcm = np.frombuffer(body, dtype="<i2").reshape(-1, channels).mean(axis=1)
+            return (pcm / 32768.0).astype(np.float32), rate
+        pos += 8 + size + (size & 1)
+    return np.zeros(0, dtype=np.float32), rate or 8000
 
 
 class Baresip:
@@ -110,7 +134,7 @@ class Baresip:
         """Seconds of ``hz`` in what baresip received (decoded)."""
         total = 0.0
         for path in self.directory.glob("dump-*-dec.wav"):
-            samples, rate = analysis.read_audio(path)
+            samples, rate = growing_wav(path)
             total += analysis.tone_seconds(samples, rate, hz)
         return total
 
