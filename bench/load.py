@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -84,6 +85,13 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def sys_seconds(pid: int) -> float:
+    """stime of a process: the kernel's share (syscalls; on loopback a send also runs the
+    receiving socket's network stack in the sender's time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / CLK_TCK
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -190,7 +198,7 @@ class _OggOnlyRecorder:
 
 
 async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: str = "full",
-              workers: int = 0, rtp_path: str = "lean") -> dict:
+              workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None) -> dict:
     import contextlib
 
     if rtp_path == "naive" or record.startswith("ogg-"):
@@ -255,16 +263,21 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
 
                     profiler = cProfile.Profile()
                     profiler.enable()
+                spy = start_spy(profile_spy, seconds) if profile_spy else None
                 cpu0, wall0 = sum(map(cpu_seconds, pids)), time.monotonic()
+                sys0 = sum(map(sys_seconds, pids))
                 worker_cpu0 = [cpu_seconds(pid) for pid in pids[1:]]
                 provider_cpu0 = cpu_seconds(provider.process.pid)
                 await asyncio.sleep(seconds)
                 cpu1, wall1 = sum(map(cpu_seconds, pids)), time.monotonic()
+                sys1 = sum(map(sys_seconds, pids))
                 worker_cpu1 = [cpu_seconds(pid) for pid in pids[1:]]
                 provider_cpu1 = cpu_seconds(provider.process.pid)
                 if profiler is not None:
                     profiler.disable()
                     profiler.dump_stats(profile)
+                if spy is not None:
+                    await asyncio.to_thread(spy.wait, 30)
                 rss = sum(rss_mb(pid) for pid in pids)
                 stats = [await c.media.get_stats() for c in calls]
                 # frames handed on without decoding (nothing read PCM; media in-process only)
@@ -316,6 +329,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "calls_per_core": round(1000 / cpu_ms_per_call_s) if cpu_ms_per_call_s else None,
         "rss_mb_per_call": round((rss - base_rss) / n, 2),
         "gateway_cores": round((cpu1 - cpu0) / wall, 2),
+        "kernel_pct": round(100 * (sys1 - sys0) / (cpu1 - cpu0)) if cpu1 > cpu0 else None,
         "provider_cores": round((provider_cpu1 - provider_cpu0) / wall, 2),
         "sent_frames": sum(p["frames"] for p in pacing),
         "underruns": sum(p["underruns"] for p in pacing),
@@ -331,14 +345,24 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     }
 
 
+def start_spy(path: str, seconds: float) -> subprocess.Popen:
+    """py-spy sampling this process (every thread; not pausing it) for ``seconds``, as
+    collapsed stacks in ``path`` (``bench/spy_top.py`` ranks them)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--duration", str(max(1, int(seconds))),
+                             "--rate", "250", "--format", "raw", "--nonblocking", "-o", path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
-               workers: list[int], paths: list[str], rounds: int = 1) -> None:
+               workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
         runs = [(n, w, p, r) for _ in range(rounds) for w in workers for n in counts for p in paths for r in records]
         for i, (n, w, path, record) in enumerate(runs):
-            result = await run(n, seconds, Path(tmp) / str(i), profile, record, w, path)
+            result = await run(n, seconds, Path(tmp) / str(i), profile, record, w, path,
+                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"))
             results.append(result)
             if as_json:
                 print(json.dumps(result), flush=True)
@@ -354,7 +378,7 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                   f"{where}"
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
                   f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call; "
-                  f"cores busy: gateway {result['gateway_cores']}, provider+phones {result['provider_cores']}; "
+                  f"cores busy: gateway {result['gateway_cores']} ({result['kernel_pct']} % in the kernel), provider+phones {result['provider_cores']}; "
                   f"sends: {result['underruns']} underruns of {result['sent_frames']}, worst "
                   f"{result['max_late_ms']} ms late (median call {result['p50_call_max_late_ms']} ms); "
                   f"received: {result['concealed_pct']} % concealed, {result['frames_not_decoded']} frames "
@@ -380,6 +404,9 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the measured window into FILE (numbers then include its overhead)")
+    parser.add_argument("--spy", metavar="FILE",
+                        help="py-spy (pip install py-spy) samples the measured window into FILE as collapsed stacks "
+                             "(little overhead: numbers stay comparable); python bench/spy_top.py FILE ranks them")
     parser.add_argument("--record", nargs="+", choices=["full", "ogg-only", "ogg-decoded", "none"], default=["full"],
                         help="one run per value; full: user.wav + stereo.wav + user.ogg + speech events; ogg-only: user.ogg "
                              "passed through, no speech events (no PCM read: nothing decoded); ogg-decoded: the same, "
@@ -396,4 +423,4 @@ if __name__ == "__main__":
                              "table then shows each configuration's median")
     args = parser.parse_args()
     asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path,
-                     args.rounds))
+                     args.rounds, args.spy))

@@ -41,10 +41,14 @@ import asyncio
 import functools
 import inspect
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiortc
+from aiortc.rtcdtlstransport import State as _DtlsState
+
+_DTLS_CONNECTED = _DtlsState.CONNECTED
 
 __all__ = [
     "AIORTC_VERSION",
@@ -236,6 +240,12 @@ def nominated_pair(transceiver):
     return nominated.get(1)
 
 
+def nominated_pairs(connection) -> dict:
+    """aioice's ``{component: nominated pair}`` of ``connection``: the same dict for the
+    connection's life (aioice fills and clears it in place)."""
+    return connection._nominated
+
+
 # -- the lean send path (media.lean) ---------------------------------------------------
 
 #: RTCRtpSender's private counters that its RTCP sender reports and getStats() read.
@@ -274,9 +284,15 @@ def sender_extensions_map(sender):
 
 
 def dtls_connected(transport) -> bool:
-    from aiortc.rtcdtlstransport import State
+    return transport is not None and transport._state is _DTLS_CONNECTED
 
-    return transport is not None and transport._state == State.CONNECTED
+
+def udp_socket(pair) -> socket.socket | None:
+    """The UDP socket under a plain pair's asyncio transport (the lean sender writes to
+    it directly: no transport bookkeeping per packet), or ``None`` (closed, or not what
+    it was: then the transport's own ``sendto`` is used)."""
+    sock = getattr(pair.protocol.transport, "_sock", None)
+    return sock if isinstance(sock, socket.socket) and sock.type == socket.SOCK_DGRAM else None
 
 
 def plain_udp(pair) -> bool:

@@ -513,6 +513,18 @@ class PeerDtmf:
             return self._outgoing(data)
         return data, None
 
+    @property
+    def sending(self) -> bool:
+        """Whether an event is queued for our audio packets to carry (else :meth:`passed`
+        is all a sender that owns its sequence numbers owes us per packet)."""
+        return bool(self._ticks)
+
+    def passed(self, seq: int) -> None:
+        """Our audio packet ``seq`` went out untouched (the lean path's cheap
+        :meth:`outgoing` while :attr:`sending` is false)."""
+        self.rtp_sent += 1
+        self._last_seq = seq
+
     def sent(self, tick: _Tick | None) -> None:
         if tick is not None and tick.last and not tick.owner.done():
             tick.owner.set_result(None)

@@ -73,6 +73,8 @@ class FrameTicker:
         self._due = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._ticking = False
+        self._ntp = 0
+        self._ntp_tick = -1
 
     @classmethod
     def current(cls) -> FrameTicker:
@@ -92,6 +94,14 @@ class FrameTicker:
         """When the next tick is due (loop clock; inside a tick: the one after it), or
         ``None`` while the ticker is idle (no subscriber)."""
         return self._due if self._handle is not None or self._ticking else None
+
+    def ntp(self) -> int:
+        """The NTP time (64-bit) of this tick, taken once per tick for every call's
+        sender-report counters (aiortc's clock builds a ``datetime`` each time)."""
+        if self._ntp_tick != self.ticks:
+            self._ntp = clock.current_ntp_time()
+            self._ntp_tick = self.ticks
+        return self._ntp
 
     def add(self, subscriber: Callable[[float, float, int], None], *, first: bool = False,
             at: float | None = None) -> None:
@@ -159,9 +169,15 @@ class LeanSender:
         self._seq = 0
         self._ts_origin = 0
         self._stopped: asyncio.Future | None = None
+        #: Packets the kernel refused (socket buffer full): dropped, as UDP would.
+        self.dropped = 0
         self._dtls = None
         self._sender = None
         self._connection = None
+        self._nominated: dict = {}
+        self._pair = None
+        self._sock = None
+        self._addr = None
         self._srtp = None
         self._ticker: FrameTicker | None = None
         self._why_not: str | None = "not configured"
@@ -202,6 +218,7 @@ class LeanSender:
                 self._why_not = "the ICE pair is not plain UDP (a TURN relay)"
             else:
                 self._dtls, self._connection, self._srtp = dtls, connection, dtls._tx_srtp
+                self._nominated = aiortc_hooks.nominated_pairs(connection)
                 self._sender = self.transceiver.sender
         if self._why_not is not None:
             log.debug("lean RTP path not used: %s", self._why_not)
@@ -230,35 +247,57 @@ class LeanSender:
         if not aiortc_hooks.dtls_connected(dtls):
             self.stop()
             return
-        pair = aiortc_hooks.nominated_pair(self.transceiver)
-        if pair is None:
-            self.stop()
-            return
+        pair = self._nominated.get(1)
+        if pair is not self._pair:
+            if pair is None:
+                self.stop()
+                return
+            self._pair, self._addr = pair, pair.remote_addr
+            self._sock = aiortc_hooks.udp_socket(pair)
         track = self.track
         if self._sender.track is not track:
             return  # replaced (or removed) for now: nothing goes out, as with aiortc
         header = self._header
-        sendto = pair.protocol.transport.sendto
-        addr = pair.remote_addr
         protect = self._srtp.protect
         dtmf = self.dtmf
+        origin = self._ts_origin
         for i in range(frames):
             track.paced(now, late - i * FRAME_S)
             payload = track.next_payload()
-            _SEQ_TS.pack_into(header, 2, self._seq, (self._ts_origin + track.sent_pts) & 0xFFFFFFFF)
+            seq = self._seq
+            timestamp = (origin + track.sent_pts) & 0xFFFFFFFF
+            _SEQ_TS.pack_into(header, 2, seq, timestamp)
             data = bytes(header) + payload
             owed = None
             if dtmf is not None:
-                data, owed = dtmf.outgoing(data)
+                if dtmf.sending:
+                    data, owed = dtmf.outgoing(data)
+                else:
+                    dtmf.passed(seq)
             if data is not None:
                 protected = protect(data)
-                sendto(protected, addr)
-                aiortc_hooks.count_sent(self._sender, dtls, len(payload), len(protected),
-                                        (self._ts_origin + track.sent_pts) & 0xFFFFFFFF, clock.current_ntp_time())
+                self._send(protected, pair)
+                aiortc_hooks.count_sent(self._sender, dtls, len(payload), len(protected), timestamp,
+                                        self._ticker.ntp())
                 self.packets += 1
             if owed is not None:
                 dtmf.sent(owed)
-            self._seq = (self._seq + 1) & 0xFFFF
+            self._seq = (seq + 1) & 0xFFFF
+
+    def _send(self, protected: bytes, pair) -> None:
+        sock = self._sock
+        if sock is None:
+            pair.protocol.transport.sendto(protected, self._addr)
+            return
+        try:
+            sock.sendto(protected, self._addr)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1  # the kernel's buffer is full: a datagram lost, as on the wire
+        except OSError:
+            # anything else (the socket closed under us...): the transport's own sendto
+            # from now on, which reports errors to aioice as it always did
+            self._sock = None
+            pair.protocol.transport.sendto(protected, self._addr)
 
 
 class RtpView:
