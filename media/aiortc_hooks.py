@@ -41,12 +41,14 @@ import asyncio
 import functools
 import inspect
 import logging
-import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiortc
 from aiortc.rtcdtlstransport import State as _DtlsState
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.utils import uint16_gt
 
 _DTLS_CONNECTED = _DtlsState.CONNECTED
 
@@ -99,8 +101,11 @@ def _class_problems() -> tuple[str, ...]:
         found.append("RTCRtpReceiver.receive is not a coroutine function any more")
     if not callable(getattr(RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", None)):
         found.append("RTCRtpReceiver.__stop_decoder is missing")
-    if not callable(getattr(StreamStatistics, "add", None)):
-        found.append("StreamStatistics.add is missing")
+    fresh = StreamStatistics(48000)
+    missing = [n for n in ("base_seq", "max_seq", "cycles", "packets_received", "_clockrate", "_jitter_q4",
+                           "_last_arrival", "_last_timestamp") if not hasattr(fresh, n)]
+    if missing:  # what ArrivalStatistics keeps, and aiortc's RTCP reads
+        found.append(f"StreamStatistics fields changed ({', '.join(missing)} missing)")
     for name, params in TRANSPORT_HOOKS:
         fn = getattr(RTCDtlsTransport, name, None)
         if fn is None or not inspect.iscoroutinefunction(fn):
@@ -130,7 +135,8 @@ def problems(*, receiver=None, sender=None, scope: str = "all") -> list[str]:
 # -- received RTP ------------------------------------------------------------------------
 
 Observer = Callable[[Any, float], None]
-Consumer = Callable[[Any], bool]
+#: ``consumer(packet, at=None)``: ``at`` the packet's arrival (loop clock; ``None``: now).
+Consumer = Callable[..., bool]
 
 
 class ReceiverHook:
@@ -187,10 +193,36 @@ def remote_streams(receiver) -> dict:
     return receiver._RTCRtpReceiver__remote_streams
 
 
-def stream_statistics(clockrate: int):
-    from aiortc.rtcrtpreceiver import StreamStatistics
+def stream_statistics(clockrate: int) -> ArrivalStatistics:
+    return ArrivalStatistics(clockrate)
 
-    return StreamStatistics(clockrate)
+
+class ArrivalStatistics(StreamStatistics):
+    """aiortc's per-SSRC receive statistics (what its RTCP receiver reports and
+    ``getStats()`` read), told when each packet arrived instead of reading the clock
+    when it is counted: a packet read from the socket up to a tick later (the polled
+    lean path) still counts at its arrival. ``add(packet, at)``: ``at`` in seconds on
+    any steady clock (only differences count), ``None``: the wall clock now."""
+
+    def add(self, packet, at: float | None = None) -> None:
+        seq = packet.sequence_number
+        in_order = self.max_seq is None or uint16_gt(seq, self.max_seq)
+        self.packets_received += 1
+        if self.base_seq is None:
+            self.base_seq = seq
+        if not in_order:
+            return
+        if self.max_seq is not None and seq < self.max_seq:
+            self.cycles += 1 << 16  # the sequence number wrapped
+        self.max_seq = seq
+        # RFC 3550 A.8 interarrival jitter, in timestamp units, ×16 (aiortc's fixed point)
+        arrival = int((time.time() if at is None else at) * self._clockrate)
+        timestamp = packet.timestamp
+        if timestamp != self._last_timestamp and self.packets_received > 1:
+            transit_change = abs((arrival - self._last_arrival) - (timestamp - self._last_timestamp))
+            self._jitter_q4 += transit_change - ((self._jitter_q4 + 8) >> 4)
+        self._last_arrival = arrival
+        self._last_timestamp = timestamp
 
 
 def receiver_codecs(receiver) -> dict:
@@ -286,13 +318,6 @@ def sender_extensions_map(sender):
 def dtls_connected(transport) -> bool:
     return transport is not None and transport._state is _DTLS_CONNECTED
 
-
-def udp_socket(pair) -> socket.socket | None:
-    """The UDP socket under a plain pair's asyncio transport (the lean sender writes to
-    it directly: no transport bookkeeping per packet), or ``None`` (closed, or not what
-    it was: then the transport's own ``sendto`` is used)."""
-    sock = getattr(pair.protocol.transport, "_sock", None)
-    return sock if isinstance(sock, socket.socket) and sock.type == socket.SOCK_DGRAM else None
 
 
 def plain_udp(pair) -> bool:

@@ -33,7 +33,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import struct
+import sys
+import time
 import weakref
 from collections.abc import Callable
 
@@ -68,6 +71,9 @@ class FrameTicker:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.subscribers: list[Callable[[float, float, int], None]] = []
+        #: Run before every subscriber: the lean receivers draining their sockets, so
+        #: what arrived since the last tick is in the playout buffers when they play.
+        self.intake: list[Callable[[float, float, int], None]] = []
         self.ticks = 0
         self.resyncs = 0
         self._due = 0.0
@@ -75,6 +81,8 @@ class FrameTicker:
         self._ticking = False
         self._ntp = 0
         self._ntp_tick = -1
+        self._offset = 0.0
+        self._offset_tick = -1
 
     @classmethod
     def current(cls) -> FrameTicker:
@@ -95,6 +103,14 @@ class FrameTicker:
         ``None`` while the ticker is idle (no subscriber)."""
         return self._due if self._handle is not None or self._ticking else None
 
+    def wall_offset(self) -> float:
+        """``time.time()`` minus the loop's clock, taken once per tick (kernel receive
+        timestamps are wall-clock times)."""
+        if self._offset_tick != self.ticks:
+            self._offset = time.time() - self.loop.time()
+            self._offset_tick = self.ticks
+        return self._offset
+
     def ntp(self) -> int:
         """The NTP time (64-bit) of this tick, taken once per tick for every call's
         sender-report counters (aiortc's clock builds a ``datetime`` each time)."""
@@ -104,11 +120,14 @@ class FrameTicker:
         return self._ntp
 
     def add(self, subscriber: Callable[[float, float, int], None], *, first: bool = False,
-            at: float | None = None) -> None:
+            at: float | None = None, intake: bool = False) -> None:
         """Call ``subscriber`` every tick from the next one on; ``first``: before the
-        subscribers already there. An idle ticker starts with its first tick due ``at``
-        (loop clock; default: one frame from now)."""
-        if first:
+        subscribers already there; ``intake``: before all of them (see :attr:`intake`).
+        An idle ticker starts with its first tick due ``at`` (loop clock; default: one
+        frame from now)."""
+        if intake:
+            self.intake.append(subscriber)
+        elif first:
             self.subscribers.insert(0, subscriber)
         else:
             self.subscribers.append(subscriber)
@@ -120,8 +139,11 @@ class FrameTicker:
         try:
             self.subscribers.remove(subscriber)
         except ValueError:
-            return
-        if not self.subscribers and self._handle is not None:
+            try:
+                self.intake.remove(subscriber)
+            except ValueError:
+                return
+        if not self.subscribers and not self.intake and self._handle is not None:
             self._handle.cancel()
             self._handle = None
 
@@ -140,7 +162,7 @@ class FrameTicker:
         self._due += frames * FRAME_S
         self.ticks += 1
         try:
-            for tick in tuple(self.subscribers):
+            for tick in (*self.intake, *self.subscribers):
                 try:
                     tick(now, late, frames)
                 except Exception:  # noqa: BLE001 - one call's failure never stops the others
@@ -148,7 +170,7 @@ class FrameTicker:
                     self.remove(tick)
         finally:
             self._ticking = False
-            if self.subscribers and self._handle is None:
+            if (self.subscribers or self.intake) and self._handle is None:
                 self._handle = self.loop.call_at(self._due, self._tick)
 
 
@@ -253,7 +275,7 @@ class LeanSender:
                 self.stop()
                 return
             self._pair, self._addr = pair, pair.remote_addr
-            self._sock = aiortc_hooks.udp_socket(pair)
+            self._sock = transport_socket(pair.protocol.transport)
         track = self.track
         if self._sender.track is not track:
             return  # replaced (or removed) for now: nothing goes out, as with aiortc
@@ -340,13 +362,103 @@ def parse_rtp(data: bytes) -> RtpView:
     return RtpView(second & 0x7F, second >> 7, seq, timestamp, ssrc, data[start:end])
 
 
+class PolledSocket:
+    """A UDP transport's socket read on the :class:`FrameTicker`'s intake instead of by
+    the event loop's selector (the lean receive path's, see :class:`LeanReceiver`).
+
+    :meth:`start` asks the kernel to stamp each datagram's arrival (``SO_TIMESTAMPNS``:
+    Linux), pauses the transport's reading and drains the socket every tick:
+    ``deliver(data, addr, at)`` for each datagram, ``at`` its arrival on the loop's
+    clock. Errors the socket reports go to the transport's protocol, as asyncio's own
+    reader sends them. If ``deliver`` raises, polling stops for good: the transport
+    reads again (its protocol's callback then gets the datagrams) and ``on_stop`` is
+    called, so nothing is left unread."""
+
+    def __init__(self, transport, deliver: Callable[[bytes, object, float], None], *,
+                 on_stop: Callable[[], None] | None = None) -> None:
+        self.transport = transport
+        self.deliver = deliver
+        self.on_stop = on_stop
+        self.datagrams = 0
+        self._sock: socket.socket | None = None
+        self._ticker: FrameTicker | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._ticker is not None
+
+    def start(self) -> bool:
+        """Poll from the next tick on (``False``: this socket cannot be: left as it was)."""
+        sock = transport_socket(self.transport)
+        if sock is None or not _stamp_arrivals(sock):
+            return False
+        self._sock = sock
+        self.transport.pause_reading()
+        self._ticker = FrameTicker.of(asyncio.get_running_loop())
+        self._ticker.add(self._drain, intake=True)
+        return True
+
+    def stop(self, *, resume: bool = True) -> None:
+        """Stop polling; ``resume``: the transport reads by itself again (unless closing)."""
+        if self._ticker is not None:
+            self._ticker.remove(self._drain)
+            self._ticker = None
+            if resume and not self.transport.is_closing():
+                self.transport.resume_reading()
+        self._sock = None
+
+    def _drain(self, now: float, late: float, frames: int) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            self.stop(resume=False)
+            return
+        recvmsg = self._sock.recvmsg
+        offset = self._ticker.wall_offset()
+        deliver = self.deliver
+        try:
+            for _ in range(MAX_DRAIN):
+                try:
+                    data, ancillary, flags, addr = recvmsg(_MAX_DATAGRAM, _STAMP_SPACE)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # as asyncio's own reader reports it
+                    transport.get_protocol().error_received(exc)
+                    return
+                if flags & socket.MSG_TRUNC:
+                    continue  # larger than anything a media peer sends after the handshakes
+                self.datagrams += 1
+                at = now
+                for level, kind, raw in ancillary:
+                    if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
+                        sec, nsec = _TIMESPEC.unpack_from(raw)
+                        at = sec + nsec * 1e-9 - offset
+                deliver(data, addr, at)
+        except Exception:
+            log.exception("polled socket: delivering a datagram failed; the socket is read by callback from now on")
+            self.stop(resume=True)
+            if self.on_stop is not None:
+                self.on_stop()
+
+
 class LeanReceiver:
     """Takes one call's received RTP on the lean path (see the module docstring).
 
     ``payload_types()`` says which payload types to take (Opus and telephone-event as
     negotiated); ``hook`` is the receiver's :class:`media.aiortc_hooks.ReceiverHook`
     (tap observers first, then our playout as the consumer); ``dtmf`` the peer's
-    :class:`media.dtmf.PeerDtmf`."""
+    :class:`media.dtmf.PeerDtmf`.
+
+    **Polled** (:attr:`poll`, where the kernel stamps arrivals: Linux): the pair's
+    socket is a :class:`PolledSocket`, drained on the shared ticker's intake right
+    before the playout it feeds, each datagram with its kernel arrival time, so the
+    jitter buffer and the RTCP jitter see when a packet arrived, not when it was read.
+    No wake-up, callback or handle per packet. STUN, DTLS and RTCP read this way go on
+    to aioice unchanged, up to 20 ms later (consent and RTCP have seconds). Elsewhere,
+    or after a failure, packets come from the socket's callback as they arrive."""
+
+    #: Drain the socket on the ticker (``False``: the per-datagram callback; tests and
+    #: benchmarks compare the two).
+    poll = True
 
     def __init__(self, transceiver, hook, dtmf, payload_types: Callable[[], frozenset[int]]) -> None:
         self.transceiver = transceiver
@@ -356,9 +468,15 @@ class LeanReceiver:
         self.packets = 0
         self._protocol = None
         self._original = None
+        self._polled: PolledSocket | None = None
         self._pts: frozenset[int] = frozenset()
         self._dtls = None
         self._loop = asyncio.get_running_loop()
+
+    @property
+    def polled(self) -> bool:
+        """Whether the socket is being drained on the ticker (see the class docstring)."""
+        return self._polled is not None and self._polled.running
 
     def install(self) -> bool:
         """Once ICE and DTLS are up: receive on the lean path (``False``: it does not apply)."""
@@ -372,28 +490,41 @@ class LeanReceiver:
         self._dtls = dtls
         self._protocol = protocol = pair.protocol
         self._original = protocol.datagram_received
-        protocol.datagram_received = self._datagram_received
+        polled = PolledSocket(protocol.transport, self._datagram_received, on_stop=self._by_callback)
+        if self.poll and polled.start():
+            self._polled = polled
+        else:
+            self._by_callback()
         return True
 
+    def _by_callback(self) -> None:
+        if self._protocol is not None:
+            self._protocol.datagram_received = self._datagram_received
+
     def uninstall(self) -> None:
+        polled, self._polled = self._polled, None
+        if polled is not None:
+            polled.stop()
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.__dict__.get("datagram_received") == self._datagram_received:
             del protocol.datagram_received
         self._original = None
         self.hook = self.dtmf = None
 
-    def _datagram_received(self, data: bytes, addr) -> None:
+    def _datagram_received(self, data: bytes, addr, at: float | None = None) -> None:
         if len(data) >= 12 and 127 < data[0] < 192:
             pt = data[1] & 0x7F
             pts = self._pts
             if pt not in pts:
                 pts = self._pts = self.payload_types()
             if pt in pts and self._dtls._rx_srtp is not None:
-                self._rtp(data)
+                self._rtp(data, self._loop.time() if at is None else at)
                 return
-        self._original(data, addr)
+        original = self._original
+        if original is not None:
+            original(data, addr)
 
-    def _rtp(self, data: bytes) -> None:
+    def _rtp(self, data: bytes, at: float) -> None:
         dtls = self._dtls
         try:
             plain = dtls._rx_srtp.unprotect(data)
@@ -413,15 +544,41 @@ class LeanReceiver:
         hook = self.hook
         if hook is None:
             return
-        if hook.observers:
-            at = self._loop.time()
-            for observe in hook.observers:
-                observe(packet, at)
+        for observe in hook.observers:
+            observe(packet, at)
         consumer = hook.consumer
-        if consumer is None or not consumer(packet):
+        if consumer is None or not consumer(packet, at):
             # not ours to play: aiortc handles it as it would have (its own packet object)
             try:
                 full = RtpPacket.parse(plain, aiortc_hooks.receive_extensions_map(dtls))
             except ValueError:
                 return
             asyncio.ensure_future(hook.original(full, clock.current_ms()))
+
+
+#: Datagrams read per call and tick at most (the rest wait for the next tick): a flood
+#: cannot hold the loop.
+MAX_DRAIN = 64
+_MAX_DATAGRAM = 8192
+_SCM_TIMESTAMPNS = getattr(socket, "SCM_TIMESTAMPNS", 35)  # Linux; SO_TIMESTAMPNS has the same value
+_TIMESPEC = struct.Struct("@qq")
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+def transport_socket(transport) -> socket.socket | None:
+    """The UDP socket under an asyncio datagram transport (the lean path writes to and
+    reads from it directly), or ``None`` (closed, or not what it was: then the
+    transport's own ``sendto`` and callback are used)."""
+    sock = getattr(transport, "_sock", None)
+    return sock if isinstance(sock, socket.socket) and sock.type == socket.SOCK_DGRAM else None
+
+
+def _stamp_arrivals(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each datagram's arrival (nanoseconds, wall clock): Linux."""
+    if not _STAMP_SPACE or not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", _SCM_TIMESTAMPNS), 1)
+    except OSError:
+        return False
+    return True

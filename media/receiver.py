@@ -328,23 +328,26 @@ class OpusReceiver:
 
     # -- packets -----------------------------------------------------------------------
 
-    def _on_packet(self, packet) -> bool:
-        """One routed RTP packet; ``False`` hands it on to aiortc."""
+    def _on_packet(self, packet, at: float | None = None) -> bool:
+        """One routed RTP packet that arrived ``at`` (loop clock; ``None``: now);
+        ``False`` hands it on to aiortc."""
         if self.fallback or packet.payload_type not in self._opus_pts or not aiortc_hooks.receiver_enabled(self._receiver):
             return False
+        if at is None:
+            at = self._loop.time()
         streams = self._streams
         ssrc = packet.ssrc
         stream = streams.get(ssrc)
         if stream is None:
             stream = streams[ssrc] = aiortc_hooks.stream_statistics(SAMPLE_RATE)
-        stream.add(packet)
+        stream.add(packet, at)
         if self._events is not None:
             self._events_at_audio = self._events()
         payload = packet.payload
         if self._closed or not payload:
             return True
         buffer = self.buffer
-        buffer.push(packet.sequence_number, packet.timestamp, payload, self._clock(), ssrc)
+        buffer.push(packet.sequence_number, packet.timestamp, payload, at if self._loop_clock else self._clock(), ssrc)
         if self._timer is None:
             start = buffer.start_at
             if start is not None:

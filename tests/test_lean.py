@@ -1,11 +1,14 @@
 """The lean RTP path (media.lean): real peers on 127.0.0.1 carry tones both ways on it,
 interoperate with aiortc's own path, keep RTCP and statistics right; the shared ticker's
-catch-up rules; the RTP parser against aiortc's and against garbage."""
+catch-up rules; the polled receive (kernel arrival stamps, the fall-back to the loop's
+reading); the RTP parser against aiortc's and against garbage."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
+import sys
 import time
 from dataclasses import replace
 
@@ -14,8 +17,8 @@ import pytest
 from aiortc.rtp import RtpPacket
 from hypothesis import given, settings, strategies as st
 
-from media import analysis
-from media.lean import MAX_CATCH_UP, FrameTicker, parse_rtp
+from media import aiortc_hooks, analysis
+from media.lean import MAX_CATCH_UP, FrameTicker, PolledSocket, parse_rtp
 from media.sources.tone import ToneSource
 from tests.helpers import until
 from tests.media_call import LOOPBACK, TIMEOUT, FrameGate, call_pair
@@ -57,11 +60,15 @@ async def test_tones_both_ways_on_the_lean_path_and_with_aiortcs(business_path, 
             lean_received = peer._lean_receiver.packets if peer._lean_receiver is not None else 0
             if path == "lean":
                 assert lean_sent > 50 and lean_received > 50, (peer.label, lean_sent, lean_received)
+                assert peer._lean_receiver.polled == sys.platform.startswith("linux")
             else:
                 assert lean_sent == lean_received == 0
         # RTCP works on the lean path: each side's sender counters reach the other side
         # (its round-trip time comes from our reports), and counts agree
-        await until(lambda: business._pc.getTransceivers()[0].sender._RTCRtpSender__packet_count > 60, TIMEOUT)
+        # (a polled receiver reads what was sent up to a tick later: wait for both counts)
+        user_streams = aiortc_hooks.remote_streams(user._pc.getTransceivers()[0].receiver)
+        await until(lambda: business._pc.getTransceivers()[0].sender._RTCRtpSender__packet_count > 60
+                    and sum(s.packets_received for s in user_streams.values()) > 60, TIMEOUT)
         stats_b, stats_u = await business.get_stats(), await user.get_stats()
         assert stats_b["packets_sent"] > 60 and stats_u["packets_received"] > 60
         assert abs(stats_b["packets_sent"] - stats_u["packets_received"]) <= 5, (stats_b, stats_u)
@@ -152,3 +159,80 @@ def test_parse_rtp_refuses_bad_lengths():
                 bytes([0xA0]) + b"\x00" * 11 + b"\x00\xff"):  # padding longer than the packet
         with pytest.raises(ValueError):
             parse_rtp(bad)
+
+
+# -- the polled receive path: sockets drained on the ticker, arrivals stamped by the kernel --
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """What a transport's own reading delivers (nothing, while it is polled)."""
+
+    def __init__(self) -> None:
+        self.by_callback: list[bytes] = []
+
+    def datagram_received(self, data, addr) -> None:
+        self.by_callback.append(data)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel arrival stamps (SO_TIMESTAMPNS) are Linux's")
+async def test_a_polled_socket_gives_each_datagram_its_arrival_time_not_when_it_was_read():
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0))
+    got: list[tuple[bytes, float, float]] = []
+    polled = PolledSocket(transport, lambda data, addr, at: got.append((data, at, loop.time())))
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert polled.start() and polled.running
+        sent_at = loop.time()
+        out.sendto(b"first", transport.get_extra_info("sockname"))
+        time.sleep(0.08)  # the loop is busy (blocked here): the datagram waits in the socket
+        await until(lambda: got, TIMEOUT)
+        data, at, read_at = got[0]
+        assert data == b"first"
+        assert read_at - sent_at >= 0.08  # read after the stall...
+        assert abs(at - sent_at) < 0.01, (at - sent_at)  # ...but stamped when it arrived
+        assert protocol.by_callback == [] and polled.datagrams == 1
+    finally:
+        polled.stop()
+        transport.close()
+        out.close()
+    assert not polled.running and FrameTicker.of(loop).next_due is None  # the ticker went idle
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel arrival stamps (SO_TIMESTAMPNS) are Linux's")
+async def test_a_polled_socket_whose_consumer_fails_goes_back_to_the_loops_reading(caplog):
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0))
+    stopped: list[bool] = []
+
+    def broken(data, addr, at):
+        raise RuntimeError("a bug in the receive path")
+
+    polled = PolledSocket(transport, broken, on_stop=lambda: stopped.append(True))
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert polled.start()
+        out.sendto(b"one", transport.get_extra_info("sockname"))
+        await until(lambda: stopped, TIMEOUT)
+        assert not polled.running
+        out.sendto(b"two", transport.get_extra_info("sockname"))  # nothing is left unread
+        await until(lambda: protocol.by_callback == [b"two"], TIMEOUT)
+    finally:
+        polled.stop()
+        transport.close()
+        out.close()
+    assert sum("read by callback from now on" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_receive_statistics_count_jitter_from_the_arrival_times_given():
+    stats = aiortc_hooks.stream_statistics(48000)
+    for i in range(300):  # every 20 ms, every other packet 3 ms late: |D| = 144 samples each time
+        at = 1000.0 + i * 0.02 + (0.003 if i % 2 else 0.0)
+        stats.add(RtpPacket(payload_type=111, sequence_number=(65400 + i) & 0xFFFF, timestamp=i * 960), at)
+    assert stats.jitter == pytest.approx(144, abs=2)  # RFC 3550 A.8, converged
+    assert stats.packets_received == 300 and stats.packets_lost == 0 and stats.cycles == 1 << 16
+    steady = aiortc_hooks.stream_statistics(48000)
+    for i in range(100):
+        steady.add(RtpPacket(payload_type=111, sequence_number=i, timestamp=i * 960), 5.0 + i * 0.02)
+    steady.add(RtpPacket(payload_type=111, sequence_number=50, timestamp=50 * 960), 9.0)  # late duplicate
+    assert steady.jitter == 0 and steady.packets_received == 101

@@ -29,8 +29,10 @@ not want our audio: ``recvonly``/``inactive``/``c=0.0.0.0``) nothing is sent. DT
 marker on the first, duration growing by 20 ms, the end packet three times), with
 the audio clock's timestamp of its first packet and the same sequence-number space.
 
-Receive. The protocol's ``datagram_received`` does everything inline (no queue, no
-task): version and payload-type checks, the address check, telephone-event packets to
+Receive. The RTP socket is drained on the shared ticker's intake
+(:class:`media.lean.PolledSocket`: each datagram with its kernel arrival time; where
+the kernel does not stamp, the protocol's ``datagram_received``), everything inline (no
+queue, no task): version and payload-type checks, the address check, telephone-event packets to
 a :class:`media.dtmf.Rfc4733Decoder` (one :class:`~media.dtmf.DtmfEvent` per event, end
 retransmissions deduplicated), audio packets to a :class:`media.jitterbuffer.
 PlayoutBuffer`. :attr:`playout` (a :class:`~media.frames.Source`) decodes on demand,
@@ -76,7 +78,7 @@ from ..dtmf import (
 )
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE, Sink, Source
 from ..jitterbuffer import CONCEAL, DISCARD, PLAY, STRETCH, PlayoutBuffer
-from ..lean import FrameTicker
+from ..lean import FrameTicker, PolledSocket
 from ..opus import DEFAULT_SETTINGS, OpusSettings
 from ..rtpseq import Unwrapper
 from .codecs import Decoder, Encoder, RtpCodec, make_decoder, make_encoder
@@ -295,6 +297,7 @@ class RtpEndpoint:
         self._closed: asyncio.Future[str] | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._rtcp_transport: asyncio.DatagramTransport | None = None
+        self._polled: PolledSocket | None = None
         self._offer: str | None = None
         self._sdp_version = 0
         self._session_id = int.from_bytes(os.urandom(4), "big") >> 1
@@ -356,6 +359,8 @@ class RtpEndpoint:
         self.closed  # noqa: B018 - create it on this loop
         rtp_sock, rtcp_sock = self._bind()
         self._transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self._datagram), sock=rtp_sock)
+        polled = PolledSocket(self._transport, self._datagram)
+        self._polled = polled if polled.start() else None  # (else: the protocol's callback)
         if rtcp_sock is not None:
             self._rtcp_transport, _ = await loop.create_datagram_endpoint(lambda: _RtcpProtocol(self.stats), sock=rtcp_sock)
         self.local_address = rtp_sock.getsockname()[:2]
@@ -427,6 +432,8 @@ class RtpEndpoint:
             except Exception:
                 log.exception("%s: sink close failed", self.label)
         self._sinks = []
+        if self._polled is not None:
+            self._polled.stop(resume=False)
         for transport in (self._transport, self._rtcp_transport):
             if transport is not None:
                 transport.close()
@@ -719,7 +726,8 @@ class RtpEndpoint:
 
     # -- receive --------------------------------------------------------------------------
 
-    def _datagram(self, data: bytes, addr) -> None:
+    def _datagram(self, data: bytes, addr, at: float | None = None) -> None:
+        """One datagram on the RTP port, which arrived ``at`` (loop clock; ``None``: now)."""
         stats = self.stats
         if len(data) < 12 or data[0] >> 6 != 2:
             stats.packets_invalid += 1
@@ -757,7 +765,7 @@ class RtpEndpoint:
         self.latched = True
         _, _, seq, timestamp, ssrc = _HEADER.unpack_from(data)
         payload = data[start:end]
-        now = self._loop.time()
+        now = self._loop.time() if at is None else at
         self.last_rx = now
         stats.packets_received += 1
         stats.bytes_received += len(payload)
