@@ -424,7 +424,7 @@ class PolledSocket:
                 except OSError as exc:  # as asyncio's own reader reports it
                     transport.get_protocol().error_received(exc)
                     return
-                if flags & socket.MSG_TRUNC:
+                if flags & _MSG_TRUNC:
                     continue  # larger than anything a media peer sends after the handshakes
                 self.datagrams += 1
                 at = now
@@ -560,6 +560,7 @@ class LeanReceiver:
 #: cannot hold the loop.
 MAX_DRAIN = 64
 _MAX_DATAGRAM = 8192
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # (an IntFlag: its & runs Python code)
 _SCM_TIMESTAMPNS = getattr(socket, "SCM_TIMESTAMPNS", 35)  # Linux; SO_TIMESTAMPNS has the same value
 _TIMESPEC = struct.Struct("@qq")
 _STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0

@@ -92,6 +92,9 @@ class PlayQueue:
         self._items: collections.deque[Playback] = collections.deque()
         self._mono = np.empty(FRAME_SAMPLES, dtype=PCM_DTYPE)
         self.packet: bytes | None = None
+        #: ``(sum of squares, peak)`` of the last frame read, when its source knew them
+        #: (a prompt: measured once); ``None``: measure the frame if needed.
+        self.level: tuple[float, int] | None = None
         #: The playback the last :meth:`read` frame came from (``None`` = silence).
         self.current: Playback | None = None
 
@@ -132,13 +135,14 @@ class PlayQueue:
             playback.frames += 1
             self.current = playback
             if source.channels == 2:
-                self.packet = None
+                self.packet = self.level = None
                 np.right_shift(pcm[0::2], 1, out=self._mono)
                 self._mono += pcm[1::2] >> 1
                 return self._mono
             self.packet = getattr(source, "packet", None)
+            self.level = getattr(source, "level", None)
             return pcm
-        self.packet = None
+        self.packet = self.level = None
         self.current = None
         return None
 

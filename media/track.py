@@ -44,6 +44,7 @@ from .sinkset import SinkSet
 __all__ = ["OutboundAudioTrack", "PacingStats", "Playback", "FRAME_S"]
 
 _TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+_SILENT = (0.0, 0)  # the level of a silent frame
 #: Behind schedule by more than this many frames: resynchronise instead of bursting.
 MAX_CATCH_UP_FRAMES = 5
 #: Interval histogram: 0.1 ms bins up to 200 ms (the last bin takes anything longer).
@@ -136,6 +137,9 @@ class OutboundAudioTrack(MediaStreamTrack):
         #: ``pts`` (samples at 48 kHz) and loop time of the frame being sent.
         self.sent_pts = 0
         self.sent_at = 0.0
+        #: ``(sum of squares, peak)`` of the frame being tapped when known without a
+        #: pass over it (a prompt's frame, silence), else ``None``.
+        self.sent_level: tuple[float, int] | None = None
         #: The lean RTP path's sender (:class:`media.lean.LeanSender`) once the peer set
         #: one up: then frames go out from the shared ticker, not through aiortc.
         self.lean = None
@@ -230,14 +234,15 @@ class OutboundAudioTrack(MediaStreamTrack):
         pts = self._index * FRAME_SAMPLES
         stats = self.stats
         out: bytes | av.Packet | av.AudioFrame
+        level = self.queue.level
         if self.opus is None:
             if pcm is None:
-                pcm = self._silence
+                pcm, level = self._silence, _SILENT
                 stats.silent_frames += 1
             out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
             out.sample_rate = SAMPLE_RATE
         elif pcm is None:
-            pcm = self._silence
+            pcm, level = self._silence, _SILENT
             stats.silent_frames += 1
             out = self._silence_packet
         else:
@@ -255,6 +260,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         self._index += 1
         stats.frames += 1
         self.sent_pts = pts
+        self.sent_level = level
         if self.sinks:
             self.sinks.write(pcm, SAMPLE_RATE, 1)
         return out

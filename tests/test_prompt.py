@@ -148,3 +148,20 @@ async def test_far_side_hears_a_pre_encoded_prompt_between_pcm_frames(tmp_path):
     [(a0, a1)] = analysis.tone_segments(x, rate, 800)
     assert b1 == pytest.approx(p0, abs=0.021) and a0 == pytest.approx(p1, abs=0.041)
     assert a1 - a0 == pytest.approx(0.4, abs=0.041)
+
+
+def test_a_prompts_frame_levels_are_what_measuring_its_frames_gives():
+    from media.sinks.meter import Levels
+
+    t = np.arange(SAMPLE_RATE + 300) / SAMPLE_RATE  # 1 s and a partial frame
+    pcm = (np.sin(2 * np.pi * 1000 * t) * 0.3 * 32767 * np.linspace(0.2, 1.0, t.size)).astype(np.int16)
+    source = Prompt.from_pcm(pcm).source()
+    measured, known = Levels(), Levels()
+    while (frame := source.read()) is not None:
+        measured.accumulate(frame)
+        known.accumulate(frame, source.level)
+    assert known.samples == measured.samples == 51 * FRAME_SAMPLES
+    assert known.peak == measured.peak == int(np.abs(pcm).max())
+    assert known.rms_dbfs == pytest.approx(measured.rms_dbfs, abs=0.01)
+    assert known.rms_dbfs == pytest.approx(analysis.rms_dbfs(np.append(pcm, np.zeros(51 * FRAME_SAMPLES - pcm.size))
+                                                             .astype(np.float32) / 32768), abs=0.05)

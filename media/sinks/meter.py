@@ -87,9 +87,18 @@ class Levels:
         self.last_ms = ms = sq / n
         return ms
 
-    def accumulate(self, pcm: np.ndarray) -> None:
-        """Take one frame into the totals only (no per-frame value: cheaper)."""
+    def accumulate(self, pcm: np.ndarray, known: tuple[float, int] | None = None) -> None:
+        """Take one frame into the totals only (no per-frame value: cheaper);
+        ``known``: its ``(sum of squares, peak)``, measured before (a prompt's frame),
+        and then the samples are not read at all."""
         n = pcm.size
+        if known is not None:
+            sum_sq, peak = known
+            self._sum_sq += sum_sq
+            self._samples += n
+            if peak > self._peak:
+                self._peak = peak
+            return
         used = self._used
         end = used + n
         if end > self._block.size:

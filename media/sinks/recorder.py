@@ -173,13 +173,15 @@ class _BusinessLeg:
             track = rec._peer.outbound if rec._peer is not None else None
             try:
                 if track is not None:
-                    rec._stereo.right.write_timed(pcm, sample_rate, channels, track.sent_pts, track.sent_at)
+                    rec._stereo.right.write_timed(pcm, sample_rate, channels, track.sent_pts, track.sent_at,
+                                                  track.sent_level)
                 else:
                     rec._stereo.right.write_timed(pcm, sample_rate, channels, None, None)
             except Exception as exc:  # noqa: BLE001 - never into the send path
                 rec._fail(exc, "stereo.wav")
         else:
-            rec._business_levels.accumulate(pcm)
+            track = rec._peer.outbound if rec._peer is not None else None
+            rec._business_levels.accumulate(pcm, track.sent_level if track is not None else None)
 
     def close(self) -> None:
         pass

@@ -89,9 +89,11 @@ class AlignedLeg:
         channels: int,
         pts: int | None,
         at: float | None,
+        level: tuple[float, int] | None = None,
     ) -> None:
         """Place one frame: ``pts`` on the leg's own timeline (samples at the
-        recording's rate) or ``None``; ``at`` on the recorder's clock (``None``: now)."""
+        recording's rate) or ``None``; ``at`` on the recorder's clock (``None``: now);
+        ``level``: the frame's ``(sum of squares, peak)`` when known (mono frames)."""
         rec = self._rec
         if self._closed or rec.closed:
             return
@@ -124,7 +126,7 @@ class AlignedLeg:
             self._anchor_pos, self._anchor_pts = target, pts
         if target < self._pos:
             target = self._pos  # overlap (duplicate / reordered): keep the audio, append
-        self.levels.accumulate(mono)
+        self.levels.accumulate(mono, level if channels == 1 else None)
         self.frames += 1
         self.samples += n
         self._pos = rec._place(self.channel, target, mono)

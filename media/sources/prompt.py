@@ -55,6 +55,11 @@ class Prompt:
         padded.flags.writeable = False
         self.pcm = padded
         self.frames = frames
+        rows = padded.reshape(-1, FRAME_SAMPLES).astype(np.float64)
+        #: Per 20 ms frame: (sum of squared samples, peak |sample|), measured once for
+        #: every playback (a recorder's levels of what we send need no pass per frame).
+        self.frame_levels: list[tuple[float, int]] = list(zip(
+            np.einsum("ij,ij->i", rows, rows).tolist(), np.abs(rows).max(axis=1).astype(int).tolist()))
         self.name = name
         self.packets: tuple[bytes, ...] | None = None
         self.opus: OpusSettings | None = None
@@ -127,8 +132,11 @@ class PromptSource:
         self._packets = packets if encoded is not False else None
         self._count = len(self._packets) if self._packets is not None else prompt.frames
         self._pcm = prompt.pcm
+        self._levels = prompt.frame_levels
         self._i = 0
         self.packet: bytes | None = None
+        #: ``(sum of squares, peak)`` of the frame the last ``read()`` returned.
+        self.level: tuple[float, int] | None = None
         prompt.plays += 1
 
     @property
@@ -147,6 +155,7 @@ class PromptSource:
         self._i = i + 1
         if self._packets is not None:
             self.packet = self._packets[i]
+        self.level = self._levels[i]
         start = i * FRAME_SAMPLES
         return self._pcm[start : start + FRAME_SAMPLES]
 
