@@ -33,6 +33,12 @@ gateway's signalling but makes each call's media the way a newcomer would with s
 aiortc (``bench/naive.py``: a ``MediaPlayer`` on the prompt file, a ``MediaRecorder``
 to user.wav, nothing else). A table of the runs closes the output.
 
+``--bot``: instead of the prompt, every call is bridged to a voice bot in a child
+process (``bench/tone_bot.py``, wacall's ``pcm`` protocol at 16 kHz) that says 1 kHz:
+the gateway decodes and resamples the user's audio for it and resamples and encodes
+the bot's per call (transcoding both ways). The bot reports the user's tone in what it
+heard; the phones report the bot's.
+
 ``--record``: ``full`` (default: user.wav, stereo.wav, user.ogg, speech events),
 ``ogg-only`` (only user.ogg, passed through from RTP, and no speech events: nothing
 reads the user's PCM, so wacall decodes none of it; media in-process only),
@@ -64,6 +70,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.app import Service  # noqa: E402
+from gateway.bots import BotSpec  # noqa: E402
 from gateway.calls import CallState  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.sandbox.browser import write_tone_wav  # noqa: E402
@@ -198,7 +205,7 @@ class _OggOnlyRecorder:
 
 
 async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: str = "full",
-              workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None) -> dict:
+              workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None, bot: bool = False) -> dict:
     import contextlib
 
     if rtp_path == "naive" or record.startswith("ogg-"):
@@ -216,9 +223,12 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     prompt_file = write_tone_wav(run_dir / "prompt-1khz.wav", BUSINESS_HZ, seconds + 30, amplitude=0.3)
     users = [f"+1555031{i:04d}" for i in range(n)]
     warm_up = [f"+1555032{i:04d}" for i in range(max(1, workers))]  # one call per media process first
+    bot_process = bot_url = None
     try:
         async with aiohttp.ClientSession() as session:
             await provider.ready(session)
+            if bot:
+                bot_process, bot_url = await start_bot(run_dir)
             settings = Settings(
                 data_dir=run_dir / "gateway", host="127.0.0.1", port=gateway_port,
                 provider="360dialog", base_url=f"{provider.url}/sandbox", d360_api_key="sandbox-key",
@@ -240,7 +250,14 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                         r.raise_for_status()
                 prompts = PromptCache()
                 await prompts.preload(prompt_file)  # pre-encoded once, shared by every call
-                warm = [await service.manager.place_call(user, sources=[prompts.source(prompt_file)], record=recording)
+
+                def media_of_call() -> dict:
+                    """A bot that speaks (the 1 kHz tone), or the pre-encoded 1 kHz prompt."""
+                    if bot:
+                        return {"bot": BotSpec.from_dict({"protocol": "pcm", "url": f"ws://{bot_url}/ws"})}
+                    return {"sources": [prompts.source(prompt_file)]}
+
+                warm = [await service.manager.place_call(user, record=recording, **media_of_call())
                         for user in warm_up]  # (codecs and modules loaded before memory is counted)
                 await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in warm))
                 for c in warm:
@@ -250,8 +267,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 base_rss = sum(rss_mb(pid) for pid in pids)
                 calls = []
                 for user in users:  # a steady stream of dialling, not one burst
-                    calls.append(await service.manager.place_call(
-                        user, sources=[prompts.source(prompt_file)], record=recording))
+                    calls.append(await service.manager.place_call(user, record=recording, **media_of_call()))
                 await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in calls))
                 await asyncio.sleep(1.0)  # let every playout buffer settle
                 for c in calls:  # count the sends' quality from here on
@@ -293,6 +309,10 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 for c in calls:
                     await c.hangup()
                 await asyncio.gather(*(c.wait_finished(30) for c in calls))
+                bot_heard = []
+                if bot:
+                    async with session.get(f"http://{bot_url}/heard") as r:
+                        bot_heard = (await r.json())["heard"][len(warm_up):]
                 heard = []
                 for c in sample if recording else ():
                     files = c.recording_files
@@ -300,6 +320,9 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     heard.append(analysis.tone_seconds(x, rate, USER_HZ) / (x.size / rate))
     finally:
         provider.stop()
+        if bot_process is not None:
+            bot_process.terminate()
+            bot_process.wait(10)
     provider_says = [line for line in (run_dir / "provider.log").read_text(errors="replace").splitlines()
                      if '"WARNING"' in line or '"ERROR"' in line][:5]
     phone_heard = []
@@ -339,10 +362,23 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "frames_not_decoded": not_decoded,
         "concealed_pct": round(100 * concealed / played, 3) if played else None,
         "user_tone_in_recording": [round(h, 3) for h in heard],
+        "bot": bot,
+        "user_tone_at_bot": bot_heard,
         "prompt_at_phone": [round(h, 3) for h in phone_heard],
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "main_cores": round((cpu1 - cpu0 - sum(worker_cpu1) + sum(worker_cpu0)) / wall, 2),
     }
+
+
+async def start_bot(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """``bench/tone_bot.py`` in a child process; returns it and its ``host:port``."""
+    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("tone_bot.py")), "--keep", "8"],
+                               stdout=subprocess.PIPE, stderr=(workdir / "bot.log").open("wb"), text=True)
+    line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 30)
+    if not line.startswith("port "):
+        process.kill()
+        raise RuntimeError(f"the bot did not start: {(workdir / 'bot.log').read_text()[-500:]}")
+    return process, f"127.0.0.1:{int(line.split()[1])}"
 
 
 def start_spy(path: str, seconds: float) -> subprocess.Popen:
@@ -355,14 +391,15 @@ def start_spy(path: str, seconds: float) -> subprocess.Popen:
 
 
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
-               workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None) -> None:
+               workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None,
+               bot: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
         runs = [(n, w, p, r) for _ in range(rounds) for w in workers for n in counts for p in paths for r in records]
         for i, (n, w, path, record) in enumerate(runs):
             result = await run(n, seconds, Path(tmp) / str(i), profile, record, w, path,
-                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"))
+                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"), bot)
             results.append(result)
             if as_json:
                 print(json.dumps(result), flush=True)
@@ -373,7 +410,9 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                     print(f"     provider: {line[:300]}")
             where = (f"{w} media worker(s), calls per worker {result['calls_per_worker']}, worker cores "
                      f"{result['worker_cores']}, main process {result['main_cores']} cores; " if w else "media in-process; ")
-            print(f"{n:4d} calls{'' if record == 'full' else f' (recording: {record})'}, {path} RTP path "
+            at_bot = f"user's at the bot {result['user_tone_at_bot']}, " if bot else ""
+            print(f"{n:4d} calls{' bridged to a bot (pcm, 16 kHz)' if bot else ''}"
+                  f"{'' if record == 'full' else f' (recording: {record})'}, {path} RTP path "
                   f"({result['alive']} up through {result['window_s']} s), "
                   f"{where}"
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
@@ -383,8 +422,8 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                   f"{result['max_late_ms']} ms late (median call {result['p50_call_max_late_ms']} ms); "
                   f"received: {result['concealed_pct']} % concealed, {result['frames_not_decoded']} frames "
                   f"not decoded; tones found: user's in "
-                  f"recordings {result['user_tone_in_recording']}, prompt at phones "
-                  f"{result['prompt_at_phone']}", flush=True)
+                  f"recordings {result['user_tone_in_recording']}, {at_bot}"
+                  f"{'bot' if bot else 'prompt'} at phones {result['prompt_at_phone']}", flush=True)
     if len(results) > 1 and not as_json:
         table: dict[tuple, list[dict]] = {}
         for r in results:
@@ -404,6 +443,10 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the measured window into FILE (numbers then include its overhead)")
+    parser.add_argument("--bot", action="store_true",
+                        help="each call bridged to a voice bot (bench/tone_bot.py in a child process, pcm protocol at "
+                             "16 kHz) that says 1 kHz instead of the prompt: the user's audio decoded, resampled and "
+                             "sent to it, its audio resampled and encoded per call (transcoding both ways)")
     parser.add_argument("--spy", metavar="FILE",
                         help="py-spy (pip install py-spy) samples the measured window into FILE as collapsed stacks "
                              "(little overhead: numbers stay comparable); python bench/spy_top.py FILE ranks them")
@@ -423,4 +466,4 @@ if __name__ == "__main__":
                              "table then shows each configuration's median")
     args = parser.parse_args()
     asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path,
-                     args.rounds, args.spy))
+                     args.rounds, args.spy, args.bot))
