@@ -37,6 +37,7 @@ _copyto = np.copyto
 #: Samples per block of :class:`Levels` (100 ms at 48 kHz): the peak is taken per block.
 BLOCK_SAMPLES = 4800
 _FULL_SCALE_SQ = 32768.0 * 32768.0
+_NO_BLOCK = np.empty(0, dtype=np.float32)
 
 
 def dbfs(mean_square_int16: float) -> float:
@@ -56,10 +57,11 @@ class Levels:
     Reading :attr:`sum_sq`, :attr:`peak` or the dBFS values takes in the partial block
     first, so they are always exact."""
 
-    __slots__ = ("_block", "_used", "_counted", "_sum_sq", "_samples", "_peak", "last_ms")
+    __slots__ = ("_block", "_block_samples", "_used", "_counted", "_sum_sq", "_samples", "_peak", "last_ms")
 
     def __init__(self, block_samples: int = BLOCK_SAMPLES) -> None:
-        self._block = np.empty(block_samples, dtype=np.float32)
+        self._block = _NO_BLOCK  # allocated by the first frame that is read (not for known levels)
+        self._block_samples = block_samples
         self._used = 0  # samples in the block
         self._counted = 0  # of which their energy is in _sum_sq already
         self._sum_sq = 0.0
@@ -124,7 +126,7 @@ class Levels:
                 self._peak = peak
             self._used = self._counted = 0
         if room > self._block.size:
-            self._block = np.empty(room, dtype=np.float32)
+            self._block = np.empty(max(room, self._block_samples), dtype=np.float32)
 
     @property
     def sum_sq(self) -> float:

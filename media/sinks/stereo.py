@@ -17,8 +17,10 @@ Frames without a ``pts`` are laid end to end, re-anchored the same way. ``at`` f
 received audio is the arrival time of the frame's RTP packet (see
 :mod:`media.taps`), not when aiortc's jitter buffer released it.
 
-Frames land in a one-second ring buffer; whatever is older than ``max_delay_s`` (or
-pushed out by newer audio) is committed to the file, at least every ``commit_s``, and
+Frames land in a 0.6 s ring buffer (115 KB per call); whatever is older than
+``max_delay_s`` (0.3 s: the playout buffer holds a frame 0.2 s at most, so a frame
+reaches the recorder well within that of its arrival) or pushed out by newer audio is
+committed to the file, at least every ``commit_s``, and
 the WAV header is updated on each commit (crash-safe like
 :class:`media.sinks.wav.WavWriter`). A frame arriving later than ``max_delay_s`` is
 placed at the commit point instead (it cannot go back in time).
@@ -161,7 +163,7 @@ class AlignedStereoRecorder:
         commit_s: audio is written (and the header updated) in chunks of at least this.
     """
 
-    RING_S = 1.0
+    RING_S = 0.6
 
     def __init__(
         self,
@@ -170,13 +172,13 @@ class AlignedStereoRecorder:
         sample_rate: int = SAMPLE_RATE,
         clock: Callable[[], float] | None = None,
         resync_s: float = 0.1,
-        max_delay_s: float = 0.5,
-        commit_s: float = 0.25,
+        max_delay_s: float = 0.3,
+        commit_s: float = 0.2,
         left: str = "user",
         right: str = "business",
     ) -> None:
         if not 0 < max_delay_s + commit_s < self.RING_S:
-            raise ValueError("max_delay_s + commit_s must stay under the 1 s ring")
+            raise ValueError(f"max_delay_s + commit_s must stay under the {self.RING_S} s ring")
         self.sample_rate = sample_rate
         self.clock = clock or _default_clock()
         self.t0 = self.clock()
