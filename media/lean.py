@@ -15,14 +15,17 @@ and unprotect. What happens 50 times a second per call in each direction goes ar
   last RTP/NTP timestamp; the DTLS transport's bytes and packets) are kept as aiortc
   keeps them, so sender reports stay correct.
 
-* **Receiving** (:class:`LeanReceiver`): the nominated pair's socket hands every
-  datagram to a function of ours first. An SRTP packet of an audio or telephone-event
-  payload type is unprotected, passed through DTMF (events leave the stream there),
-  parsed into a small :class:`RtpView` and given to the RTP tap and our playout buffer
-  at once — no STUN parse attempt, no queue, no task hop, no ``RtpPacket``. Everything
-  else (STUN: ICE checks and consent; DTLS; RTCP; other payload types) goes on to aioice
-  and aiortc as before. aiortc's receive statistics (what its receiver reports in RTCP)
-  are kept by our playout as before; the DTLS transport's byte and packet counters here.
+* **Receiving** (:class:`LeanReceiver`): the nominated pair's socket leaves the event
+  loop's selector and is drained on the same ticker, first thing each tick
+  (:class:`PolledSocket`; each datagram with the kernel's arrival time), so the
+  process wakes 50 times a second instead of once per packet. An SRTP packet of an
+  audio or telephone-event payload type is unprotected, passed through DTMF (events
+  leave the stream there), parsed into a small :class:`RtpView` and given to the RTP
+  tap and our playout buffer at once, with its arrival time — no STUN parse attempt,
+  no queue, no task hop, no ``RtpPacket``. Everything else (STUN: ICE checks and
+  consent; DTLS; RTCP; other payload types) goes on to aioice and aiortc as before.
+  aiortc's receive statistics (what its receiver reports in RTCP) are kept by our
+  playout from the arrival times; the DTLS transport's byte and packet counters here.
 
 ``PeerConfig(rtp_path="aiortc")`` keeps aiortc's own per-call loops (for comparison, and
 for non-Opus codecs or a relayed (TURN) path, where the lean path steps aside).
@@ -46,7 +49,7 @@ from aiortc.rtp import RtpPacket
 from . import aiortc_hooks
 from .clock import FRAME_S
 
-__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "RtpView", "parse_rtp"]
+__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "parse_rtp", "transport_socket"]
 
 log = logging.getLogger(__name__)
 

@@ -185,12 +185,12 @@ async def test_a_polled_socket_gives_each_datagram_its_arrival_time_not_when_it_
         assert polled.start() and polled.running
         sent_at = loop.time()
         out.sendto(b"first", transport.get_extra_info("sockname"))
-        time.sleep(0.08)  # the loop is busy (blocked here): the datagram waits in the socket
+        time.sleep(0.15)  # the loop is busy (blocked here): the datagram waits in the socket
         await until(lambda: got, TIMEOUT)
         data, at, read_at = got[0]
         assert data == b"first"
-        assert read_at - sent_at >= 0.08  # read after the stall...
-        assert abs(at - sent_at) < 0.01, (at - sent_at)  # ...but stamped when it arrived
+        assert read_at - sent_at >= 0.15  # read after the stall...
+        assert abs(at - sent_at) < 0.05, (at - sent_at)  # ...but stamped when it arrived
         assert protocol.by_callback == [] and polled.datagrams == 1
     finally:
         polled.stop()
