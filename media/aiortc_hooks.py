@@ -319,7 +319,6 @@ def dtls_connected(transport) -> bool:
     return transport is not None and transport._state is _DTLS_CONNECTED
 
 
-
 def plain_udp(pair) -> bool:
     """Whether a candidate pair sends straight on its UDP socket (not through TURN)."""
     from aioice.ice import StunProtocol
