@@ -220,7 +220,8 @@ class Settings:
     #: an embedded service (tests, ``wacall demo``/``call``) runs media in-process.
     workers: int | None = setting(parse=_non_negative(int), group="media")
     #: How RTP travels once DTLS is up: ``lean`` (one 20 ms ticker sends every call's
-    #: frames straight to the socket) or ``aiortc`` (aiortc's per-call send loop).
+    #: frames straight to the socket and drains every call's socket, with the kernel's
+    #: arrival times) or ``aiortc`` (aiortc's per-call loops).
     rtp_path: str = setting("lean", _choice(("lean", "aiortc")), group="media")
     #: Also detect DTMF sent as audio tones (Goertzel), besides RFC 4733 events.
     inband_dtmf: bool = setting(False, _bool, group="media")
