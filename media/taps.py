@@ -9,9 +9,9 @@ RTP packet first. For each RTP packet of the negotiated Opus payload type it
   timestamp mapped to the stream timeline like aiortc's decoder does, arrival time on
   the event loop's clock): an Ogg recorder stores those payloads as they are, without
   decoding and re-encoding;
-* remembers the arrival times of the last ~2.5 s of packets (:meth:`arrival`), so a
-  recorder (attached at any time) can place each *decoded* frame at the time its packet
-  arrived rather than when aiortc's jitter buffer released it, ~80 ms later (that
+* once someone asked (:meth:`want_arrivals`: a stereo recording), remembers the
+  arrival times of the last ~2.5 s of packets (:meth:`arrival`), so a recorder can
+  place each *decoded* frame at the time its packet arrived rather than when aiortc's jitter buffer released it, ~80 ms later (that
   buffer also holds the last packets back until newer ones arrive, e.g. across a pause
   in sending).
 
@@ -68,6 +68,7 @@ class RtpTap:
         self._timestamps = Unwrapper(32)
         self._times: dict[int, float] = {}
         self._order: collections.deque[int] = collections.deque()
+        self._keep_arrivals = False
         self.packets = 0
 
     @property
@@ -105,6 +106,11 @@ class RtpTap:
     def remove_listener(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def want_arrivals(self) -> None:
+        """Remember arrival times from now on, for :meth:`arrival` (nothing is kept
+        until someone needs them: per packet, that bookkeeping is most of a tap's cost)."""
+        self._keep_arrivals = True
 
     def arrival(self, pts: int | None) -> float | None:
         """When the packet with stream timestamp ``pts`` arrived (loop clock), or ``None``.
@@ -154,7 +160,7 @@ class RtpTap:
                 return  # from before the first packet: too old to matter
             self.packets += 1
             times = self._times
-            if pts not in times:
+            if self._keep_arrivals and pts not in times:
                 times[pts] = at
                 order = self._order
                 order.append(pts)

@@ -41,6 +41,7 @@ async def test_tap_sees_every_packet_with_its_timeline_and_arrival_time():
     arrivals = []
     async with call_pair() as (business, user):
         assert business.rtp_tap.installed
+        business.rtp_tap.want_arrivals()
         business.rtp_tap.add_listener(arrivals.append)
         decoded: list[tuple[int, float | None]] = []
 
@@ -86,6 +87,12 @@ def test_arrival_times_stamped_late_in_a_burst_are_pulled_back():
 
     tap = RtpTap()
     tap._opus_types[111] = True  # what install() learns from the negotiated codecs
+    early = RtpPacket(payload_type=111, sequence_number=0, timestamp=5000, payload=b"\xf8\xff\xfe")
+    tap._on_packet(early, 99.0)
+    assert tap.packets == 1 and tap.arrival(0) is None  # nobody asked: nothing kept
+    tap = RtpTap()
+    tap._opus_types[111] = True
+    tap.want_arrivals()
     t = 100.0
     schedule = [(i, t + 0.02 * i) for i in range(10)]  # on time
     schedule += [(i, t + 0.02 * 14 + 0.001 * (i - 10)) for i in range(10, 15)]  # a 5-packet backlog

@@ -285,6 +285,8 @@ class CallRecorder:
         if self._peer is not None:
             raise RuntimeError("this recorder is already attached")
         self._peer = peer
+        if self._stereo is not None:
+            peer.rtp_tap.want_arrivals()  # (stereo.wav places the user's frames by arrival)
         peer.add_sink(self.user)
         peer.add_outbound_sink(self.business)
         if self._ogg_requested in ("auto", "passthrough"):
