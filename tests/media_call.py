@@ -12,6 +12,7 @@ import numpy as np
 
 from media import sdp as sdp_rules
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE
+from media.opus import OpusEncoder, OpusSettings
 from media.peer import MediaPeer, PeerConfig
 
 TIMEOUT = 20
@@ -190,3 +191,48 @@ class PtsRecorder:
         for pts, mono in self.frames:
             out[pts - first : pts - first + mono.size] = mono
         return out
+
+
+# -- an OpusReceiver without sockets ------------------------------------------------------
+
+
+def tone_packets(freq: float, seconds: float, settings: OpusSettings = OpusSettings()) -> list[bytes]:
+    """Opus payloads (20 ms each) of a ``freq`` Hz tone at -10 dBFS."""
+    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
+    x = (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
+    enc = OpusEncoder(settings)
+    return [bytes(enc.encode(x[i : i + FRAME_SAMPLES])) for i in range(0, x.size, FRAME_SAMPLES)]
+
+
+class StubTransport:
+    """Just enough of aiortc's RTCDtlsTransport for a receiver to start and stop."""
+
+    state = "connected"
+    _stats_id = "transport_test"
+
+    def _register_rtp_receiver(self, receiver, parameters) -> None:
+        pass
+
+    def _unregister_rtp_receiver(self, receiver) -> None:
+        pass
+
+    async def _send_rtp(self, data: bytes) -> None:
+        pass
+
+    def _get_stats(self):
+        return {}
+
+
+async def started_receiver(rx, mime: str = "audio/opus"):
+    """A real aiortc ``RTCRtpReceiver`` on a :class:`StubTransport`, taken over by ``rx``
+    (a :class:`media.receiver.OpusReceiver`) and started with ``mime`` negotiated."""
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
+
+    receiver = RTCRtpReceiver("audio", StubTransport())
+    receiver._track = RemoteStreamTrack(kind="audio")
+    rx.install(receiver)
+    codec = RTCRtpCodecParameters(mimeType=mime, clockRate=48000 if "opus" in mime else 8000,
+                                  channels=2 if "opus" in mime else 1, payloadType=111 if "opus" in mime else 0)
+    await receiver.receive(RTCRtpReceiveParameters(codecs=[codec]))
+    return receiver

@@ -23,11 +23,11 @@ from media.jitterbuffer import (
     PlayoutBuffer,
     opus_samples,
 )
-from media.opus import OpusEncoder, OpusSettings
+from media.opus import OpusSettings
 from media.peer import PeerConfig
 from media.receiver import OpusDecoder, OpusReceiver, aiortc_problems
 from media.sources.tone import ToneSource
-from media_call import TIMEOUT, FrameGate, call_pair
+from media_call import TIMEOUT, FrameGate, call_pair, started_receiver, tone_packets
 
 FRAME_S = 0.02
 T0 = 1000.0
@@ -469,16 +469,9 @@ def test_bad_settings_are_refused():
 # -- decoding and concealment ------------------------------------------------------------
 
 
-def _tone_packets(freq: float, seconds: float, settings: OpusSettings = OpusSettings()) -> list[bytes]:
-    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
-    x = (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
-    enc = OpusEncoder(settings)
-    return [bytes(enc.encode(x[i : i + FRAME_SAMPLES])) for i in range(0, x.size, FRAME_SAMPLES)]
-
-
 @pytest.mark.parametrize("application", ["audio", "voip"])
 def test_decoder_conceals_with_libopus_plc(application):
-    packets = _tone_packets(600, 0.6, OpusSettings(application=application))
+    packets = tone_packets(600, 0.6, OpusSettings(application=application))
     dec = OpusDecoder()
     for p in packets[:20]:
         pcm = dec.decode(p)
@@ -497,7 +490,7 @@ def test_decoder_survives_garbage_and_conceals_before_any_packet():
     assert dec.conceal().shape == (FRAME_SAMPLES,)  # no state yet: silence or PLC, no error
     out = dec.decode(b"\xff\xff\xff\xff\xff")  # code 3 with a bad frame count
     assert out is None and dec.errors == 1
-    assert dec.decode(_tone_packets(600, 0.02)[0]).shape == (FRAME_SAMPLES,)
+    assert dec.decode(tone_packets(600, 0.02)[0]).shape == (FRAME_SAMPLES,)
 
 
 def _two_frames(a: bytes, b: bytes) -> bytes:
@@ -510,7 +503,7 @@ def _two_frames(a: bytes, b: bytes) -> bytes:
 async def test_receiver_cuts_40ms_packets_into_20ms_frames():
     frames: list[tuple[np.ndarray, int | None]] = []
     rx = OpusReceiver(lambda pcm, pts: frames.append((pcm.copy(), pts)))
-    pk = _tone_packets(600, 0.4)
+    pk = tone_packets(600, 0.4)
     buf = rx.buffer
     for k in range(len(pk) // 2):
         buf.push(k, 1920 * k, _two_frames(pk[2 * k], pk[2 * k + 1]), T0 + 0.04 * k)
@@ -604,36 +597,6 @@ async def test_received_frames_stop_when_the_far_side_stops_sending():
 # -- OpusReceiver on a real RTCRtpReceiver (stub transport: no sockets) ------------------
 
 
-class _StubTransport:
-    state = "connected"
-    _stats_id = "transport_test"
-
-    def _register_rtp_receiver(self, receiver, parameters) -> None:
-        pass
-
-    def _unregister_rtp_receiver(self, receiver) -> None:
-        pass
-
-    async def _send_rtp(self, data: bytes) -> None:
-        pass
-
-    def _get_stats(self):
-        return {}
-
-
-async def _started_receiver(rx: OpusReceiver, mime: str = "audio/opus"):
-    from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters
-    from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
-
-    receiver = RTCRtpReceiver("audio", _StubTransport())
-    receiver._track = RemoteStreamTrack(kind="audio")
-    rx.install(receiver)
-    codec = RTCRtpCodecParameters(mimeType=mime, clockRate=48000 if "opus" in mime else 8000,
-                                  channels=2 if "opus" in mime else 1, payloadType=111 if "opus" in mime else 0)
-    await receiver.receive(RTCRtpReceiveParameters(codecs=[codec]))
-    return receiver
-
-
 def _rtp(i: int, payload: bytes, pt: int = 111):
     from aiortc.rtp import RtpPacket
 
@@ -644,10 +607,10 @@ async def test_receiver_takes_opus_packets_from_aiortc_and_keeps_its_statistics(
     frames = []
     now = [T0]
     rx = OpusReceiver(lambda pcm, pts: frames.append(pts), clock=lambda: now[0])
-    receiver = await _started_receiver(rx)
+    receiver = await started_receiver(rx)
     try:
         assert receiver._RTCRtpReceiver__decoder_thread is None  # stopped: we decode
-        packets = _tone_packets(600, 0.2)
+        packets = tone_packets(600, 0.2)
         for i, payload in enumerate(packets):
             await receiver._handle_rtp_packet(_rtp(i, payload), arrival_time_ms=0)
             now[0] += FRAME_S
@@ -673,7 +636,7 @@ async def test_receiver_takes_opus_packets_from_aiortc_and_keeps_its_statistics(
 async def test_receiver_falls_back_when_no_opus_is_negotiated():
     called = []
     rx = OpusReceiver(lambda pcm, pts: None, on_fallback=lambda: called.append(True))
-    receiver = await _started_receiver(rx, mime="audio/PCMU")
+    receiver = await started_receiver(rx, mime="audio/PCMU")
     try:
         assert called == [True] and rx.fallback
         assert receiver._RTCRtpReceiver__decoder_thread is not None  # aiortc decodes
@@ -694,7 +657,7 @@ async def test_tick_resyncs_after_a_stall_and_survives_a_failing_sink():
 
     now = [T0]
     rx = OpusReceiver(deliver, clock=lambda: now[0])
-    for i, payload in enumerate(_tone_packets(600, 0.4)):
+    for i, payload in enumerate(tone_packets(600, 0.4)):
         rx.buffer.push(i, 960 * i, payload, T0 + FRAME_S * i)
     rx._due = rx.buffer.start_at
     now[0] = rx._due

@@ -13,24 +13,16 @@ import numpy as np
 import pytest
 
 from media import analysis, sdp as sdp_rules
-from media.frames import FRAME_SAMPLES, SAMPLE_RATE
-from media.opus import OpusEncoder, OpusSettings
+from media.frames import SAMPLE_RATE
 from media.peer import MediaPeer
 from media.receiver import NOT_DECODED, OpusReceiver
 from media.session import LocalMediaSession
 from media.sinks.recorder import CallRecorder
 from media.sources.tone import ToneSource
-from media_call import LOOPBACK, TIMEOUT, FrameGate
+from media_call import LOOPBACK, TIMEOUT, FrameGate, tone_packets
 
 FRAME_S = 0.02
 T0 = 1000.0
-
-
-def tone_packets(freq: float, seconds: float) -> list[bytes]:
-    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
-    x = (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
-    enc = OpusEncoder(OpusSettings())
-    return [bytes(enc.encode(x[i: i + FRAME_SAMPLES])) for i in range(0, x.size, FRAME_SAMPLES)]
 
 
 def two_frames(a: bytes, b: bytes) -> bytes:

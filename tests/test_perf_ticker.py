@@ -18,37 +18,13 @@ import numpy as np
 import pytest
 
 from media import analysis
-from media.frames import FRAME_SAMPLES, SAMPLE_RATE
+from media.frames import SAMPLE_RATE
 from media.lean import FrameTicker
-from media.opus import OpusEncoder, OpusSettings
 from media.receiver import RESYNC_S, OpusReceiver
+from media_call import started_receiver, tone_packets
 
 FRAME_S = 0.02
 TONE_HZ = 600
-
-
-def tone_packets(freq: float, seconds: float) -> list[bytes]:
-    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
-    x = (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
-    enc = OpusEncoder(OpusSettings())
-    return [bytes(enc.encode(x[i: i + FRAME_SAMPLES])) for i in range(0, x.size, FRAME_SAMPLES)]
-
-
-class _StubTransport:
-    state = "connected"
-    _stats_id = "transport_test"
-
-    def _register_rtp_receiver(self, receiver, parameters) -> None:
-        pass
-
-    def _unregister_rtp_receiver(self, receiver) -> None:
-        pass
-
-    async def _send_rtp(self, data: bytes) -> None:
-        pass
-
-    def _get_stats(self):
-        return {}
 
 
 class Leg:
@@ -68,17 +44,7 @@ class Leg:
         self.delivered_at.append(self.loop.time())
 
     async def start(self) -> None:
-        from aiortc.rtcrtpparameters import (
-            RTCRtpCodecParameters,
-            RTCRtpReceiveParameters,
-        )
-        from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
-
-        receiver = self.receiver = RTCRtpReceiver("audio", _StubTransport())
-        receiver._track = RemoteStreamTrack(kind="audio")
-        self.rx.install(receiver)
-        codec = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
-        await receiver.receive(RTCRtpReceiveParameters(codecs=[codec]))
+        self.receiver = await started_receiver(self.rx)
         push = self.rx.buffer.push
 
         def recording_push(seq, timestamp, payload, now, ssrc=0):
