@@ -82,10 +82,12 @@ class FrameTicker:
         self._due = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._ticking = False
-        self._ntp = 0
-        self._ntp_tick = -1
-        self._offset = 0.0
-        self._offset_tick = -1
+        #: Taken once at the start of each tick, for every call in it: the NTP time
+        #: (64-bit; aiortc's clock builds a ``datetime`` each time) for the senders'
+        #: report counters, and ``time.time()`` minus the loop's clock for the
+        #: receivers (kernel arrival stamps are wall-clock times).
+        self.ntp_time = 0
+        self.wall_offset = 0.0
 
     @classmethod
     def current(cls) -> FrameTicker:
@@ -105,22 +107,6 @@ class FrameTicker:
         """When the next tick is due (loop clock; inside a tick: the one after it), or
         ``None`` while the ticker is idle (no subscriber)."""
         return self._due if self._handle is not None or self._ticking else None
-
-    def wall_offset(self) -> float:
-        """``time.time()`` minus the loop's clock, taken once per tick (kernel receive
-        timestamps are wall-clock times)."""
-        if self._offset_tick != self.ticks:
-            self._offset = time.time() - self.loop.time()
-            self._offset_tick = self.ticks
-        return self._offset
-
-    def ntp(self) -> int:
-        """The NTP time (64-bit) of this tick, taken once per tick for every call's
-        sender-report counters (aiortc's clock builds a ``datetime`` each time)."""
-        if self._ntp_tick != self.ticks:
-            self._ntp = clock.current_ntp_time()
-            self._ntp_tick = self.ticks
-        return self._ntp
 
     def add(self, subscriber: Callable[[float, float, int], None], *, first: bool = False,
             at: float | None = None, intake: bool = False) -> None:
@@ -154,6 +140,8 @@ class FrameTicker:
         self._handle = None
         self._ticking = True
         now = self.loop.time()
+        self.wall_offset = time.time() - now
+        self.ntp_time = clock.current_ntp_time()
         late = now - self._due
         frames = 1
         if late >= FRAME_S:
@@ -303,7 +291,7 @@ class LeanSender:
                 protected = protect(data)
                 self._send(protected, pair)
                 aiortc_hooks.count_sent(self._sender, dtls, len(payload), len(protected), timestamp,
-                                        self._ticker.ntp())
+                                        self._ticker.ntp_time)
                 self.packets += 1
             if owed is not None:
                 dtmf.sent(owed)
@@ -416,7 +404,7 @@ class PolledSocket:
             self.stop(resume=False)
             return
         recvmsg = self._sock.recvmsg
-        offset = self._ticker.wall_offset()
+        offset = self._ticker.wall_offset
         deliver = self.deliver
         try:
             for _ in range(MAX_DRAIN):
@@ -451,17 +439,13 @@ class LeanReceiver:
     (tap observers first, then our playout as the consumer); ``dtmf`` the peer's
     :class:`media.dtmf.PeerDtmf`.
 
-    **Polled** (:attr:`poll`, where the kernel stamps arrivals: Linux): the pair's
+    **Polled** (where the kernel stamps arrivals: Linux): the pair's
     socket is a :class:`PolledSocket`, drained on the shared ticker's intake right
     before the playout it feeds, each datagram with its kernel arrival time, so the
     jitter buffer and the RTCP jitter see when a packet arrived, not when it was read.
     No wake-up, callback or handle per packet. STUN, DTLS and RTCP read this way go on
     to aioice unchanged, up to 20 ms later (consent and RTCP have seconds). Elsewhere,
     or after a failure, packets come from the socket's callback as they arrive."""
-
-    #: Drain the socket on the ticker (``False``: the per-datagram callback; tests and
-    #: benchmarks compare the two).
-    poll = True
 
     def __init__(self, transceiver, hook, dtmf, payload_types: Callable[[], frozenset[int]]) -> None:
         self.transceiver = transceiver
@@ -494,7 +478,7 @@ class LeanReceiver:
         self._protocol = protocol = pair.protocol
         self._original = protocol.datagram_received
         polled = PolledSocket(protocol.transport, self._datagram_received, on_stop=self._by_callback)
-        if self.poll and polled.start():
+        if polled.start():
             self._polled = polled
         else:
             self._by_callback()
