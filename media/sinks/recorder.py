@@ -169,8 +169,8 @@ class _BusinessLeg:
         if rec._finished:
             return
         self.frames += 1
+        track = rec._peer.outbound if rec._peer is not None else None
         if rec._stereo is not None:
-            track = rec._peer.outbound if rec._peer is not None else None
             try:
                 if track is not None:
                     rec._stereo.right.write_timed(pcm, sample_rate, channels, track.sent_pts, track.sent_at,
@@ -180,7 +180,6 @@ class _BusinessLeg:
             except Exception as exc:  # noqa: BLE001 - never into the send path
                 rec._fail(exc, "stereo.wav")
         else:
-            track = rec._peer.outbound if rec._peer is not None else None
             rec._business_levels.accumulate(pcm, track.sent_level if track is not None else None)
 
     def close(self) -> None:
