@@ -11,9 +11,9 @@ RTP packet first. For each RTP packet of the negotiated Opus payload type it
   decoding and re-encoding;
 * once someone asked (:meth:`want_arrivals`: a stereo recording), remembers the
   arrival times of the last ~2.5 s of packets (:meth:`arrival`), so a recorder can
-  place each *decoded* frame at the time its packet arrived rather than when aiortc's jitter buffer released it, ~80 ms later (that
-  buffer also holds the last packets back until newer ones arrive, e.g. across a pause
-  in sending).
+  place each *decoded* frame at the time its packet arrived rather than when
+  aiortc's jitter buffer released it, ~80 ms later (that buffer also holds the last
+  packets back until newer ones arrive, e.g. across a pause in sending).
 
 Timestamps are mapped like aiortc's ``TimestampMapper``: the first packet's timestamp
 is 0, and wrap-arounds keep counting up, so ``mapped == frame.pts`` of the decoded frame.
