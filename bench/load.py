@@ -88,17 +88,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """``(utime, stime)`` of a process (all its threads), from /proc. stime is the
+    kernel's share: system calls, and on loopback a send also runs the receiving
+    socket's network stack in the sender's time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def sys_seconds(pid: int) -> float:
-    """stime of a process: the kernel's share (syscalls; on loopback a send also runs the
-    receiving socket's network stack in the sender's time)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[12]) / CLK_TCK
+    """utime + stime of a process (all its threads)."""
+    return sum(cpu_times(pid))
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -280,14 +280,10 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     profiler = cProfile.Profile()
                     profiler.enable()
                 spy = start_spy(profile_spy, seconds) if profile_spy else None
-                cpu0, wall0 = sum(map(cpu_seconds, pids)), time.monotonic()
-                sys0 = sum(map(sys_seconds, pids))
-                worker_cpu0 = [cpu_seconds(pid) for pid in pids[1:]]
+                times0, wall0 = [cpu_times(pid) for pid in pids], time.monotonic()
                 provider_cpu0 = cpu_seconds(provider.process.pid)
                 await asyncio.sleep(seconds)
-                cpu1, wall1 = sum(map(cpu_seconds, pids)), time.monotonic()
-                sys1 = sum(map(sys_seconds, pids))
-                worker_cpu1 = [cpu_seconds(pid) for pid in pids[1:]]
+                times1, wall1 = [cpu_times(pid) for pid in pids], time.monotonic()
                 provider_cpu1 = cpu_seconds(provider.process.pid)
                 if profiler is not None:
                     profiler.disable()
@@ -331,6 +327,9 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         if x.size:
             phone_heard.append(analysis.tone_seconds(x, rate, BUSINESS_HZ) / (x.size / rate))
     wall = wall1 - wall0
+    cpu0, cpu1 = (sum(u + k for u, k in times) for times in (times0, times1))
+    sys0, sys1 = (sum(k for _, k in times) for times in (times0, times1))
+    worker_cpu0, worker_cpu1 = ([u + k for u, k in times[1:]] for times in (times0, times1))
     cpu_ms_per_call_s = (cpu1 - cpu0) * 1000 / (n * wall)
     pacing = [s.get("pacing") or {"frames": 0, "underruns": 0, "max_late_ms": 0.0} for s in stats]  # (naive: none)
     playout = [s.get("playout") or {} for s in stats]
