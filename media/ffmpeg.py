@@ -24,20 +24,22 @@ import os
 
 import av  # noqa: F401  (loads libavutil into the process)
 
-__all__ = ["limit_threads", "threads_limited"]
+__all__ = ["limit_threads", "loaded_library", "threads_limited"]
 
 log = logging.getLogger(__name__)
 
 _state: dict[str, object] = {"limited": False, "reason": "not tried"}
 
 
-def _loaded_libavutil() -> str | None:
-    """Path of the libavutil this process loaded (PyAV's bundled copy or the system's)."""
+def loaded_library(stem: str) -> str | None:
+    """Path of the shared library named ``stem`` (``"libavutil"``, ``"libopus"``) this
+    process loaded: PyAV's bundled copy or the system's; ``None`` if none is mapped."""
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.rstrip("\n").split(maxsplit=5)[-1]
-                if "libavutil" in os.path.basename(path) and path.startswith("/"):
+                name = os.path.basename(path)
+                if path.startswith("/") and (name.startswith(stem + "-") or name.startswith(stem + ".")):
                     return path
     except OSError:
         return None
@@ -49,7 +51,7 @@ def limit_threads() -> bool:
     not be reached (then each filter graph keeps its own pool; logged once)."""
     if _state["limited"]:
         return True
-    path = _loaded_libavutil()
+    path = loaded_library("libavutil")
     if path is None:
         _state["reason"] = "libavutil not found in /proc/self/maps"
     else:

@@ -140,6 +140,9 @@ class JitterStats:
     frames_played: int = 0
     #: 20 ms slots played as concealment (lost or late packet, stretch).
     frames_concealed: int = 0
+    #: Of those, lost packets rebuilt from the in-band FEC of the packet after them
+    #: (counted by the receiver that decodes).
+    frames_fec: int = 0
     #: 20 ms slots the sender sent no audio for (``GAP``): no frame.
     frames_skipped: int = 0
     #: Concealed frames inserted to grow the delay (nothing skipped).
@@ -478,6 +481,11 @@ class PlayoutBuffer:
         self._next = nxt + frame
         self._run += 1
         return CONCEAL, None, nxt
+
+    def peek(self, pts: int) -> bytes | None:
+        """The payload buffered for stream position ``pts``, if any (left in place)."""
+        entry = self._packets.get(pts)
+        return None if entry is None else entry[0]
 
     def _play(self, entry: tuple[bytes, int], pts: int, delay: float, now: float) -> tuple[int, bytes, int]:
         payload, self._last_seq = entry
