@@ -230,7 +230,8 @@ class LeanSender:
             elif pair is None or not aiortc_hooks.plain_udp(pair):
                 self._why_not = "the ICE pair is not plain UDP (a TURN relay)"
             else:
-                self._dtls, self._connection, self._srtp = dtls, connection, dtls._tx_srtp
+                self._dtls, self._connection = dtls, connection
+                self._srtp = aiortc_hooks.fast_srtp(dtls._tx_srtp)
                 self._nominated = aiortc_hooks.nominated_pairs(connection)
                 self._sender = self.transceiver.sender
         if self._why_not is not None:
@@ -458,6 +459,7 @@ class LeanReceiver:
         self._polled: PolledSocket | None = None
         self._pts: frozenset[int] = frozenset()
         self._dtls = None
+        self._rx_srtp: tuple | None = None  # (the DTLS transport's session, its FastSrtp)
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -513,8 +515,12 @@ class LeanReceiver:
 
     def _rtp(self, data: bytes, at: float) -> None:
         dtls = self._dtls
+        session = dtls._rx_srtp
+        srtp = self._rx_srtp
+        if srtp is None or srtp[0] is not session:
+            srtp = self._rx_srtp = (session, aiortc_hooks.fast_srtp(session))
         try:
-            plain = dtls._rx_srtp.unprotect(data)
+            plain = srtp[1].unprotect(data)
         except Exception:  # noqa: BLE001 - pylibsrtp.Error: dropped, as aiortc drops it
             return
         aiortc_hooks.count_received(dtls, len(data))

@@ -236,3 +236,54 @@ def test_receive_statistics_count_jitter_from_the_arrival_times_given():
         steady.add(RtpPacket(payload_type=111, sequence_number=i, timestamp=i * 960), 5.0 + i * 0.02)
     steady.add(RtpPacket(payload_type=111, sequence_number=50, timestamp=50 * 960), 9.0)  # late duplicate
     assert steady.jitter == 0 and steady.packets_received == 101
+
+
+# -- SRTP without per-packet allocation -------------------------------------------------------
+
+
+def _srtp_pair():
+    import os
+
+    from pylibsrtp import Policy, Session
+
+    key = os.urandom(30)
+    tx = Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+    rx = Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND))
+    return tx, rx
+
+
+def _rtp(seq: int, payload: bytes) -> bytes:
+    return RtpPacket(payload_type=111, sequence_number=seq, timestamp=960 * seq, ssrc=0x1234,
+                     payload=payload).serialize()
+
+
+def test_fast_srtp_interoperates_with_pylibsrtp_both_ways():
+    import pylibsrtp
+
+    tx, rx = _srtp_pair()
+    fast_tx, fast_rx = aiortc_hooks.fast_srtp(tx), aiortc_hooks.fast_srtp(rx)
+    assert isinstance(fast_tx, aiortc_hooks.FastSrtp)
+    for seq in range(1, 200):
+        plain = _rtp(seq, bytes([seq & 0xFF]) * (20 + seq % 100))
+        protected = fast_tx.protect(plain) if seq % 2 else tx.protect(plain)
+        assert protected != plain and len(protected) == len(plain) + 10  # the 80-bit tag
+        assert (rx.unprotect(protected) if seq % 3 else fast_rx.unprotect(protected)) == plain
+    # a replayed packet and a forged one are refused, as pylibsrtp refuses them
+    with pytest.raises(pylibsrtp.Error):
+        fast_rx.unprotect(protected)
+    forged = bytearray(fast_tx.protect(_rtp(500, b"x" * 40)))
+    forged[20] ^= 1
+    with pytest.raises(pylibsrtp.Error):
+        fast_rx.unprotect(bytes(forged))
+    with pytest.raises(pylibsrtp.Error):
+        fast_tx.protect(_rtp(501, b"x" * 3000))  # longer than any datagram we send
+    assert fast_rx.unprotect(fast_tx.protect(_rtp(502, b"ok"))) == _rtp(502, b"ok")
+
+
+def test_fast_srtp_falls_back_to_the_session_without_pylibsrtp_internals():
+    class Other:
+        def protect(self, data):
+            return data
+
+    other = Other()
+    assert aiortc_hooks.fast_srtp(other) is other
