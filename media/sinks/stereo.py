@@ -189,7 +189,8 @@ class AlignedStereoRecorder:
         self._ring = np.zeros((self._ring_len, 2), dtype=PCM_DTYPE)
         self._columns = (self._ring[:, 0], self._ring[:, 1])
         self._committed = 0  # samples (per channel) written to the file
-        self._writer = WavWriter(path, sample_rate=sample_rate, channels=2)
+        # committed chunks go straight to the file (append_direct): no buffer to hold
+        self._writer = WavWriter(path, sample_rate=sample_rate, channels=2, flush_interval_s=0.0)
         self.path = self._writer.path
         self.left = AlignedLeg(self, 0, left)
         self.right = AlignedLeg(self, 1, right)
