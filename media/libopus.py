@@ -25,12 +25,19 @@ import numpy as np
 from .ffmpeg import loaded_library
 from .frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 
-__all__ = ["Decoder", "OpusError", "available", "has_fec", "library"]
+__all__ = ["APPLICATIONS", "Decoder", "Encoder", "OpusError", "available", "has_fec", "library"]
 
 log = logging.getLogger(__name__)
 
 #: The longest an Opus packet may last.
 MAX_MS = 120
+#: The largest packet :class:`Encoder` asks for (libopus' recommended maximum).
+MAX_PACKET = 1276 * 3
+#: ``OPUS_APPLICATION_*`` by the names FFmpeg and :class:`media.opus.OpusSettings` use.
+APPLICATIONS = {"voip": 2048, "audio": 2049, "lowdelay": 2051}
+_SET_BITRATE, _SET_COMPLEXITY, _SET_INBAND_FEC, _SET_PACKET_LOSS_PERC = 4002, 4010, 4012, 4014
+_SET_VBR_CONSTRAINT = 4020
+_GET_LOOKAHEAD = 4027
 
 
 class OpusError(ValueError):
@@ -50,6 +57,13 @@ def _bind(path: str) -> ctypes.CDLL:
     lib.opus_decoder_destroy.restype = None
     lib.opus_decode.argtypes = [ptr, ctypes.c_char_p, c_int32, ptr, c_int, c_int]
     lib.opus_decode.restype = c_int
+    lib.opus_encoder_create.argtypes = [c_int32, c_int, c_int, ctypes.POINTER(c_int)]
+    lib.opus_encoder_create.restype = ptr
+    lib.opus_encoder_destroy.argtypes = [ptr]
+    lib.opus_encoder_destroy.restype = None
+    lib.opus_encode.argtypes = [ptr, ptr, c_int, ptr, c_int32]
+    lib.opus_encode.restype = c_int32
+    lib.opus_encoder_ctl.restype = c_int  # variadic: arguments passed as ctypes objects
     lib.opus_strerror.argtypes = [c_int]
     lib.opus_strerror.restype = ctypes.c_char_p
     lib.opus_get_version_string.argtypes = []
@@ -149,3 +163,54 @@ class Decoder:
         if n < 0:
             raise OpusError(n)
         return self._scratch[: n * self.channels].copy()
+
+
+class Encoder:
+    """One libopus encoder taking int16 frames of ``frame_ms`` at ``rate``, one packet
+    per frame (``bytes``). ``application``: ``voip``, ``audio`` or ``lowdelay``;
+    ``fec_loss``: in-band FEC for this much loss, percent (0: off). libopus' state is
+    freed when the object is collected."""
+
+    __slots__ = ("rate", "channels", "frame", "delay", "_state", "_out", "_address", "_input",
+                 "_input_address", "_finalizer", "__weakref__")
+
+    def __init__(self, rate: int = SAMPLE_RATE, channels: int = 1, *, application: str = "audio",
+                 bitrate: int = 32_000, complexity: int = 5, fec_loss: int = 0,
+                 frame_ms: int = 20) -> None:
+        if _lib is None:
+            raise RuntimeError(_where)
+        if application not in APPLICATIONS:
+            raise ValueError(f"application must be one of {sorted(APPLICATIONS)}, got {application!r}")
+        error = ctypes.c_int(0)
+        state = _lib.opus_encoder_create(rate, channels, APPLICATIONS[application], ctypes.byref(error))
+        if not state or error.value:
+            raise OpusError(error.value or -7)
+        self._state = state
+        self._finalizer = weakref.finalize(self, _lib.opus_encoder_destroy, state)
+        handle = ctypes.c_void_p(state)
+        for request, value in ((_SET_BITRATE, bitrate), (_SET_COMPLEXITY, complexity),
+                               (_SET_INBAND_FEC, 1 if fec_loss else 0), (_SET_PACKET_LOSS_PERC, fec_loss),
+                               (_SET_VBR_CONSTRAINT, 0)):  # unconstrained VBR, as FFmpeg asks
+            status = _lib.opus_encoder_ctl(handle, ctypes.c_int(request), ctypes.c_int(value))
+            if status:
+                raise OpusError(status)
+        lookahead = ctypes.c_int32(0)
+        _lib.opus_encoder_ctl(handle, ctypes.c_int(_GET_LOOKAHEAD), ctypes.byref(lookahead))
+        self.rate = rate
+        self.channels = channels
+        self.frame = rate * frame_ms // 1000  # samples per channel per packet
+        #: Samples (at ``rate``) of lookahead: decoded audio lags the input by this much.
+        self.delay = lookahead.value
+        self._out = ctypes.create_string_buffer(MAX_PACKET)
+        self._address = ctypes.addressof(self._out)
+        self._input = np.zeros(self.frame * channels, dtype=PCM_DTYPE)
+        self._input_address = self._input.ctypes.data
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        """One frame of interleaved samples (``frame * channels`` of them, int16 or
+        anything numpy casts to it) to one Opus packet. ``ValueError`` for a wrong size."""
+        self._input[:] = pcm  # (copied into the buffer libopus reads: ValueError if it does not fit)
+        n = _lib.opus_encode(self._state, self._input_address, self.frame, self._address, MAX_PACKET)
+        if n < 0:
+            raise OpusError(n)
+        return ctypes.string_at(self._address, n)

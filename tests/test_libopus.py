@@ -126,3 +126,43 @@ async def test_without_fec_in_the_stream_the_receiver_conceals():
 
 def test_the_library_is_named():
     assert libopus.library().startswith("libopus ")
+
+
+@pytest.mark.parametrize("settings", [
+    OpusSettings(), OpusSettings(application="voip", complexity=10),
+    OpusSettings(application="voip", fec_loss=20), OpusSettings(application="lowdelay", bitrate=64_000),
+], ids=["audio", "voip", "voip-fec", "lowdelay"])
+def test_the_direct_encoder_writes_what_pyav_writes_byte_for_byte(settings):
+    rng = np.random.default_rng(7)
+    t = np.arange(FRAME_SAMPLES * 25) / SAMPLE_RATE
+    pcm = (8000 * np.sin(2 * np.pi * 600 * t) + 300 * rng.standard_normal(t.size)).astype(np.int16)
+    direct, pyav = OpusEncoder(settings), OpusEncoder(settings, pyav=True)
+    assert direct._direct is not None and direct.delay == pyav.delay
+    for i in range(0, pcm.size, FRAME_SAMPLES):
+        ours = direct.encode(pcm[i : i + FRAME_SAMPLES])
+        assert isinstance(ours, bytes) and ours == bytes(pyav.encode(pcm[i : i + FRAME_SAMPLES]))
+    assert [bytes(p) for p in pyav.flush()] == direct.flush()
+
+
+def test_the_encoder_round_trips_a_tone_and_refuses_a_wrong_frame():
+    enc, dec = libopus.Encoder(), libopus.Decoder()
+    t = np.arange(FRAME_SAMPLES * 10) / SAMPLE_RATE
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
+    out = np.concatenate([dec.decode(enc.encode(pcm[i : i + FRAME_SAMPLES]))
+                          for i in range(0, pcm.size, FRAME_SAMPLES)])
+    assert analysis.dominant_frequency(out[enc.delay :], SAMPLE_RATE) == pytest.approx(1000, abs=25)
+    assert analysis.rms_dbfs(out[enc.delay + 960 :]) == pytest.approx(analysis.rms_dbfs(pcm), abs=1.5)
+    with pytest.raises(ValueError):
+        enc.encode(pcm[:100])
+    with pytest.raises(ValueError):
+        libopus.Encoder(application="music")
+
+
+def test_a_16_khz_encoder_takes_16_khz_frames():
+    enc, dec = libopus.Encoder(16_000), libopus.Decoder()  # decoded at 48 kHz
+    assert enc.frame == 320
+    t = np.arange(320 * 10) / 16_000
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
+    out = np.concatenate([dec.decode(enc.encode(pcm[i : i + 320])) for i in range(0, pcm.size, 320)])
+    assert out.size == FRAME_SAMPLES * 10
+    assert analysis.dominant_frequency(out[2000:], SAMPLE_RATE) == pytest.approx(1000, abs=25)
