@@ -89,6 +89,10 @@ RESYNC_S = 3 * FRAME_S
 #: (clock noise: the schedule lies on the ticker's grid).
 _DUE_SLACK_S = 0.001
 
+#: The least playout delay once a stream carrying in-band FEC lost a packet: a frame
+#: and a margin, so the packet after a lost one is here when the lost one is due.
+FEC_MIN_DELAY_S = FRAME_S + 0.005
+
 Deliver = Callable[[np.ndarray, "int | None"], None]
 
 
@@ -299,6 +303,8 @@ class OpusReceiver:
         self._streams: dict | None = None
         self._carry: np.ndarray | None = None  # decoded samples beyond one frame
         self._carry_pts: int | None = None
+        self._last_payload: bytes | None = None  # the packet last decoded (does the stream carry FEC?)
+        self._fec_delay = False  # the playout delay was raised so FEC can be used
         self._events = events_received
         self._events_at_audio = 0  # events_received() when the last audio packet came
         if events_received is not None:
@@ -369,6 +375,7 @@ class OpusReceiver:
             self._released_errors += self.decoder.errors
         self.decoder = None
         self._carry = None
+        self._last_payload = None
 
     # -- packets -----------------------------------------------------------------------
 
@@ -552,17 +559,25 @@ class OpusReceiver:
         frame is available yet (packets shorter than 20 ms)."""
         decoder = self._decoder()
         if kind == PLAY:
+            self._last_payload = payload
             pcm = decoder.decode(payload)
             if pcm is None:
                 pcm = decoder.conceal()
         elif kind == CONCEAL and decoder.fec:
             # a lost packet: the next one, if here already, may carry it as in-band FEC
-            following = self.buffer.peek(pts + FRAME_SAMPLES)
+            buffer = self.buffer
+            following = buffer.peek(pts + FRAME_SAMPLES)
             pcm = None if following is None else decoder.recover(following)
-            if pcm is None:
-                pcm = decoder.conceal()
+            if pcm is not None:
+                buffer.stats.frames_fec += 1
             else:
-                self.buffer.stats.frames_fec += 1
+                pcm = decoder.conceal()
+                if following is None and not self._fec_delay and self._last_payload is not None \
+                        and libopus.has_fec(self._last_payload):
+                    # The stream carries FEC, but the next packet comes only as its slot
+                    # is due: keep one more frame buffered from now on, so it is here.
+                    self._fec_delay = True
+                    buffer.min_delay_s = min(max(buffer.min_delay_s, FEC_MIN_DELAY_S), buffer.max_delay_s)
         else:
             pcm = decoder.conceal()
         carry = self._carry

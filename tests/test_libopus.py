@@ -166,3 +166,35 @@ def test_a_16_khz_encoder_takes_16_khz_frames():
     out = np.concatenate([dec.decode(enc.encode(pcm[i : i + 320])) for i in range(0, pcm.size, 320)])
     assert out.size == FRAME_SAMPLES * 10
     assert analysis.dominant_frequency(out[2000:], SAMPLE_RATE) == pytest.approx(1000, abs=25)
+
+
+async def test_a_loss_in_a_stream_with_fec_keeps_a_frame_more_buffered():
+    """The first loss whose successor is not here yet, in a stream that carries FEC,
+    raises the playout buffer's floor so the next loss finds its successor buffered."""
+    from media.receiver import FEC_MIN_DELAY_S
+
+    packets = _switching_tone(VOIP_FEC)
+    rx = OpusReceiver(lambda pcm, pts: None, buffer=PlayoutBuffer())
+    floor = rx.buffer.min_delay_s
+    assert floor < FEC_MIN_DELAY_S
+    t0 = 1000.0
+    for k in range(SWITCH):
+        rx.buffer.push(k, FRAME_SAMPLES * k, packets[k], t0 + 0.02 * k)
+    now = rx.buffer.start_at
+    for _ in range(SWITCH + 1):  # the last tick is packet SWITCH's slot: lost, nothing after it
+        assert rx.play(now)
+        now += 0.02
+    assert rx.stats()["frames_concealed"] == 1 and rx.stats()["frames_fec"] == 0
+    assert rx.buffer.min_delay_s == FEC_MIN_DELAY_S
+    rx.close()
+
+    plain = OpusReceiver(lambda pcm, pts: None, buffer=PlayoutBuffer())  # CELT: no FEC
+    celt = tone_packets(600, 0.2)
+    for k in range(5):
+        plain.buffer.push(k, FRAME_SAMPLES * k, celt[k], t0 + 0.02 * k)
+    now = plain.buffer.start_at
+    for _ in range(6):
+        assert plain.play(now)
+        now += 0.02
+    assert plain.stats()["frames_concealed"] == 1 and plain.buffer.min_delay_s == floor
+    plain.close()
