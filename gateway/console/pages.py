@@ -143,6 +143,7 @@ def _quality(media: dict) -> list[tuple[str, str]]:
         ("Jitter", ms(media.get("jitter_s"))),
         ("Round trip", ms(media.get("round_trip_s"))),
         ("Concealed frames", str(playout.get("frames_concealed", "—"))),
+        ("Rebuilt from FEC", str(playout.get("frames_fec", "—"))),
         # (a WhatsApp leg carries Opus only: the SDP wacall accepts has nothing else)
         ("Codec", str(media.get("codec") or "Opus 48 kHz")),
         ("Candidate pair", str(media.get("candidate_pair") or "—")),
