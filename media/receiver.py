@@ -31,8 +31,12 @@ one :class:`aiortc.RTCRtpReceiver`:
 * **Decode** — :class:`OpusDecoder`: one persistent libopus decoder, mono 48 kHz
   s16, on the event loop, called directly (:mod:`media.libopus`: a third cheaper per
   frame than through PyAV, and a fifth of the memory). Concealment is libopus' own
-  PLC. (Where libopus cannot be bound, PyAV decodes, and PLC is reached by decoding a
-  TOC-only packet: a 0-byte frame, what DTX sends.)
+  PLC. A lost packet whose successor is buffered already is rebuilt from the in-band
+  FEC that successor carries, if it carries any (:meth:`OpusDecoder.recover`); the
+  first loss in a stream with FEC whose successor came too late raises the buffer's
+  floor to :data:`FEC_MIN_DELAY_S`. (Where libopus cannot be bound, PyAV decodes,
+  without FEC, and PLC is reached by decoding a TOC-only packet: a 0-byte frame,
+  what DTX sends.)
 * **Decode only for a reader** — with ``pcm_wanted`` given (``() -> bool``, asked every
   tick), a tick when nobody reads PCM (say the only sink is the recorder writing
   user.ogg from the RTP packets as received) decodes nothing: it delivers

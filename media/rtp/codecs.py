@@ -13,7 +13,7 @@ codec      PT  RTP clock  audio rate  implementation
 PCMU        0      8000        8000  numpy tables (:mod:`media.g711`) + 48k⇄8k FIR
 PCMA        8      8000        8000  numpy tables (:mod:`media.g711`) + 48k⇄8k FIR
 G722        9      8000       16000  PyAV/FFmpeg ``g722`` (64 kbit/s) + 48k⇄16k FIR
-opus       dyn    48000       48000  PyAV libopus (:mod:`media.opus`), 2 channels in
+opus       dyn    48000       48000  libopus (:mod:`media.libopus`), 2 channels in
                                      SDP (RFC 7587), mono on the wire
 =========  ==  =========  ==========  ================================================
 
