@@ -309,7 +309,9 @@ class EventBus:
         #: Subscriptions dropped for falling behind, since start.
         self.dropped_subscribers = 0
         self.published = 0
-        self._history: deque[Event] = deque(maxlen=history)
+        # (event id, its JSON body): a retained event as bytes, not as parsed data
+        # (several times smaller; replays are rare and parse it again)
+        self._history: deque[tuple[str, bytes]] = deque(maxlen=history)
         self._subs: set[Subscription] = set()
         self._listeners: list[Listener] = []
         self._closed = False
@@ -324,7 +326,7 @@ class EventBus:
 
     def history(self) -> list[Event]:
         """The retained events, oldest first."""
-        return list(self._history)
+        return [Event.from_json(body) for _, body in self._history]
 
     def publish(self, type: str, data: Mapping[str, Any] | None = None, *,
                 call_id: str | None = None) -> Event:
@@ -340,7 +342,7 @@ class EventBus:
                       event.type, event.id)
             return event
         self.published += 1
-        self._history.append(event)
+        self._history.append((event.id, event.to_json()))
         if len(self._mine) == self._mine.maxlen:
             self._mine_set.discard(self._mine[0])
         self._mine.append(event.id)
@@ -382,7 +384,7 @@ class EventBus:
         webhooks) and not to the outbox again. False when it was ours, or the bus is closed."""
         if self._closed or event.id in self._mine_set:
             return False
-        self._history.append(event)
+        self._history.append((event.id, event.to_json()))
         self._offer(event)
         return True
 
@@ -396,7 +398,7 @@ class EventBus:
                 sub._drop()
 
     def knows(self, event_id: str) -> bool:
-        return any(e.id == event_id for e in self._history)
+        return any(retained == event_id for retained, _ in self._history)
 
     async def stored_after(self, event_id: str, limit: int = 10_000) -> list[Event] | None:
         """The events after ``event_id`` from the outbox (an earlier process's too) and
@@ -409,7 +411,8 @@ class EventBus:
         stored = [Event.from_dict(e.data) for e in await self.outbox.after(seq, limit)]
         ids = {e.id for e in stored}
         # (what is published but not written yet is in the history, after what is)
-        return stored + [e for e in self._history if e.id not in ids and e.id != event_id]
+        return stored + [Event.from_json(body) for retained, body in self._history
+                         if retained not in ids and retained != event_id]
 
     def subscribe(self, *, call_id: str | None = None, last_event_id: str | None = None,
                   max_queue: int = 1000, replay: list[Event] | None = None,
@@ -430,12 +433,12 @@ class EventBus:
             replay = []
             retained = list(self._history)
             for i in range(len(retained) - 1, -1, -1):
-                if retained[i].id == last_event_id:
-                    replay = retained[i + 1:]
+                if retained[i][0] == last_event_id:
+                    replay = [Event.from_json(body) for _, body in retained[i + 1:]]
                     break
             else:
                 gap = True
-                replay = retained
+                replay = [Event.from_json(body) for _, body in retained]
                 log.info("Last-Event-ID not in the last %d events; replaying all of them",
                          len(retained))
         else:

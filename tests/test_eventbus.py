@@ -93,6 +93,8 @@ async def test_subscribe_replay_filter_and_history() -> None:
     bus = EventBus(history=5)
     events = [bus.publish("call.state", {"i": i}, call_id=f"c{i % 2}") for i in range(8)]
     assert bus.history() == events[3:]
+    # retained as their JSON bodies: a replay sends the very bytes the live event had
+    assert [e.to_json() for e in bus.history()] == [e.to_json() for e in events[3:]]
 
     sub = bus.subscribe(last_event_id=events[5].id)
     assert not sub.gap
@@ -699,3 +701,14 @@ async def test_event_webhooks_follow_standard_webhooks_and_rotate_secrets(receiv
     with pytest.raises(WebhookVerificationError):  # an old timestamp: a replay
         Webhook(new).verify(hit.body, tampered)
     assert verify_signature(hit.body, headers["x-wacall-signature"], new)
+
+
+def test_retained_events_keep_their_exact_bytes() -> None:
+    bus = EventBus(history=10)
+    data = {"ratio": 0.1 + 0.2, "name": "Zoë ☎", "nested": {"b": [1, 2.5, None, True], "a": "x"},
+            "big": 2**70, "tiny": 1e-300}
+    live = bus.publish("call.state", data, call_id="c1")
+    (kept,) = bus.history()
+    assert kept == live and kept.to_json() == live.to_json() and kept.to_sse() == live.to_sse()
+    assert list(kept.data) == ["ratio", "name", "nested", "big", "tiny"]
+    assert bus.knows(live.id) and not bus.knows("nope")
