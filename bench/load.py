@@ -266,10 +266,16 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 pids = gateway_pids(service)
                 base_rss = sum(rss_mb(pid) for pid in pids)
                 calls = []
-                for user in users:  # a steady stream of dialling, not one burst
-                    calls.append(await service.manager.place_call(user, record=recording, **media_of_call()))
-                await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in calls))
-                await asyncio.sleep(1.0)  # let every playout buffer settle
+                # In two halves: the RSS each half adds, up and settled, gives the slope
+                # (what one more call costs, without what the first calls of a process
+                # add once: caches, the event history filling up, heap growth).
+                half_rss = []
+                for batch in (users[: n // 2], users[n // 2 :]):
+                    for user in batch:  # a steady stream of dialling, not one burst
+                        calls.append(await service.manager.place_call(user, record=recording, **media_of_call()))
+                    await asyncio.gather(*(c.wait_state(CallState.MEDIA_CONNECTED, 60) for c in calls))
+                    await asyncio.sleep(1.0)  # let every playout buffer settle
+                    half_rss.append(sum(rss_mb(pid) for pid in pids))
                 for c in calls:  # count the sends' quality from here on
                     await c.media.reset_pacing()
                 per_worker = service.workers.load() if service.workers is not None else None
@@ -350,6 +356,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "cpu_ms_per_call_s": round(cpu_ms_per_call_s, 2),
         "calls_per_core": round(1000 / cpu_ms_per_call_s) if cpu_ms_per_call_s else None,
         "rss_mb_per_call": round((rss - base_rss) / n, 2),
+        "rss_slope_mb_per_call": round((half_rss[1] - half_rss[0]) / (n - n // 2), 2) if n > 1 else None,
         "gateway_cores": round((cpu1 - cpu0) / wall, 2),
         "kernel_pct": round(100 * (sys1 - sys0) / (cpu1 - cpu0)) if cpu1 > cpu0 else None,
         "provider_cores": round((provider_cpu1 - provider_cpu0) / wall, 2),
@@ -415,7 +422,8 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                   f"({result['alive']} up through {result['window_s']} s), "
                   f"{where}"
                   f"gateway {result['cpu_ms_per_call_s']} ms CPU per call-second "
-                  f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call; "
+                  f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call "
+                  f"(slope {result['rss_slope_mb_per_call']} MB/call); "
                   f"cores busy: gateway {result['gateway_cores']} ({result['kernel_pct']} % in the kernel), provider+phones {result['provider_cores']}; "
                   f"sends: {result['underruns']} underruns of {result['sent_frames']}, worst "
                   f"{result['max_late_ms']} ms late (median call {result['p50_call_max_late_ms']} ms); "
@@ -427,12 +435,13 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
         table: dict[tuple, list[dict]] = {}
         for r in results:
             table.setdefault((r["calls"], r["workers"], r["rtp_path"], r["record"]), []).append(r)
-        print("\ncalls workers path    record    gateway CPU ms/call-s (median; each run)   MB RSS/call  underruns")
+        print("\ncalls workers path    record    gateway CPU ms/call-s (median; each run)   MB RSS/call (slope)  underruns")
         for (calls, w, path, record), rs in table.items():
             cpu = [r["cpu_ms_per_call_s"] for r in rs]
             print(f"{calls:5d} {w:7d} {path:7s} {record:9s} {statistics.median(cpu):8.2f} "
                   f"({' '.join(f'{c:.1f}' for c in cpu)}){'':4s} "
-                  f"{statistics.median(r['rss_mb_per_call'] for r in rs):8.2f}  "
+                  f"{statistics.median(r['rss_mb_per_call'] for r in rs):8.2f} "
+                  f"({statistics.median(r['rss_slope_mb_per_call'] for r in rs):.2f})  "
                   f"{'n/a' if path == 'naive' else statistics.median(r['underruns'] for r in rs)}")
 
 

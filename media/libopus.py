@@ -38,6 +38,7 @@ APPLICATIONS = {"voip": 2048, "audio": 2049, "lowdelay": 2051}
 _SET_BITRATE, _SET_COMPLEXITY, _SET_INBAND_FEC, _SET_PACKET_LOSS_PERC = 4002, 4010, 4012, 4014
 _SET_VBR_CONSTRAINT = 4020
 _GET_LOOKAHEAD = 4027
+_BUFFER_TOO_SMALL = -2  # OPUS_BUFFER_TOO_SMALL
 
 
 class OpusError(ValueError):
@@ -140,7 +141,7 @@ class Decoder:
         self._state = state
         self._finalizer = weakref.finalize(self, _lib.opus_decoder_destroy, state)
         self._frame = rate * FRAME_SAMPLES // SAMPLE_RATE  # 20 ms per channel
-        self._scratch = np.zeros(rate * MAX_MS // 1000 * channels, dtype=PCM_DTYPE)
+        self._scratch = np.zeros(self._frame * channels, dtype=PCM_DTYPE)  # grown for longer packets
         self._address = self._scratch.ctypes.data
 
     def decode(self, payload: bytes, fec: bool = False) -> np.ndarray:
@@ -152,6 +153,11 @@ class Decoder:
         else:
             n = _lib.opus_decode(self._state, payload, len(payload), self._address,
                                  self._scratch.size // self.channels, 0)
+            if n == _BUFFER_TOO_SMALL and self._scratch.size < self.rate * MAX_MS // 1000 * self.channels:
+                # a packet longer than 20 ms (libopus checked before decoding anything)
+                self._scratch = np.zeros(self.rate * MAX_MS // 1000 * self.channels, dtype=PCM_DTYPE)
+                self._address = self._scratch.ctypes.data
+                return self.decode(payload)
         if n < 0:
             raise OpusError(n)
         return self._scratch[: n * self.channels].copy()

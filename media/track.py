@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+from array import array
 from dataclasses import dataclass, field
 
 import av
@@ -66,7 +67,7 @@ class PacingStats:
     resyncs: int = 0
     max_late_ms: float = 0.0
     max_interval_ms: float = 0.0
-    _hist: list[int] = field(default_factory=lambda: [0] * _BINS, repr=False)
+    _hist: array = field(default_factory=lambda: array("I", bytes(4 * _BINS)), repr=False)
     _intervals: int = 0
 
     def _interval(self, seconds: float) -> None:

@@ -12,7 +12,7 @@ began (the first loud frame) or ended (the end of the last loud frame);
 Events go to callbacks and, optionally, an ``asyncio.Queue``.
 
 Per frame the work is one float conversion into a preallocated block and one ``dot``
-(the frame's energy); the peak is taken once per 100 ms block.
+(the frame's energy); the peak is taken once per 60 ms block.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ _max = np.maximum.reduce  # without ndarray.max()'s Python-level wrapper
 _min = np.minimum.reduce
 _dot = np.dot
 _copyto = np.copyto
-#: Samples per block of :class:`Levels` (100 ms at 48 kHz): the peak is taken per block.
-BLOCK_SAMPLES = 4800
+#: Samples per block of :class:`Levels` (60 ms at 48 kHz, 11.5 kB): the peak is taken
+#: per block.
+BLOCK_SAMPLES = 2880
 _FULL_SCALE_SQ = 32768.0 * 32768.0
 _NO_BLOCK = np.empty(0, dtype=np.float32)
 
@@ -50,10 +51,10 @@ def dbfs(mean_square_int16: float) -> float:
 class Levels:
     """Running RMS / peak of int16 audio, one frame at a time, without allocating.
 
-    Each frame is converted to float32 once, into a preallocated 100 ms block
+    Each frame is converted to float32 once, into a preallocated 60 ms block
     (:data:`BLOCK_SAMPLES`); :meth:`add` measures the frame's energy right there (one
     ``dot``), :meth:`accumulate` (for totals only) leaves it to the block. The peak is
-    taken once per block (one ``max`` and one ``min`` over 100 ms instead of per frame).
+    taken once per block (one ``max`` and one ``min`` over 60 ms instead of per frame).
     Reading :attr:`sum_sq`, :attr:`peak` or the dBFS values takes in the partial block
     first, so they are always exact."""
 

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..frames import FRAME_MS, SAMPLE_RATE
+from ..frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from ..opus import DEFAULT_SETTINGS, OpusSettings
 from ..receiver import NOT_DECODED
 from ..sinkset import fault_code
@@ -100,8 +100,8 @@ class _UserLeg:
         self.frames = 0
         self.closed = False
         self._stage = 0  # which file write() was at: 0 user.wav, 1 stereo.wav, 2 user.ogg
-        self._acc = np.empty(960, dtype=np.int32)
-        self._mono = np.empty(960, dtype=np.int16)
+        self._acc: np.ndarray | None = None  # (for stereo frames; allocated by the first)
+        self._mono: np.ndarray | None = None
 
     @property
     def needs_pcm(self) -> bool:
@@ -123,9 +123,12 @@ class _UserLeg:
     def _write(self, rec: CallRecorder, pcm: np.ndarray, sample_rate: int, channels: int) -> None:
         self._stage = 0
         self.frames += 1
-        if channels == 2 and pcm.size == 2 * self._mono.size:
+        if channels == 2 and pcm.size == 2 * FRAME_SAMPLES:
             # aiortc decodes to stereo (both sides equal for a mono stream): mix once
             # for every file instead of once per file.
+            if self._acc is None:
+                self._acc = np.empty(FRAME_SAMPLES, dtype=np.int32)
+                self._mono = np.empty(FRAME_SAMPLES, dtype=np.int16)
             acc = self._acc
             np.add(pcm[0::2], pcm[1::2], out=acc, dtype=np.int32)
             np.right_shift(acc, 1, out=acc)

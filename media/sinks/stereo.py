@@ -17,10 +17,10 @@ Frames without a ``pts`` are laid end to end, re-anchored the same way. ``at`` f
 received audio is the arrival time of the frame's RTP packet (see
 :mod:`media.taps`), not when aiortc's jitter buffer released it.
 
-Frames land in a 0.6 s ring buffer (115 KB per call); whatever is older than
+Frames land in a 0.45 s ring buffer (86 KB per call); whatever is older than
 ``max_delay_s`` (0.3 s: the playout buffer holds a frame 0.2 s at most, so a frame
 reaches the recorder well within that of its arrival) or pushed out by newer audio is
-committed to the file, at least every ``commit_s``, and
+committed to the file, at least every ``commit_s`` (0.1 s), and
 the WAV header is updated on each commit (crash-safe like
 :class:`media.sinks.wav.WavWriter`). A frame arriving later than ``max_delay_s`` is
 placed at the commit point instead (it cannot go back in time).
@@ -40,6 +40,9 @@ from .meter import Levels
 from .wav import WavWriter
 
 __all__ = ["AlignedStereoRecorder", "AlignedLeg"]
+
+_EMPTY_ACC = np.empty(0, dtype=np.int32)
+_EMPTY_MONO = np.empty(0, dtype=PCM_DTYPE)
 
 
 def _default_clock() -> Callable[[], float]:
@@ -65,8 +68,8 @@ class AlignedLeg:
         self._anchor_pos: int | None = None
         self._anchor_pts: int | None = None
         self._pos = 0  # next free sample position on the common timeline
-        self._acc = np.empty(960, dtype=np.int32)
-        self._mono = np.empty(960, dtype=PCM_DTYPE)
+        self._acc = _EMPTY_ACC  # (grown by the first multi-channel frame)
+        self._mono = _EMPTY_MONO
         self._closed = False
 
     @property
@@ -163,7 +166,7 @@ class AlignedStereoRecorder:
         commit_s: audio is written (and the header updated) in chunks of at least this.
     """
 
-    RING_S = 0.6
+    RING_S = 0.45
 
     def __init__(
         self,
@@ -173,7 +176,7 @@ class AlignedStereoRecorder:
         clock: Callable[[], float] | None = None,
         resync_s: float = 0.1,
         max_delay_s: float = 0.3,
-        commit_s: float = 0.2,
+        commit_s: float = 0.1,
         left: str = "user",
         right: str = "business",
     ) -> None:
