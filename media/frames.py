@@ -57,3 +57,10 @@ class Sink(Protocol):
 def silence(sample_rate: int = SAMPLE_RATE, channels: int = 1) -> np.ndarray:
     """One 20 ms frame of digital silence."""
     return np.zeros(sample_rate * FRAME_MS // 1000 * channels, dtype=PCM_DTYPE)
+
+
+#: What a 48 kHz mono source returns, by identity, when it has nothing to say now but
+#: is not finished (a bot between sentences): the outbound track then sends its cached
+#: silence packet instead of encoding zeros. Shared and read-only.
+SILENT_FRAME = silence()
+SILENT_FRAME.flags.writeable = False

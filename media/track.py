@@ -37,7 +37,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .clock import FRAME_S, FrameClock
-from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Sink, Source, silence
+from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, SILENT_FRAME, Sink, Source, silence
 from .mix import Playback, PlayQueue
 from .opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
 from .sinkset import SinkSet
@@ -242,7 +242,7 @@ class OutboundAudioTrack(MediaStreamTrack):
                 stats.silent_frames += 1
             out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
             out.sample_rate = SAMPLE_RATE
-        elif pcm is None:
+        elif pcm is None or pcm is SILENT_FRAME:
             pcm, level = self._silence, _SILENT
             stats.silent_frames += 1
             out = self._silence_packet

@@ -11,6 +11,7 @@ import pytest
 
 from media import analysis, g711
 from media.bridges.base import BotAudio, BridgeStats
+from media.frames import SILENT_FRAME
 from media.bridges.resample import Decimator, Interpolator, lowpass
 
 ALL_INT16 = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)
@@ -218,3 +219,56 @@ def test_playout_queue_caps_its_buffer():
         src.push(np.zeros(4000, np.int16))
     assert src.buffered_s == 1.0
     assert stats.audio_overflow_s == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 24000])
+def test_bot_audio_encodes_at_its_own_rate_and_renders_48k_only_when_read(rate):
+    from media import libopus
+    from media.opus import OpusSettings
+
+    wanted = [False]
+    stats = BridgeStats()
+    src = BotAudio(rate, on_mark=lambda n: None, stats=stats, opus=OpusSettings(),
+                   pcm_wanted=lambda: wanted[0])
+    src.push(np.round(sine(1000, rate, rate)).astype(np.int16))  # 1 s
+    decoder = libopus.Decoder()  # at 48 kHz, as the phone decodes
+    heard, rendered = [], []
+    for k in range(50):
+        wanted[0] = k >= 25  # a recording starts half way
+        frame = src.read()
+        assert src.packet is not None
+        heard.append(decoder.decode(src.packet))
+        if k < 25:
+            assert not frame.any() and not frame.flags.writeable  # nothing rendered
+        else:
+            rendered.append(frame)
+    out = np.concatenate(heard)
+    assert out.size == 48000
+    assert analysis.dominant_frequency(out[4800:], 48000) == pytest.approx(1000, abs=2)
+    assert analysis.tone_seconds(out, 48000, 1000) >= 0.95  # of 1 s
+    pcm = np.concatenate(rendered[1:])  # (the resampler starts clean at frame 25)
+    assert analysis.dominant_frequency(pcm, 48000) == pytest.approx(1000, abs=2)
+    assert analysis.tone_seconds(pcm, 48000, 1000) >= 0.95 * pcm.size / 48000
+    # nothing queued: 100 ms of silence still through this encoder (its lookahead holds
+    # the end of the tone), then the shared silent frame: the track's silence packet
+    assert np.count_nonzero(src.read()) <= 150 and src.packet is not None
+    for _ in range(4):
+        src.read()
+        assert src.packet is not None
+    assert src.read() is SILENT_FRAME and src.packet is None and stats.silence_frames == 6
+    src.push(np.round(sine(1000, rate, rate // 10)).astype(np.int16))  # the bot speaks again
+    assert src.read().any() and src.packet is not None
+    src.end(drain=True)
+    while src.read() is not None:
+        pass
+    assert src.packet is None
+
+
+def test_bot_audio_at_48k_or_without_settings_leaves_encoding_to_the_track():
+    from media.opus import OpusSettings
+
+    for src in (BotAudio(48000, on_mark=lambda n: None, stats=BridgeStats(), opus=OpusSettings()),
+                BotAudio(16000, on_mark=lambda n: None, stats=BridgeStats())):
+        src.push(np.round(sine(1000, src.wire_rate, src.wire_rate // 10)).astype(np.int16))
+        frame = src.read()
+        assert src.packet is None and frame.any()

@@ -66,6 +66,34 @@ async def test_pcm_and_pre_encoded_packets_share_one_timeline():
     track.stop()
 
 
+async def test_a_source_between_sentences_costs_no_encoding():
+    """A source that returns the shared silent frame (nothing to say now, not finished)
+    gets the track's cached silence packet, not an encoded frame of zeros."""
+    from media.frames import SILENT_FRAME
+
+    class Pauses:
+        sample_rate, channels = SAMPLE_RATE, 1
+
+        def __init__(self):
+            self.tone = ToneSource(1000, 0.1)
+
+        def read(self):
+            frame = self.tone.read()
+            return SILENT_FRAME if frame is None else frame
+
+        def close(self):
+            pass
+
+    track = OutboundAudioTrack()
+    track.play(Pauses())
+    out = [track.next_payload() for _ in range(15)]
+    stats = track.stats
+    assert (stats.encoded_frames, stats.silent_frames) == (5, 10)
+    assert set(out[5:]) == {track._silence_packet} and track.playing  # still playing
+    assert analysis.dominant_frequency(decode_packets(out)[:4800], SAMPLE_RATE) == pytest.approx(1000, abs=5)
+    track.stop()
+
+
 async def test_outbound_tap_sees_every_frame_sent():
     track = OutboundAudioTrack()
     tapped: list[np.ndarray] = []

@@ -95,15 +95,7 @@ _SR_TICKS = 250
 _NTP_EPOCH = 2208988800
 
 
-def _silent_frame() -> np.ndarray:
-    silent = getattr(_frames, "SILENT_FRAME", None)
-    if silent is None:
-        silent = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
-        silent.flags.writeable = False
-    return silent
-
-
-_SILENT = _silent_frame()
+_SILENT = _frames.SILENT_FRAME
 
 
 @dataclass(slots=True)
