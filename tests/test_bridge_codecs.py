@@ -272,3 +272,25 @@ def test_bot_audio_at_48k_or_without_settings_leaves_encoding_to_the_track():
         src.push(np.round(sine(1000, src.wire_rate, src.wire_rate // 10)).astype(np.int16))
         frame = src.read()
         assert src.packet is None and frame.any()
+
+
+def test_latency_histogram_percentiles_are_exact_to_their_bin():
+    from media.bridges.base import LatencyHistogram
+
+    h = LatencyHistogram()
+    assert h.percentile(50) is None and h.as_dict()["max"] is None
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.uniform(0.0002, 0.0009, 500),  # 0.2-0.9 ms
+                             rng.uniform(0.002, 0.008, 300),  # 2-8 ms
+                             rng.uniform(0.02, 0.09, 150),  # 20-90 ms
+                             [0.25] * 50])  # past the last bin
+    for v in values:
+        h.add(float(v))
+    h.add(-0.001)  # a clock step: counted in the first bin
+    assert h.count == 1001
+    for p in (10, 50, 70, 90, 94):
+        exact = float(np.percentile(np.append(values, -0.001) * 1000, p, method="inverted_cdf"))
+        width = 0.01 if exact < 1 else 0.1 if exact < 10 else 1.0
+        assert abs(h.percentile(p) - exact) <= width / 2 + 1e-9, (p, h.percentile(p), exact)
+    assert h.percentile(99) == h.max_ms == 250.0  # the overflow bin reports the maximum
+    assert len(h._hist) * h._hist.itemsize < 1200  # 1.1 kB, not 80 kB
