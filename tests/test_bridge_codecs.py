@@ -294,3 +294,30 @@ def test_latency_histogram_percentiles_are_exact_to_their_bin():
         assert abs(h.percentile(p) - exact) <= width / 2 + 1e-9, (p, h.percentile(p), exact)
     assert h.percentile(99) == h.max_ms == 250.0  # the overflow bin reports the maximum
     assert len(h._hist) * h._hist.itemsize < 1200  # 1.1 kB, not 80 kB
+
+
+def test_resamplers_share_their_scratch_and_keep_their_own_state():
+    """Many calls' resamplers share one copy buffer per shape (it holds nothing between
+    calls): interleaving two streams gives what each gives alone."""
+    a = np.round(sine(1000, 48000, 9600)).astype(np.int16)
+    b = np.round(sine(3000, 48000, 9600) * 0.5).astype(np.int16)
+    d_a, d_b = Decimator(3), Decimator(3)
+    ref_a, ref_b = Decimator(3), Decimator(3)
+    expect_a = np.concatenate([ref_a.process(a[i : i + 960]) for i in range(0, a.size, 960)])
+    expect_b = np.concatenate([ref_b.process(b[i : i + 960]) for i in range(0, b.size, 960)])
+    got_a, got_b = [], []
+    for i in range(0, a.size, 960):  # interleaved, as the ticker runs calls one after another
+        got_a.append(d_a.process(a[i : i + 960]))
+        got_b.append(d_b.process(b[i : i + 960]))
+    np.testing.assert_array_equal(np.concatenate(got_a), expect_a)
+    np.testing.assert_array_equal(np.concatenate(got_b), expect_b)
+    i_a, i_b, ref_i = Interpolator(3), Interpolator(3), Interpolator(3)
+    x = expect_a
+    expect = np.concatenate([ref_i.process(x[k : k + 320]) for k in range(0, x.size, 320)])
+    got = []
+    for k in range(0, x.size, 320):
+        got.append(i_a.process(x[k : k + 320]))
+        i_b.process(x[::-1][k : k + 320].copy())
+    np.testing.assert_array_equal(np.concatenate(got), expect)
+    assert analysis.dominant_frequency(np.concatenate(got), 48000) == pytest.approx(1000, abs=2)
+    assert not hasattr(d_a._work, "rows")  # no per-resampler copy buffer
