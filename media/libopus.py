@@ -38,6 +38,7 @@ APPLICATIONS = {"voip": 2048, "audio": 2049, "lowdelay": 2051}
 _SET_BITRATE, _SET_COMPLEXITY, _SET_INBAND_FEC, _SET_PACKET_LOSS_PERC = 4002, 4010, 4012, 4014
 _SET_VBR_CONSTRAINT = 4020
 _GET_LOOKAHEAD = 4027
+_GET_BITRATE, _GET_COMPLEXITY = 4003, 4011
 _BUFFER_TOO_SMALL = -2  # OPUS_BUFFER_TOO_SMALL
 
 
@@ -200,6 +201,13 @@ class Encoder:
             status = _lib.opus_encoder_ctl(handle, ctypes.c_int(request), ctypes.c_int(value))
             if status:
                 raise OpusError(status)
+        # (opus_encoder_ctl is variadic: read two settings back, so an ABI where ctypes
+        # passes variadic arguments differently fails here, not silently later)
+        for request, value in ((_GET_BITRATE, bitrate), (_GET_COMPLEXITY, complexity)):
+            got = ctypes.c_int32(-1)
+            _lib.opus_encoder_ctl(handle, ctypes.c_int(request), ctypes.byref(got))
+            if got.value != value:
+                raise OpusError(-1)
         lookahead = ctypes.c_int32(0)
         _lib.opus_encoder_ctl(handle, ctypes.c_int(_GET_LOOKAHEAD), ctypes.byref(lookahead))
         self.rate = rate

@@ -87,11 +87,15 @@ class OpusEncoder:
         self.delay = 120 if settings.application == "lowdelay" else ENCODER_DELAY
         self._direct = None
         if libopus.available() and not pyav:
-            self._direct = libopus.Encoder(SAMPLE_RATE, 1, application=settings.application,
-                                           bitrate=settings.bitrate, complexity=settings.complexity,
-                                           fec_loss=settings.fec_loss)
-            self.delay = self._direct.delay
-            return
+            try:
+                self._direct = libopus.Encoder(SAMPLE_RATE, 1, application=settings.application,
+                                               bitrate=settings.bitrate, complexity=settings.complexity,
+                                               fec_loss=settings.fec_loss)
+            except libopus.OpusError:  # (its settings did not take: PyAV encodes)
+                self._direct = None
+            else:
+                self.delay = self._direct.delay
+                return
         ctx = av.CodecContext.create("libopus", "w")
         ctx.sample_rate = SAMPLE_RATE
         ctx.layout = "mono"

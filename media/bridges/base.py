@@ -265,9 +265,12 @@ class BotAudio:
         self.packet: bytes | None = None
         self._encoder = None
         if opus is not None and wire_rate != SAMPLE_RATE and libopus.available():
-            self._encoder = libopus.Encoder(wire_rate, 1, application=opus.application,
-                                            bitrate=opus.bitrate, complexity=opus.complexity,
-                                            fec_loss=opus.fec_loss)
+            try:
+                self._encoder = libopus.Encoder(wire_rate, 1, application=opus.application,
+                                                bitrate=opus.bitrate, complexity=opus.complexity,
+                                                fec_loss=opus.fec_loss)
+            except libopus.OpusError:  # (the track encodes, as without settings)
+                self._encoder = None
         self._pcm_wanted = pcm_wanted
         self._rendering = True  # the resampler was fed the last frame
         self._silent_encoded = 0  # silent frames encoded since the audio ran out
