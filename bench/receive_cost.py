@@ -41,6 +41,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters  # noqa: E402
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver  # noqa: E402
@@ -53,6 +54,8 @@ from media.receiver import OpusReceiver  # noqa: E402
 from media.taps import RtpTap  # noqa: E402
 # bench/ is on sys.path when this runs as a script
 from media_cost import speechlike  # noqa: E402
+# the stub DTLS transport the tests' receivers start on (tests/ is on sys.path above)
+from media_call import StubTransport  # noqa: E402
 
 FRAME_S = 0.02
 PT = 111
@@ -62,25 +65,6 @@ def opus_payloads(settings: OpusSettings, seconds: float = 10.0) -> list[bytes]:
     pcm = speechlike(seconds)
     enc = OpusEncoder(settings)
     return [bytes(enc.encode(pcm[i : i + FRAME_SAMPLES])) for i in range(0, pcm.size, FRAME_SAMPLES)]
-
-
-class StubTransport:
-    """Just enough of RTCDtlsTransport for a receiver to start and stop."""
-
-    state = "connected"
-    _stats_id = "transport_bench"
-
-    def _register_rtp_receiver(self, receiver, parameters) -> None:
-        pass
-
-    def _unregister_rtp_receiver(self, receiver) -> None:
-        pass
-
-    async def _send_rtp(self, data: bytes) -> None:
-        pass
-
-    def _get_stats(self):
-        return {}
 
 
 class NullSink:
