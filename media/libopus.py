@@ -93,6 +93,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 _lib, _where = _load()
+#: Whether this libopus can tell if a packet carries FEC (1.5 and later).
+_TELLS_FEC = _lib is not None and hasattr(_lib, "opus_packet_has_lbrr")
 
 
 def available() -> bool:
@@ -108,7 +110,7 @@ def library() -> str:
 def has_fec(payload: bytes) -> bool | None:
     """Whether an Opus packet carries in-band FEC (LBRR) for the one before it;
     ``None`` if this libopus cannot tell (before 1.5)."""
-    if _lib is None or not hasattr(_lib, "opus_packet_has_lbrr"):
+    if not _TELLS_FEC:
         return None
     return _lib.opus_packet_has_lbrr(payload, len(payload)) > 0
 
