@@ -296,6 +296,7 @@ class Service:
             rtp_timeout_s=settings.rtp_timeout_s, max_calls=settings.max_calls, recordings_dir=Path(settings.data_dir) / "recordings",
             inbound_policy=inbound_policy(settings, self.library), gate=self.gate,
             speech_events=settings.speech_events,
+            recording_format=settings.recording_format,
             permission_wait_s=settings.permission_wait_s, history=settings.call_history,
             disk=self.disk, store=self.store, owner=settings.instance,
             hangup_attempts=settings.hangup_attempts,

@@ -273,6 +273,10 @@ class Settings:
     event_secret: str | None = setting(group="events", secret=True)
     #: Events kept for SSE replay (``Last-Event-ID``).
     event_history: int = setting(1000, _non_negative(int), group="events")
+    #: What a recorded call's files are: ``wav`` (user.wav and stereo.wav, decoded,
+    #: plus user.ogg as received), ``opus`` (stereo.ogg: both legs as Opus, as they went
+    #: over the wire, nothing decoded: the cheapest full recording) or ``both``.
+    recording_format: str = setting("wav", _choice(("wav", "opus", "both")), group="recording")
     # -- recording retention (applied at startup and after calls; unset = keep all) --------
     recording_max_age_s: float | None = setting(parse=_positive(float), group="recording")
     #: Recordings older than this many days are deleted (hourly; the call record stays).

@@ -132,7 +132,7 @@ class Recordings:
         return {"call_id": call_id, "direction": meta.get("direction"), "wacid": meta.get("wacid"),
                 "user": mask_phone(display(user)) if isinstance(user, str) and user else None,
                 "started_at": data.get("started_at"), "ended_at": data.get("ended_at"),
-                "duration_s": durations.get("stereo_wav") or durations.get("user_wav"),
+                "duration_s": durations.get("stereo_wav") or durations.get("stereo_ogg") or durations.get("user_wav"),
                 "complete": bool(data.get("complete")), "recovered": bool(data.get("recovered")),
                 "error": data.get("error"), "files": files}
 
@@ -244,7 +244,7 @@ class Recordings:
 
 
 def _read_channels(path: Path) -> tuple[np.ndarray, int]:
-    """``(frames × channels float32 in -1..1, rate)``: WAV directly, anything else mono."""
+    """``(frames × channels float32 in -1..1, rate)``: WAV directly, anything else through PyAV."""
     if path.suffix.lower() == ".wav":
         with wave.open(str(path)) as w:
             channels, rate, width = w.getnchannels(), w.getframerate(), w.getsampwidth()
@@ -252,8 +252,8 @@ def _read_channels(path: Path) -> tuple[np.ndarray, int]:
         if width == 2:
             data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
             return data.reshape(-1, channels), rate
-    mono, rate = analysis.read_audio(path)
-    return mono.reshape(-1, 1), rate
+    planar, rate = analysis.read_channels(path)
+    return np.clip(planar, -1.0, 1.0).T, rate
 
 
 def _safe_name(name: str) -> bool:

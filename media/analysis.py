@@ -22,6 +22,7 @@ from .errors import MediaFileError
 from .sources.file import open_audio
 
 __all__ = [
+    "read_channels",
     "SILENCE_DBFS",
     "active_seconds",
     "dominant_frequency",
@@ -46,6 +47,14 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
         FileNotFoundError: no such file.
         MediaFileError: PyAV cannot open or decode it, or it has no audio stream.
     """
+    planar, rate = read_channels(path)
+    mono = planar[0] if planar.shape[0] == 1 else planar.mean(axis=0, dtype=np.float32)
+    return np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False), rate
+
+
+def read_channels(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """Decode a whole file to float32, one row per channel (``(channels, samples)``);
+    returns ``(planar, rate)``. Raises like :func:`read_audio`."""
     container, stream = open_audio(path)
     try:
         rate = stream.codec_context.sample_rate
@@ -61,10 +70,8 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     finally:
         container.close()
     if not chunks:
-        return np.zeros(0, dtype=np.float32), rate
-    planar = np.concatenate(chunks, axis=1)  # (channels, samples)
-    mono = planar[0] if planar.shape[0] == 1 else planar.mean(axis=0, dtype=np.float32)
-    return np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False), rate
+        return np.zeros((max(1, stream.codec_context.channels), 0), dtype=np.float32), rate
+    return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), rate
 
 
 def rms_dbfs(x: np.ndarray) -> float:

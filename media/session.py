@@ -75,11 +75,14 @@ MediaEvent = MediaEnded | Dtmf | Speech | RecordingFailed
 
 @dataclass(frozen=True, slots=True)
 class RecordSpec:
-    """Record the call in ``directory`` (user.wav, stereo.wav, user.ogg, sidecar)."""
+    """Record the call in ``directory``: the files of ``format`` (``wav``: user.wav,
+    stereo.wav, user.ogg; ``opus``: stereo.ogg; ``both``; see
+    :data:`media.sinks.recorder.FORMATS`) and the sidecar."""
 
     directory: str
     call_id: str
     meta: dict[str, Any] = field(default_factory=dict)
+    format: str = "wav"
 
 
 @runtime_checkable
@@ -201,9 +204,10 @@ class LocalMediaSession:
     def record(self, spec: RecordSpec) -> dict[str, Path]:
         """Start the QA recording; returns its files by kind. Files are 0600 in a 0700
         directory and stay playable if the process is killed."""
-        from .sinks.recorder import CallRecorder
+        from .sinks.recorder import FORMATS, CallRecorder
 
-        recorder = CallRecorder(Path(spec.directory), call_id=spec.call_id, meta=dict(spec.meta))
+        recorder = CallRecorder(Path(spec.directory), call_id=spec.call_id, meta=dict(spec.meta),
+                                **FORMATS[spec.format])
         recorder.on_error = lambda error: self._emit(RecordingFailed(error["code"], error["reason"]))
         recorder.attach(self.peer)
         self.recorder = recorder

@@ -141,6 +141,8 @@ class OutboundAudioTrack(MediaStreamTrack):
         #: ``(sum of squares, peak)`` of the frame being tapped when known without a
         #: pass over it (a prompt's frame, silence), else ``None``.
         self.sent_level: tuple[float, int] | None = None
+        #: The Opus payload of the frame being tapped (``None`` when aiortc encodes).
+        self.sent_payload: bytes | None = None
         #: The lean RTP path's sender (:class:`media.lean.LeanSender`) once the peer set
         #: one up: then frames go out from the shared ticker, not through aiortc.
         self.lean = None
@@ -172,7 +174,8 @@ class OutboundAudioTrack(MediaStreamTrack):
 
         Sinks run on the event loop inside the pacing path: they must be cheap and must
         not modify or keep the frame (copy it). ``sent_pts``/``sent_at`` give the frame's
-        position on the stream timeline and its loop time."""
+        position on the stream timeline and its loop time, ``sent_payload`` the Opus
+        packet it goes out as."""
         self.sinks.add(sink)
 
     def remove_sink(self, sink: Sink) -> None:
@@ -263,6 +266,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         self.sent_pts = pts
         self.sent_level = level
         if self.sinks:
+            self.sent_payload = out if type(out) is bytes else bytes(out) if isinstance(out, av.Packet) else None
             self.sinks.write(pcm, SAMPLE_RATE, 1)
         return out
 

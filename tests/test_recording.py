@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def channels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right of stereo.wav, or of stereo.ogg decoded (by FFmpeg's decoder, not wacall's)."""
+    if path.suffix == ".ogg":
+        (left, right), rate = analysis.read_channels(path)
+        assert rate == SAMPLE_RATE
+        return left, right
     x, rate = read_wav(path)
     assert rate == SAMPLE_RATE and x.shape[1] == 2
     return x[:, 0], x[:, 1]
@@ -47,7 +52,7 @@ def at(loop, when: float, fn, *args) -> asyncio.Future:
 
 async def test_stereo_puts_each_leg_on_its_side_at_the_right_time(tmp_path):
     async with call_pair() as (business, user):
-        recorder = CallRecorder(tmp_path / "c1", call_id="c1")
+        recorder = CallRecorder(tmp_path / "c1", call_id="c1", stereo_ogg=True)
         recorder.attach(business)
         gate = FrameGate()
         business.add_sink(gate)
@@ -60,22 +65,29 @@ async def test_stereo_puts_each_leg_on_its_side_at_the_right_time(tmp_path):
         played = await asyncio.wait_for(at(loop, t0 + 1.0, business.play, ToneSource(1000, 1.0)), TIMEOUT)
         await asyncio.wait_for(asyncio.gather(said.done, played.done), TIMEOUT)
         await gate.more(10)
-    recorder.close()
-    left, right = channels(recorder.paths["stereo_wav"])
-    user_segments = analysis.tone_segments(left, SAMPLE_RATE, 600)
-    business_segments = analysis.tone_segments(right, SAMPLE_RATE, 1000)
+    sidecar = recorder.close()
     # Scheduled at 0.5 s and 1.0 s; they went out with the next 20 ms frame (later only
     # if the event loop was held up, which then shows in the recording too).
     assert 0.5 <= said.started_at - t0 and 1.0 <= played.started_at - t0
-    # Each tone is where (and as long as) it went out, within 40 ms.
-    assert_segments_match(user_segments, sent_segments(user_log.of(said), t0))
-    assert_segments_match(business_segments, sent_segments(business_log.of(played), t0))
-    if user_log.track.stats.resyncs == business_log.track.stats.resyncs == 0:  # sent in one go
-        [(u0, u1)], [(b0, b1)] = user_segments, business_segments
-        assert u0 == pytest.approx(0.5, abs=0.04) and u1 - u0 == pytest.approx(1.0, abs=0.04)
-        assert b0 == pytest.approx(1.0, abs=0.04) and b1 - b0 == pytest.approx(1.0, abs=0.04)
-    assert analysis.tone_seconds(left, SAMPLE_RATE, 1000) == 0
-    assert analysis.tone_seconds(right, SAMPLE_RATE, 600) == 0
+    # stereo.wav (decoded, placed per sample) and stereo.ogg (the packets, placed per
+    # 20 ms slot) say the same.
+    for kind in ("stereo_wav", "stereo_ogg"):
+        left, right = channels(recorder.paths[kind])
+        user_segments = analysis.tone_segments(left, SAMPLE_RATE, 600)
+        business_segments = analysis.tone_segments(right, SAMPLE_RATE, 1000)
+        # Each tone is where (and as long as) it went out, within 40 ms.
+        assert_segments_match(user_segments, sent_segments(user_log.of(said), t0))
+        assert_segments_match(business_segments, sent_segments(business_log.of(played), t0))
+        if user_log.track.stats.resyncs == business_log.track.stats.resyncs == 0:  # sent in one go
+            [(u0, u1)], [(b0, b1)] = user_segments, business_segments
+            assert u0 == pytest.approx(0.5, abs=0.04) and u1 - u0 == pytest.approx(1.0, abs=0.04)
+            assert b0 == pytest.approx(1.0, abs=0.04) and b1 - b0 == pytest.approx(1.0, abs=0.04)
+        assert analysis.tone_seconds(left, SAMPLE_RATE, 1000) == 0
+        assert analysis.tone_seconds(right, SAMPLE_RATE, 600) == 0
+    legs = sidecar["stereo_ogg"]
+    assert legs["user"]["packets"] > 0 and legs["business"]["packets"] > 0
+    assert legs["user"]["transcoded"] == legs["business"]["transcoded"] == 0  # passed through
+    assert sidecar["durations_s"]["stereo_ogg"] == pytest.approx(sidecar["durations_s"]["stereo_wav"], abs=0.03)
 
 
 @pytest.mark.parametrize("pause_s", [0.0, 1.0], ids=["continuous", "sender-silent-1s"])
@@ -83,7 +95,7 @@ async def test_gap_between_tones_is_kept_on_the_wall_clock(tmp_path, pause_s):
     """tone → silence → tone from the user; with a pause, the user's side sends no
     packets at all for ``pause_s`` (and its RTP timestamps do not jump)."""
     async with call_pair() as (business, user):
-        recorder = CallRecorder(tmp_path / "gap", ogg=False)
+        recorder = CallRecorder(tmp_path / "gap", ogg=False, stereo_ogg=True)
         recorder.attach(business)
         gate = FrameGate()
         business.add_sink(gate)
@@ -104,16 +116,18 @@ async def test_gap_between_tones_is_kept_on_the_wall_clock(tmp_path, pause_s):
         await asyncio.wait_for(second.done, TIMEOUT)
         await gate.more(10)
     recorder.close()
-    left, _ = channels(recorder.paths["stereo_wav"])
     t0 = recorder.t0
     expected = sent_segments(sent.of(first) + sent.of(second), t0)
-    recorded = analysis.tone_segments(left, SAMPLE_RATE, 600)
-    assert_segments_match(recorded, expected)  # each boundary within 40 ms
     gap = expected[-1][0] - expected[-2][1]  # silence before the second tone
     assert gap >= (0.28 if not pause_s else pause_s + 0.15)  # the scenario happened
-    assert recorded[-1][0] - recorded[-2][1] == pytest.approx(gap, abs=0.04)
+    for kind in ("stereo_wav", "stereo_ogg"):
+        left, _ = channels(recorder.paths[kind])
+        recorded = analysis.tone_segments(left, SAMPLE_RATE, 600)
+        assert_segments_match(recorded, expected)  # each boundary within 40 ms
+        assert recorded[-1][0] - recorded[-2][1] == pytest.approx(gap, abs=0.04)
     if pause_s:
         assert recorder.sidecar()["alignment"]["user_resyncs"] >= 1
+        assert recorder.sidecar()["stereo_ogg"]["user"]["resyncs"] >= 1
 
 
 # -- Ogg/Opus -----------------------------------------------------------------------------
@@ -285,7 +299,7 @@ CHILD = textwrap.dedent(
         config = PeerConfig(host_addresses=["127.0.0.1"])
         business, user = MediaPeer(config), MediaPeer(config)
         offer = await business.create_offer()
-        recorder = CallRecorder(directory, call_id="killed")
+        recorder = CallRecorder(directory, call_id="killed", stereo_ogg=True)
         recorder.attach(business)
         business.add_sink(Progress())
         await business.apply_answer(sdp.mark_ice_lite(await user.accept_offer(offer)))
@@ -332,6 +346,9 @@ async def test_sigkill_mid_call_leaves_playable_files(tmp_path):
     assert recorded - 1.1 <= y.size / rate <= recorded + 0.5
     assert analysis.dominant_frequency(y, rate) == pytest.approx(600, abs=2)
     left, right = channels(directory / "stereo.wav")
+    assert analysis.tone_seconds(left, SAMPLE_RATE, 600) >= recorded - 1.1
+    assert analysis.tone_seconds(right, SAMPLE_RATE, 1000) >= recorded - 1.1
+    left, right = channels(directory / "stereo.ogg")  # (whole pages: playable as it is)
     assert analysis.tone_seconds(left, SAMPLE_RATE, 600) >= recorded - 1.1
     assert analysis.tone_seconds(right, SAMPLE_RATE, 1000) >= recorded - 1.1
     sidecar = json.loads((directory / "recording.json").read_text())

@@ -69,3 +69,38 @@ async def test_startup_repairs_interrupted_recordings_and_applies_retention(sett
     x, rate = analysis.read_audio(recordings / remaining[0] / "user.wav")  # header repaired
     assert len(x) / rate == pytest.approx(1.0, abs=0.01)
     assert analysis.dominant_frequency(x, rate) == pytest.approx(440, abs=2)
+
+
+async def test_opus_format_records_both_legs_without_decoding(settings):
+    """``WACALL_RECORDING_FORMAT=opus`` (speech events off): stereo.ogg alone, the user's
+    600 Hz on the left and the business's 1 kHz on the right, and the user's audio is
+    never decoded on the way."""
+    import json
+
+    opus = replace(settings, recording_format="opus", speech_events=False)
+    async with Service(opus, sandbox=True) as service:
+        await service.sandbox.grant(USER, permanent=True)
+        service.sandbox.users.update(USER, {"answer_after_ms": 0})
+        call = await service.manager.place_call(USER, record=True)
+        await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+        phone = service.sandbox.calls[call.wacid].phone
+        said = phone.peer.play(ToneSource(600, 1.0))
+        played = call.play(ToneSource(1000, 1.0))
+        await asyncio.wait_for(asyncio.gather(said.done, played.done), TIMEOUT)
+        await asyncio.wait_for(phone.peer.play(SilenceSource(0.5)).done, TIMEOUT)
+        if settings.workers == 0:
+            rx = call.media.peer._receiver
+            assert rx.frames_not_decoded >= 50 and (rx.decoder is None or rx.decoder.packets == 0)
+        await call.hangup()
+        files = {os.path.basename(p): p for p in call.recording_paths()}
+        assert set(files) == {"stereo.ogg", "recording.json"}
+        (left, right), rate = analysis.read_channels(files["stereo.ogg"])
+        assert rate == 48000
+        assert analysis.tone_seconds(left, 48000, 600) == pytest.approx(1.0, abs=0.06)
+        assert analysis.tone_seconds(right, 48000, 1000) == pytest.approx(1.0, abs=0.06)
+        assert analysis.tone_seconds(left, 48000, 1000) == analysis.tone_seconds(right, 48000, 600) == 0
+        sidecar = json.loads(open(files["recording.json"]).read())
+        assert sidecar["files"] == {"stereo_ogg": "stereo.ogg"} and sidecar["complete"]
+        assert sidecar["stereo_ogg"]["user"]["packets"] >= 50
+        item = service.manager.recordings.item(sidecar)
+        assert item["duration_s"] == sidecar["durations_s"]["stereo_ogg"] > 1.0

@@ -578,15 +578,17 @@ class LiveCall:
         self.provider_recording = spec
         self.leg.call_options = spec.fields() if spec is not None else None
 
-    def record_to(self, directory: Path) -> Path:
-        """Record the call for QA in ``<directory>/<call id>/``: ``user.wav`` (what the
-        user said), ``stereo.wav`` (left = user, right = business, aligned in wall-clock
-        time so gaps stay where they happened), ``user.ogg`` (the user's Opus packets as
-        received) and ``recording.json`` (durations, levels, media statistics). Files are
-        0600 in a 0700 directory and stay playable if the process is killed."""
+    def record_to(self, directory: Path, format: str = "wav") -> Path:
+        """Record the call for QA in ``<directory>/<call id>/``. ``format`` ``wav``:
+        ``user.wav`` (what the user said), ``stereo.wav`` (left = user, right = business,
+        aligned in wall-clock time so gaps stay where they happened), ``user.ogg`` (the
+        user's Opus packets as received); ``opus``: ``stereo.ogg`` (both legs' Opus as
+        they went over the wire, aligned the same way, nothing decoded); ``both``. And
+        ``recording.json`` (durations, levels, media statistics). Files are 0600 in a
+        0700 directory and stay playable if the process is killed."""
         self.recording_files = self.media.record(RecordSpec(
             str(Path(directory) / self.id), self.id,
-            {"direction": self.direction.value, "wacid": self.wacid, "user": self.user}))
+            {"direction": self.direction.value, "wacid": self.wacid, "user": self.user}, format))
         return self.recording_files["sidecar"].parent
 
     # -- reporting -------------------------------------------------------------------------

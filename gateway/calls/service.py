@@ -69,6 +69,7 @@ class CallManager:
         recordings_dir: Path | None = None,
         inbound_policy: InboundPolicy | None = None,
         speech_events: bool = False,
+        recording_format: str = "wav",
         gate: Any = None,
         permission_wait_s: float = 3600.0,
         history: int = 1000,
@@ -116,6 +117,8 @@ class CallManager:
         self.permission_wait_s = permission_wait_s
         self.max_calls = max_calls
         self.speech_events = speech_events
+        #: The files of a QA recording (``WACALL_RECORDING_FORMAT``: wav, opus or both).
+        self.recording_format = recording_format
         self.recordings_dir = Path(recordings_dir) if recordings_dir else Path("wacall-data/recordings")
         #: The recordings on disk (WhatsApp's artifacts are kept there too).
         self.recordings = Recordings(self.recordings_dir)
@@ -245,7 +248,7 @@ class CallManager:
                                       sip=sip)
                 call.ask_provider_recording(provider_recording)
                 if record:
-                    call.record_to(self.recordings_dir)
+                    call.record_to(self.recordings_dir, self.recording_format)
                 if park:
                     try:
                         message_id = await self.gate.request(to, permission_request)
@@ -512,7 +515,7 @@ class CallManager:
                 call.note_recording_failed("low_disk",
                                            "the data dir is below WACALL_MIN_FREE_MB: answered unrecorded")
             else:
-                call.record_to(self.recordings_dir)
+                call.record_to(self.recordings_dir, self.recording_format)
         call._spawn(call.answer(event.sdp))
 
     def _leg(self, media: MediaSession | None, **kwargs: Any) -> WhatsAppLeg:
@@ -621,7 +624,7 @@ class CallManager:
                               call_id=record.id, timeline=list(call_json.get("timeline") or []))
         call.recipe, call.permission_deadline = recipe, float(durable["permission_deadline"])
         if recipe.get("record"):
-            call.record_to(self.recordings_dir)
+            call.record_to(self.recordings_dir, self.recording_format)
         self._track(call)
         left = max(0.0, call.permission_deadline - time.time())
         log.info("call %s: waiting again for the permission request's answer (%.0f s left)", call.id, left)

@@ -43,6 +43,7 @@ __all__ = [
     "opus_packet_samples",
     "read_ogg_packets",
     "repair_ogg",
+    "self_delimited",
 ]
 
 _REV = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
@@ -79,8 +80,90 @@ def opus_packet_samples(packet: bytes) -> int:
     return per_frame * frames
 
 
-def _opus_head(channels: int, pre_skip: int, input_rate: int = SAMPLE_RATE) -> bytes:
-    return b"OpusHead" + struct.pack("<BBHIhB", 1, channels, pre_skip, input_rate, 0, 0)
+def _opus_head(channels: int, pre_skip: int, input_rate: int = SAMPLE_RATE, streams: int | None = None) -> bytes:
+    if streams is None:
+        return b"OpusHead" + struct.pack("<BBHIhB", 1, channels, pre_skip, input_rate, 0, 0)
+    # Channel mapping family 1 (RFC 7845 5.1.1.2) with one uncoupled mono stream per
+    # channel, channel i from stream i: two independent legs as left and right.
+    return (b"OpusHead" + struct.pack("<BBHIhBBB", 1, channels, pre_skip, input_rate, 0, 1, streams, 0)
+            + bytes(range(channels)))
+
+
+def _length_field(n: int) -> bytes:
+    """An Opus frame length as coded in packets (RFC 6716 3.2.1): 1 or 2 bytes."""
+    if n < 252:
+        return bytes((n,))
+    if n > 1275:
+        raise ValueError(f"an Opus frame is at most 1275 bytes, not {n}")
+    first = 252 + (n & 3)
+    return bytes((first, (n - first) >> 2))
+
+
+def _read_length(packet: bytes, i: int) -> tuple[int, int]:
+    """``(length, bytes used)`` of the frame length coded at ``packet[i]``."""
+    if i >= len(packet):
+        raise ValueError("truncated Opus packet")
+    first = packet[i]
+    if first < 252:
+        return first, 1
+    if i + 1 >= len(packet):
+        raise ValueError("truncated Opus packet")
+    return first + 4 * packet[i + 1], 2
+
+
+def self_delimited(packet: bytes) -> bytes:
+    """``packet`` in self-delimiting framing (RFC 6716 appendix B): one more frame
+    length after the ones it has, so that a packet can be followed by another. Every
+    stream of an Opus multistream packet but the last is framed so (RFC 7845 5.1.1).
+    Raises ``ValueError`` for a malformed packet."""
+    n = len(packet)
+    if n == 0:
+        raise ValueError("an empty Opus packet has no TOC byte")
+    code = packet[0] & 3
+    if code == 0:  # one frame: the rest
+        return packet[:1] + _length_field(n - 1) + packet[1:]
+    if code == 1:  # two frames of equal size
+        if (n - 1) % 2:
+            raise ValueError("an Opus code 1 packet needs an even payload")
+        return packet[:1] + _length_field((n - 1) // 2) + packet[1:]
+    if code == 2:  # two frames, the first one's length coded
+        first, used = _read_length(packet, 1)
+        last = n - 1 - used - first
+        if last < 0:
+            raise ValueError("truncated Opus packet")
+        return packet[: 1 + used] + _length_field(last) + packet[1 + used :]
+    # code 3: frame count byte, optional padding length, lengths of all frames but the last (VBR)
+    if n < 2:
+        raise ValueError("truncated Opus packet")
+    count_byte = packet[1]
+    frames = count_byte & 0x3F
+    if frames == 0:
+        raise ValueError("an Opus code 3 packet with no frames")
+    i = 2
+    padding = 0
+    if count_byte & 0x40:
+        while True:
+            if i >= n:
+                raise ValueError("truncated Opus packet")
+            b = packet[i]
+            i += 1
+            padding += 254 if b == 255 else b
+            if b != 255:
+                break
+    if count_byte & 0x80:  # VBR
+        total = 0
+        for _ in range(frames - 1):
+            length, used = _read_length(packet, i)
+            i += used
+            total += length
+        last = n - i - padding - total
+        if last < 0:
+            raise ValueError("truncated Opus packet")
+        return packet[:i] + _length_field(last) + packet[i:]
+    data = n - i - padding
+    if data < 0 or data % frames:
+        raise ValueError("an Opus CBR packet whose frames are not of equal size")
+    return packet[:i] + _length_field(data // frames) + packet[i:]
 
 
 def _opus_tags(vendor: str, comments: dict[str, str]) -> bytes:
@@ -109,9 +192,15 @@ class OggOpusWriter:
         flush_interval_s: float = 1.0,
         comments: dict[str, str] | None = None,
         mode: int = 0o600,
+        streams: int | None = None,
     ) -> None:
+        if streams is not None and streams != channels:
+            raise ValueError("a multistream file here has one mono stream per channel")
         self.path = Path(path)
         self.channels = channels
+        #: ``None``: one (mono or stereo) stream; N: N mono streams, one per channel,
+        #: whose packets are multistream packets (all but the last self-delimited).
+        self.streams = streams
         self.pre_skip = pre_skip
         self.comments = dict(comments or {})
         self._page_samples = max(FRAME_SAMPLES, round(flush_interval_s * SAMPLE_RATE))
@@ -145,7 +234,7 @@ class OggOpusWriter:
         if self.channels is None:
             self.channels = channels or 1
         self._started = True
-        self._write_page([_opus_head(self.channels, self.pre_skip)], granule=0, flags=0x02)
+        self._write_page([_opus_head(self.channels, self.pre_skip, streams=self.streams)], granule=0, flags=0x02)
         tags = _opus_tags("wacall", self.comments)
         self._write_page([tags], granule=0, flags=0)
 

@@ -17,6 +17,10 @@ Files (each optional):
 * ``user.ogg`` — the user's Opus packets exactly as received (pass-through, no
   decoding or re-encoding; timestamp gaps filled with silence packets), or, when no RTP
   tap is available, the decoded audio encoded again.
+* ``stereo.ogg`` (``stereo_ogg=True``) — both legs as Opus, left = user as received,
+  right = business as sent, aligned like stereo.wav in 20 ms slots
+  (:mod:`media.sinks.stereo_opus`): nothing decoded or encoded, ~30 kB a minute.
+  Alone, it is the cheapest full QA recording: the user's audio is not even decoded.
 * ``recording.json`` — the sidecar: call id, start/end time (ISO 8601, UTC), durations
   and levels (RMS dBFS, peak) per leg, the media stats passed to :meth:`close`, and
   ``complete`` (``false`` until the recorder closed; :func:`repair_directory` marks
@@ -50,10 +54,12 @@ from .meter import Levels
 from ..recordings import ACTIVE, DIR_MODE, SIDECAR, iso, write_json, apply_retention, repair, repair_directory
 from .ogg import OggOpusPassthrough, OggOpusSink
 from .stereo import AlignedStereoRecorder
+from .stereo_opus import AlignedOpusRecorder
 from .wav import WavSink
 
 __all__ = [
     "CallRecorder",
+    "FORMATS",
     "recording_paths",
     "SIDECAR",
     "apply_retention",
@@ -99,7 +105,7 @@ class _UserLeg:
         self._rec = rec
         self.frames = 0
         self.closed = False
-        self._stage = 0  # which file write() was at: 0 user.wav, 1 stereo.wav, 2 user.ogg
+        self._stage = 0  # which file write() was at: 0 user.wav, 1 stereo.wav, 2 user.ogg, 3 stereo.ogg
         self._acc: np.ndarray | None = None  # (for stereo frames; allocated by the first)
         self._mono: np.ndarray | None = None
 
@@ -107,18 +113,17 @@ class _UserLeg:
     def needs_pcm(self) -> bool:
         rec = self._rec
         return not (self.closed or rec._finished) and (
-            rec._wav is not None or rec._stereo is not None or rec._ogg_sink is not None)
+            rec._wav is not None or rec._stereo is not None or rec._ogg_sink is not None
+            or (rec._stereo_ogg is not None and rec._peer is None))
 
     def write(self, pcm: np.ndarray, sample_rate: int, channels: int = 1) -> None:
         rec = self._rec
         if self.closed or rec._finished:
             return
-        part = "user.wav"
         try:
             self._write(rec, pcm, sample_rate, channels)
         except Exception as exc:  # noqa: BLE001 - the recording stops, the call goes on
-            part = "stereo.wav" if self._stage == 1 else "user.ogg" if self._stage == 2 else part
-            rec._fail(exc, part)
+            rec._fail(exc, ("user.wav", "stereo.wav", "user.ogg", "stereo.ogg")[self._stage])
 
     def _write(self, rec: CallRecorder, pcm: np.ndarray, sample_rate: int, channels: int) -> None:
         self._stage = 0
@@ -153,6 +158,9 @@ class _UserLeg:
             rec._resolve_ogg_mode()
         if rec._ogg_sink is not None:
             rec._ogg_sink.write(pcm, sample_rate, channels)
+        if rec._stereo_ogg is not None and rec._peer is None and pcm is not NOT_DECODED:
+            self._stage = 3  # (attached to a peer, stereo.ogg takes the user's packets)
+            rec._stereo_ogg.left.write_pcm(pcm, None, None)
 
     def close(self) -> None:
         # The peer closes its sinks when it closes: the call is over, finish the files.
@@ -173,6 +181,18 @@ class _BusinessLeg:
             return
         self.frames += 1
         track = rec._peer.outbound if rec._peer is not None else None
+        if rec._stereo_ogg is not None:
+            try:
+                leg = rec._stereo_ogg.right
+                payload = track.sent_payload if track is not None else None
+                if payload is not None:
+                    leg.write_packet(payload, track.sent_pts, track.sent_at)
+                elif channels == 1:
+                    leg.write_pcm(pcm, track.sent_pts if track is not None else None,
+                                  track.sent_at if track is not None else None)
+            except Exception as exc:  # noqa: BLE001 - never into the send path
+                rec._fail(exc, "stereo.ogg")
+                return
         if rec._stereo is not None:
             try:
                 if track is not None:
@@ -189,8 +209,19 @@ class _BusinessLeg:
         pass
 
 
+#: The files of each recording format (``WACALL_RECORDING_FORMAT``), as
+#: :class:`CallRecorder` keyword arguments: ``wav`` decodes the user's audio for
+#: user.wav and stereo.wav (and keeps user.ogg as received); ``opus`` is stereo.ogg
+#: alone, both legs as they went over the wire, nothing decoded; ``both`` is all four.
+FORMATS: dict[str, dict[str, bool]] = {
+    "wav": {"wav": True, "stereo": True, "ogg": True, "stereo_ogg": False},
+    "opus": {"wav": False, "stereo": False, "ogg": False, "stereo_ogg": True},
+    "both": {"wav": True, "stereo": True, "ogg": True, "stereo_ogg": True},
+}
+
+
 def recording_paths(directory: str | os.PathLike[str], *, wav: bool = True, stereo: bool = True,
-                    ogg: bool = True) -> dict[str, Path]:
+                    ogg: bool = True, stereo_ogg: bool = False) -> dict[str, Path]:
     """The files a :class:`CallRecorder` in ``directory`` writes, by kind (known before
     it starts: a media worker process records, the gateway lists the files)."""
     directory = Path(directory)
@@ -201,6 +232,8 @@ def recording_paths(directory: str | os.PathLike[str], *, wav: bool = True, ster
         paths["stereo_wav"] = directory / "stereo.wav"
     if ogg:
         paths["user_ogg"] = directory / "user.ogg"
+    if stereo_ogg:
+        paths["stereo_ogg"] = directory / "stereo.ogg"
     paths["sidecar"] = directory / SIDECAR
     return paths
 
@@ -211,8 +244,8 @@ class CallRecorder:
     Args:
         directory: the call's own directory (e.g. ``<recordings>/<call id>``).
         call_id: written to the sidecar (default: the directory name).
-        stereo / ogg / wav: which files to make (``stereo.wav``, ``user.ogg``,
-            ``user.wav``).
+        stereo / ogg / wav / stereo_ogg: which files to make (``stereo.wav``,
+            ``user.ogg``, ``user.wav``, ``stereo.ogg``).
         ogg_mode: ``"auto"`` (pass-through when the peer's RTP tap delivers Opus, else
             encode), ``"passthrough"`` or ``"encode"``.
         opus: encoder settings for ``ogg_mode="encode"``.
@@ -230,6 +263,7 @@ class CallRecorder:
         stereo: bool = True,
         ogg: bool = True,
         wav: bool = True,
+        stereo_ogg: bool = False,
         ogg_mode: Literal["auto", "passthrough", "encode"] = "auto",
         opus: OpusSettings = DEFAULT_SETTINGS,
         meta: dict[str, Any] | None = None,
@@ -256,11 +290,12 @@ class CallRecorder:
         self._user_levels = Levels()
         self._business_levels = Levels()
 
-        self.paths = recording_paths(self.directory, wav=wav, stereo=stereo, ogg=ogg)
+        self.paths = recording_paths(self.directory, wav=wav, stereo=stereo, ogg=ogg, stereo_ogg=stereo_ogg)
         self._wav: WavSink | None = None
         self._stereo: AlignedStereoRecorder | None = None
         self._ogg_pass: OggOpusPassthrough | None = None
         self._ogg_sink: OggOpusSink | None = None
+        self._stereo_ogg: AlignedOpusRecorder | None = None
         self._ogg_pending_auto = False
         self.ogg_mode: str | None = None
         self._ogg_requested = ogg_mode if ogg else None
@@ -270,6 +305,9 @@ class CallRecorder:
             self._wav = WavSink(self.paths["user_wav"], flush_interval_s=FLUSH_S, header_interval_s=HEADER_S)
         if stereo:
             self._stereo = AlignedStereoRecorder(self.paths["stereo_wav"], clock=clock)
+        if stereo_ogg:
+            self._stereo_ogg = AlignedOpusRecorder(self.paths["stereo_ogg"], clock=clock, settings=opus,
+                                                   comments=comments)
         if ogg:
             if ogg_mode == "encode":
                 self._start_ogg_encode()
@@ -291,6 +329,8 @@ class CallRecorder:
             peer.rtp_tap.want_arrivals()  # (stereo.wav places the user's frames by arrival)
         peer.add_sink(self.user)
         peer.add_outbound_sink(self.business)
+        if self._stereo_ogg is not None:
+            peer.rtp_tap.add_listener(self._stereo_ogg_listener)
         if self._ogg_requested in ("auto", "passthrough"):
             self._ogg_pass = OggOpusPassthrough(self.paths["user_ogg"], comments=self._ogg_comments,
                                                 flush_interval_s=FLUSH_S)
@@ -324,9 +364,20 @@ class CallRecorder:
         except Exception as exc:  # noqa: BLE001 - never into the receive path
             self._fail(exc, "user.ogg")
 
+    def _stereo_ogg_listener(self, arrival) -> None:
+        """RTP tap listener: the user's packets into stereo.ogg's left channel."""
+        stereo_ogg = self._stereo_ogg
+        if stereo_ogg is None or self._finished:
+            return
+        try:
+            stereo_ogg.left.write_packet(arrival.payload, arrival.pts, arrival.at)
+        except Exception as exc:  # noqa: BLE001 - never into the receive path
+            self._fail(exc, "stereo.ogg")
+
     def owns(self, sink: object) -> bool:
         """Whether ``sink`` (a peer sink, outbound tap or RTP listener) is part of this recorder."""
-        return sink is self.user or sink is self.business or sink == self._ogg_listener
+        return (sink is self.user or sink is self.business or sink == self._ogg_listener
+                or sink == self._stereo_ogg_listener)
 
     def _detach(self) -> None:
         peer = self._peer
@@ -335,9 +386,11 @@ class CallRecorder:
         peer.remove_sink(self.user)
         peer.remove_outbound_sink(self.business)
         peer.rtp_tap.remove_listener(self._ogg_listener)
+        peer.rtp_tap.remove_listener(self._stereo_ogg_listener)
 
     def _writers(self) -> list:
-        return [w for w in (self._wav, self._stereo, self._ogg_pass, self._ogg_sink) if w is not None]
+        return [w for w in (self._wav, self._stereo, self._ogg_pass, self._ogg_sink, self._stereo_ogg)
+                if w is not None]
 
     def _fail(self, exc: BaseException, part: str) -> None:
         """A write failed (a full disk, an I/O error): stop recording for good, keep
@@ -395,6 +448,8 @@ class CallRecorder:
         ogg = self._ogg_pass or self._ogg_sink
         if ogg is not None:
             durations["user_ogg"] = round(ogg.duration_s, 3)
+        if self._stereo_ogg is not None:
+            durations["stereo_ogg"] = round(self._stereo_ogg.duration_s, 3)
         data: dict[str, Any] = {
             "call_id": self.call_id,
             "started_at": iso(self.started_at),
@@ -416,6 +471,13 @@ class CallRecorder:
                 "user_resyncs": self._stereo.left.resyncs,
                 "business_resyncs": self._stereo.right.resyncs,
             }
+        stereo_ogg = self._stereo_ogg
+        if stereo_ogg is not None:
+            data["stereo_ogg"] = {
+                leg.name: {"first_s": _rel(leg.first_at, stereo_ogg.t0), "packets": leg.packets,
+                           "silence_filled": filled, "late": leg.late, "resyncs": leg.resyncs,
+                           "transcoded": leg.transcoded, "undecodable": leg.undecodable}
+                for leg, filled in zip(stereo_ogg.legs, stereo_ogg.filled)}
         if self._ogg_pass is not None:
             data["ogg_passthrough"] = {
                 "packets": self._ogg_pass.packets_received,
@@ -444,6 +506,7 @@ class CallRecorder:
         if peer is not None:
             peer.remove_outbound_sink(self.business)
             peer.rtp_tap.remove_listener(self._ogg_listener)
+            peer.rtp_tap.remove_listener(self._stereo_ogg_listener)
         for closer in self._writers():
             try:
                 closer.close()

@@ -39,17 +39,55 @@ from ..frames import PCM_DTYPE, SAMPLE_RATE
 from .meter import Levels
 from .wav import WavWriter
 
-__all__ = ["AlignedStereoRecorder", "AlignedLeg"]
+__all__ = ["AlignedStereoRecorder", "AlignedLeg", "Anchor", "default_clock"]
 
 _EMPTY_ACC = np.empty(0, dtype=np.int32)
 _EMPTY_MONO = np.empty(0, dtype=PCM_DTYPE)
 
 
-def _default_clock() -> Callable[[], float]:
+def default_clock() -> Callable[[], float]:
+    """The running event loop's clock, else ``time.monotonic``."""
     try:
         return asyncio.get_running_loop().time
     except RuntimeError:
         return time.monotonic
+
+
+class Anchor:
+    """Where a leg's next frame goes on a recording's timeline (see the module docstring).
+
+    :meth:`place` returns the target position in samples: the first frame at its
+    arrival, later ones at ``anchor + (pts - anchor_pts)``, re-anchored on arrival
+    (``resyncs``) when the two disagree by more than ``limit``; frames without ``pts``
+    end to end unless the clock says a gap happened. Never before ``end`` (the leg's
+    end so far): an overlap (duplicate, reordered frame) is appended."""
+
+    __slots__ = ("pos", "pts", "first_at", "resyncs")
+
+    def __init__(self) -> None:
+        self.pos: int | None = None
+        self.pts: int | None = None
+        self.first_at: float | None = None
+        self.resyncs = 0
+
+    def place(self, pts: int | None, at: float, arrived: int, end: int, limit: int) -> int:
+        if self.pos is None:
+            self.first_at = at
+            target = max(arrived, 0)
+            self.pos, self.pts = target, pts
+        elif pts is not None and self.pts is not None:
+            target = self.pos + (pts - self.pts)
+            if abs(arrived - target) > limit:
+                self.pos, self.pts = arrived, pts
+                target = arrived
+                self.resyncs += 1
+        else:
+            target = end
+            if arrived - target > limit:
+                target = arrived
+                self.resyncs += 1
+            self.pos, self.pts = target, pts
+        return target if target > end else end
 
 
 class AlignedLeg:
@@ -63,14 +101,19 @@ class AlignedLeg:
         self.levels = Levels()
         self.frames = 0
         self.samples = 0  # samples of audio written (not counting silence inserted)
-        self.first_at: float | None = None
-        self.resyncs = 0
-        self._anchor_pos: int | None = None
-        self._anchor_pts: int | None = None
+        self.anchor = Anchor()
         self._pos = 0  # next free sample position on the common timeline
         self._acc = _EMPTY_ACC  # (grown by the first multi-channel frame)
         self._mono = _EMPTY_MONO
         self._closed = False
+
+    @property
+    def first_at(self) -> float | None:
+        return self.anchor.first_at
+
+    @property
+    def resyncs(self) -> int:
+        return self.anchor.resyncs
 
     @property
     def end_s(self) -> float:
@@ -109,28 +152,7 @@ class AlignedLeg:
         n = mono.size
         if at is None:
             at = rec.clock()
-        arrived = round((at - rec.t0) * rate)
-        limit = rec.resync_samples
-        if self._anchor_pos is None:
-            self.first_at = at
-            target = max(arrived, 0)
-            self._anchor_pos, self._anchor_pts = target, pts
-        elif pts is not None and self._anchor_pts is not None:
-            target = self._anchor_pos + (pts - self._anchor_pts)
-            if abs(arrived - target) > limit:
-                self._anchor_pos, self._anchor_pts = arrived, pts
-                target = arrived
-                self.resyncs += 1
-        else:
-            # No timestamps (or the first one after frames without): end to end, unless
-            # the clock says a gap happened.
-            target = self._pos
-            if arrived - target > limit:
-                target = arrived
-                self.resyncs += 1
-            self._anchor_pos, self._anchor_pts = target, pts
-        if target < self._pos:
-            target = self._pos  # overlap (duplicate / reordered): keep the audio, append
+        target = self.anchor.place(pts, at, round((at - rec.t0) * rate), self._pos, rec.resync_samples)
         self.levels.accumulate(mono, level if channels == 1 else None)
         self.frames += 1
         self.samples += n
@@ -183,7 +205,7 @@ class AlignedStereoRecorder:
         if not 0 < max_delay_s + commit_s < self.RING_S:
             raise ValueError(f"max_delay_s + commit_s must stay under the {self.RING_S} s ring")
         self.sample_rate = sample_rate
-        self.clock = clock or _default_clock()
+        self.clock = clock or default_clock()
         self.t0 = self.clock()
         self.resync_samples = round(resync_s * sample_rate)
         self._max_delay = round(max_delay_s * sample_rate)
