@@ -22,7 +22,7 @@ The machine's other core(s) run the provider's phones; when the machine is satur
 the gateway's lateness shows it. Run:
 
     python bench/load.py [--calls 25 50 100] [--seconds 20] [--workers 0 1 2]
-                         [--rtp-path lean aiortc naive] [--record full|ogg-only|none]
+                         [--rtp-path lean aiortc naive] [--record full|opus|ogg-only|none]
 
 With ``--workers N`` the gateway's media runs in N worker processes (``WACALL_WORKERS``):
 the gateway's CPU and memory are then its main process's plus its workers'.
@@ -40,6 +40,9 @@ the bot's per call (transcoding both ways). The bot reports the user's tone in w
 heard; the phones report the bot's.
 
 ``--record``: ``full`` (default: user.wav, stereo.wav, user.ogg, speech events),
+``opus`` (``WACALL_RECORDING_FORMAT=opus``: stereo.ogg, both legs as Opus as they went
+over the wire, aligned, nothing decoded; no speech events; the sampled recordings are
+checked for the user's tone on the left and the prompt on the right),
 ``ogg-only`` (only user.ogg, passed through from RTP, and no speech events: nothing
 reads the user's PCM, so wacall decodes none of it; media in-process only),
 ``ogg-decoded`` (the same, but decoding every frame anyway: what ogg-only saves), ``none``
@@ -235,7 +238,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
                 max_duration_s=seconds + 120, workers=workers, rtp_path="aiortc" if naive else rtp_path,
-                speech_events=not record.startswith("ogg-"))
+                speech_events=record in ("full", "none"), recording_format="opus" if record == "opus" else "wav")
             async with Service(settings) as service, patch:
                 if naive:
                     from naive import sessions
@@ -316,9 +319,14 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                     async with session.get(f"http://{bot_url}/heard") as r:
                         bot_heard = (await r.json())["heard"][len(warm_up):]
                 heard = []
+                recorded_prompt = []  # (stereo.ogg: the business's leg as recorded, too)
                 for c in sample if recording else ():
                     files = c.recording_files
-                    x, rate = analysis.read_audio(Path(files.get("user_wav") or files["user_ogg"]))
+                    if "stereo_ogg" in files:
+                        (x, prompt), rate = analysis.read_channels(files["stereo_ogg"])
+                        recorded_prompt.append(analysis.tone_seconds(prompt, rate, BUSINESS_HZ) / (x.size / rate))
+                    else:
+                        x, rate = analysis.read_audio(Path(files.get("user_wav") or files["user_ogg"]))
                     heard.append(analysis.tone_seconds(x, rate, USER_HZ) / (x.size / rate))
     finally:
         provider.stop()
@@ -368,6 +376,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "frames_not_decoded": not_decoded,
         "concealed_pct": round(100 * concealed / played, 3) if played else None,
         "user_tone_in_recording": [round(h, 3) for h in heard],
+        "prompt_in_recording": [round(h, 3) for h in recorded_prompt],
         "bot": bot,
         "user_tone_at_bot": bot_heard,
         "prompt_at_phone": [round(h, 3) for h in phone_heard],
@@ -417,6 +426,8 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
             where = (f"{w} media worker(s), calls per worker {result['calls_per_worker']}, worker cores "
                      f"{result['worker_cores']}, main process {result['main_cores']} cores; " if w else "media in-process; ")
             at_bot = f"user's at the bot {result['user_tone_at_bot']}, " if bot else ""
+            prompt_rec = (f"prompt in recordings {result['prompt_in_recording']}, "
+                          if result["prompt_in_recording"] else "")
             print(f"{n:4d} calls{' bridged to a bot (pcm, 16 kHz)' if bot else ''}"
                   f"{'' if record == 'full' else f' (recording: {record})'}, {path} RTP path "
                   f"({result['alive']} up through {result['window_s']} s), "
@@ -430,6 +441,7 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                   f"received: {result['concealed_pct']} % concealed, {result['frames_not_decoded']} frames "
                   f"not decoded; tones found: user's in "
                   f"recordings {result['user_tone_in_recording']}, {at_bot}"
+                  f"{prompt_rec}"
                   f"{'bot' if bot else 'prompt'} at phones {result['prompt_at_phone']}", flush=True)
     if len(results) > 1 and not as_json:
         table: dict[tuple, list[dict]] = {}
@@ -458,8 +470,10 @@ if __name__ == "__main__":
     parser.add_argument("--spy", metavar="FILE",
                         help="py-spy (pip install py-spy) samples the measured window into FILE as collapsed stacks "
                              "(little overhead: numbers stay comparable); python bench/spy_top.py FILE ranks them")
-    parser.add_argument("--record", nargs="+", choices=["full", "ogg-only", "ogg-decoded", "none"], default=["full"],
-                        help="one run per value; full: user.wav + stereo.wav + user.ogg + speech events; ogg-only: user.ogg "
+    parser.add_argument("--record", nargs="+", choices=["full", "opus", "ogg-only", "ogg-decoded", "none"], default=["full"],
+                        help="one run per value; full: user.wav + stereo.wav + user.ogg + speech events; opus: "
+                             "stereo.ogg (WACALL_RECORDING_FORMAT=opus: both legs as Opus, nothing decoded), no speech "
+                             "events; ogg-only: user.ogg "
                              "passed through, no speech events (no PCM read: nothing decoded); ogg-decoded: the same, "
                              "decoding all the same (the saving's baseline); none")
     parser.add_argument("--no-record", dest="record", action="store_const", const=["none"],

@@ -476,7 +476,8 @@ class CallRecorder:
             data["stereo_ogg"] = {
                 leg.name: {"first_s": _rel(leg.first_at, stereo_ogg.t0), "packets": leg.packets,
                            "silence_filled": filled, "late": leg.late, "resyncs": leg.resyncs,
-                           "transcoded": leg.transcoded, "undecodable": leg.undecodable}
+                           "dropped": leg.dropped, "transcoded": leg.transcoded,
+                           "undecodable": leg.undecodable}
                 for leg, filled in zip(stereo_ogg.legs, stereo_ogg.filled)}
         if self._ogg_pass is not None:
             data["ogg_passthrough"] = {

@@ -59,8 +59,8 @@ class Anchor:
     :meth:`place` returns the target position in samples: the first frame at its
     arrival, later ones at ``anchor + (pts - anchor_pts)``, re-anchored on arrival
     (``resyncs``) when the two disagree by more than ``limit``; frames without ``pts``
-    end to end unless the clock says a gap happened. Never before ``end`` (the leg's
-    end so far): an overlap (duplicate, reordered frame) is appended."""
+    at ``end`` (the leg's end so far) unless the clock says a gap happened. A target
+    before ``end`` (a duplicate or reordered frame) is the caller's to resolve."""
 
     __slots__ = ("pos", "pts", "first_at", "resyncs")
 
@@ -87,7 +87,7 @@ class Anchor:
                 target = arrived
                 self.resyncs += 1
             self.pos, self.pts = target, pts
-        return target if target > end else end
+        return target
 
 
 class AlignedLeg:
@@ -153,6 +153,8 @@ class AlignedLeg:
         if at is None:
             at = rec.clock()
         target = self.anchor.place(pts, at, round((at - rec.t0) * rate), self._pos, rec.resync_samples)
+        if target < self._pos:
+            target = self._pos  # overlap (duplicate / reordered): keep the audio, append
         self.levels.accumulate(mono, level if channels == 1 else None)
         self.frames += 1
         self.samples += n

@@ -39,6 +39,11 @@ from .stereo import Anchor, default_clock
 
 __all__ = ["AlignedOpusRecorder", "OpusLeg"]
 
+#: TOC bytes of a one-frame (code 0) 20 ms packet: nearly every packet of a call, framed
+#: here without parsing. (Its self-delimiting length is one byte below 253 bytes.)
+_PLAIN_20MS = frozenset(toc for toc in range(256) if toc & 3 == 0 and opus_packet_samples(bytes((toc,))) == FRAME_SAMPLES)
+_LENGTH_BYTE = [bytes((n,)) for n in range(252)]
+
 
 class OpusLeg:
     """One channel of an :class:`AlignedOpusRecorder`."""
@@ -52,6 +57,8 @@ class OpusLeg:
         self.packets = 0
         #: Packets that came later than the commit point and were placed at it.
         self.late = 0
+        #: Duplicates, and reordered packets whose slot was already written.
+        self.dropped = 0
         #: Packets decoded and encoded again (not 20 ms long), and undecodable ones.
         self.transcoded = 0
         self.undecodable = 0
@@ -78,16 +85,30 @@ class OpusLeg:
         if at is None:
             at = rec.clock()
         arrived = round((at - rec.t0) * SAMPLE_RATE)
-        if self._decoder is None and opus_packet_samples(payload) == FRAME_SAMPLES:
-            try:
-                framed = self_delimited(payload)  # (also proves the packet well formed)
-            except ValueError:
-                self.undecodable += 1
-                return
-            target = self.anchor.place(pts, at, arrived, self._end * FRAME_SAMPLES, rec.resync_samples)
-            self._end = rec._place(self.channel, (target + FRAME_SAMPLES // 2) // FRAME_SAMPLES,
-                                   framed if self.channel == 0 else payload)
-            self.packets += 1
+        if self._decoder is None:
+            if payload[0] in _PLAIN_20MS and len(payload) < 253:
+                if self.channel == 0:
+                    payload = payload[:1] + _LENGTH_BYTE[len(payload) - 1] + payload[1:]
+            else:
+                try:
+                    framed = self_delimited(payload)  # (also proves the packet well formed)
+                except ValueError:
+                    self.undecodable += 1
+                    return
+                if opus_packet_samples(payload) != FRAME_SAMPLES:
+                    self._transcode(payload, pts, at, arrived)
+                    return
+                if self.channel == 0:
+                    payload = framed
+            slot = (self.anchor.place(pts, at, arrived, self._end * FRAME_SAMPLES, rec.resync_samples)
+                    + FRAME_SAMPLES // 2) // FRAME_SAMPLES
+            if slot >= self._end:
+                self._end = rec._place(self.channel, slot, payload, at)
+                self.packets += 1
+            elif rec._put_back(self.channel, slot, payload):  # reordered: into its slot
+                self.packets += 1
+            else:  # its slot is taken (a duplicate) or already written
+                self.dropped += 1
             return
         self._transcode(payload, pts, at, arrived)
 
@@ -113,28 +134,30 @@ class OpusLeg:
         pcm = self._decoder.decode(payload)
         if pcm is None:
             self.undecodable += 1
+            if not self.transcoded:
+                self._decoder = None  # (nothing decoded yet: the leg stays passed through)
             return
         self.transcoded += 1
         carry = self._carry
         end = self._end * FRAME_SAMPLES + carry.size
         target = self.anchor.place(pts, at, arrived, end, rec.resync_samples)
-        if target - end >= FRAME_SAMPLES // 2:  # a gap: finish the partial frame, start anew
+        if target - end >= FRAME_SAMPLES // 2:  # (earlier than the end: appended, in order)  # a gap: finish the partial frame, start anew
             if carry.size:
-                self._emit(np.concatenate([carry, np.zeros(FRAME_SAMPLES - carry.size, dtype=PCM_DTYPE)]))
+                self._emit(np.concatenate([carry, np.zeros(FRAME_SAMPLES - carry.size, dtype=PCM_DTYPE)]), at)
                 carry = carry[:0]
             self._end = max(self._end, (target + FRAME_SAMPLES // 2) // FRAME_SAMPLES)
         carry = np.concatenate([carry, pcm]) if carry.size else pcm
         while carry.size >= FRAME_SAMPLES:
-            self._emit(carry[:FRAME_SAMPLES])
+            self._emit(carry[:FRAME_SAMPLES], at)
             carry = carry[FRAME_SAMPLES:]
         self._carry = carry.copy()
 
-    def _emit(self, frame: np.ndarray) -> None:
+    def _emit(self, frame: np.ndarray, at: float) -> None:
         packet = self._encoder.encode(frame)
         if packet is not None:
             packet = bytes(packet)
             self._end = self._rec._place(self.channel, self._end,
-                                         self_delimited(packet) if self.channel == 0 else packet)
+                                         self_delimited(packet) if self.channel == 0 else packet, at)
             self.packets += 1
 
     def close(self) -> None:
@@ -200,8 +223,9 @@ class AlignedOpusRecorder:
     def duration_s(self) -> float:
         return self._committed * FRAME_SAMPLES / SAMPLE_RATE
 
-    def _place(self, channel: int, slot: int, payload: bytes) -> int:
-        """Put ``payload`` in ``slot`` (clamped to the commit point); returns the next slot."""
+    def _place(self, channel: int, slot: int, payload: bytes, now: float) -> int:
+        """Put ``payload`` in ``slot`` (clamped to the commit point); returns the next
+        slot. ``now``: the clock's time (what is older than ``max_delay_s`` is committed)."""
         committed = self._committed
         if slot < committed:
             slot = committed
@@ -210,11 +234,22 @@ class AlignedOpusRecorder:
         if slot - committed >= ring_len:
             self._commit(slot - ring_len + 1)
         self._slots[channel][slot % ring_len] = payload
-        horizon = int((self.clock() - self.t0) * SAMPLE_RATE) // FRAME_SAMPLES - self._max_delay
+        horizon = int((now - self.t0) * SAMPLE_RATE) // FRAME_SAMPLES - self._max_delay
         committed = self._committed
         if horizon - committed >= self._commit_chunk:
             self._commit(min(horizon, committed + ring_len))
         return slot + 1
+
+    def _put_back(self, channel: int, slot: int, payload: bytes) -> bool:
+        """Put a reordered packet into its slot if that is still open and empty."""
+        if slot < self._committed:
+            return False
+        slots = self._slots[channel]
+        i = slot % self._ring_len
+        if slots[i] is not None:
+            return False
+        slots[i] = payload
+        return True
 
     def _commit(self, upto: int) -> None:
         begin = self._committed

@@ -1,0 +1,230 @@
+"""stereo.ogg: both legs' Opus packets in one two-stream Ogg file, aligned in 20 ms slots.
+
+Files are decoded by FFmpeg's own Opus decoder (``analysis.read_channels``), not by
+anything of wacall's, so the framing is checked by an independent implementation."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from media import analysis
+from media.frames import FRAME_SAMPLES, SAMPLE_RATE
+from media.opus import OpusEncoder
+from media.sinks.ogg import OggOpusWriter, opus_packet_samples, self_delimited
+from media.sinks.recorder import CallRecorder
+from media.sinks.stereo_opus import AlignedOpusRecorder
+
+
+def tone(hz: float, start: int, count: int, amplitude: float = 0.25) -> np.ndarray:
+    n = np.arange(start, start + count)
+    return (amplitude * 32767 * np.sin(2 * np.pi * hz * n / SAMPLE_RATE)).astype(np.int16)
+
+
+def frames20(hz: float, count: int) -> list[np.ndarray]:
+    return [tone(hz, k * FRAME_SAMPLES, FRAME_SAMPLES) for k in range(count)]
+
+
+def encoded20(hz: float, count: int) -> list[bytes]:
+    encoder = OpusEncoder()
+    return [encoder.encode(frame) for frame in frames20(hz, count)]
+
+
+def pyav_packets(hz: float, seconds: float, frame_ms: float, *, vbr: bool = True,
+                 application: str = "audio", bitrate: int = 48000) -> list[bytes]:
+    """Packets of ``frame_ms`` from FFmpeg's libopus encoder (multi-frame packets:
+    codes 1, 2, 3), 48 kHz mono."""
+    ctx = av.CodecContext.create("libopus", "w")
+    ctx.sample_rate, ctx.layout, ctx.format, ctx.bit_rate = SAMPLE_RATE, "mono", "s16", bitrate
+    ctx.options = {"frame_duration": str(frame_ms), "vbr": "on" if vbr else "off", "application": application}
+    size = round(SAMPLE_RATE * frame_ms / 1000)
+    out: list[bytes] = []
+    for k in range(round(seconds * 1000 / frame_ms)):
+        frame = av.AudioFrame.from_ndarray(tone(hz, k * size, size).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = SAMPLE_RATE, k * size
+        out += [bytes(p) for p in ctx.encode(frame)]
+    out += [bytes(p) for p in ctx.encode(None)]
+    return out
+
+
+def padded(packet: bytes, padding: int) -> bytes:
+    """A one-frame packet made a code 3 packet with ``padding`` bytes of padding."""
+    assert packet[0] & 3 == 0
+    lengths = b""
+    rest = padding
+    while rest >= 255:
+        lengths += b"\xff"
+        rest -= 254
+    lengths += bytes((rest,))
+    return bytes((packet[0] | 3, 0x41)) + lengths + packet[1:] + bytes(padding)
+
+
+def combined(a: bytes, b: bytes) -> bytes:
+    """Two one-frame packets of the same configuration as one two-frame packet: code 1
+    when the frames are of equal size, else code 2 (what libopus' repacketizer makes)."""
+    assert a[0] == b[0] and a[0] & 3 == 0
+    if len(a) == len(b):
+        return bytes((a[0] | 1,)) + a[1:] + b[1:]
+    n = len(a) - 1
+    length = bytes((n,)) if n < 252 else bytes((252 + (n & 3), (n - 252 - (n & 3)) >> 2))
+    return bytes((a[0] | 2,)) + length + a[1:] + b[1:]
+
+
+def pairs(packets: list[bytes]) -> list[bytes]:
+    return [combined(packets[i], packets[i + 1]) for i in range(0, len(packets) - 1, 2)]
+
+
+def write_two_streams(path, left: list[bytes], right: list[bytes]) -> None:
+    writer = OggOpusWriter(path, channels=2, streams=2)
+    for a, b in zip(left, right):
+        assert opus_packet_samples(a) == opus_packet_samples(b)
+        writer.write_packet(self_delimited(a) + b, opus_packet_samples(a))
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", ["code0", "code1-cbr", "code2-vbr", "code3-cbr", "code3-vbr", "code3-padded",
+                                  "code3-long-padding"])
+def test_self_delimited_packets_make_a_playable_two_stream_file(tmp_path, kind):
+    if kind == "code0":
+        left, right = encoded20(600, 50), encoded20(1000, 50)
+    elif kind.startswith("code3-pad") or kind == "code3-long-padding":
+        pad = 300 if kind == "code3-long-padding" else 7
+        left = [padded(p, pad) for p in encoded20(600, 50)]
+        right = [padded(p, pad) for p in encoded20(1000, 50)]
+    elif kind.startswith(("code1", "code2")):
+        vbr = kind.endswith("vbr")
+        left = pairs(pyav_packets(600, 1.2, 20, vbr=vbr, bitrate=64000))  # (one TOC throughout)
+        right = pairs(pyav_packets(1000, 1.2, 20, vbr=vbr, bitrate=64000))
+    else:
+        vbr = kind.endswith("vbr")
+        left = pyav_packets(600, 1.2, 60, vbr=vbr)
+        right = pyav_packets(1000, 1.2, 60, vbr=vbr)
+    codes = {p[0] & 3 for p in left}
+    assert int(kind[4]) in codes  # the packets are of the framing under test
+    path = tmp_path / "two.ogg"
+    write_two_streams(path, left, right)
+    (l, r), rate = analysis.read_channels(path)
+    seconds = l.size / rate
+    assert seconds == pytest.approx(sum(map(opus_packet_samples, left)) / SAMPLE_RATE, abs=0.001)
+    assert analysis.tone_seconds(l, rate, 600) >= seconds - 0.1
+    assert analysis.tone_seconds(r, rate, 1000) >= seconds - 0.1
+    assert analysis.tone_seconds(l, rate, 1000) == analysis.tone_seconds(r, rate, 600) == 0
+
+
+@pytest.mark.parametrize("packet", [b"", b"\x02", b"\x02\xfd", b"\x02\x05abc", b"\x03", b"\x03\x00",
+                                    b"\x03\x02abc", b"\x03\x42\xff", b"\x03\x82\xfc", b"\x03\x41\x09ab",
+                                    b"\x01abc"], ids=repr)
+def test_malformed_packets_are_refused(packet):
+    with pytest.raises(ValueError):
+        self_delimited(packet)
+
+
+def test_long_frames_take_two_length_bytes(tmp_path):
+    left = pyav_packets(600, 1.0, 20, bitrate=256000)  # (~640 bytes a packet)
+    assert max(map(len, left)) > 300
+    right = encoded20(1000, len(left))
+    path = tmp_path / "big.ogg"
+    write_two_streams(path, left, right[: len(left)])
+    (l, r), rate = analysis.read_channels(path)
+    assert analysis.tone_seconds(l, rate, 600) >= l.size / rate - 0.1
+    assert analysis.tone_seconds(r, rate, 1000) >= r.size / rate - 0.1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_gaps_late_reordered_and_malformed_packets(tmp_path):
+    clock = Clock()
+    rec = AlignedOpusRecorder(tmp_path / "s.ogg", clock=clock)
+    t0 = clock.now
+    user, business = encoded20(600, 150), encoded20(1000, 150)
+    held = None
+    for k in range(150):
+        clock.now = t0 + k * 0.02
+        if k == 20:
+            rec.left.write_packet(b"\x03\x00", k * 960, clock.now + 0.004)  # malformed: skipped
+        if 50 <= k < 75:  # half a second lost on the user's side
+            pass
+        elif k == 100:
+            held = user[k]  # arrives after the next one (reordered)
+        else:
+            rec.left.write_packet(user[k], k * 960, clock.now + 0.004)
+            if k == 101:
+                rec.left.write_packet(held, 100 * 960, clock.now + 0.005)
+        rec.right.write_packet(business[k], k * 960, clock.now)
+    rec.left.write_packet(user[149], 149 * 960, clock.now + 0.01)  # a duplicate: dropped
+    rec.close()
+    (l, r), rate = analysis.read_channels(rec.path)
+    assert l.size == r.size == 150 * 960
+    assert analysis.tone_seconds(r, rate, 1000) >= 2.98
+    segments = analysis.tone_segments(l, rate, 600)
+    assert len(segments) == 2 and segments[0][0] == pytest.approx(0.0, abs=0.03)
+    assert segments[0][1] == pytest.approx(1.0, abs=0.03) and segments[1][0] == pytest.approx(1.5, abs=0.03)
+    assert segments[1][1] == pytest.approx(3.0, abs=0.03)  # the reordered packet in its place
+    assert rec.left.undecodable == 1 and rec.left.resyncs == 0 and rec.left.late == 0
+    assert rec.left.dropped == 1
+    assert rec.filled == [25, 0]  # the lost half second: silence packets on the left only
+    assert rec.left.packets == 125 and rec.right.packets == 150
+
+
+def test_a_leg_that_stalls_is_placed_again_by_its_arrival(tmp_path):
+    """A sender that pauses without advancing its timestamps: its packets after the pause
+    re-anchor on their arrival time (as in stereo.wav), the pause stays silence."""
+    clock = Clock()
+    rec = AlignedOpusRecorder(tmp_path / "s.ogg", clock=clock)
+    t0 = clock.now
+    user, business = encoded20(600, 100), encoded20(1000, 150)
+    for k in range(150):
+        clock.now = t0 + k * 0.02
+        if k < 50:
+            rec.left.write_packet(user[k], k * 960, clock.now)
+        elif k >= 100:  # a second later, timestamps go on from where they stopped
+            rec.left.write_packet(user[k - 50], (k - 50) * 960, clock.now)
+        rec.right.write_packet(business[k], k * 960, clock.now)
+    rec.close()
+    (l, r), rate = analysis.read_channels(rec.path)
+    segments = analysis.tone_segments(l, rate, 600)
+    assert [(round(a, 1), round(b, 1)) for a, b in segments] == [(0.0, 1.0), (2.0, 3.0)]
+    assert rec.left.resyncs == 1 and rec.filled == [50, 0]
+
+
+@pytest.mark.parametrize("frame_ms", [10, 40, 60])
+def test_a_leg_whose_packets_are_not_20ms_is_transcoded(tmp_path, frame_ms):
+    clock = Clock()
+    rec = AlignedOpusRecorder(tmp_path / "s.ogg", clock=clock)
+    t0 = clock.now
+    user = pyav_packets(600, 2.0, frame_ms)
+    size = round(SAMPLE_RATE * frame_ms / 1000)
+    business = encoded20(1000, 100)
+    k_user = 0
+    for k in range(100):
+        clock.now = t0 + k * 0.02
+        while k_user < len(user) and k_user * size <= k * 960:
+            rec.left.write_packet(user[k_user], k_user * size, t0 + k_user * size / SAMPLE_RATE)
+            k_user += 1
+        rec.right.write_packet(business[k], k * 960, clock.now)
+    rec.close()
+    (l, r), rate = analysis.read_channels(rec.path)
+    assert rec.left.transcoded >= 100 * 20 // frame_ms - 2 and rec.right.transcoded == 0
+    assert analysis.tone_seconds(l, rate, 600) == pytest.approx(2.0, abs=0.08)
+    assert analysis.tone_seconds(r, rate, 1000) == pytest.approx(2.0, abs=0.04)
+
+
+def test_a_recorder_without_a_peer_encodes_what_it_is_given(tmp_path):
+    recorder = CallRecorder(tmp_path / "pcm", wav=False, stereo=False, ogg=False, stereo_ogg=True)
+    assert recorder.user.needs_pcm  # (no packets to pass through: it needs the audio)
+    for left, right in zip(frames20(600, 50), frames20(1000, 50)):
+        recorder.user.write(left, SAMPLE_RATE)
+        recorder.business.write(right, SAMPLE_RATE)
+    sidecar = recorder.close()
+    (l, r), rate = analysis.read_channels(recorder.paths["stereo_ogg"])
+    assert analysis.tone_seconds(l, rate, 600) == pytest.approx(1.0, abs=0.04)
+    assert analysis.tone_seconds(r, rate, 1000) == pytest.approx(1.0, abs=0.04)
+    assert sidecar["files"] == {"stereo_ogg": "stereo.ogg"}
+    assert sidecar["durations_s"]["stereo_ogg"] == pytest.approx(1.0, abs=0.04)
