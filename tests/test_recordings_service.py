@@ -102,5 +102,11 @@ async def test_opus_format_records_both_legs_without_decoding(settings):
         sidecar = json.loads(open(files["recording.json"]).read())
         assert sidecar["files"] == {"stereo_ogg": "stereo.ogg"} and sidecar["complete"]
         assert sidecar["stereo_ogg"]["user"]["packets"] >= 50
-        item = service.manager.recordings.item(sidecar)
+        recordings = service.manager.recordings
+        item = recordings.item(sidecar)
         assert item["duration_s"] == sidecar["durations_s"]["stereo_ogg"] > 1.0
+        assert [f["content_type"] for f in item["files"] if f["name"] == "stereo.ogg"] == ["audio/ogg"]
+        waveform = recordings.waveform(recordings.file(call.id, "stereo.ogg"), 50)
+        assert waveform["channels"] == 2 and waveform["sample_rate"] == 48000
+        loud = [max(hi - lo for lo, hi in channel) for channel in waveform["peaks"]]
+        assert min(loud) > 0.3  # both legs drawn (tones at -12 dBFS)

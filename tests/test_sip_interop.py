@@ -97,14 +97,29 @@ class Baresip:
     def __init__(self, directory: Path, *, account: str, codec: str | None = None, dial: str | None = None):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.port, self.ctrl = free_udp_port(), free_udp_port()
-        (directory / "config").write_text(BARESIP.format(port=self.port, ctrl=self.ctrl, dir=directory, hz=int(SIP_HZ)))
         codecs = f";audio_codecs={codec}" if codec else ""
         (directory / "accounts").write_text(f"{account};regint=0;answermode=auto{codecs}\n")
-        args = [tool("baresip"), "-f", str(directory)] + (["-e", f"/dial {dial}"] if dial else [])
+        self._args = [tool("baresip"), "-f", str(directory)] + (["-e", f"/dial {dial}"] if dial else [])
         self.log = directory / "baresip.log"
-        self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        # (baresip also listens on TCP and TLS next to the UDP port it is given: a port
+        # taken there by another process makes it exit, and it is started again on others)
+        self.port, self.ctrl = free_udp_port(), free_udp_port()
+        (self.directory / "config").write_text(
+            BARESIP.format(port=self.port, ctrl=self.ctrl, dir=self.directory, hz=int(SIP_HZ)))
+        self.proc = subprocess.Popen(self._args, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.PIPE)
+
+    def collided(self) -> bool:
+        """It exited because a port it wanted was taken; then it is started again (3 times at most)."""
+        if self.proc.poll() is None or self.restarts >= 3 or "Address already in use" not in self.log.read_text():
+            return False
+        self.restarts += 1
+        self._start()
+        return True
 
     async def command(self, command: str, params: str = "") -> dict:
         """A ctrl_tcp command (netstring-framed JSON), once baresip listens."""
@@ -114,7 +129,7 @@ class Baresip:
                 try:
                     return await asyncio.open_connection("127.0.0.1", self.ctrl)
                 except OSError:
-                    assert self.proc.poll() is None, self.log.read_text()[-2000:]
+                    assert self.collided() or self.proc.poll() is None, self.log.read_text()[-2000:]
                     await asyncio.sleep(0.05)
 
         reader, writer = await asyncio.wait_for(connect(), TIMEOUT)
