@@ -17,7 +17,8 @@ and unprotect. What happens 50 times a second per call in each direction goes ar
 
 * **Receiving** (:class:`LeanReceiver`): the nominated pair's socket leaves the event
   loop's selector and is drained on the same ticker, first thing each tick
-  (:class:`PolledSocket`; each datagram with the kernel's arrival time), so the
+  (:class:`PolledSocket`; each datagram with the kernel's arrival time; one ``epoll``
+  set per ticker says which sockets have any, :class:`SocketPoller`), so the
   process wakes 50 times a second instead of once per packet. An SRTP packet of an
   audio or telephone-event payload type is unprotected, passed through DTMF (events
   leave the stream there), parsed into a small :class:`RtpView` and given to the RTP
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -359,8 +361,8 @@ class PolledSocket:
     the event loop's selector (the lean receive path's, see :class:`LeanReceiver`).
 
     :meth:`start` asks the kernel to stamp each datagram's arrival (``SO_TIMESTAMPNS``:
-    Linux), pauses the transport's reading and drains the socket every tick:
-    ``deliver(data, addr, at)`` for each datagram, ``at`` its arrival on the loop's
+    Linux), pauses the transport's reading and drains the socket every tick (through
+    the ticker's :class:`SocketPoller`): ``deliver(data, addr, at)`` for each datagram, ``at`` its arrival on the loop's
     clock. Errors the socket reports go to the transport's protocol, as asyncio's own
     reader sends them. If ``deliver`` raises, polling stops for good: the transport
     reads again (its protocol's callback then gets the datagrams) and ``on_stop`` is
@@ -373,11 +375,12 @@ class PolledSocket:
         self.on_stop = on_stop
         self.datagrams = 0
         self._sock: socket.socket | None = None
-        self._ticker: FrameTicker | None = None
+        self._poller: SocketPoller | None = None
+        self._fd = -1
 
     @property
     def running(self) -> bool:
-        return self._ticker is not None
+        return self._poller is not None
 
     def start(self) -> bool:
         """Poll from the next tick on (``False``: this socket cannot be: left as it was)."""
@@ -385,51 +388,120 @@ class PolledSocket:
         if sock is None or not _stamp_arrivals(sock):
             return False
         self._sock = sock
+        self._fd = sock.fileno()
         self.transport.pause_reading()
-        self._ticker = FrameTicker.of(asyncio.get_running_loop())
-        self._ticker.add(self._drain, intake=True)
+        self._poller = SocketPoller.of(FrameTicker.of(asyncio.get_running_loop()))
+        self._poller.add(self)
         return True
 
     def stop(self, *, resume: bool = True) -> None:
         """Stop polling; ``resume``: the transport reads by itself again (unless closing)."""
-        if self._ticker is not None:
-            self._ticker.remove(self._drain)
-            self._ticker = None
+        if self._poller is not None:
+            self._poller.remove(self)
+            self._poller = None
             if resume and not self.transport.is_closing():
                 self.transport.resume_reading()
         self._sock = None
 
-    def _drain(self, now: float, late: float, frames: int) -> None:
+    def _read(self, now: float, offset: float) -> None:
+        """Read and deliver one datagram (the poller said the socket has one)."""
         transport = self.transport
         if transport.is_closing():
             self.stop(resume=False)
             return
-        recvmsg = self._sock.recvmsg
-        offset = self._ticker.wall_offset
-        deliver = self.deliver
         try:
-            for _ in range(MAX_DRAIN):
-                try:
-                    data, ancillary, flags, addr = recvmsg(_MAX_DATAGRAM, _STAMP_SPACE)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:  # as asyncio's own reader reports it
-                    transport.get_protocol().error_received(exc)
-                    return
-                if flags & _MSG_TRUNC:
-                    continue  # larger than anything a media peer sends after the handshakes
-                self.datagrams += 1
-                at = now
-                for level, kind, raw in ancillary:
-                    if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
-                        sec, nsec = _TIMESPEC.unpack_from(raw)
-                        at = sec + nsec * 1e-9 - offset
-                deliver(data, addr, at)
+            data, ancillary, flags, addr = self._sock.recvmsg(_MAX_DATAGRAM, _STAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # as asyncio's own reader reports it
+            transport.get_protocol().error_received(exc)
+            return
+        if flags & _MSG_TRUNC:
+            return  # larger than anything a media peer sends after the handshakes
+        self.datagrams += 1
+        at = now
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(raw)
+                at = sec + nsec * 1e-9 - offset
+        try:
+            self.deliver(data, addr, at)
         except Exception:
             log.exception("polled socket: delivering a datagram failed; the socket is read by callback from now on")
             self.stop(resume=True)
             if self.on_stop is not None:
                 self.on_stop()
+
+
+class SocketPoller:
+    """The polled sockets of one :class:`FrameTicker`, read on its intake.
+
+    One ``epoll`` set holds them all. Each tick asks it which have datagrams waiting
+    (one system call) and reads one datagram from each of those, then asks again,
+    until none has any or :data:`MAX_DRAIN` rounds went by (a flood on one socket
+    cannot hold the loop). Reading each socket until it says "empty" would cost a
+    failing ``recvmsg`` (a system call and an exception) per socket and tick: 8 µs
+    against 5 µs per socket here. The epoll descriptor exists while sockets do."""
+
+    _per_ticker: weakref.WeakKeyDictionary[FrameTicker, SocketPoller] = weakref.WeakKeyDictionary()
+
+    def __init__(self, ticker: FrameTicker) -> None:
+        self.ticker = ticker
+        self._epoll: select.epoll | None = None
+        self._sockets: dict[int, PolledSocket] = {}
+
+    @classmethod
+    def of(cls, ticker: FrameTicker) -> SocketPoller:
+        poller = cls._per_ticker.get(ticker)
+        if poller is None:
+            poller = cls._per_ticker[ticker] = cls(ticker)
+        return poller
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    def add(self, polled: PolledSocket) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self.ticker.add(self._poll, intake=True)
+        fd = polled._fd
+        stale = self._sockets.pop(fd, None)
+        if stale is not None:  # (that descriptor was closed and reused: epoll forgot it)
+            stale._poller = None
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            self._epoll.modify(fd, select.EPOLLIN)
+        self._sockets[fd] = polled
+
+    def remove(self, polled: PolledSocket) -> None:
+        fd = polled._fd
+        if self._sockets.get(fd) is not polled:
+            return
+        del self._sockets[fd]
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # (closed already: the kernel dropped it from the set)
+        if not self._sockets:
+            self.ticker.remove(self._poll)
+            self._epoll.close()
+            self._epoll = None
+
+    def _poll(self, now: float, late: float, frames: int) -> None:
+        offset = self.ticker.wall_offset
+        sockets = self._sockets
+        for _ in range(MAX_DRAIN):
+            epoll = self._epoll
+            if epoll is None:
+                return
+            ready = epoll.poll(0)
+            if not ready:
+                return
+            for fd, _events in ready:
+                polled = sockets.get(fd)
+                if polled is not None:
+                    polled._read(now, offset)
 
 
 class LeanReceiver:

@@ -6,6 +6,7 @@ reading); the RTP parser against aiortc's and against garbage."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import sys
@@ -18,7 +19,7 @@ from aiortc.rtp import RtpPacket
 from hypothesis import given, settings, strategies as st
 
 from media import aiortc_hooks, analysis
-from media.lean import MAX_CATCH_UP, FrameTicker, PolledSocket, parse_rtp
+from media.lean import MAX_CATCH_UP, MAX_DRAIN, FrameTicker, PolledSocket, SocketPoller, parse_rtp
 from media.sources.tone import ToneSource
 from tests.helpers import until
 from tests.media_call import LOOPBACK, TIMEOUT, FrameGate, call_pair
@@ -228,6 +229,51 @@ async def test_a_polled_socket_whose_consumer_fails_goes_back_to_the_loops_readi
         transport.close()
         out.close()
     assert sum("read by callback from now on" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel arrival stamps (SO_TIMESTAMPNS) are Linux's")
+async def test_polled_sockets_are_read_through_one_epoll_fairly_and_leave_nothing_behind():
+    """Five polled sockets: one epoll set for all; a flood on one socket is read
+    MAX_DRAIN datagrams per tick while the others get theirs in the first tick, in order;
+    a socket closed without stopping drops out; the epoll descriptor goes with the last."""
+    loop = asyncio.get_running_loop()
+    ticker = FrameTicker.of(loop)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    endpoints = [await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0)) for _ in range(5)]
+    got: dict[int, list[tuple[bytes, int]]] = {i: [] for i in range(5)}
+    polled = [PolledSocket(t, lambda data, addr, at, i=i: got[i].append((data, ticker.ticks)))
+              for i, (t, _) in enumerate(endpoints)]
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for p in polled:
+            assert p.start()
+        poller = SocketPoller.of(ticker)
+        assert len(poller) == 5
+        flood = MAX_DRAIN + 20
+        for i, (t, _) in enumerate(endpoints):  # (on loopback a datagram is queued when sendto returns)
+            for k in range(3):
+                out.sendto(b"%d-%d" % (i, k), t.get_extra_info("sockname"))
+        for _ in range(flood):
+            out.sendto(b"flood", endpoints[0][0].get_extra_info("sockname"))
+        await until(lambda: len(got[0]) == 3 + flood, TIMEOUT)
+        first = got[1][0][1]
+        for i in range(1, 5):
+            assert got[i] == [(b"%d-%d" % (i, k), first) for k in range(3)]
+        ticks = [tick for _, tick in got[0]]
+        assert ticks.count(first) == MAX_DRAIN and ticks[-1] == first + 1  # the rest: next tick
+        assert all(p.datagrams == len(got[i]) for i, p in enumerate(polled))
+        endpoints[4][0].close()  # closed under it, not stopped: it stops at the next datagram or not at all
+        out.sendto(b"late", endpoints[3][0].get_extra_info("sockname"))
+        await until(lambda: len(got[3]) == 4, TIMEOUT)
+    finally:
+        for p in polled:
+            p.stop()
+        for t, _ in endpoints:
+            t.close()
+        out.close()
+    assert len(poller) == 0 and not any(p.running for p in polled)
+    assert ticker.next_due is None  # idle
+    await until(lambda: set(os.listdir("/proc/self/fd")) <= fds_before, TIMEOUT)  # sockets and the epoll
 
 
 def test_receive_statistics_count_jitter_from_the_arrival_times_given():
