@@ -20,9 +20,10 @@ the rest of the call: its packets are decoded and encoded again as 20 ms packets
 (counted in :attr:`OpusLeg.transcoded`).
 
 Crash safety is that of :class:`~media.sinks.ogg.OggOpusWriter`: slots older than
-``max_delay_s`` are committed in whole pages, at least every ``commit_s``; a killed
-process leaves a file that plays up to its last page (:func:`repair_ogg` cuts a torn
-one).
+``max_delay_s`` (0.3 s) are committed in whole pages every ``commit_s`` (0.2 s: a page
+and a ``write`` per call five times a second); a killed process leaves a file that
+plays up to its last page, at most ~0.5 s before the kill (:func:`repair_ogg` cuts a
+torn one).
 """
 
 from __future__ import annotations
@@ -172,12 +173,12 @@ class AlignedOpusRecorder:
         clock: seconds on a monotonic clock (the event loop's by default); ``t0`` is
             read from it at construction.
         resync_s / max_delay_s / commit_s: as for
-            :class:`~media.sinks.stereo.AlignedStereoRecorder`.
+            :class:`~media.sinks.stereo.AlignedStereoRecorder` (``commit_s`` 0.2 s here).
         settings: the encoder for silence packets and for transcoded legs.
         comments: Vorbis comments for the OpusTags header.
     """
 
-    RING_S = 0.48
+    RING_S = 0.6
 
     def __init__(
         self,
@@ -186,7 +187,7 @@ class AlignedOpusRecorder:
         clock: Callable[[], float] | None = None,
         resync_s: float = 0.1,
         max_delay_s: float = 0.3,
-        commit_s: float = 0.1,
+        commit_s: float = 0.2,
         settings: OpusSettings = DEFAULT_SETTINGS,
         comments: dict[str, str] | None = None,
         left: str = "user",
