@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from media import analysis
-from media.recordings import ACTIVE, DIR_MODE, SIDECAR, iso, write_json
+from media.recordings import ACTIVE, DIR_MODE, SIDECAR, iso, render_wav, write_json
 
 from .numbers import display
 from .redact import mask_phone
@@ -205,6 +205,28 @@ class Recordings:
                                                               "received_at": iso(time.time())}
         write_json(call_dir / SIDECAR, sidecar)
         self._cache.pop(call_id, None)
+
+    # -- WAV renders ------------------------------------------------------------------
+
+    def as_wav(self, info: FileInfo) -> FileInfo:
+        """``info`` as a 16-bit WAV: a WAV as it is; a compressed recording (stereo.ogg,
+        user.ogg) decoded once per file version and kept next to it (hidden, gone with
+        the call's recordings). Raises ``ValueError`` for a file that is not audio,
+        :class:`media.errors.MediaFileError` when it cannot be decoded."""
+        if info.path.suffix == ".wav":
+            return info
+        if info.path.suffix != ".ogg":
+            raise ValueError(f"{info.name} is not audio")
+        stat = info.path.stat()
+        prefix = f".{info.name}.render-"
+        cached = info.path.with_name(f"{prefix}{stat.st_size}-{stat.st_mtime_ns}.wav")
+        if not cached.is_file():
+            render_wav(info.path, cached)
+            for old in info.path.parent.glob(f"{prefix}*.wav"):  # (renders of earlier versions)
+                if old != cached:
+                    old.unlink(missing_ok=True)
+        name = f"{Path(info.name).stem}.wav"
+        return FileInfo(info.call_id, name, info.kind, cached, CONTENT_TYPES[".wav"])
 
     # -- waveform ----------------------------------------------------------------------
 

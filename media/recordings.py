@@ -1,10 +1,12 @@
-"""Recordings on disk, after (or without) the recorder: startup repair and retention.
+"""Recordings on disk, after (or without) the recorder: startup repair, retention, WAV renders.
 
 :func:`repair_directory` fixes what a killed process left (WAV header lengths, torn Ogg
 pages, sidecars of recordings that never closed: marked ``"recovered": true`` with
 durations measured from the files); :func:`apply_retention` deletes the oldest call
 directories by age, count or size. Both skip the directories of recorders open in this
 process (:data:`ACTIVE`, kept by :class:`media.sinks.recorder.CallRecorder`).
+:func:`render_wav` decodes a compressed recording (stereo.ogg) into a 16-bit WAV for
+tools that take nothing else.
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import time
 from pathlib import Path
 
+import av
+
+from .errors import MediaFileError
 from .frames import SAMPLE_RATE
 from .sinks.ogg import read_ogg_packets, repair_ogg
-from .sinks.wav import HEADER_SIZE, open_private, repair_wav
+from .sinks.wav import HEADER_SIZE, WavWriter, open_private, repair_wav
+from .sources.file import open_audio
 
-__all__ = ["ACTIVE", "SIDECAR", "apply_retention", "repair", "repair_directory"]
+__all__ = ["ACTIVE", "SIDECAR", "apply_retention", "render_wav", "repair", "repair_directory"]
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +201,44 @@ def apply_retention(
         count -= 1
         total_bytes -= size
     return removed
+
+
+def render_wav(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> float:
+    """Decode ``source`` (any audio PyAV reads; here: stereo.ogg) into ``target``, a
+    16-bit WAV (mode 0600) with the same channels and rate, a frame at a time (an
+    hour-long call never sits in memory whole). ``target`` appears only complete: it
+    is written beside it and renamed. Returns the seconds rendered.
+
+    Raises:
+        FileNotFoundError: no ``source``.
+        MediaFileError: PyAV cannot read it.
+    """
+    target = Path(target)
+    # (a name of its own: two renders of the same file at once do not mix)
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    container, stream = open_audio(source)
+    try:
+        rate = stream.codec_context.sample_rate
+        layout = stream.codec_context.layout
+        channels = stream.codec_context.channels
+        resampler = av.AudioResampler(format="s16", layout=layout, rate=rate)
+        writer = WavWriter(partial, sample_rate=rate, channels=channels, flush_interval_s=1.0)
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    writer.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                writer.append(out.to_ndarray().reshape(-1))
+            writer.close()
+        except (av.FFmpegError, ValueError) as exc:
+            writer.abort()
+            partial.unlink(missing_ok=True)
+            raise MediaFileError(Path(source), f"cannot decode its audio ({exc})") from exc
+        except BaseException:
+            writer.abort()
+            partial.unlink(missing_ok=True)
+            raise
+    finally:
+        container.close()
+    os.replace(partial, target)
+    return writer.samples / rate if rate else 0.0

@@ -199,3 +199,50 @@ async def test_a_call_the_user_hangs_up_lists_with_playable_files(api):
     assert analysis.tone_seconds(right, rate, 1000) >= 1.5  # the business, cut by the hang-up
     async with api.http.get(files["user.ogg"]["url"]) as resp:
         assert resp.status == 200 and (await resp.read())[:4] == b"OggS"
+
+
+async def test_a_compressed_recording_downloads_as_wav(settings, tmp_path):
+    """``?format=wav`` renders stereo.ogg (``WACALL_RECORDING_FORMAT=both``: stereo.wav
+    alongside to compare) into a WAV once per file version; bad asks get 400/422."""
+    both = replace(settings, api_token=TOKEN, recording_format="both")
+    async with Service(both, sandbox=True) as service:
+        say = write_tone_wav(tmp_path / "say-600.wav", 600.0, 30.0, amplitude=0.3)
+        await service.sandbox.grant(USERS[0], permanent=True)
+        service.sandbox.users.update(USERS[0], {"answer_after_ms": 0, "say": str(say)})
+        async with aiohttp.ClientSession(base_url=service.url, headers=AUTH) as http:
+            service.http = http
+            call = await recorded_call(service, USERS[0])
+            base = f"/v1/calls/{call.id}/recordings"
+            async with http.get(f"{base}/stereo.wav") as resp:
+                left_wav, _, rate = channels(await resp.read())
+            async with http.get(f"{base}/stereo.ogg", params={"format": "wav"}) as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"] == "audio/wav"
+                assert 'filename="stereo.wav"' in resp.headers["Content-Disposition"]
+                rendered = await resp.read()
+                etag = resp.headers["ETag"]
+            left, right, rate = channels(rendered)
+            assert rate == 48000 and left.size / rate == pytest.approx(left_wav.size / rate, abs=0.05)
+            assert analysis.tone_seconds(left, rate, 600) >= 1.0 and analysis.tone_seconds(left, rate, 1000) == 0
+            assert analysis.tone_seconds(right, rate, 1000) == pytest.approx(1.5, abs=0.1)
+            renders = sorted(service.manager.recordings_dir.glob(f"{call.id}/.stereo.ogg.render-*.wav"))
+            assert len(renders) == 1
+            async with http.get(f"{base}/stereo.ogg", params={"format": "wav"},
+                                headers={"If-None-Match": etag}) as resp:
+                assert resp.status == 304  # (the render kept: not made again)
+            async with http.get(f"{base}/stereo.ogg", params={"format": "wav"},
+                                headers={"Range": "bytes=44-1043"}) as resp:
+                assert resp.status == 206 and await resp.read() == rendered[44:1044]
+            async with http.get(f"{base}/user.ogg", params={"format": "wav"}) as resp:
+                with wave.open(io.BytesIO(await resp.read())) as w:
+                    assert w.getnchannels() == 1 and w.getframerate() == 48000
+            async with http.get(f"{base}/stereo.wav", params={"format": "wav"}) as resp:
+                assert await resp.read() == (service.manager.recordings_dir / call.id / "stereo.wav").read_bytes()
+            for name, fmt, status in (("stereo.ogg", "mp3", 400), ("recording.json", "wav", 400)):
+                async with http.get(f"{base}/{name}", params={"format": fmt}) as resp:
+                    body = await resp.json()
+                    check(body, resp.status, "GET", "/v1/calls/{id}/recordings/{file}")
+                    assert resp.status == status, (name, fmt)
+            (service.manager.recordings_dir / call.id / "user.ogg").write_bytes(b"OggS not really")
+            async with http.get(f"{base}/user.ogg", params={"format": "wav"}) as resp:
+                body = await resp.json()
+                assert resp.status == 422 and body["error"]["code"] == "bad_media_file"

@@ -257,7 +257,7 @@ class ControlApi:
             web.post("/v1/calls/{id}/dtmf", self._guard(self.dtmf)),
             web.get("/v1/recordings", self._guard(self.list_recordings, query=RECORDINGS_QUERY)),
             web.delete("/v1/calls/{id}/recordings", self._guard(self.erase_recordings)),
-            web.get("/v1/calls/{id}/recordings/{file}", self._guard(self.recording_file)),
+            web.get("/v1/calls/{id}/recordings/{file}", self._guard(self.recording_file, query=("format",))),
             web.get("/v1/calls/{id}/waveform", self._guard(self.waveform, query=("file", "width"))),
             web.get("/v1/permissions", self._guard(self.list_permissions)),
             web.get("/v1/permissions/{user}", self._guard(self.get_permission, query=("refresh",))),
@@ -629,6 +629,18 @@ class ControlApi:
 
     async def recording_file(self, request: web.Request) -> web.StreamResponse:
         info = self._recording(request, request.match_info["file"])
+        wanted = request.query.get("format")
+        if wanted is not None:
+            if wanted != "wav":
+                raise BadRequest(f"format must be wav (or left out for the file as it is), not {wanted[:20]!r}")
+            try:
+                info = await asyncio.to_thread(self.recordings.as_wav, info)
+            except MediaFileError as exc:
+                raise BadRequest(f"cannot decode {info.name}: {exc.reason}", "bad_media_file", 422) from None
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            except OSError as exc:  # (a full disk, the file erased meanwhile)
+                raise BadRequest(f"cannot render {info.name}: {exc.strerror or exc}", "storage", 507) from None
         # (aiohttp serves Range requests with 206, and ETag / If-None-Match / If-Range)
         return web.FileResponse(info.path, headers={"Content-Type": info.content_type,
                                                     "Cache-Control": "private, no-cache",
