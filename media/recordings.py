@@ -215,7 +215,7 @@ def render_wav(source: str | os.PathLike[str], target: str | os.PathLike[str]) -
     """
     target = Path(target)
     # (a name of its own: two renders of the same file at once do not mix)
-    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # (startup repair removes a stray one)
     container, stream = open_audio(source)
     try:
         rate = stream.codec_context.sample_rate
