@@ -180,3 +180,49 @@ async def test_console_in_chromium(browser, gateway):
     assert resp.status == 401
     await stranger.close()
     await context.close()
+
+
+async def test_chromium_plays_stereo_ogg_as_two_channels(browser, tmp_path):
+    """The claim that any Ogg/Opus player takes stereo.ogg: Chromium's own decoder
+    (``decodeAudioData``) gets two channels, the user's 600 Hz on the left and the
+    business's 1 kHz on the right, a silence gap where the user sent nothing."""
+    import asyncio
+    import base64
+
+    import numpy as np
+
+    from media import analysis
+    from media.opus import OpusEncoder
+    from media.sinks.stereo_opus import AlignedOpusRecorder
+
+    now = [0.0]
+    recorder = AlignedOpusRecorder(tmp_path / "stereo.ogg", clock=lambda: now[0])
+    user, business = OpusEncoder(), OpusEncoder()
+    n = np.arange(960)
+    for k in range(100):
+        now[0] = k * 0.02
+        left = (8000 * np.sin(2 * np.pi * 600 * (n + k * 960) / 48000)).astype(np.int16)
+        right = (8000 * np.sin(2 * np.pi * 1000 * (n + k * 960) / 48000)).astype(np.int16)
+        if not 50 <= k < 75:  # the user silent (sends nothing) from 1.0 to 1.5 s
+            recorder.left.write_packet(user.encode(left), k * 960, now[0])
+        recorder.right.write_packet(business.encode(right), k * 960, now[0])
+    recorder.close()
+    page = await browser.new_page()
+    try:
+        decoded = await asyncio.wait_for(page.evaluate(
+            """async (b64) => {
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                const ctx = new OfflineAudioContext(2, 48000, 48000);
+                const buffer = await ctx.decodeAudioData(bytes.buffer);
+                return {channels: buffer.numberOfChannels, rate: buffer.sampleRate,
+                        data: [0, 1].map(c => Array.from(buffer.getChannelData(c)))};
+            }""", base64.b64encode((tmp_path / "stereo.ogg").read_bytes()).decode()), TIMEOUT)
+    finally:
+        await page.close()
+    assert decoded["channels"] == 2 and decoded["rate"] == 48000
+    left, right = (np.asarray(c, dtype=np.float32) for c in decoded["data"])
+    assert left.size / 48000 == pytest.approx(2.0, abs=0.03)
+    segments = analysis.tone_segments(left, 48000, 600)
+    assert [(round(a, 1), round(b, 1)) for a, b in segments] == [(0.0, 1.0), (1.5, 2.0)]
+    assert analysis.tone_seconds(right, 48000, 1000) >= 1.95
+    assert analysis.tone_seconds(left, 48000, 1000) == analysis.tone_seconds(right, 48000, 600) == 0

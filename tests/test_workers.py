@@ -56,7 +56,8 @@ async def connected_call(service, user, tmp_path, *, hz: float, record: bool = F
 async def test_calls_spread_over_workers_with_audio_both_ways(service, tmp_path):
     pool = service.workers
     a, heard_a = await connected_call(service, USERS[0], tmp_path, hz=1000, record=True)
-    b, heard_b = await connected_call(service, USERS[1], tmp_path, hz=1500)
+    service.manager.recording_format = "opus"  # (b: both legs as Opus, stereo.ogg, made in its worker)
+    b, heard_b = await connected_call(service, USERS[1], tmp_path, hz=1500, record=True)
     assert sorted(pool.load()) == [1, 1]  # the least loaded worker took the second call
     assert {a.media.worker.pid, b.media.worker.pid} == {w.pid for w in pool.workers} and os.getpid() not in (
         a.media.worker.pid, b.media.worker.pid)
@@ -87,6 +88,10 @@ async def test_calls_spread_over_workers_with_audio_both_ways(service, tmp_path)
     left, right = channels(a.recording_files["stereo_wav"])  # user left, business right
     assert analysis.tone_seconds(left, 48000, 600) == pytest.approx(1.0, abs=0.1)
     assert analysis.tone_seconds(right, 48000, 1000) == pytest.approx(1.0, abs=0.1)
+    assert set(b.recording_files) == {"stereo_ogg", "sidecar"}
+    left, right = channels(b.recording_files["stereo_ogg"])
+    assert analysis.tone_seconds(left, 48000, 800) == pytest.approx(1.0, abs=0.1)
+    assert analysis.tone_seconds(right, 48000, 1500) == pytest.approx(1.0, abs=0.1)
     assert a.summary()["media"]["packets_received"] > 50  # stats kept after the end
 
 

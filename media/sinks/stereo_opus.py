@@ -35,6 +35,7 @@ import numpy as np
 
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from ..opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
+from ..receiver import OpusDecoder
 from .ogg import OggOpusWriter, opus_packet_samples, self_delimited
 from .stereo import Anchor, default_clock
 
@@ -64,7 +65,7 @@ class OpusLeg:
         self.transcoded = 0
         self.undecodable = 0
         self._end = 0  # the slot after this leg's last packet
-        self._decoder = None
+        self._decoder: OpusDecoder | None = None
         self._encoder: OpusEncoder | None = None
         self._carry = np.empty(0, dtype=PCM_DTYPE)
         self._closed = False
@@ -127,8 +128,6 @@ class OpusLeg:
     def _transcode(self, payload: bytes, pts: int | None, at: float, arrived: int) -> None:
         rec = self._rec
         if self._decoder is None:
-            from ..receiver import OpusDecoder  # (only a leg that needs it pays for the import)
-
             self._decoder = OpusDecoder()
             if self._encoder is None:
                 self._encoder = OpusEncoder(rec.settings)
@@ -142,7 +141,8 @@ class OpusLeg:
         carry = self._carry
         end = self._end * FRAME_SAMPLES + carry.size
         target = self.anchor.place(pts, at, arrived, end, rec.resync_samples)
-        if target - end >= FRAME_SAMPLES // 2:  # (earlier than the end: appended, in order)  # a gap: finish the partial frame, start anew
+        # (a target before the end is appended, in order)
+        if target - end >= FRAME_SAMPLES // 2:  # a gap: finish the partial frame, start anew
             if carry.size:
                 self._emit(np.concatenate([carry, np.zeros(FRAME_SAMPLES - carry.size, dtype=PCM_DTYPE)]), at)
                 carry = carry[:0]
