@@ -19,7 +19,9 @@ sample of calls, the tones found in the recordings on both sides (FFT), as a fra
 of the measured window.
 
 The machine's other core(s) run the provider's phones; when the machine is saturated
-the gateway's lateness shows it. Run:
+the gateway's lateness shows it. ``--lean-phones`` makes the phones cheaper
+(``WACALL_SANDBOX_PHONES=lean``: they keep what they hear as Opus, decoded only here
+afterwards, and say a file pre-encoded once), so more calls fit. Run:
 
     python bench/load.py [--calls 25 50 100] [--seconds 20] [--workers 0 1 2]
                          [--rtp-path lean aiortc naive] [--record full|opus|ogg-only|none]
@@ -141,7 +143,7 @@ WEBHOOK_HEADER = "X-Bench-Hook: bench-" + os.urandom(8).hex()
 class Provider:
     """``wacall serve --sandbox`` in a child process, its webhooks aimed at us."""
 
-    def __init__(self, workdir: Path, gateway_port: int):
+    def __init__(self, workdir: Path, gateway_port: int, lean_phones: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ,
@@ -150,6 +152,7 @@ class Provider:
                    WACALL_HOST="127.0.0.1",
                    WACALL_WEBHOOK_HEADER=WEBHOOK_HEADER,
                    WACALL_WORKERS="0",  # (the phones are in the main process anyway)
+                   WACALL_SANDBOX_PHONES="lean" if lean_phones else "full",
                    WACALL_SANDBOX_WEBHOOK_URL=f"http://127.0.0.1:{gateway_port}/webhooks/whatsapp")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--sandbox"], env=env,
@@ -208,7 +211,8 @@ class _OggOnlyRecorder:
 
 
 async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: str = "full",
-              workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None, bot: bool = False) -> dict:
+              workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None, bot: bool = False,
+              lean_phones: bool = False) -> dict:
     import contextlib
 
     if rtp_path == "naive" or record.startswith("ogg-"):
@@ -221,7 +225,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     patch = (_OggOnlyRecorder(decode=record == "ogg-decoded") if record.startswith("ogg-") and not naive
              else contextlib.nullcontext())
     gateway_port = free_port()
-    provider = Provider(run_dir, gateway_port)
+    provider = Provider(run_dir, gateway_port, lean_phones)
     say = write_tone_wav(run_dir / "user-600hz.wav", USER_HZ, seconds + 30, amplitude=0.3)
     prompt_file = write_tone_wav(run_dir / "prompt-1khz.wav", BUSINESS_HZ, seconds + 30, amplitude=0.3)
     users = [f"+1555031{i:04d}" for i in range(n)]
@@ -336,7 +340,8 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
     provider_says = [line for line in (run_dir / "provider.log").read_text(errors="replace").splitlines()
                      if '"WARNING"' in line or '"ERROR"' in line][:5]
     phone_heard = []
-    for wav in sorted((run_dir / "provider").rglob("*.wav"))[:4]:
+    heard_files = sorted((run_dir / "provider").rglob("*.ogg" if lean_phones else "*.wav"))
+    for wav in heard_files[:4]:
         x, rate = analysis.read_audio(wav)
         if x.size:
             phone_heard.append(analysis.tone_seconds(x, rate, BUSINESS_HZ) / (x.size / rate))
@@ -407,14 +412,14 @@ def start_spy(path: str, seconds: float) -> subprocess.Popen:
 
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
                workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None,
-               bot: bool = False) -> None:
+               bot: bool = False, lean_phones: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
         runs = [(n, w, p, r) for _ in range(rounds) for w in workers for n in counts for p in paths for r in records]
         for i, (n, w, path, record) in enumerate(runs):
             result = await run(n, seconds, Path(tmp) / str(i), profile, record, w, path,
-                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"), bot)
+                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"), bot, lean_phones)
             results.append(result)
             if as_json:
                 print(json.dumps(result), flush=True)
@@ -483,9 +488,12 @@ if __name__ == "__main__":
     parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "aiortc", "naive"],
                         help="the gateway's RTP path (WACALL_RTP_PATH), one run per value; naive: stock "
                              "aiortc media (MediaPlayer/MediaRecorder, bench/naive.py) behind the same signalling")
+    parser.add_argument("--lean-phones", action="store_true",
+                        help="the provider's phones keep what they hear as Opus and say a pre-encoded file "
+                             "(WACALL_SANDBOX_PHONES=lean): several times the calls this machine can host")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the whole set of runs, interleaved (A/B/A/B on a noisy machine); the "
                              "table then shows each configuration's median")
     args = parser.parse_args()
     asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path,
-                     args.rounds, args.spy, args.bot))
+                     args.rounds, args.spy, args.bot, args.lean_phones))

@@ -259,6 +259,7 @@ class Service:
                 webhook_url=settings.sandbox_webhook_url or f"{self.url}/webhooks/whatsapp",
                 webhook_auth=self.webhook_auth if self._delivers_to_self else WebhookAuth.from_settings(settings),
                 recordings_dir=Path(settings.data_dir) / "sandbox",
+                lean_phones=settings.sandbox_phones == "lean",
                 # Simulated phones live on loopback unless told otherwise.
                 peer_config=replace(settings.peer_config(),
                                     host_addresses=settings.media_addresses or ["127.0.0.1"]),

@@ -298,6 +298,11 @@ class Settings:
     #: Sandbox only: where the sandbox POSTs its webhooks (default: this service's own
     #: ``/webhooks/whatsapp``). Lets a separate ``wacall call`` process use the sandbox.
     sandbox_webhook_url: str | None = setting(group="sandbox")
+    #: Sandbox only: ``full`` phones decode what they hear into a WAV and play what the
+    #: user says from the file; ``lean`` ones keep what they hear as the Opus packets
+    #: received (``<wacid>.ogg``, nothing decoded) and say a file pre-encoded once for
+    #: all phones: several times the simulated users per core, for load tests.
+    sandbox_phones: str = setting("full", _choice(("full", "lean")), group="sandbox")
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, config_file: str | Path | None = None) -> Settings:

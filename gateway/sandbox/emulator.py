@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import hashlib
 import hmac
 import json
@@ -38,6 +39,7 @@ from aiohttp import web
 
 from media import sdp as sdp_rules
 from media.peer import MediaError, PeerConfig
+from media.sources.prompt import PromptCache
 
 from ..redact import mask_phone
 from ..webhook_auth import WebhookAuth
@@ -123,6 +125,7 @@ class Sandbox:
         media_timeout_s: float = 20.0,
         answer_window_s: float = 60.0,
         phone_factory: Callable[..., Phone] = Phone,
+        lean_phones: bool = False,
         clock: SandboxClock | None = None,
         permission_limits: PermissionLimits | None = None,
         permission_webhook_shape: str = "meta",
@@ -146,6 +149,12 @@ class Sandbox:
         #: Builds each simulated user's phone: ``factory(peer_config, recording_path=, say=)``.
         #: The default is an aiortc peer; interop tests plug in a browser.
         self.phone_factory = phone_factory
+        #: ``lean_phones`` (the default factory only): what a phone hears is kept as the
+        #: Opus packets received (``.ogg``), what it says is pre-encoded once for all.
+        self.phone_suffix = ".wav"
+        if lean_phones and phone_factory is Phone:
+            self.phone_factory = functools.partial(Phone, prompts=PromptCache(encode_after=1))
+            self.phone_suffix = ".ogg"
         self.users = UserDirectory()
         self.clock = clock or SandboxClock()
         self.messaging = SandboxMessaging(self.users, self.clock, self._deliver, limits=permission_limits,
@@ -389,7 +398,7 @@ class Sandbox:
 
         behaviour = self.users.get(user)
         wacid = "wacid." + secrets.token_urlsafe(24)
-        phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
+        phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}{self.phone_suffix}",
                                    say=behaviour.say)
         call = SandboxCall(wacid, user, behaviour, phone, biz_opaque_callback_data=callback_data,
                            recording=recording, transcription=transcription)
@@ -492,7 +501,7 @@ class Sandbox:
         ``answer_window_s`` to pre_accept/accept or reject."""
         user = self.users.canonical(user)
         wacid = "wacid." + secrets.token_urlsafe(24)
-        phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}.wav",
+        phone = self.phone_factory(self.peer_config, recording_path=self.recordings_dir / user / f"{wacid}{self.phone_suffix}",
                                    say=say)
         call = SandboxCall(wacid, user, self.users.get(user), phone, direction="USER_INITIATED",
                            hangup_after_s=hangup_after_s)
@@ -758,11 +767,15 @@ def _recording_fields(body: dict) -> tuple[dict | None, dict | None]:
 
 
 def _ogg_of(wav_path) -> bytes:
-    """The WAV the phone recorded, as Ogg/Opus bytes (what WhatsApp's recording is)."""
+    """The WAV the phone recorded, as Ogg/Opus bytes (what WhatsApp's recording is); a
+    lean phone's recording is Ogg/Opus already."""
     import tempfile
     import wave as wave_module
 
     from media.sinks.ogg import OggOpusSink
+
+    if Path(wav_path).suffix == ".ogg":
+        return Path(wav_path).read_bytes()
 
     with wave_module.open(str(wav_path)) as w:
         rate, channels = w.getframerate(), w.getnchannels()

@@ -3,7 +3,10 @@
 Its answer is ICE-lite (``a=ice-lite``), carries its candidates, a single sha-256
 fingerprint, Opus (plus ``telephone-event/8000`` when offered) and ``a=setup:active`` (Meta takes the DTLS client role in its
 sample answers). Once the user picks up and media is up it plays what the user "says"
-and records everything it hears.
+and records everything it hears: decoded into a WAV, or (``recording_path`` ending in
+``.ogg``) as the Opus packets received, nothing decoded. With ``prompts`` (a
+:class:`media.sources.prompt.PromptCache` shared by the phones) what it says is decoded
+and encoded once for every phone saying that file, not per call.
 """
 
 from __future__ import annotations
@@ -14,24 +17,32 @@ from pathlib import Path
 
 from media import sdp as sdp_rules
 from media.peer import MediaError, MediaPeer, PeerConfig
+from media.sinks.ogg import OggOpusPassthrough
 from media.sinks.wav import WavSink
 from media.sources.file import FileSource
+from media.sources.prompt import PromptCache
 
 log = logging.getLogger(__name__)
 
 
 class Phone:
-    def __init__(self, peer_config: PeerConfig, *, recording_path: Path, say: str | None = None):
+    def __init__(self, peer_config: PeerConfig, *, recording_path: Path, say: str | None = None,
+                 prompts: PromptCache | None = None):
         self.peer: MediaPeer | None = MediaPeer(peer_config, label="sandbox phone")
         #: What the phone heard (frames, seconds); kept when the peer is let go.
         self.received = self.peer.received
-        self.recording_path = recording_path
-        self.recorder = WavSink(recording_path)
-        self.peer.add_sink(self.recorder)
+        self.recording_path = Path(recording_path)
+        if self.recording_path.suffix == ".ogg":
+            self.recording_path.parent.mkdir(parents=True, exist_ok=True)
+            self.recorder = OggOpusPassthrough(self.recording_path)
+            self.peer.rtp_tap.add_listener(self.recorder)
+        else:
+            self.recorder = WavSink(self.recording_path)
+            self.peer.add_sink(self.recorder)
         #: Digits the business sent, as the phone decoded them (RFC 4733).
         self.dtmf_received: list[str] = []
         self.peer.on_dtmf(lambda event: self.dtmf_received.append(event.digit))
-        self._say_source = FileSource(say) if say else None
+        self._say_source = (prompts.source(say) if prompts is not None else FileSource(say)) if say else None
         #: Resolves with the seconds said once the user's audio has been played out.
         self.said: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task | None = None
@@ -85,6 +96,8 @@ class Phone:
         peer = self.peer
         if peer is not None:
             await peer.close()
+        if isinstance(self.recorder, OggOpusPassthrough):
+            self.recorder.close()  # (a peer closes its sinks, not its tap's listeners)
         self.peer = self.recorder = None
         if self._say_source is not None:
             self._say_source.close()
