@@ -8,11 +8,12 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from media import analysis
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE
 from media.opus import OpusEncoder
-from media.sinks.ogg import OggOpusWriter, opus_packet_samples, self_delimited
+from media.sinks.ogg import OggOpusWriter, opus_packet_samples, read_ogg_packets, self_delimited
 from media.sinks.recorder import CallRecorder
 from media.sinks.stereo_opus import AlignedOpusRecorder
 
@@ -228,3 +229,24 @@ def test_a_recorder_without_a_peer_encodes_what_it_is_given(tmp_path):
     assert analysis.tone_seconds(r, rate, 1000) == pytest.approx(1.0, abs=0.04)
     assert sidecar["files"] == {"stereo_ogg": "stereo.ogg"}
     assert sidecar["durations_s"]["stereo_ogg"] == pytest.approx(1.0, abs=0.04)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=80), min_size=1, max_size=40))
+def test_any_payload_is_placed_or_counted_never_raised(tmp_path_factory, payloads):
+    """Whatever the far side sends as Opus, stereo.ogg takes it or counts it: no exception
+    reaches the receive path, and the file stays whole Ogg pages, one packet per slot."""
+    clock = Clock()
+    rec = AlignedOpusRecorder(tmp_path_factory.mktemp("fuzz") / "s.ogg", clock=clock)
+    t0 = clock.now
+    for k, payload in enumerate(payloads):
+        clock.now = t0 + k * 0.02
+        rec.left.write_packet(payload, k * 960, clock.now)
+        rec.right.write_packet(b"\xf8\xff\xfe", k * 960, clock.now)
+    rec.close()
+    assert rec.right.packets == len(payloads)
+    assert rec.left.packets + rec.left.dropped + rec.left.undecodable >= sum(1 for p in payloads if p) - 1
+    packets, granule = read_ogg_packets(rec.path)
+    assert granule == len(packets) * 960 and len(packets) == round(rec.duration_s * 50)
+    for packet in packets:  # each a self-delimited left packet followed by the right one
+        assert packet.endswith(b"\xf8\xff\xfe")
