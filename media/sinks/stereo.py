@@ -39,7 +39,7 @@ from ..frames import PCM_DTYPE, SAMPLE_RATE
 from .meter import Levels
 from .wav import WavWriter
 
-__all__ = ["AlignedStereoRecorder", "AlignedLeg", "Anchor", "default_clock"]
+__all__ = ["AlignedStereoRecorder", "AlignedLeg", "AnchoredLeg", "Anchor", "TwoLegRecording", "default_clock"]
 
 _EMPTY_ACC = np.empty(0, dtype=np.int32)
 _EMPTY_MONO = np.empty(0, dtype=PCM_DTYPE)
@@ -90,22 +90,12 @@ class Anchor:
         return target
 
 
-class AlignedLeg:
-    """One channel of an :class:`AlignedStereoRecorder`; also a plain Sink (frames
-    without timing are placed end to end, re-anchored on the recorder's clock)."""
+class AnchoredLeg:
+    """A leg placed by an :class:`Anchor`: when its first frame came, how often it was
+    placed again by its arrival times."""
 
-    def __init__(self, recorder: AlignedStereoRecorder, channel: int, name: str) -> None:
-        self._rec = recorder
-        self.channel = channel
-        self.name = name
-        self.levels = Levels()
-        self.frames = 0
-        self.samples = 0  # samples of audio written (not counting silence inserted)
+    def __init__(self) -> None:
         self.anchor = Anchor()
-        self._pos = 0  # next free sample position on the common timeline
-        self._acc = _EMPTY_ACC  # (grown by the first multi-channel frame)
-        self._mono = _EMPTY_MONO
-        self._closed = False
 
     @property
     def first_at(self) -> float | None:
@@ -114,6 +104,58 @@ class AlignedLeg:
     @property
     def resyncs(self) -> int:
         return self.anchor.resyncs
+
+
+class TwoLegRecording:
+    """The end of a recording of two aligned legs: :meth:`flush`, :meth:`close` and
+    :meth:`abort` over a subclass's ``_commit(upto)``, ``_end()`` (where the legs end,
+    in ``_commit``'s unit) and ``_file`` (its writer)."""
+
+    closed = False
+
+    def _commit(self, upto: int) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> int:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Commit everything placed so far (e.g. before reading the file)."""
+        self._commit(self._end())
+
+    def close(self) -> None:
+        """Commit both legs to their end and close the file. Idempotent."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            self._file.close()
+
+    def abort(self) -> None:
+        """Close without writing more (after a write failed): the file keeps what
+        reached the disk, playable (see its writer's ``abort``)."""
+        self.closed = True
+        self._file.abort()
+
+
+class AlignedLeg(AnchoredLeg):
+    """One channel of an :class:`AlignedStereoRecorder`; also a plain Sink (frames
+    without timing are placed end to end, re-anchored on the recorder's clock)."""
+
+    def __init__(self, recorder: AlignedStereoRecorder, channel: int, name: str) -> None:
+        super().__init__()
+        self._rec = recorder
+        self.channel = channel
+        self.name = name
+        self.levels = Levels()
+        self.frames = 0
+        self.samples = 0  # samples of audio written (not counting silence inserted)
+        self._pos = 0  # next free sample position on the common timeline
+        self._acc = _EMPTY_ACC  # (grown by the first multi-channel frame)
+        self._mono = _EMPTY_MONO
+        self._closed = False
 
     @property
     def end_s(self) -> float:
@@ -177,7 +219,7 @@ class AlignedLeg:
         return mono
 
 
-class AlignedStereoRecorder:
+class AlignedStereoRecorder(TwoLegRecording):
     """A stereo WAV of two legs aligned on one clock (see the module docstring).
 
     Args:
@@ -217,8 +259,8 @@ class AlignedStereoRecorder:
         self._columns = (self._ring[:, 0], self._ring[:, 1])
         self._committed = 0  # samples (per channel) written to the file
         # committed chunks go straight to the file (append_direct): no buffer to hold
-        self._writer = WavWriter(path, sample_rate=sample_rate, channels=2, flush_interval_s=0.0)
-        self.path = self._writer.path
+        self._file = WavWriter(path, sample_rate=sample_rate, channels=2, flush_interval_s=0.0)
+        self.path = self._file.path
         self.left = AlignedLeg(self, 0, left)
         self.right = AlignedLeg(self, 1, right)
         self.closed = False
@@ -266,27 +308,10 @@ class AlignedStereoRecorder:
             start = begin % ring_len
             count = min(upto - begin, ring_len - start)
             rows = self._ring[start : start + count]
-            self._writer.append_direct(rows.reshape(-1))
+            self._file.append_direct(rows.reshape(-1))
             rows.fill(0)
             begin += count
         self._committed = upto
 
-    def flush(self) -> None:
-        """Commit everything written so far (e.g. before reading the file)."""
-        self._commit(max(self.left._pos, self.right._pos))
-
-    def close(self) -> None:
-        """Commit both legs to their end and close the file. Idempotent."""
-        if self.closed:
-            return
-        try:
-            self.flush()
-        finally:
-            self.closed = True
-            self._writer.close()
-
-    def abort(self) -> None:
-        """Close without writing more (after a write failed); the file keeps what
-        reached the disk, with a header to match (see :meth:`WavWriter.abort`)."""
-        self.closed = True
-        self._writer.abort()
+    def _end(self) -> int:
+        return max(self.left._pos, self.right._pos)

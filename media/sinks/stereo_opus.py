@@ -37,7 +37,7 @@ from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
 from ..opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
 from ..receiver import OpusDecoder
 from .ogg import OggOpusWriter, opus_packet_samples, self_delimited
-from .stereo import Anchor, default_clock
+from .stereo import AnchoredLeg, TwoLegRecording, default_clock
 
 __all__ = ["AlignedOpusRecorder", "OpusLeg"]
 
@@ -47,14 +47,14 @@ _PLAIN_20MS = frozenset(toc for toc in range(256) if toc & 3 == 0 and opus_packe
 _LENGTH_BYTE = [bytes((n,)) for n in range(252)]
 
 
-class OpusLeg:
+class OpusLeg(AnchoredLeg):
     """One channel of an :class:`AlignedOpusRecorder`."""
 
     def __init__(self, recorder: AlignedOpusRecorder, channel: int, name: str) -> None:
+        super().__init__()
         self._rec = recorder
         self.channel = channel
         self.name = name
-        self.anchor = Anchor()
         #: Packets placed (transcoded ones count once per 20 ms packet made).
         self.packets = 0
         #: Packets that came later than the commit point and were placed at it.
@@ -69,14 +69,6 @@ class OpusLeg:
         self._encoder: OpusEncoder | None = None
         self._carry = np.empty(0, dtype=PCM_DTYPE)
         self._closed = False
-
-    @property
-    def first_at(self) -> float | None:
-        return self.anchor.first_at
-
-    @property
-    def resyncs(self) -> int:
-        return self.anchor.resyncs
 
     def write_packet(self, payload: bytes, pts: int | None, at: float | None) -> None:
         """Place one Opus packet: ``pts`` on the leg's own timeline (48 kHz samples) or
@@ -165,7 +157,7 @@ class OpusLeg:
         self._closed = True
 
 
-class AlignedOpusRecorder:
+class AlignedOpusRecorder(TwoLegRecording):
     """A two-leg Ogg/Opus file aligned on one clock (see the module docstring).
 
     Args:
@@ -208,8 +200,8 @@ class AlignedOpusRecorder:
         self._committed = 0  # slots written to the file
         silence = silence_packet(settings)
         self._silence = (self_delimited(silence), silence)
-        self.writer = OggOpusWriter(path, channels=2, streams=2, flush_interval_s=3600, comments=comments)
-        self.path = self.writer.path
+        self._file = OggOpusWriter(path, channels=2, streams=2, flush_interval_s=3600, comments=comments)
+        self.path = self._file.path
         self.left = OpusLeg(self, 0, left)
         self.right = OpusLeg(self, 1, right)
         #: Slots where a leg had nothing and got silence, per channel.
@@ -259,7 +251,7 @@ class AlignedOpusRecorder:
         ring_len = self._ring_len
         lefts, rights = self._slots
         silent_left, silent_right = self._silence
-        write = self.writer.write_packet
+        write = self._file.write_packet
         for slot in range(begin, upto):
             i = slot % ring_len
             left, right = lefts[i], rights[i]
@@ -275,23 +267,7 @@ class AlignedOpusRecorder:
                 rights[i] = None
             write(left + right, FRAME_SAMPLES)
         self._committed = upto
-        self.writer.flush()
+        self._file.flush()
 
-    def flush(self) -> None:
-        """Commit everything placed so far."""
-        self._commit(max(self.left._end, self.right._end))
-
-    def close(self) -> None:
-        """Commit both legs to their end and close the file. Idempotent."""
-        if self.closed:
-            return
-        try:
-            self.flush()
-        finally:
-            self.closed = True
-            self.writer.close()
-
-    def abort(self) -> None:
-        """Close without writing more (after a write failed): the file keeps its whole pages."""
-        self.closed = True
-        self.writer.abort()
+    def _end(self) -> int:
+        return max(self.left._end, self.right._end)
