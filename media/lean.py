@@ -74,7 +74,9 @@ class FrameTicker:
     _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FrameTicker] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # (weakly: the per-loop table holds the ticker, and a ticker that held its loop
+        # would keep every closed loop of the process alive)
+        self._loop = weakref.ref(loop)
         self.subscribers: list[Callable[[float, float, int], None]] = []
         #: Run before every subscriber: the lean receivers draining their sockets, so
         #: what arrived since the last tick is in the playout buffers when they play.
@@ -92,6 +94,10 @@ class FrameTicker:
         self.wall_offset = 0.0
         #: The polled sockets' :class:`SocketPoller`, once one was started.
         self.poller: SocketPoller | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop()
 
     @classmethod
     def current(cls) -> FrameTicker:

@@ -339,3 +339,24 @@ def test_fast_srtp_falls_back_to_the_session_without_pylibsrtp_internals():
 
     other = Other()
     assert aiortc_hooks.fast_srtp(other) is other
+
+
+def test_a_closed_event_loop_is_not_kept_alive_by_its_ticker():
+    import gc
+    import weakref
+
+    async def use_the_ticker():
+        ticker = FrameTicker.current()
+        ticker.add(tick := lambda now, late, frames: None)
+        await asyncio.sleep(0.05)  # (a tick or two)
+        ticker.remove(tick)
+
+    loops = []
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(use_the_ticker())
+        loop.close()
+        loops.append(weakref.ref(loop))
+        del loop
+    gc.collect()
+    assert [ref() for ref in loops] == [None, None, None]
