@@ -102,6 +102,9 @@ async def test_opus_format_records_both_legs_without_decoding(settings):
         sidecar = json.loads(open(files["recording.json"]).read())
         assert sidecar["files"] == {"stereo_ogg": "stereo.ogg"} and sidecar["complete"]
         assert sidecar["stereo_ogg"]["user"]["packets"] >= 50
+        # nothing of the user was decoded, so nothing measured (not "silent"); the prompt's
+        # levels are known without decoding
+        assert sidecar["levels"]["user"] is None and sidecar["levels"]["business"]["peak_dbfs"] > -20, sidecar["levels"]
         recordings = service.manager.recordings
         item = recordings.item(sidecar)
         assert item["duration_s"] == sidecar["durations_s"]["stereo_ogg"] > 1.0

@@ -22,7 +22,8 @@ Files (each optional):
   (:mod:`media.sinks.stereo_opus`): nothing decoded or encoded, ~30 kB a minute.
   Alone, it is the cheapest full QA recording: the user's audio is not even decoded.
 * ``recording.json`` — the sidecar: call id, start/end time (ISO 8601, UTC), durations
-  and levels (RMS dBFS, peak) per leg, the media stats passed to :meth:`close`, and
+  and levels (RMS dBFS, peak) per leg (``null`` for the user when not all of their audio was
+  decoded, as with stereo.ogg alone), the media stats passed to :meth:`close`, and
   ``complete`` (``false`` until the recorder closed; :func:`repair_directory` marks
   crashed recordings ``"recovered": true``).
 
@@ -104,6 +105,7 @@ class _UserLeg:
     def __init__(self, rec: CallRecorder) -> None:
         self._rec = rec
         self.frames = 0
+        self.measured = 0  # frames in the user's levels (without stereo.wav, which measures them all)
         self.closed = False
         self._stage = 0  # which file write() was at: 0 user.wav, 1 stereo.wav, 2 user.ogg, 3 stereo.ogg
         self._acc: np.ndarray | None = None  # (for stereo frames; allocated by the first)
@@ -153,6 +155,7 @@ class _UserLeg:
             rec._stereo.left.write_timed(pcm, sample_rate, channels, pts, at)
         elif pcm is not NOT_DECODED:
             rec._user_levels.accumulate(pcm)
+            self.measured += 1
         self._stage = 2
         if rec._ogg_pending_auto:
             rec._resolve_ogg_mode()
@@ -459,7 +462,9 @@ class CallRecorder:
             "ogg_mode": self.ogg_mode,
             "sample_rate": SAMPLE_RATE,
             "durations_s": durations,
-            "levels": {"user": user_levels.as_dict(), "business": business_levels.as_dict()},
+            # (``None``: the user's audio was not all decoded to measure, as with stereo.ogg alone)
+            "levels": {"user": user_levels.as_dict() if self._stereo is not None or self.user.measured == self.user.frames
+                       else None, "business": business_levels.as_dict()},
             "media_stats": self.media_stats,
         }
         if self.error is not None:
