@@ -28,7 +28,7 @@ from .rtp.party import RtpParty
 from .sinkset import SinkFault
 
 __all__ = [
-    "DtmfError", "Dtmf", "LocalMediaSession", "MediaEnded", "MediaEvent", "MediaSession", "RecordSpec",
+    "DtmfError", "Dtmf", "LocalMediaSession", "MediaEnded", "MediaEvent", "MediaSession", "RECORDING_FORMATS", "RecordSpec",
     "RecordingFailed", "Speech",
 ]
 
@@ -71,6 +71,10 @@ MediaEvent = MediaEnded | Dtmf | Speech | RecordingFailed
 
 
 # -- commands ------------------------------------------------------------------------------
+
+
+#: The recording formats (:data:`media.sinks.recorder.FORMATS` says which files each makes).
+RECORDING_FORMATS = ("wav", "opus", "both")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from gateway.calls import CallState
 from gateway.sandbox.browser import write_tone_wav
 from media import analysis
 from media.sources.tone import ToneSource
+from tests.helpers import until
 from tests.openapi import check
 
 TOKEN = "recordings-test-token-0123456789"
@@ -246,3 +247,24 @@ async def test_a_compressed_recording_downloads_as_wav(settings, tmp_path):
             async with http.get(f"{base}/user.ogg", params={"format": "wav"}) as resp:
                 body = await resp.json()
                 assert resp.status == 422 and body["error"]["code"] == "bad_media_file"
+
+
+async def test_a_call_can_ask_for_its_own_recording_format(api):
+    http = api.http
+    for bad in ("mp3", 1, None):
+        async with http.post("/v1/calls", json={"to": USERS[0], "record": bad}) as resp:
+            body = await resp.json()
+            check(body, resp.status, "POST", "/v1/calls")
+            assert resp.status == 400 and "recording format" in body["error"]["message"], bad
+    async with http.post("/v1/calls", json={"to": USERS[0], "record": "opus"}) as resp:
+        body = await resp.json()
+        check(body, resp.status, "POST", "/v1/calls")
+        assert resp.status == 201
+    call = api.manager.get(body["id"])
+    await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+    await until(lambda: call.media.received.seconds >= 0.6, TIMEOUT)
+    await call.hangup()
+    await call.wait_finished(TIMEOUT)
+    assert set(call.recording_files) == {"stereo_ogg", "sidecar"}  # (the service's own format is wav)
+    (left, _), rate = analysis.read_channels(call.recording_files["stereo_ogg"])
+    assert analysis.tone_seconds(left, rate, 600) > 0.3  # the user says 600 Hz from pick-up

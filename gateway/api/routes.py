@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from media.errors import MediaFileError
+from media.session import RECORDING_FORMATS
 
 from media.bridges import BridgeUnavailable
 
@@ -389,8 +390,8 @@ class ControlApi:
             if bot is not None:
                 raise BadRequest("a call takes a bot or a sip party, not both")
         record = body.get("record", False)
-        if not isinstance(record, bool):
-            raise BadRequest("record must be true or false")
+        if not isinstance(record, bool) and record not in RECORDING_FORMATS:
+            raise BadRequest('record must be true, false or a recording format ("wav", "opus" or "both")')
         provider_recording = None
         if body.get("provider_recording") is not None:
             try:

@@ -201,7 +201,7 @@ class CallManager:
         biz_opaque_callback_data: str | None = None,
         ring_timeout_s: float | None = None,
         max_duration_s: float | None = None,
-        record: bool = False,
+        record: bool | str = False,
         bot: Any = None,
         if_no_permission: str = "fail",
         permission_request: Any = None,
@@ -248,7 +248,7 @@ class CallManager:
                                       sip=sip)
                 call.ask_provider_recording(provider_recording)
                 if record:
-                    call.record_to(self.recordings_dir, self.recording_format)
+                    call.record_to(self.recordings_dir, self._format(record))
                 if park:
                     try:
                         message_id = await self.gate.request(to, permission_request)
@@ -518,6 +518,10 @@ class CallManager:
                 call.record_to(self.recordings_dir, self.recording_format)
         call._spawn(call.answer(event.sdp))
 
+    def _format(self, record: bool | str) -> str:
+        """The recording format a call's ``record`` asks for: its own, or the configured one."""
+        return record if isinstance(record, str) else self.recording_format
+
     def _leg(self, media: MediaSession | None, **kwargs: Any) -> WhatsAppLeg:
         leg = WhatsAppLeg(self.provider, media, **kwargs)
         if self.hangup_attempts is not None:
@@ -624,7 +628,7 @@ class CallManager:
                               call_id=record.id, timeline=list(call_json.get("timeline") or []))
         call.recipe, call.permission_deadline = recipe, float(durable["permission_deadline"])
         if recipe.get("record"):
-            call.record_to(self.recordings_dir, self.recording_format)
+            call.record_to(self.recordings_dir, self._format(recipe["record"]))
         self._track(call)
         left = max(0.0, call.permission_deadline - time.time())
         log.info("call %s: waiting again for the permission request's answer (%.0f s left)", call.id, left)
