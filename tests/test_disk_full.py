@@ -65,7 +65,7 @@ def wav_channels(path) -> tuple[np.ndarray, int]:
 
 @pytest.mark.parametrize("recording_format", ["wav", "opus"])
 async def test_a_full_disk_stops_the_recording_not_the_call(small_fs, settings, recording_format):
-    """(stereo.ogg writes ~30 kB a minute: the phones' WAVs on the same disk fill it.)"""
+    """(stereo.ogg writes ~0.5 MB a minute: the phones' WAVs on the same disk fill it first.)"""
     records = Records()
     logging.getLogger().addHandler(records)
     settings = replace(settings, data_dir=small_fs / "data", api_token=TOKEN, min_free_mb=1,

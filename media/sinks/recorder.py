@@ -19,7 +19,7 @@ Files (each optional):
   tap is available, the decoded audio encoded again.
 * ``stereo.ogg`` (``stereo_ogg=True``) — both legs as Opus, left = user as received,
   right = business as sent, aligned like stereo.wav in 20 ms slots
-  (:mod:`media.sinks.stereo_opus`): nothing decoded or encoded, ~30 kB a minute.
+  (:mod:`media.sinks.stereo_opus`): nothing decoded or encoded, ~0.5 MB a minute.
   Alone, it is the cheapest full QA recording: the user's audio is not even decoded.
 * ``recording.json`` — the sidecar: call id, start/end time (ISO 8601, UTC), durations
   and levels (RMS dBFS, peak) per leg (``null`` for the user when not all of their audio was

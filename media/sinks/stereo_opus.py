@@ -5,7 +5,8 @@
 business, each channel an independent mono Opus stream (channel mapping family 1,
 two uncoupled streams, RFC 7845). Each leg's packets are stored as they were received
 or sent: nothing is decoded or encoded, so a call costs a few microseconds per packet
-to record, and the file is ~15 kB per minute and leg instead of 5.8 MB per minute.
+to record, and the file takes what the legs' Opus takes (~0.24 MB per minute and leg at
+32 kbit/s) instead of 5.8 MB per minute and channel of 48 kHz PCM.
 
 The file's timeline is 20 ms slots on the recorder's clock. A leg's packet is placed
 the way :class:`~media.sinks.stereo.AlignedLeg` places a frame (:class:`Anchor`: by
