@@ -7,9 +7,11 @@ not imported here: it uses :mod:`media.recordings`, which uses the WAV and Ogg w
 from .meter import LevelMeter, SpeechDetector, SpeechEvent
 from .ogg import OggOpusPassthrough, OggOpusSink, OggOpusWriter
 from .stereo import AlignedStereoRecorder
+from .stereo_opus import AlignedOpusRecorder
 from .wav import WavSink, WavWriter, repair_wav
 
 __all__ = [
+    "AlignedOpusRecorder",
     "AlignedStereoRecorder",
     "LevelMeter",
     "OggOpusPassthrough",
