@@ -140,7 +140,7 @@ async def test_outbound_call_over_http_with_sse_and_signed_webhooks(served):
         assert resp.status == 403
         assert (await resp.json())["error"]["code"] == 138006
     # ask, then call: the call waits for the GRANTED webhook
-    async with http.post("/v1/calls", json={"to": USER, "play": "greeting.ogg", "record": True,
+    async with http.post("/v1/calls", json={"to": USER, "play": "greeting.ogg", "record": "opus",
                                             "if_no_permission": "request"},
                          headers=AUTH) as resp:
         assert resp.status == 201, await resp.text()
@@ -155,6 +155,7 @@ async def test_outbound_call_over_http_with_sse_and_signed_webhooks(served):
     current = await state()
     assert current["state"] == "media_connected"
     assert current["media"]["candidate_pair"] == "host/host"
+    assert set(current["recording"]["files"]) == {"stereo_ogg", "sidecar"}  # (its own format, after the wait)
     async with http.delete(f"/v1/calls/{call['id']}", headers=AUTH) as resp:
         ended = await resp.json()
     assert ended["end_reason"] == "business_hangup"
