@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import os
 
-import av
 import numpy as np
 
-from .errors import MediaFileError
-from .sources.file import open_audio
+from .sources.file import decoded_chunks
 
 __all__ = [
     "read_channels",
@@ -55,22 +53,10 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
 def read_channels(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     """Decode a whole file to float32, one row per channel (``(channels, samples)``);
     returns ``(planar, rate)``. Raises like :func:`read_audio`."""
-    container, stream = open_audio(path)
-    try:
-        rate = stream.codec_context.sample_rate
-        resampler = av.AudioResampler(format="fltp", rate=rate)  # keep layout: mix below
-        chunks: list[np.ndarray] = []
-        try:
-            for frame in container.decode(stream):
-                chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray() for f in resampler.resample(None))
-        except (av.FFmpegError, ValueError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise MediaFileError(path, f"cannot decode its audio ({reason})") from exc
-    finally:
-        container.close()
+    rate, channels, decoded = decoded_chunks(path, "fltp")
+    chunks = list(decoded)
     if not chunks:
-        return np.zeros((max(1, stream.codec_context.channels), 0), dtype=np.float32), rate
+        return np.zeros((max(1, channels), 0), dtype=np.float32), rate
     return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), rate
 
 

@@ -21,13 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-import av
 
-from .errors import MediaFileError
 from .frames import SAMPLE_RATE
 from .sinks.ogg import read_ogg_packets, repair_ogg
 from .sinks.wav import HEADER_SIZE, WavWriter, open_private, repair_wav
-from .sources.file import open_audio
+from .sources.file import decoded_chunks
 
 __all__ = ["ACTIVE", "SIDECAR", "apply_retention", "render_wav", "repair", "repair_directory"]
 
@@ -216,29 +214,18 @@ def render_wav(source: str | os.PathLike[str], target: str | os.PathLike[str]) -
     target = Path(target)
     # (a name of its own: two renders of the same file at once do not mix)
     partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # (startup repair removes a stray one)
-    container, stream = open_audio(source)
+    rate, channels, chunks = decoded_chunks(source, "s16")
     try:
-        rate = stream.codec_context.sample_rate
-        layout = stream.codec_context.layout
-        channels = stream.codec_context.channels
-        resampler = av.AudioResampler(format="s16", layout=layout, rate=rate)
         writer = WavWriter(partial, sample_rate=rate, channels=channels, flush_interval_s=1.0)
         try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    writer.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                writer.append(out.to_ndarray().reshape(-1))
+            for chunk in chunks:
+                writer.append(chunk.reshape(-1))
             writer.close()
-        except (av.FFmpegError, ValueError) as exc:
-            writer.abort()
-            partial.unlink(missing_ok=True)
-            raise MediaFileError(Path(source), f"cannot decode its audio ({exc})") from exc
         except BaseException:
             writer.abort()
             partial.unlink(missing_ok=True)
             raise
     finally:
-        container.close()
+        chunks.close()  # (the file, also when the WAV could not be written)
     os.replace(partial, target)
     return writer.samples / rate if rate else 0.0

@@ -31,7 +31,7 @@ from av.container import InputContainer
 from ..errors import MediaFileError
 from ..frames import FRAME_MS, PCM_DTYPE, SAMPLE_RATE
 
-__all__ = ["FileSource", "open_audio"]
+__all__ = ["FileSource", "decoded_chunks", "open_audio"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,33 @@ def open_audio(path: str | os.PathLike[str]) -> tuple[InputContainer, AudioStrea
 
 def _same(chunk: np.ndarray) -> np.ndarray:
     return chunk
+
+
+def decoded_chunks(path: str | os.PathLike[str], sample_format: str) -> tuple[int, int, Iterator[np.ndarray]]:
+    """Open ``path`` (:func:`open_audio`) and decode it a frame at a time into
+    ``sample_format`` at its own rate and layout: ``(rate, channels, chunks)``, the
+    chunks as PyAV's ``to_ndarray`` gives them (planar: ``(channels, n)``; packed:
+    ``(1, n * channels)``). The file is closed when the chunks run out or the iterator
+    is closed. Raises like :func:`open_audio`; a decoding error surfaces from the
+    iteration as :class:`MediaFileError`."""
+    container, stream = open_audio(path)
+    rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+
+    def chunks() -> Iterator[np.ndarray]:
+        try:
+            resampler = av.AudioResampler(format=sample_format, rate=rate)  # (the layout is kept)
+            try:
+                for frame in container.decode(stream):
+                    for out in resampler.resample(frame):
+                        yield out.to_ndarray()
+                for out in resampler.resample(None):
+                    yield out.to_ndarray()
+            except (av.FFmpegError, ValueError) as exc:
+                raise MediaFileError(path, f"cannot decode its audio ({_describe(exc)})") from exc
+        finally:
+            container.close()
+
+    return rate, channels, chunks()
 
 
 def _describe(exc: BaseException) -> str:
