@@ -277,7 +277,7 @@ class Settings:
     #: What a recorded call's files are: ``wav`` (user.wav and stereo.wav, decoded,
     #: plus user.ogg as received), ``opus`` (stereo.ogg: both legs as Opus, as they went
     #: over the wire, nothing decoded: the cheapest full recording) or ``both``.
-    recording_format: str = setting("wav", _choice(RECORDING_FORMATS), group="recording")
+    recording_format: str = setting("wav", _choice(tuple(RECORDING_FORMATS)), group="recording")
     # -- recording retention (applied at startup and after calls; unset = keep all) --------
     recording_max_age_s: float | None = setting(parse=_positive(float), group="recording")
     #: Recordings older than this many days are deleted (hourly; the call record stays).

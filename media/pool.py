@@ -29,8 +29,8 @@ from typing import Any
 
 from .frames import FRAME_MS, Sink, Source
 from .peer import MediaError, PeerConfig, ReceiveStats
-from .session import MediaEnded, MediaEvent, RecordSpec
-from .sinks.recorder import FORMATS, recording_paths
+from .session import RECORDING_FORMATS, MediaEnded, MediaEvent, RecordSpec
+from .sinks.recorder import recording_paths
 from .worker import frame, read_message
 
 __all__ = ["WorkerLost", "WorkerMediaSession", "WorkerPool"]
@@ -209,7 +209,7 @@ class WorkerMediaSession:
     def record(self, spec: RecordSpec) -> dict[str, Path]:
         """Start the QA recording in the worker; returns its files by kind."""
         self._send(("record", self.sid, spec))
-        return recording_paths(spec.directory, **FORMATS[spec.format])
+        return recording_paths(spec.directory, **RECORDING_FORMATS[spec.format])
 
     async def send_dtmf(self, digits: str, duration_ms: int = 160, gap_ms: int = 80) -> None:
         await self._call("send_dtmf", digits, duration_ms, gap_ms)

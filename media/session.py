@@ -73,15 +73,23 @@ MediaEvent = MediaEnded | Dtmf | Speech | RecordingFailed
 # -- commands ------------------------------------------------------------------------------
 
 
-#: The recording formats (:data:`media.sinks.recorder.FORMATS` says which files each makes).
-RECORDING_FORMATS = ("wav", "opus", "both")
+#: The recording formats (``WACALL_RECORDING_FORMAT``) and the files each makes, as
+#: :class:`media.sinks.recorder.CallRecorder` keyword arguments: ``wav`` decodes the
+#: user's audio for user.wav and stereo.wav (and keeps user.ogg as received); ``opus``
+#: is stereo.ogg alone, both legs as they went over the wire, nothing decoded; ``both``
+#: is all four.
+RECORDING_FORMATS: dict[str, dict[str, bool]] = {
+    "wav": {"wav": True, "stereo": True, "ogg": True, "stereo_ogg": False},
+    "opus": {"wav": False, "stereo": False, "ogg": False, "stereo_ogg": True},
+    "both": {"wav": True, "stereo": True, "ogg": True, "stereo_ogg": True},
+}
 
 
 @dataclass(frozen=True, slots=True)
 class RecordSpec:
     """Record the call in ``directory``: the files of ``format`` (``wav``: user.wav,
     stereo.wav, user.ogg; ``opus``: stereo.ogg; ``both``; see
-    :data:`media.sinks.recorder.FORMATS`) and the sidecar."""
+    :data:`RECORDING_FORMATS`) and the sidecar."""
 
     directory: str
     call_id: str
@@ -208,10 +216,10 @@ class LocalMediaSession:
     def record(self, spec: RecordSpec) -> dict[str, Path]:
         """Start the QA recording; returns its files by kind. Files are 0600 in a 0700
         directory and stay playable if the process is killed."""
-        from .sinks.recorder import FORMATS, CallRecorder
+        from .sinks.recorder import CallRecorder
 
         recorder = CallRecorder(Path(spec.directory), call_id=spec.call_id, meta=dict(spec.meta),
-                                **FORMATS[spec.format])
+                                **RECORDING_FORMATS[spec.format])
         recorder.on_error = lambda error: self._emit(RecordingFailed(error["code"], error["reason"]))
         recorder.attach(self.peer)
         self.recorder = recorder

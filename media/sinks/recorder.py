@@ -60,7 +60,6 @@ from .wav import WavSink
 
 __all__ = [
     "CallRecorder",
-    "FORMATS",
     "recording_paths",
     "SIDECAR",
     "apply_retention",
@@ -210,17 +209,6 @@ class _BusinessLeg:
 
     def close(self) -> None:
         pass
-
-
-#: The files of each recording format (``WACALL_RECORDING_FORMAT``), as
-#: :class:`CallRecorder` keyword arguments: ``wav`` decodes the user's audio for
-#: user.wav and stereo.wav (and keeps user.ogg as received); ``opus`` is stereo.ogg
-#: alone, both legs as they went over the wire, nothing decoded; ``both`` is all four.
-FORMATS: dict[str, dict[str, bool]] = {
-    "wav": {"wav": True, "stereo": True, "ogg": True, "stereo_ogg": False},
-    "opus": {"wav": False, "stereo": False, "ogg": False, "stereo_ogg": True},
-    "both": {"wav": True, "stereo": True, "ogg": True, "stereo_ogg": True},
-}
 
 
 def recording_paths(directory: str | os.PathLike[str], *, wav: bool = True, stereo: bool = True,
