@@ -370,8 +370,8 @@ class PolledSocket:
 
     :meth:`start` asks the kernel to stamp each datagram's arrival (``SO_TIMESTAMPNS``:
     Linux), pauses the transport's reading and drains the socket every tick (through
-    the ticker's :class:`SocketPoller`): ``deliver(data, addr, at)`` for each datagram, ``at`` its arrival on the loop's
-    clock. Errors the socket reports go to the transport's protocol, as asyncio's own
+    the ticker's :class:`SocketPoller`): ``deliver(data, addr, at)`` for each datagram,
+    ``at`` its arrival on the loop's clock. Errors the socket reports go to the transport's protocol, as asyncio's own
     reader sends them. If ``deliver`` raises, polling stops for good: the transport
     reads again (its protocol's callback then gets the datagrams) and ``on_stop`` is
     called, so nothing is left unread."""
