@@ -107,11 +107,17 @@ class AnchoredLeg:
 
 
 class TwoLegRecording:
-    """The end of a recording of two aligned legs: :meth:`flush`, :meth:`close` and
-    :meth:`abort` over a subclass's ``_commit(upto)``, ``_end()`` (where the legs end,
-    in ``_commit``'s unit) and ``_file`` (its writer)."""
+    """The end of a recording of two aligned legs (``left``, ``right``): :meth:`flush`,
+    :meth:`close` and :meth:`abort` over a subclass's ``_commit(upto)``, ``_end()``
+    (where the legs end, in ``_commit``'s unit) and ``_file`` (its writer)."""
 
     closed = False
+    left: AnchoredLeg
+    right: AnchoredLeg
+
+    @property
+    def legs(self) -> tuple:
+        return self.left, self.right
 
     def _commit(self, upto: int) -> None:
         raise NotImplementedError
@@ -264,10 +270,6 @@ class AlignedStereoRecorder(TwoLegRecording):
         self.left = AlignedLeg(self, 0, left)
         self.right = AlignedLeg(self, 1, right)
         self.closed = False
-
-    @property
-    def legs(self) -> tuple[AlignedLeg, AlignedLeg]:
-        return self.left, self.right
 
     @property
     def duration_s(self) -> float:

@@ -210,10 +210,6 @@ class AlignedOpusRecorder(TwoLegRecording):
         self.closed = False
 
     @property
-    def legs(self) -> tuple[OpusLeg, OpusLeg]:
-        return self.left, self.right
-
-    @property
     def duration_s(self) -> float:
         return self._committed * FRAME_SAMPLES / SAMPLE_RATE
 
@@ -223,7 +219,7 @@ class AlignedOpusRecorder(TwoLegRecording):
         committed = self._committed
         if slot < committed:
             slot = committed
-            (self.left, self.right)[channel].late += 1
+            self.legs[channel].late += 1
         ring_len = self._ring_len
         if slot - committed >= ring_len:
             self._commit(slot - ring_len + 1)
