@@ -3,8 +3,10 @@
 # Stage 1 builds wacall's wheel and the wheels of the versions CI tested (constraints.txt);
 # stage 2 installs them (no compiler, no source tree, nothing editable).
 FROM python:3.11-slim AS build
+# a C compiler for media._rtpcore (the lean RTP path's C core; the image runs without one)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE constraints.txt ./
+COPY pyproject.toml setup.py README.md LICENSE constraints.txt ./
 COPY gateway ./gateway
 COPY media ./media
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \

@@ -50,6 +50,8 @@ from aiortc.rtcdtlstransport import State as _DtlsState
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.utils import uint16_gt
 
+from . import rtpcore
+
 _DTLS_CONNECTED = _DtlsState.CONNECTED
 
 __all__ = [
@@ -369,14 +371,15 @@ class FastSrtp:
     without pylibsrtp's per-packet allocation.
 
     ``Session.protect`` makes a new C ``int`` for the length on every call, which on
-    this machine is most of its 4.2 µs; this keeps one length and one buffer and calls
-    the same libsrtp function on the same context (1.5 µs). Errors raise
-    ``pylibsrtp.Error`` as pylibsrtp does. Internals: ``Session._srtp`` (the
-    ``srtp_t *``) and ``pylibsrtp._binding``; :func:`fast_srtp` returns the session
-    itself where they are missing. Not thread-safe (one buffer), as the event loop
-    needs none."""
+    this machine is most of its 4.2 µs; this calls the same libsrtp function on the
+    same context with one buffer: in C (:mod:`media.rtpcore`, which is also handed
+    :attr:`address` to protect while it sends), or through cffi with one kept length
+    and buffer (1.5 µs). Errors raise ``pylibsrtp.Error`` as pylibsrtp does.
+    Internals: ``Session._srtp`` (the ``srtp_t *``) and ``pylibsrtp._binding``;
+    :func:`fast_srtp` returns the session itself where they are missing. Not
+    thread-safe (one buffer), as the event loop needs none."""
 
-    __slots__ = ("session", "_ctx", "_cdata", "_buffer", "_length", "_protect", "_unprotect", "_error")
+    __slots__ = ("session", "address", "protect", "unprotect", "_ctx", "_cdata", "_buffer", "_length", "_error")
 
     def __init__(self, session) -> None:
         import pylibsrtp
@@ -384,14 +387,20 @@ class FastSrtp:
 
         self.session = session  # keeps the context alive
         self._ctx = session._srtp[0]
+        self._error = pylibsrtp.Error
+        #: The ``srtp_t`` as an integer (what :mod:`media.rtpcore` takes).
+        self.address = int(ffi.cast("uintptr_t", self._ctx))
+        if _bind_core(ffi, lib, pylibsrtp.Error):
+            self.protect = functools.partial(rtpcore.core.srtp, self.address, True)
+            self.unprotect = functools.partial(rtpcore.core.srtp, self.address, False)
+            return
         self._cdata = ffi.new("char[]", _SRTP_BUFFER)
         self._buffer = ffi.buffer(self._cdata)
         self._length = ffi.new("int *")
-        self._protect = lib.srtp_protect
-        self._unprotect = lib.srtp_unprotect
-        self._error = pylibsrtp.Error
+        self.protect = functools.partial(self._run, lib.srtp_protect, _SRTP_TRAILER)
+        self.unprotect = functools.partial(self._run, lib.srtp_unprotect, 0)
 
-    def _run(self, data: bytes, function, room: int) -> bytes:
+    def _run(self, function, room: int, data: bytes) -> bytes:
         n = len(data)
         if n > _SRTP_BUFFER - room:
             raise self._error("packet is too long")
@@ -403,11 +412,21 @@ class FastSrtp:
             raise self._error(f"libsrtp status {status}")
         return buffer[0 : length[0]]
 
-    def protect(self, data: bytes) -> bytes:
-        return self._run(data, self._protect, _SRTP_TRAILER)
 
-    def unprotect(self, data: bytes) -> bytes:
-        return self._run(data, self._unprotect, 0)
+_core_bound = False
+
+
+def _bind_core(ffi, lib, error) -> bool:
+    """Hand libsrtp's functions (pylibsrtp's own copy) to the C core, once; whether it runs."""
+    global _core_bound
+    if rtpcore.core is None:
+        return False
+    if not _core_bound:
+        address = functools.partial(ffi.cast, "uintptr_t")
+        rtpcore.core.bind_srtp(int(address(ffi.addressof(lib, "srtp_protect"))),
+                               int(address(ffi.addressof(lib, "srtp_unprotect"))), error)
+        _core_bound = True
+    return True
 
 
 def fast_srtp(session):

@@ -49,9 +49,11 @@ from aiortc import clock
 from aiortc.rtp import RtpPacket
 
 from . import aiortc_hooks
+from .rtpcore import core as _core
 from .clock import FRAME_S
 
-__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "parse_rtp", "transport_socket"]
+__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "parse_rtp", "py_parse_rtp",
+           "transport_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,9 @@ class LeanSender:
         self._sock = None
         self._addr = None
         self._srtp = None
+        #: For the C core (:mod:`media.rtpcore`): the socket's descriptor, the
+        #: address as a C struct, the SRTP context; ``None`` where it does not apply.
+        self._native: tuple[int, bytes, int] | None = None
         self._ticker: FrameTicker | None = None
         self._why_not: str | None = "not configured"
 
@@ -278,6 +283,7 @@ class LeanSender:
                 return
             self._pair, self._addr = pair, pair.remote_addr
             self._sock = transport_socket(pair.protocol.transport)
+            self._native = self._native_route()
         track = self.track
         if self._sender.track is not track:
             return  # replaced (or removed) for now: nothing goes out, as with aiortc
@@ -285,11 +291,28 @@ class LeanSender:
         protect = self._srtp.protect
         dtmf = self.dtmf
         origin = self._ts_origin
+        native = self._native
         for i in range(frames):
             track.paced(now, late - i * FRAME_S)
             payload = track.next_payload()
             seq = self._seq
             timestamp = (origin + track.sent_pts) & 0xFFFFFFFF
+            if native is not None and (dtmf is None or not dtmf.sending):
+                # the C core: patch, protect and send in one call
+                try:
+                    wire = _core.send_rtp(native[0], native[1], native[2], header, seq, timestamp, payload)
+                except OSError:
+                    native = self._native = None  # the socket's trouble: the Python path reports it
+                else:
+                    if dtmf is not None:
+                        dtmf.passed(seq)
+                    if wire < 0:
+                        self.dropped += 1  # the kernel's buffer is full: a datagram lost, as on the wire
+                    aiortc_hooks.count_sent(self._sender, dtls, len(payload), abs(wire), timestamp,
+                                            self._ticker.ntp_time)
+                    self.packets += 1
+                    self._seq = (seq + 1) & 0xFFFF
+                    continue
             _SEQ_TS.pack_into(header, 2, seq, timestamp)
             data = bytes(header) + payload
             owed = None
@@ -307,6 +330,17 @@ class LeanSender:
             if owed is not None:
                 dtmf.sent(owed)
             self._seq = (seq + 1) & 0xFFFF
+
+    def _native_route(self) -> tuple[int, bytes, int] | None:
+        """What the C core needs to send on the current pair, or ``None`` (not built,
+        no socket of ours, no SRTP context it can use, an address it cannot parse)."""
+        address = getattr(self._srtp, "address", None)
+        if _core is None or self._sock is None or address is None:
+            return None
+        try:
+            return self._sock.fileno(), _core.sockaddr(tuple(self._addr)), address
+        except (ValueError, TypeError, OSError):
+            return None
 
     def _send(self, protected: bytes, pair) -> None:
         sock = self._sock
@@ -413,8 +447,7 @@ class PolledSocket:
 
     def _read(self, now: float, offset: float) -> None:
         """Read and deliver one datagram (the poller said the socket has one)."""
-        transport = self.transport
-        if transport.is_closing():
+        if self.transport.is_closing():
             self.stop(resume=False)
             return
         try:
@@ -422,16 +455,20 @@ class PolledSocket:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # as asyncio's own reader reports it
-            transport.get_protocol().error_received(exc)
+            self.transport.get_protocol().error_received(exc)
             return
         if flags & _MSG_TRUNC:
             return  # larger than anything a media peer sends after the handshakes
-        self.datagrams += 1
         at = now
         for level, kind, raw in ancillary:
             if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
                 sec, nsec = _TIMESPEC.unpack_from(raw)
                 at = sec + nsec * 1e-9 - offset
+        self._received(data, addr, at)
+
+    def _received(self, data: bytes, addr, at: float) -> None:
+        """One datagram read (here, or by the C core's drain): deliver it."""
+        self.datagrams += 1
         try:
             self.deliver(data, addr, at)
         except Exception:
@@ -439,6 +476,10 @@ class PolledSocket:
             self.stop(resume=True)
             if self.on_stop is not None:
                 self.on_stop()
+
+    def _failed(self, errno: int) -> None:
+        """The C core's drain got an error from this socket: to the protocol, as asyncio reports it."""
+        self.transport.get_protocol().error_received(OSError(errno, os.strerror(errno)))
 
 
 class SocketPoller:
@@ -497,6 +538,21 @@ class SocketPoller:
     def _poll(self, now: float, late: float, frames: int) -> None:
         offset = self.ticker.wall_offset
         sockets = self._sockets
+        if _core is not None:
+            # the C core reads every waiting datagram (up to MAX_DRAIN rounds) in one call
+            if self._epoll is None:
+                return
+            for fd, data, addr, at in _core.drain(self._epoll.fileno(), MAX_DRAIN, offset, now):
+                polled = sockets.get(fd)
+                if polled is None:
+                    continue
+                if polled.transport.is_closing():
+                    polled.stop(resume=False)
+                elif data is None:
+                    polled._failed(addr)
+                else:
+                    polled._received(data, addr, at)
+            return
         for _ in range(MAX_DRAIN):
             epoll = self._epoll
             if epoll is None:
@@ -626,6 +682,12 @@ class LeanReceiver:
                 return
             asyncio.ensure_future(hook.original(full, clock.current_ms()))
 
+
+#: :func:`parse_rtp` in Python; with the C core, ``parse_rtp`` is its twin in C (the
+#: tests hold them to each other).
+py_parse_rtp = parse_rtp
+if _core is not None:
+    parse_rtp = _core.parse_rtp  # noqa: F811
 
 #: Datagrams read per call and tick at most (the rest wait for the next tick): a flood
 #: cannot hold the loop.

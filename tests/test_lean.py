@@ -18,11 +18,31 @@ import pytest
 from aiortc.rtp import RtpPacket
 from hypothesis import given, settings, strategies as st
 
-from media import aiortc_hooks, analysis
-from media.lean import MAX_CATCH_UP, MAX_DRAIN, FrameTicker, PolledSocket, SocketPoller, parse_rtp
+from media import aiortc_hooks, analysis, lean, rtpcore
+from media.lean import MAX_CATCH_UP, MAX_DRAIN, FrameTicker, PolledSocket, SocketPoller
 from media.sources.tone import ToneSource
 from tests.helpers import until
 from tests.media_call import LOOPBACK, TIMEOUT, FrameGate, call_pair
+
+
+@pytest.fixture(params=["native", "python"])
+def rtp_core(request, monkeypatch):
+    """The lean path with its C core (media._rtpcore), then with the core switched off
+    (what runs where it was not built): the same tests hold both."""
+    if request.param == "native":
+        if rtpcore.core is None:
+            if os.environ.get("CI"):
+                pytest.fail("media._rtpcore is not built (CI has a C compiler: the build must not skip it)")
+            pytest.skip("media._rtpcore is not built here (no C compiler)")
+    else:
+        monkeypatch.setattr(rtpcore, "core", None)
+        monkeypatch.setattr(lean, "_core", None)
+        monkeypatch.setattr(lean, "parse_rtp", lean.py_parse_rtp)
+    return request.param
+
+
+def parse_rtp(data: bytes):
+    return lean.parse_rtp(data)  # (whichever the rtp_core fixture chose)
 
 
 class Ears:
@@ -40,7 +60,7 @@ class Ears:
 
 
 @pytest.mark.parametrize("business_path,user_path", [("lean", "lean"), ("lean", "aiortc"), ("aiortc", "lean")])
-async def test_tones_both_ways_on_the_lean_path_and_with_aiortcs(business_path, user_path):
+async def test_tones_both_ways_on_the_lean_path_and_with_aiortcs(business_path, user_path, rtp_core):
     business_heard, user_heard = Ears(), Ears()
 
     def ears(business, user):
@@ -124,7 +144,7 @@ def _packet(**kwargs) -> bytes:
     return packet.serialize()
 
 
-def test_parse_rtp_matches_aiortc_with_csrcs_extension_and_padding():
+def test_parse_rtp_matches_aiortc_with_csrcs_extension_and_padding(rtp_core):
     packet = RtpPacket(payload_type=111, sequence_number=4242, timestamp=123456, ssrc=99, payload=b"opus!")
     packet.csrc = [1, 2]
     packet.extensions.mid = "0"
@@ -154,7 +174,31 @@ def test_parse_rtp_refuses_garbage_with_value_error_only(data):
     assert len(view.payload) <= len(data) - 12
 
 
-def test_parse_rtp_refuses_bad_lengths():
+def _fields(parse, data: bytes):
+    try:
+        view = parse(data)
+    except ValueError:
+        return "ValueError"
+    return (view.payload_type, view.marker, view.sequence_number, view.timestamp, view.ssrc, view.payload)
+
+
+def _native():
+    if rtpcore.core is None:
+        if os.environ.get("CI"):
+            pytest.fail("media._rtpcore is not built (CI has a C compiler: the build must not skip it)")
+        pytest.skip("media._rtpcore is not built here (no C compiler)")
+    return rtpcore.core
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80) | st.builds(lambda head, rest: bytes([0x80 | (head & 0x3F)]) + rest,
+                                           st.integers(0, 255), st.binary(min_size=11, max_size=80)))
+def test_parse_rtp_in_c_and_in_python_agree_on_any_bytes(data):
+    core = _native()
+    assert _fields(core.parse_rtp, data) == _fields(lean.py_parse_rtp, data)
+
+
+def test_parse_rtp_refuses_bad_lengths(rtp_core):
     for bad in (b"\x80" * 11, b"\x00" + b"\x00" * 11,
                 bytes([0x90]) + b"\x00" * 11 + struct.pack("!HH", 0xBEDE, 50),  # extension beyond the end
                 bytes([0xA0]) + b"\x00" * 11 + b"\x00\xff"):  # padding longer than the packet
@@ -176,7 +220,7 @@ class _Datagrams(asyncio.DatagramProtocol):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel arrival stamps (SO_TIMESTAMPNS) are Linux's")
-async def test_a_polled_socket_gives_each_datagram_its_arrival_time_not_when_it_was_read():
+async def test_a_polled_socket_gives_each_datagram_its_arrival_time_not_when_it_was_read(rtp_core):
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0))
     got: list[tuple[bytes, float, float]] = []
@@ -207,7 +251,7 @@ async def test_a_polled_socket_gives_each_datagram_its_arrival_time_not_when_it_
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel arrival stamps (SO_TIMESTAMPNS) are Linux's")
-async def test_a_polled_socket_whose_consumer_fails_goes_back_to_the_loops_reading(caplog):
+async def test_a_polled_socket_whose_consumer_fails_goes_back_to_the_loops_reading(caplog, rtp_core):
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0))
     stopped: list[bool] = []
@@ -232,7 +276,7 @@ async def test_a_polled_socket_whose_consumer_fails_goes_back_to_the_loops_readi
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel arrival stamps (SO_TIMESTAMPNS) are Linux's")
-async def test_polled_sockets_are_read_through_one_epoll_fairly_and_leave_nothing_behind():
+async def test_polled_sockets_are_read_through_one_epoll_fairly_and_leave_nothing_behind(rtp_core):
     """Five polled sockets: one epoll set for all; a flood on one socket is read
     MAX_DRAIN datagrams per tick while the others get theirs in the first tick, in order;
     a socket closed without stopping drops out; the epoll descriptor goes with the last."""
@@ -309,7 +353,7 @@ def _rtp(seq: int, payload: bytes) -> bytes:
                      payload=payload).serialize()
 
 
-def test_fast_srtp_interoperates_with_pylibsrtp_both_ways():
+def test_fast_srtp_interoperates_with_pylibsrtp_both_ways(rtp_core):
     import pylibsrtp
 
     tx, rx = _srtp_pair()
@@ -330,6 +374,85 @@ def test_fast_srtp_interoperates_with_pylibsrtp_both_ways():
     with pytest.raises(pylibsrtp.Error):
         fast_tx.protect(_rtp(501, b"x" * 3000))  # longer than any datagram we send
     assert fast_rx.unprotect(fast_tx.protect(_rtp(502, b"ok"))) == _rtp(502, b"ok")
+
+
+def test_the_c_core_sends_a_patched_protected_packet_and_reports_a_dead_socket():
+    """send_rtp writes the template header with the sequence number and timestamp patched
+    in, behind it the payload, protected with the session's context (or plain with none),
+    to the prebuilt address: what the receiver unprotects is exactly that packet."""
+    core = _native()
+    tx, rx = _srtp_pair()
+    fast = aiortc_hooks.fast_srtp(tx)
+    header = _rtp(0, b"")  # a 12-byte template
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(TIMEOUT)
+        address = core.sockaddr(receiver.getsockname())
+        for seq, ts, payload in ((1, 960, b"\x78abc"), (65535, 0xFFFFFFFF, b"x" * 300)):
+            wire = core.send_rtp(sender.fileno(), address, fast.address, header, seq, ts, payload)
+            data = receiver.recv(4096)
+            assert wire == len(data) == 12 + len(payload) + 10
+            assert rx.unprotect(data) == _rtp(seq, payload)[:4] + struct.pack("!I", ts) + _rtp(seq, payload)[8:]
+        assert core.send_rtp(sender.fileno(), address, 0, header, 7, 7, b"plain") == 17  # ctx 0: plain RTP
+        assert parse_rtp(receiver.recv(4096)).payload == b"plain"
+        with pytest.raises(ValueError):
+            core.sockaddr(("example.org", 5))  # addresses only: nothing resolves on the media path
+        assert len(core.sockaddr(("::1", 5000))) == 28  # (sockaddr_in6)
+        with pytest.raises(ValueError):
+            core.send_rtp(sender.fileno(), address, fast.address, header, 2, 1920, b"y" * 1900)  # too long
+        dead = sender.fileno()
+        sender.close()
+        with pytest.raises(OSError):
+            core.send_rtp(dead, address, fast.address, header, 3, 2880, b"z")
+    finally:
+        receiver.close()
+        sender.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="epoll and SO_TIMESTAMPNS are Linux's")
+def test_the_c_core_drains_stamped_datagrams_and_reports_a_sockets_error():
+    import errno
+    import select
+
+    core = _native()
+    epoll = select.epoll()
+    a, b = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for s in (a, b):
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", 35), 1)
+            epoll.register(s.fileno(), select.EPOLLIN)
+        out.bind(("127.0.0.1", 0))
+        offset = time.time() - time.monotonic()
+        sent = time.monotonic()
+        for k in range(3):
+            out.sendto(b"a%d" % k, a.getsockname())
+        out.sendto(b"b", b.getsockname())
+        out.sendto(b"x" * 9000, b.getsockname())  # longer than any media datagram: dropped
+        got = core.drain(epoll.fileno(), 2, offset, -1.0)
+        assert [(fd, data) for fd, data, _, _ in got] == [(a.fileno(), b"a0"), (b.fileno(), b"b"), (a.fileno(), b"a1")]
+        assert all(addr == out.getsockname() for _, _, addr, _ in got)
+        assert all(abs(at - sent) < 1.0 for *_, at in got)  # stamped by the kernel (not "now": -1)
+        assert [data for _, data, _, _ in core.drain(epoll.fileno(), 64, offset, -1.0)] == [b"a2"]
+        assert core.drain(epoll.fileno(), 64, offset, -1.0) == []
+        # a connected socket whose peer is gone: the kernel's error comes out as such
+        gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        gone.bind(("127.0.0.1", 0))
+        b.connect(gone.getsockname())
+        gone.close()
+        b.send(b"anyone?")
+        deadline = time.monotonic() + TIMEOUT
+        while not (errors := core.drain(epoll.fileno(), 1, offset, 5.0)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert errors == [(b.fileno(), None, errno.ECONNREFUSED, 5.0)]
+    finally:
+        for s in (a, b, out):
+            s.close()
+        epoll.close()
 
 
 def test_fast_srtp_falls_back_to_the_session_without_pylibsrtp_internals():
