@@ -58,3 +58,23 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(params=["native", "python"])
+def rtp_core(request, monkeypatch):
+    """The lean path (and the SIP leg's RTP) with their C core (media._rtpcore), then with
+    the core switched off, which is what runs where it was not built: the same tests
+    hold both."""
+    from media import lean, rtpcore
+    from media.rtp import endpoint
+
+    if request.param == "native":
+        from tests.helpers import native_rtp_core
+
+        native_rtp_core()
+    else:
+        monkeypatch.setattr(rtpcore, "core", None)
+        monkeypatch.setattr(lean, "_core", None)
+        monkeypatch.setattr(lean, "parse_rtp", lean.py_parse_rtp)
+        monkeypatch.setattr(endpoint, "_core", None)
+    return request.param

@@ -112,3 +112,19 @@ def tone_frequency(path, freq: float) -> float | None:
     """:func:`segments_frequency` of an audio file."""
     x, rate = analysis.read_audio(path)
     return segments_frequency(x, rate, freq)
+
+
+def native_rtp_core():
+    """media._rtpcore, the lean path's C core; skipped where it was not built (no C
+    compiler), failed under CI (which installs one: the build must not skip it)."""
+    import os
+
+    import pytest
+
+    from media import rtpcore
+
+    if rtpcore.core is None:
+        if os.environ.get("CI"):
+            pytest.fail("media._rtpcore is not built (CI has a C compiler: the build must not skip it)")
+        pytest.skip("media._rtpcore is not built here (no C compiler)")
+    return rtpcore.core

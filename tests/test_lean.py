@@ -21,24 +21,8 @@ from hypothesis import given, settings, strategies as st
 from media import aiortc_hooks, analysis, lean, rtpcore
 from media.lean import MAX_CATCH_UP, MAX_DRAIN, FrameTicker, PolledSocket, SocketPoller
 from media.sources.tone import ToneSource
-from tests.helpers import until
+from tests.helpers import native_rtp_core, until
 from tests.media_call import LOOPBACK, TIMEOUT, FrameGate, call_pair
-
-
-@pytest.fixture(params=["native", "python"])
-def rtp_core(request, monkeypatch):
-    """The lean path with its C core (media._rtpcore), then with the core switched off
-    (what runs where it was not built): the same tests hold both."""
-    if request.param == "native":
-        if rtpcore.core is None:
-            if os.environ.get("CI"):
-                pytest.fail("media._rtpcore is not built (CI has a C compiler: the build must not skip it)")
-            pytest.skip("media._rtpcore is not built here (no C compiler)")
-    else:
-        monkeypatch.setattr(rtpcore, "core", None)
-        monkeypatch.setattr(lean, "_core", None)
-        monkeypatch.setattr(lean, "parse_rtp", lean.py_parse_rtp)
-    return request.param
 
 
 def parse_rtp(data: bytes):
@@ -183,11 +167,7 @@ def _fields(parse, data: bytes):
 
 
 def _native():
-    if rtpcore.core is None:
-        if os.environ.get("CI"):
-            pytest.fail("media._rtpcore is not built (CI has a C compiler: the build must not skip it)")
-        pytest.skip("media._rtpcore is not built here (no C compiler)")
-    return rtpcore.core
+    return native_rtp_core()
 
 
 @settings(max_examples=500, deadline=None)

@@ -65,7 +65,7 @@ async def pair(codec: str = "PCMU", *, a_kw=None, b_kw=None, before=None):
 
 
 @pytest.mark.parametrize("codec", CODECS)
-async def test_tones_both_ways_and_dtmf(codec):
+async def test_tones_both_ways_and_dtmf(codec, rtp_core):
     a_ears, b_ears = ToneEars(B_HZ), ToneEars(A_HZ)
     async with pair(codec) as (a, b):
         a.play(ToneSource(A_HZ, None))
@@ -141,7 +141,7 @@ async def test_wire_format():
     assert all((b - a) % 160 == 0 and b != a for a, b in itertools.pairwise(ts))
 
 
-async def test_symmetric_rtp_latches_to_the_real_source():
+async def test_symmetric_rtp_latches_to_the_real_source(rtp_core):
     decoy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the address the SDP claims
     decoy.bind(("127.0.0.1", 0))
     a_ears = ToneEars(B_HZ)

@@ -78,8 +78,9 @@ from ..dtmf import (
 )
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE, Sink, Source
 from ..jitterbuffer import CONCEAL, DISCARD, PLAY, STRETCH, PlayoutBuffer
-from ..lean import FrameTicker, PolledSocket
+from ..lean import FrameTicker, PolledSocket, transport_socket
 from ..opus import DEFAULT_SETTINGS, OpusSettings
+from ..rtpcore import core as _core
 from ..rtpseq import Unwrapper
 from .codecs import Decoder, Encoder, RtpCodec, make_decoder, make_encoder
 from .sdp import DEFAULT_CODECS, RemoteMedia, answer_offer, build_offer, parse_answer
@@ -289,6 +290,9 @@ class RtpEndpoint:
         self._closed: asyncio.Future[str] | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._rtcp_transport: asyncio.DatagramTransport | None = None
+        #: Where the C core (media.rtpcore) sends: (address, descriptor, C address), the
+        #: descriptor ``None`` where it cannot (then the transport's own sendto).
+        self._route: tuple | None = None
         self._polled: PolledSocket | None = None
         self._offer: str | None = None
         self._sdp_version = 0
@@ -687,16 +691,45 @@ class RtpEndpoint:
         self._send(self._audio_pt, marker, timestamp, payload, addr)
 
     def _send(self, pt: int, marker: bool, timestamp: int, payload: bytes, addr) -> None:
-        data = _HEADER.pack(0x80, (0x80 if marker else 0) | pt, self._seq, timestamp, self._ssrc) + payload
-        self._seq = (self._seq + 1) & 0xFFFF
+        seq = self._seq
+        self._seq = (seq + 1) & 0xFFFF
+        if _core is not None:
+            route = self._route
+            if route is None or route[0] != addr:
+                route = self._route = self._core_route(addr)
+            if route[1] is not None:  # the C core: pack and send in one call
+                header = _HEADER.pack(0x80, (0x80 if marker else 0) | pt, 0, 0, self._ssrc)
+                try:
+                    wire = _core.send_rtp(route[1], route[2], 0, header, seq, timestamp, payload)
+                except OSError as exc:  # pragma: no cover - e.g. unreachable network
+                    log.debug("%s: send failed: %r", self.label, exc)
+                    return
+                if wire < 0:
+                    self.stats.send_dropped += 1  # the kernel's buffer is full: lost, as on the wire
+                    return
+                self._sent(payload)
+                return
+        data = _HEADER.pack(0x80, (0x80 if marker else 0) | pt, seq, timestamp, self._ssrc) + payload
         try:
             self._transport.sendto(data, addr)
         except OSError as exc:  # pragma: no cover - e.g. unreachable network
             log.debug("%s: send failed: %r", self.label, exc)
             return
+        self._sent(payload)
+
+    def _sent(self, payload: bytes) -> None:
         stats = self.stats
         stats.packets_sent += 1
         stats.bytes_sent += len(payload)
+
+    def _core_route(self, addr) -> tuple:
+        """(``addr``, the RTP socket's descriptor, ``addr`` as the C core takes it), the
+        descriptor ``None`` when the core cannot send there (no socket of ours, a name)."""
+        sock = transport_socket(self._transport)
+        try:
+            return addr, sock.fileno(), _core.sockaddr(tuple(addr))
+        except (AttributeError, ValueError, TypeError, OSError):
+            return addr, None, None
 
     def _send_sr(self) -> None:
         remote = self.remote
