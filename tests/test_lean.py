@@ -18,7 +18,7 @@ import pytest
 from aiortc.rtp import RtpPacket
 from hypothesis import given, settings, strategies as st
 
-from media import aiortc_hooks, analysis, lean, rtpcore
+from media import aiortc_hooks, analysis, lean
 from media.lean import MAX_CATCH_UP, MAX_DRAIN, FrameTicker, PolledSocket, SocketPoller
 from media.sources.tone import ToneSource
 from tests.helpers import native_rtp_core, until
