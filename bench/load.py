@@ -30,7 +30,9 @@ With ``--workers N`` the gateway's media runs in N worker processes (``WACALL_WO
 the gateway's CPU and memory are then its main process's plus its workers'.
 
 ``--rtp-path`` runs each value in turn, against the same kind of phones: ``lean`` and
-``aiortc`` are wacall's two RTP paths (``WACALL_RTP_PATH``); ``naive`` keeps the
+``aiortc`` are wacall's two RTP paths (``WACALL_RTP_PATH``); ``lean-py`` is the lean
+path with its C core switched off (``WACALL_NATIVE_RTP=0``: what runs where
+``media._rtpcore`` was not built); ``naive`` keeps the
 gateway's signalling but makes each call's media the way a newcomer would with stock
 aiortc (``bench/naive.py``: a ``MediaPlayer`` on the prompt file, a ``MediaRecorder``
 to user.wav, nothing else). A table of the runs closes the output.
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -79,7 +82,7 @@ from gateway.bots import BotSpec  # noqa: E402
 from gateway.calls import CallState  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.sandbox.browser import write_tone_wav  # noqa: E402
-from media import analysis  # noqa: E402
+from media import analysis, rtpcore  # noqa: E402
 from media.sources.prompt import PromptCache  # noqa: E402
 
 BUSINESS_HZ = 1000.0
@@ -213,11 +216,10 @@ class _OggOnlyRecorder:
 async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: str = "full",
               workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None, bot: bool = False,
               lean_phones: bool = False) -> dict:
-    import contextlib
-
     if rtp_path == "naive" or record.startswith("ogg-"):
         if workers:
             raise SystemExit(f"--rtp-path {rtp_path} --record {record}: with media in-process only (--workers 0)")
+    core_off = rtp_path == "lean-py"
     run_dir = workdir / f"n{n}-w{workers}-{rtp_path}-{record}"
     run_dir.mkdir(parents=True)
     recording = record != "none"
@@ -241,9 +243,10 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 provider="360dialog", base_url=f"{provider.url}/sandbox", d360_api_key="sandbox-key",
                 media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
-                max_duration_s=seconds + 120, workers=workers, rtp_path="aiortc" if naive else rtp_path,
+                max_duration_s=seconds + 120, workers=workers,
+                rtp_path="aiortc" if naive else "lean" if core_off else rtp_path,
                 speech_events=record in ("full", "none"), recording_format="opus" if record == "opus" else "wav")
-            async with Service(settings) as service, patch:
+            async with rtp_core(not core_off), Service(settings) as service, patch:
                 if naive:
                     from naive import sessions
 
@@ -410,6 +413,24 @@ def start_spy(path: str, seconds: float) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@contextlib.asynccontextmanager
+async def rtp_core(on: bool):
+    """The gateway's lean path with its C core (``on``) or without, in this process and
+    in the media workers it starts (the phones keep theirs: the same phones either way)."""
+    before = os.environ.get("WACALL_NATIVE_RTP")
+    if not on:
+        os.environ["WACALL_NATIVE_RTP"] = "0"
+    was = rtpcore.enable(on)
+    try:
+        yield
+    finally:
+        rtpcore.enable(was)
+        if before is None:
+            os.environ.pop("WACALL_NATIVE_RTP", None)
+        else:
+            os.environ["WACALL_NATIVE_RTP"] = before
+
+
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
                workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None,
                bot: bool = False, lean_phones: bool = False) -> None:
@@ -487,7 +508,7 @@ if __name__ == "__main__":
                         help="= --record none (the user's audio is still decoded for speech events)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], metavar="N",
                         help="media worker processes, one run per value (0: media in the gateway's process)")
-    parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "aiortc", "naive"],
+    parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "lean-py", "aiortc", "naive"],
                         help="the gateway's RTP path (WACALL_RTP_PATH), one run per value; naive: stock "
                              "aiortc media (MediaPlayer/MediaRecorder, bench/naive.py) behind the same signalling")
     parser.add_argument("--lean-phones", action="store_true",

@@ -49,11 +49,10 @@ from aiortc import clock
 from aiortc.rtp import RtpPacket
 
 from . import aiortc_hooks
-from .rtpcore import core as _core
+from . import rtpcore
 from .clock import FRAME_S
 
-__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "parse_rtp", "py_parse_rtp",
-           "transport_socket"]
+__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "parse_rtp", "transport_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +290,8 @@ class LeanSender:
         protect = self._srtp.protect
         dtmf = self.dtmf
         origin = self._ts_origin
-        native = self._native
+        core = rtpcore.core
+        native = self._native if core is not None else None
         for i in range(frames):
             track.paced(now, late - i * FRAME_S)
             payload = track.next_payload()
@@ -300,7 +300,7 @@ class LeanSender:
             if native is not None and (dtmf is None or not dtmf.sending):
                 # the C core: patch, protect and send in one call
                 try:
-                    wire = _core.send_rtp(native[0], native[1], native[2], header, seq, timestamp, payload)
+                    wire = core.send_rtp(native[0], native[1], native[2], header, seq, timestamp, payload)
                 except OSError:
                     native = self._native = None  # the socket's trouble: the Python path reports it
                 else:
@@ -335,10 +335,11 @@ class LeanSender:
         """What the C core needs to send on the current pair, or ``None`` (not built,
         no socket of ours, no SRTP context it can use, an address it cannot parse)."""
         address = getattr(self._srtp, "address", None)
-        if _core is None or self._sock is None or address is None:
+        core = rtpcore.core
+        if core is None or self._sock is None or address is None:
             return None
         try:
-            return self._sock.fileno(), _core.sockaddr(tuple(self._addr)), address
+            return self._sock.fileno(), core.sockaddr(tuple(self._addr)), address
         except (ValueError, TypeError, OSError):
             return None
 
@@ -538,11 +539,12 @@ class SocketPoller:
     def _poll(self, now: float, late: float, frames: int) -> None:
         offset = self.ticker.wall_offset
         sockets = self._sockets
-        if _core is not None:
+        core = rtpcore.core
+        if core is not None:
             # the C core reads every waiting datagram (up to MAX_DRAIN rounds) in one call
             if self._epoll is None:
                 return
-            for fd, data, addr, at in _core.drain(self._epoll.fileno(), MAX_DRAIN, offset, now):
+            for fd, data, addr, at in core.drain(self._epoll.fileno(), MAX_DRAIN, offset, now):
                 polled = sockets.get(fd)
                 if polled is None:
                     continue
@@ -664,8 +666,9 @@ class LeanReceiver:
             plain = dtmf.incoming(plain)
             if plain is None:
                 return
+        core = rtpcore.core
         try:
-            packet = parse_rtp(plain)
+            packet = parse_rtp(plain) if core is None else core.parse_rtp(plain)
         except ValueError:
             return
         hook = self.hook
@@ -682,12 +685,6 @@ class LeanReceiver:
                 return
             asyncio.ensure_future(hook.original(full, clock.current_ms()))
 
-
-#: :func:`parse_rtp` in Python; with the C core, ``parse_rtp`` is its twin in C (the
-#: tests hold them to each other).
-py_parse_rtp = parse_rtp
-if _core is not None:
-    parse_rtp = _core.parse_rtp  # noqa: F811
 
 #: Datagrams read per call and tick at most (the rest wait for the next tick): a flood
 #: cannot hold the loop.

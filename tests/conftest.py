@@ -65,16 +65,12 @@ def rtp_core(request, monkeypatch):
     """The lean path (and the SIP leg's RTP) with their C core (media._rtpcore), then with
     the core switched off, which is what runs where it was not built: the same tests
     hold both."""
-    from media import lean, rtpcore
-    from media.rtp import endpoint
+    from media import rtpcore
 
     if request.param == "native":
         from tests.helpers import native_rtp_core
 
         native_rtp_core()
     else:
-        monkeypatch.setattr(rtpcore, "core", None)
-        monkeypatch.setattr(lean, "_core", None)
-        monkeypatch.setattr(lean, "parse_rtp", lean.py_parse_rtp)
-        monkeypatch.setattr(endpoint, "_core", None)
+        monkeypatch.setattr(rtpcore, "core", None)  # (what rtpcore.enable(False) does)
     return request.param

@@ -18,7 +18,7 @@ import pytest
 from aiortc.rtp import RtpPacket
 from hypothesis import given, settings, strategies as st
 
-from media import aiortc_hooks, analysis, lean
+from media import aiortc_hooks, analysis, lean, rtpcore
 from media.lean import MAX_CATCH_UP, MAX_DRAIN, FrameTicker, PolledSocket, SocketPoller
 from media.sources.tone import ToneSource
 from tests.helpers import native_rtp_core, until
@@ -26,7 +26,9 @@ from tests.media_call import LOOPBACK, TIMEOUT, FrameGate, call_pair
 
 
 def parse_rtp(data: bytes):
-    return lean.parse_rtp(data)  # (whichever the rtp_core fixture chose)
+    """The lean path's parser: the C core's, unless the rtp_core fixture switched it off."""
+    core = rtpcore.core
+    return lean.parse_rtp(data) if core is None else core.parse_rtp(data)
 
 
 class Ears:
@@ -175,7 +177,7 @@ def _native():
                                            st.integers(0, 255), st.binary(min_size=11, max_size=80)))
 def test_parse_rtp_in_c_and_in_python_agree_on_any_bytes(data):
     core = _native()
-    assert _fields(core.parse_rtp, data) == _fields(lean.py_parse_rtp, data)
+    assert _fields(core.parse_rtp, data) == _fields(lean.parse_rtp, data)
 
 
 def test_parse_rtp_refuses_bad_lengths(rtp_core):
@@ -463,3 +465,19 @@ def test_a_closed_event_loop_is_not_kept_alive_by_its_ticker():
         del loop
     gc.collect()
     assert [ref() for ref in loops] == [None, None, None]
+
+
+def test_the_c_core_is_one_switch_at_run_time_and_by_environment():
+    import subprocess
+
+    core = _native()
+    try:
+        assert rtpcore.enable(False) is True and rtpcore.core is None
+        assert rtpcore.enable(True) is False and rtpcore.core is core
+    finally:
+        rtpcore.enable(True)
+    probe = "import media.rtpcore as r; print(r.core is None)"
+    for value, off in (("0", "True"), ("off", "True"), ("1", "False")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "WACALL_NATIVE_RTP": value},
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == off, (value, out.stdout, out.stderr)

@@ -80,7 +80,7 @@ from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE, Sink, Source
 from ..jitterbuffer import CONCEAL, DISCARD, PLAY, STRETCH, PlayoutBuffer
 from ..lean import FrameTicker, PolledSocket, transport_socket
 from ..opus import DEFAULT_SETTINGS, OpusSettings
-from ..rtpcore import core as _core
+from .. import rtpcore
 from ..rtpseq import Unwrapper
 from .codecs import Decoder, Encoder, RtpCodec, make_decoder, make_encoder
 from .sdp import DEFAULT_CODECS, RemoteMedia, answer_offer, build_offer, parse_answer
@@ -693,14 +693,15 @@ class RtpEndpoint:
     def _send(self, pt: int, marker: bool, timestamp: int, payload: bytes, addr) -> None:
         seq = self._seq
         self._seq = (seq + 1) & 0xFFFF
-        if _core is not None:
+        core = rtpcore.core
+        if core is not None:
             route = self._route
             if route is None or route[0] != addr:
                 route = self._route = self._core_route(addr)
             if route[1] is not None:  # the C core: pack and send in one call
                 header = _HEADER.pack(0x80, (0x80 if marker else 0) | pt, 0, 0, self._ssrc)
                 try:
-                    wire = _core.send_rtp(route[1], route[2], 0, header, seq, timestamp, payload)
+                    wire = core.send_rtp(route[1], route[2], 0, header, seq, timestamp, payload)
                 except OSError as exc:  # pragma: no cover - e.g. unreachable network
                     log.debug("%s: send failed: %r", self.label, exc)
                     return
@@ -727,7 +728,7 @@ class RtpEndpoint:
         descriptor ``None`` when the core cannot send there (no socket of ours, a name)."""
         sock = transport_socket(self._transport)
         try:
-            return addr, sock.fileno(), _core.sockaddr(tuple(addr))
+            return addr, sock.fileno(), rtpcore.core.sockaddr(tuple(addr))
         except (AttributeError, ValueError, TypeError, OSError):
             return addr, None, None
 
