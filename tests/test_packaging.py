@@ -37,3 +37,11 @@ def test_the_wheel_runs_the_demo_outside_the_checkout(tmp_path):
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=180)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert "Traceback" not in demo.stderr
+    from media import rtpcore
+
+    if rtpcore.core is not None:  # (a C compiler here: the wheel carries the lean path's C core, and it loads)
+        assert any(n.startswith("media/_rtpcore") and n.endswith(".so") for n in names)
+        assert not any(n.endswith(".c") for n in names)
+        core = subprocess.run([sys.executable, "-c", "import media.rtpcore as r; print(r.core.__file__)"],
+                              cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+        assert core.stdout.startswith(str(site)), core.stdout + core.stderr
