@@ -222,22 +222,75 @@ address_of(int fd, const struct sockaddr_storage *raw, socklen_t len)
     return tuple;
 }
 
-/* drain(epfd, rounds, offset, now) -> [(fd, data, addr, at) | (fd, None, errno, now)]
+static PyObject *view_of(const unsigned char *data, Py_ssize_t n);
+
+/* A routed socket's SRTP packet: unprotected in place (buffer[0:n]) and parsed.
+ * 1: appended to ``rtp`` as (owner, plain, view or None, n, at); 0: not for the route
+ * (not an SRTP packet of its payload types: the caller hands it on as it came);
+ * -1: an exception is set. A packet libsrtp refuses is dropped (1), as aiortc drops it. */
+static int
+routed(PyObject *route, Py_ssize_t n, double at, PyObject *rtp)
+{
+    if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 3 || n < 12 || buffer[0] < 128 || buffer[0] >= 192)
+        return 0;
+    PyObject *types = PyTuple_GET_ITEM(route, 1);
+    if (!PyBytes_Check(types) || PyBytes_GET_SIZE(types) != 128 || !PyBytes_AS_STRING(types)[buffer[1] & 0x7F])
+        return 0;
+    unsigned long long ctx = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(route, 0));
+    if (ctx == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (unprotect_fn == NULL || ctx == 0)
+        return 0;
+    int length = (int)n;
+    if (unprotect_fn((void *)(uintptr_t)ctx, buffer, &length))
+        return 1;
+    PyObject *plain = PyBytes_FromStringAndSize((const char *)buffer, length);
+    if (plain == NULL)
+        return -1;
+    PyObject *view = view_of(buffer, length);
+    if (view == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
+            Py_DECREF(plain);
+            return -1;
+        }
+        PyErr_Clear();
+        view = Py_NewRef(Py_None);
+    }
+    PyObject *item = Py_BuildValue("(ONNnd)", PyTuple_GET_ITEM(route, 2), plain, view, n, at);
+    if (item == NULL)
+        return -1;
+    int failed = PyList_Append(rtp, item);
+    Py_DECREF(item);
+    return failed ? -1 : 1;
+}
+
+/* drain(epfd, rounds, offset, now[, routes]) -> [(fd, data, addr, at) | (fd, None, errno, now)]
  *
  * Asks the epoll set which sockets have datagrams, reads one from each, and asks again,
  * for at most ``rounds`` rounds (a flood on one socket cannot hold the loop). ``at`` is
  * the kernel's arrival stamp (wall clock) minus ``offset`` (so: the loop's clock), or
- * ``now`` without one. Truncated datagrams are dropped; a socket's error is reported. */
+ * ``now`` without one. Truncated datagrams are dropped; a socket's error is reported.
+ *
+ * ``routes`` ({fd: (srtp_t, payload types as 128 flag bytes, owner)}): a routed
+ * socket's SRTP packets of those payload types are unprotected and parsed here, and
+ * come back apart: the result is then ``(others, [(owner, plain, view, n, at)])``,
+ * ``view`` ``None`` where the clear packet is not RTP, ``n`` its length on the wire. */
 static PyObject *
 drain(PyObject *module, PyObject *args)
 {
     int epfd, rounds;
     double offset, now;
-    if (!PyArg_ParseTuple(args, "iidd:drain", &epfd, &rounds, &offset, &now))
+    PyObject *routes = NULL;
+    if (!PyArg_ParseTuple(args, "iidd|O!:drain", &epfd, &rounds, &offset, &now, &PyDict_Type, &routes))
         return NULL;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
+    PyObject *rtp = NULL;
+    if (routes != NULL && (rtp = PyList_New(0)) == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
     struct epoll_event events[MAX_EVENTS];
     union {
         char space[CMSG_SPACE(sizeof(struct timespec))];
@@ -248,8 +301,8 @@ drain(PyObject *module, PyObject *args)
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
-            Py_DECREF(out);
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
         }
         if (ready == 0)
             break;
@@ -283,11 +336,21 @@ drain(PyObject *module, PyObject *args)
                         at = (double)stamp.tv_sec + (double)stamp.tv_nsec * 1e-9 - offset;
                     }
                 }
-                PyObject *addr = address_of(fd, &from, msg.msg_namelen);
-                if (addr == NULL) {
-                    Py_DECREF(out);
-                    return NULL;
+                if (routes != NULL && PyDict_GET_SIZE(routes)) {
+                    PyObject *key = PyLong_FromLong(fd);
+                    if (key == NULL)
+                        goto fail;
+                    PyObject *route = PyDict_GetItemWithError(routes, key);
+                    Py_DECREF(key);
+                    int done = route == NULL ? (PyErr_Occurred() ? -1 : 0) : routed(route, n, at, rtp);
+                    if (done < 0)
+                        goto fail;
+                    if (done)
+                        continue;
                 }
+                PyObject *addr = address_of(fd, &from, msg.msg_namelen);
+                if (addr == NULL)
+                    goto fail;
                 PyObject *data = PyBytes_FromStringAndSize((const char *)buffer, n);
                 item = data == NULL ? NULL : Py_BuildValue("(iNNd)", fd, data, addr, at);
                 if (data == NULL)
@@ -295,13 +358,18 @@ drain(PyObject *module, PyObject *args)
             }
             if (item == NULL || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);
-                Py_DECREF(out);
-                return NULL;
+                goto fail;
             }
             Py_DECREF(item);
         }
     }
-    return out;
+    if (rtp == NULL)
+        return out;
+    return Py_BuildValue("(NN)", out, rtp);
+fail:
+    Py_DECREF(out);
+    Py_XDECREF(rtp);
+    return NULL;
 }
 
 /* ------------------------------------------------------------- RtpView ------------ */
@@ -351,16 +419,10 @@ static PyTypeObject RtpViewType = {
     .tp_members = RtpView_members,
 };
 
-/* parse_rtp(data) -> RtpView; ValueError as media.lean.parse_rtp raises it. */
+/* An RtpView of data[0:n], or NULL with ValueError as media.lean.parse_rtp raises it. */
 static PyObject *
-parse_rtp(PyObject *module, PyObject *arg)
+view_of(const unsigned char *data, Py_ssize_t n)
 {
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "parse_rtp takes bytes");
-        return NULL;
-    }
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(arg);
-    Py_ssize_t n = PyBytes_GET_SIZE(arg);
     if (n < 12) {
         PyErr_SetString(PyExc_ValueError, "an RTP packet has at least 12 bytes");
         return NULL;
@@ -387,7 +449,6 @@ parse_rtp(PyObject *module, PyObject *arg)
     RtpView *view = PyObject_New(RtpView, &RtpViewType);
     if (view == NULL)
         return NULL;
-    view->payload = NULL;
     view->payload_type = data[1] & 0x7F;
     view->marker = data[1] >> 7;
     view->sequence_number = ((long)data[2] << 8) | data[3];
@@ -401,6 +462,17 @@ parse_rtp(PyObject *module, PyObject *arg)
     return (PyObject *)view;
 }
 
+/* parse_rtp(data) -> RtpView; ValueError as media.lean.parse_rtp raises it. */
+static PyObject *
+parse_rtp(PyObject *module, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "parse_rtp takes bytes");
+        return NULL;
+    }
+    return view_of((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg));
+}
+
 /* ---------------------------------------------------------------- module ---------- */
 
 static PyMethodDef methods[] = {
@@ -411,7 +483,8 @@ static PyMethodDef methods[] = {
     {"send_rtp", (PyCFunction)(void (*)(void))send_rtp, METH_FASTCALL,
      "send_rtp(fd, sockaddr, ctx, header, seq, timestamp, payload) -> length on the wire (negative: dropped, buffer full)."},
     {"drain", drain, METH_VARARGS,
-     "drain(epfd, rounds, offset, now) -> [(fd, data, addr, at)]; a socket's error as (fd, None, errno, now)."},
+     "drain(epfd, rounds, offset, now[, routes]) -> [(fd, data, addr, at)]; a socket's error as (fd, None, "
+     "errno, now); with routes, (that list, [(owner, plain, view, n, at)])."},
     {"parse_rtp", parse_rtp, METH_O, "parse_rtp(data) -> RtpView (ValueError when it is not RTP)."},
     {NULL, NULL, 0, NULL},
 };

@@ -473,10 +473,15 @@ class PolledSocket:
         try:
             self.deliver(data, addr, at)
         except Exception:
-            log.exception("polled socket: delivering a datagram failed; the socket is read by callback from now on")
-            self.stop(resume=True)
-            if self.on_stop is not None:
-                self.on_stop()
+            self.failed()
+
+    def failed(self) -> None:
+        """Delivering raised (inside an ``except``): log it, stop polling for good, the
+        transport reads by callback from now on."""
+        log.exception("polled socket: delivering a datagram failed; the socket is read by callback from now on")
+        self.stop(resume=True)
+        if self.on_stop is not None:
+            self.on_stop()
 
     def _failed(self, errno: int) -> None:
         """The C core's drain got an error from this socket: to the protocol, as asyncio reports it."""
@@ -497,6 +502,9 @@ class SocketPoller:
         self.ticker = ticker
         self._epoll: select.epoll | None = None
         self._sockets: dict[int, PolledSocket] = {}
+        #: For the C core: descriptor -> (SRTP context, payload types as 128 flag bytes,
+        #: the :class:`LeanReceiver`) whose SRTP packets it unprotects and parses itself.
+        self.routes: dict[int, tuple[int, bytes, object]] = {}
 
     @classmethod
     def of(cls, ticker: FrameTicker) -> SocketPoller:
@@ -514,6 +522,7 @@ class SocketPoller:
             self.ticker.add(self._poll, intake=True)
         fd = polled._fd
         stale = self._sockets.pop(fd, None)
+        self.routes.pop(fd, None)
         if stale is not None:  # (that descriptor was closed and reused: epoll forgot it)
             stale._poller = None
         try:
@@ -527,6 +536,7 @@ class SocketPoller:
         if self._sockets.get(fd) is not polled:
             return
         del self._sockets[fd]
+        self.routes.pop(fd, None)
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -536,15 +546,37 @@ class SocketPoller:
             self._epoll.close()
             self._epoll = None
 
+    def route(self, polled: PolledSocket, srtp: int, payload_types: frozenset[int], owner) -> None:
+        """Let the C core unprotect and parse ``polled``'s SRTP packets of
+        ``payload_types`` with the context at ``srtp``, for ``owner._parsed``."""
+        if self._sockets.get(polled._fd) is polled:
+            flags = bytes(pt in payload_types for pt in range(128))
+            self.routes[polled._fd] = (srtp, flags, owner)
+
+    def unroute(self, polled: PolledSocket) -> None:
+        if self._sockets.get(polled._fd) is polled:
+            self.routes.pop(polled._fd, None)
+
     def _poll(self, now: float, late: float, frames: int) -> None:
         offset = self.ticker.wall_offset
         sockets = self._sockets
         core = rtpcore.core
         if core is not None:
-            # the C core reads every waiting datagram (up to MAX_DRAIN rounds) in one call
+            # the C core reads every waiting datagram (up to MAX_DRAIN rounds) in one call,
+            # and unprotects and parses the routed sockets' RTP
             if self._epoll is None:
                 return
-            for fd, data, addr, at in core.drain(self._epoll.fileno(), MAX_DRAIN, offset, now):
+            routes = self.routes
+            if routes:
+                others, parsed = core.drain(self._epoll.fileno(), MAX_DRAIN, offset, now, routes)
+                for owner, plain, packet, wire, at in parsed:
+                    try:
+                        owner._parsed(plain, packet, wire, at)
+                    except Exception:
+                        owner._failed()
+            else:
+                others = core.drain(self._epoll.fileno(), MAX_DRAIN, offset, now)
+            for fd, data, addr, at in others:
                 polled = sockets.get(fd)
                 if polled is None:
                     continue
@@ -618,9 +650,35 @@ class LeanReceiver:
         polled = PolledSocket(protocol.transport, self._datagram_received, on_stop=self._by_callback)
         if polled.start():
             self._polled = polled
+            self._route()
         else:
             self._by_callback()
         return True
+
+    def _route(self) -> None:
+        """Have the C core unprotect and parse this call's audio and telephone-event
+        packets as it drains the socket (where it runs and can use the SRTP context)."""
+        polled = self._polled
+        if polled is None or polled._poller is None:
+            return
+        session = self._dtls._rx_srtp
+        if session is None:
+            polled._poller.unroute(polled)
+            return
+        srtp = self._rx_srtp
+        if srtp is None or srtp[0] is not session:
+            srtp = self._rx_srtp = (session, aiortc_hooks.fast_srtp(session))
+        address = getattr(srtp[1], "address", None)
+        self._pts = self.payload_types()
+        if address is None:
+            polled._poller.unroute(polled)
+        else:
+            polled._poller.route(polled, address, self._pts, self)
+
+    def _failed(self) -> None:
+        """Handling a packet the C core routed here raised (inside an ``except``)."""
+        if self._polled is not None:
+            self._polled.failed()
 
     def _by_callback(self) -> None:
         if self._protocol is not None:
@@ -629,7 +687,7 @@ class LeanReceiver:
     def uninstall(self) -> None:
         polled, self._polled = self._polled, None
         if polled is not None:
-            polled.stop()
+            polled.stop()  # (which takes its route away too)
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.__dict__.get("datagram_received") == self._datagram_received:
             del protocol.datagram_received
@@ -642,6 +700,8 @@ class LeanReceiver:
             pts = self._pts
             if pt not in pts:
                 pts = self._pts = self.payload_types()
+                if pt in pts:
+                    self._route()  # (negotiated since: the C core takes them from now on)
             if pt in pts and self._dtls._rx_srtp is not None:
                 self._rtp(data, self._loop.time() if at is None else at)
                 return
@@ -671,6 +731,31 @@ class LeanReceiver:
             packet = parse_rtp(plain) if core is None else core.parse_rtp(plain)
         except ValueError:
             return
+        self._deliver(plain, packet, at)
+
+    def _parsed(self, plain: bytes, packet: RtpView | None, wire: int, at: float) -> None:
+        """An SRTP packet of ours the C core unprotected (``plain``) and parsed
+        (``packet``, ``None`` if not RTP), ``wire`` bytes long: as :meth:`_rtp` goes on."""
+        dtls = self._dtls
+        if self._rx_srtp is None or dtls._rx_srtp is not self._rx_srtp[0]:
+            self._route()  # (rekeyed: unprotected with the old keys, so not ours; the next is)
+            return
+        self._polled.datagrams += 1
+        aiortc_hooks.count_received(dtls, wire)
+        self.packets += 1
+        dtmf = self.dtmf
+        if dtmf is not None:
+            clear = dtmf.incoming(plain)
+            if clear is None:
+                return
+            if clear is not plain:  # renumbered (telephone-events were taken before it)
+                packet = rtpcore.core.parse_rtp(clear) if packet is not None else None
+                plain = clear
+        if packet is not None:
+            self._deliver(plain, packet, at)
+
+    def _deliver(self, plain: bytes, packet: RtpView, at: float) -> None:
+        """Taps first, then our playout; what that does not take goes to aiortc."""
         hook = self.hook
         if hook is None:
             return
@@ -680,7 +765,7 @@ class LeanReceiver:
         if consumer is None or not consumer(packet, at):
             # not ours to play: aiortc handles it as it would have (its own packet object)
             try:
-                full = RtpPacket.parse(plain, aiortc_hooks.receive_extensions_map(dtls))
+                full = RtpPacket.parse(plain, aiortc_hooks.receive_extensions_map(self._dtls))
             except ValueError:
                 return
             asyncio.ensure_future(hook.original(full, clock.current_ms()))

@@ -481,3 +481,45 @@ def test_the_c_core_is_one_switch_at_run_time_and_by_environment():
         out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "WACALL_NATIVE_RTP": value},
                              capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == off, (value, out.stdout, out.stderr)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="epoll and SO_TIMESTAMPNS are Linux's")
+def test_the_c_core_unprotects_and_parses_a_routed_sockets_rtp_and_hands_on_the_rest():
+    """A routed socket: its SRTP packets of the routed payload types come back clear and
+    parsed, with the owner and their length on the wire; other payload types, STUN-like
+    datagrams and another socket's packets come back as they were read; a forged packet
+    is dropped (as aiortc drops what libsrtp refuses)."""
+    import select
+
+    core = _native()
+    tx, rx = _srtp_pair()
+    fast_tx, fast_rx = aiortc_hooks.fast_srtp(tx), aiortc_hooks.fast_srtp(rx)
+    epoll = select.epoll()
+    routed_sock, plain_sock, out = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3))
+    owner = object()
+    try:
+        for s in (routed_sock, plain_sock):
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            epoll.register(s.fileno(), select.EPOLLIN)
+        routes = {routed_sock.fileno(): (fast_rx.address, bytes(pt in (111, 126) for pt in range(128)), owner)}
+        audio = fast_tx.protect(_rtp(1, b"\x78opus"))
+        other_pt = fast_tx.protect(RtpPacket(payload_type=0, sequence_number=2, ssrc=0x1234, payload=b"pcmu").serialize())
+        forged = bytearray(fast_tx.protect(_rtp(3, b"\x78forged")))
+        forged[-1] ^= 1
+        stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)
+        for data in (audio, other_pt, bytes(forged), stun):
+            out.sendto(data, routed_sock.getsockname())
+        out.sendto(audio, plain_sock.getsockname())  # same bytes, socket not routed
+        others, parsed = core.drain(epoll.fileno(), 8, time.time() - time.monotonic(), 0.0, routes)
+        assert len(parsed) == 1
+        got_owner, plain, view, wire, at = parsed[0]
+        assert got_owner is owner and plain == _rtp(1, b"\x78opus") and wire == len(audio) and at == 0.0  # (unstamped: now)
+        assert (view.payload_type, view.sequence_number, view.payload) == (111, 1, b"\x78opus")
+        assert sorted((fd, data) for fd, data, _, _ in others) == sorted(
+            [(routed_sock.fileno(), other_pt), (routed_sock.fileno(), stun), (plain_sock.fileno(), audio)])
+        assert core.drain(epoll.fileno(), 8, 0.0, 0.0, routes) == ([], [])
+    finally:
+        for s in (routed_sock, plain_sock, out):
+            s.close()
+        epoll.close()
