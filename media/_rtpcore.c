@@ -7,8 +7,9 @@
  * libsrtp's, the very library and contexts aiortc keyed: media/aiortc_hooks.py hands us
  * pylibsrtp's srtp_protect/srtp_unprotect and each session's srtp_t.
  *
- * Everything here runs on the event loop's thread with the GIL held (each system call is
- * non-blocking), and one static buffer serves every call. Built as an optional extension
+ * Everything here runs with the GIL held (each system call is non-blocking), and one
+ * static buffer serves every call: what is in it is copied out before anything that
+ * could run Python code (a tuple's allocation may run the garbage collector). Built as an optional extension
  * (setup.py): without a C compiler media/lean.py runs its pure-Python equivalents, which
  * the tests hold this module to.
  */
@@ -247,7 +248,7 @@ routed(PyObject *route, Py_ssize_t n, double at, PyObject *rtp)
     PyObject *plain = PyBytes_FromStringAndSize((const char *)buffer, length);
     if (plain == NULL)
         return -1;
-    PyObject *view = view_of(buffer, length);
+    PyObject *view = view_of((const unsigned char *)PyBytes_AS_STRING(plain), length);
     if (view == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
             Py_DECREF(plain);
@@ -348,13 +349,16 @@ drain(PyObject *module, PyObject *args)
                     if (done)
                         continue;
                 }
-                PyObject *addr = address_of(fd, &from, msg.msg_namelen);
-                if (addr == NULL)
-                    goto fail;
+                /* (the datagram leaves the shared buffer before anything that may run Python code) */
                 PyObject *data = PyBytes_FromStringAndSize((const char *)buffer, n);
-                item = data == NULL ? NULL : Py_BuildValue("(iNNd)", fd, data, addr, at);
                 if (data == NULL)
-                    Py_DECREF(addr);
+                    goto fail;
+                PyObject *addr = address_of(fd, &from, msg.msg_namelen);
+                if (addr == NULL) {
+                    Py_DECREF(data);
+                    goto fail;
+                }
+                item = Py_BuildValue("(iNNd)", fd, data, addr, at);
             }
             if (item == NULL || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);

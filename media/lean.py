@@ -28,6 +28,13 @@ and unprotect. What happens 50 times a second per call in each direction goes ar
   aiortc's receive statistics (what its receiver reports in RTCP) are kept by our
   playout from the arrival times; the DTLS transport's byte and packet counters here.
 
+**The C core** (:mod:`media.rtpcore`, ``media/_rtpcore.c``, where the install built it):
+the sender's patch-protect-``sendto`` is one call; the intake's drain is one call per
+tick, which also unprotects and parses each call's audio and telephone-event packets
+(:attr:`SocketPoller.routes`; the receiver takes them on in ``_parsed``). libsrtp and
+its contexts stay pylibsrtp's (:class:`media.aiortc_hooks.FastSrtp` hands them over).
+Without it the same steps run here in Python, with the same results.
+
 ``PeerConfig(rtp_path="aiortc")`` keeps aiortc's own per-call loops (for comparison, and
 for non-Opus codecs or a relayed (TURN) path, where the lean path steps aside).
 """
@@ -736,11 +743,13 @@ class LeanReceiver:
     def _parsed(self, plain: bytes, packet: RtpView | None, wire: int, at: float) -> None:
         """An SRTP packet of ours the C core unprotected (``plain``) and parsed
         (``packet``, ``None`` if not RTP), ``wire`` bytes long: as :meth:`_rtp` goes on."""
-        dtls = self._dtls
+        dtls, polled = self._dtls, self._polled
+        if polled is None:
+            return  # (uninstalled while the tick was being handed out)
         if self._rx_srtp is None or dtls._rx_srtp is not self._rx_srtp[0]:
-            self._route()  # (rekeyed: unprotected with the old keys, so not ours; the next is)
+            self._route()  # (new keys: this one was unprotected with the old; the next is not)
             return
-        self._polled.datagrams += 1
+        polled.datagrams += 1
         aiortc_hooks.count_received(dtls, wire)
         self.packets += 1
         dtmf = self.dtmf
@@ -749,8 +758,11 @@ class LeanReceiver:
             if clear is None:
                 return
             if clear is not plain:  # renumbered (telephone-events were taken before it)
-                packet = rtpcore.core.parse_rtp(clear) if packet is not None else None
                 plain = clear
+                try:
+                    packet = parse_rtp(plain) if packet is not None else None
+                except ValueError:
+                    return
         if packet is not None:
             self._deliver(plain, packet, at)
 
