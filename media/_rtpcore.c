@@ -343,7 +343,10 @@ drain(PyObject *module, PyObject *args)
                         goto fail;
                     PyObject *route = PyDict_GetItemWithError(routes, key);
                     Py_DECREF(key);
+                    /* (held while used: an allocation in there may run the GC, and Python code) */
+                    Py_XINCREF(route);
                     int done = route == NULL ? (PyErr_Occurred() ? -1 : 0) : routed(route, n, at, rtp);
+                    Py_XDECREF(route);
                     if (done < 0)
                         goto fail;
                     if (done)
