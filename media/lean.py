@@ -59,7 +59,8 @@ from . import aiortc_hooks
 from . import rtpcore
 from .clock import FRAME_S
 
-__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "parse_rtp", "transport_socket"]
+__all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "native_destination", "parse_rtp",
+           "transport_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -342,13 +343,8 @@ class LeanSender:
         """What the C core needs to send on the current pair, or ``None`` (not built,
         no socket of ours, no SRTP context it can use, an address it cannot parse)."""
         address = getattr(self._srtp, "address", None)
-        core = rtpcore.core
-        if core is None or self._sock is None or address is None:
-            return None
-        try:
-            return self._sock.fileno(), core.sockaddr(tuple(self._addr)), address
-        except (ValueError, TypeError, OSError):
-            return None
+        destination = native_destination(self._sock, self._addr)
+        return None if address is None or destination is None else (*destination, address)
 
     def _send(self, protected: bytes, pair) -> None:
         sock = self._sock
@@ -726,45 +722,39 @@ class LeanReceiver:
             plain = srtp[1].unprotect(data)
         except Exception:  # noqa: BLE001 - pylibsrtp.Error: dropped, as aiortc drops it
             return
-        aiortc_hooks.count_received(dtls, len(data))
-        self.packets += 1
-        dtmf = self.dtmf
-        if dtmf is not None:
-            plain = dtmf.incoming(plain)
-            if plain is None:
-                return
-        core = rtpcore.core
-        try:
-            packet = parse_rtp(plain) if core is None else core.parse_rtp(plain)
-        except ValueError:
-            return
-        self._deliver(plain, packet, at)
+        self._clear(plain, None, len(data), at)
 
     def _parsed(self, plain: bytes, packet: RtpView | None, wire: int, at: float) -> None:
         """An SRTP packet of ours the C core unprotected (``plain``) and parsed
         (``packet``, ``None`` if not RTP), ``wire`` bytes long: as :meth:`_rtp` goes on."""
-        dtls, polled = self._dtls, self._polled
+        polled = self._polled
         if polled is None:
             return  # (uninstalled while the tick was being handed out)
-        if self._rx_srtp is None or dtls._rx_srtp is not self._rx_srtp[0]:
+        if self._rx_srtp is None or self._dtls._rx_srtp is not self._rx_srtp[0]:
             self._route()  # (new keys: this one was unprotected with the old; the next is not)
             return
         polled.datagrams += 1
-        aiortc_hooks.count_received(dtls, wire)
+        self._clear(plain, packet, wire, at)
+
+    def _clear(self, plain: bytes, packet: RtpView | None, wire: int, at: float) -> None:
+        """A packet of ours unprotected (``plain``, ``wire`` bytes long on the wire):
+        counted, through DTMF, parsed (unless ``packet`` is that already) and delivered."""
+        aiortc_hooks.count_received(self._dtls, wire)
         self.packets += 1
         dtmf = self.dtmf
         if dtmf is not None:
             clear = dtmf.incoming(plain)
             if clear is None:
                 return
-            if clear is not plain:  # renumbered (telephone-events were taken before it)
-                plain = clear
-                try:
-                    packet = parse_rtp(plain) if packet is not None else None
-                except ValueError:
-                    return
-        if packet is not None:
-            self._deliver(plain, packet, at)
+            if clear is not plain:  # renumbered (telephone-events were taken before it): parsed again
+                plain, packet = clear, None
+        if packet is None:
+            core = rtpcore.core
+            try:
+                packet = parse_rtp(plain) if core is None else core.parse_rtp(plain)
+            except ValueError:
+                return
+        self._deliver(plain, packet, at)
 
     def _deliver(self, plain: bytes, packet: RtpView, at: float) -> None:
         """Taps first, then our playout; what that does not take goes to aiortc."""
@@ -799,6 +789,19 @@ def transport_socket(transport) -> socket.socket | None:
     transport's own ``sendto`` and callback are used)."""
     sock = getattr(transport, "_sock", None)
     return sock if isinstance(sock, socket.socket) and sock.type == socket.SOCK_DGRAM else None
+
+
+def native_destination(sock: socket.socket | None, addr) -> tuple[int, bytes] | None:
+    """``(descriptor, addr as a C struct)``: where the C core's ``send_rtp`` sends from
+    ``sock`` to ``addr``; ``None`` without the core, without a socket of ours, or when
+    ``addr`` is not an IP address (then the transport's own ``sendto``)."""
+    core = rtpcore.core
+    if core is None or sock is None:
+        return None
+    try:
+        return sock.fileno(), core.sockaddr(tuple(addr))
+    except (ValueError, TypeError, OSError):
+        return None
 
 
 def _stamp_arrivals(sock: socket.socket) -> bool:

@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from .frames import SAMPLE_RATE
 from .sinks.ogg import read_ogg_packets, repair_ogg
 from .sinks.wav import HEADER_SIZE, WavWriter, open_private, repair_wav

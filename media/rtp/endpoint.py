@@ -78,7 +78,7 @@ from ..dtmf import (
 )
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE, Sink, Source
 from ..jitterbuffer import CONCEAL, DISCARD, PLAY, STRETCH, PlayoutBuffer
-from ..lean import FrameTicker, PolledSocket, transport_socket
+from ..lean import FrameTicker, PolledSocket, native_destination, transport_socket
 from ..opus import DEFAULT_SETTINGS, OpusSettings
 from .. import rtpcore
 from ..rtpseq import Unwrapper
@@ -726,11 +726,7 @@ class RtpEndpoint:
     def _core_route(self, addr) -> tuple:
         """(``addr``, the RTP socket's descriptor, ``addr`` as the C core takes it), the
         descriptor ``None`` when the core cannot send there (no socket of ours, a name)."""
-        sock = transport_socket(self._transport)
-        try:
-            return addr, sock.fileno(), rtpcore.core.sockaddr(tuple(addr))
-        except (AttributeError, ValueError, TypeError, OSError):
-            return addr, None, None
+        return addr, *(native_destination(transport_socket(self._transport), addr) or (None, None))
 
     def _send_sr(self) -> None:
         remote = self.remote
