@@ -6,5 +6,5 @@ runs its pure-Python equivalents (slower per packet, same results).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("media._rtpcore", ["media/_rtpcore.c"], optional=True,
+setup(ext_modules=[Extension("media._rtpcore", ["media/_rtpcore.c"], optional=True, libraries=["m"],
                              extra_compile_args=["-O2", "-Wall", "-Wno-missing-field-initializers"])])

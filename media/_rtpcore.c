@@ -3,7 +3,8 @@
  * What media/lean.py does 50 times a second per call and direction, without the Python
  * objects and calls around each step: build and send one RTP packet (header patched,
  * protected, sendto a prebuilt address), drain the polled sockets (epoll + recvmsg with
- * the kernel's arrival stamp), unprotect, parse a fixed header. SRTP itself stays
+ * the kernel's arrival stamp), unprotect, parse a fixed header; and place each leg's
+ * packets in stereo.ogg's slots (OpusRing). SRTP itself stays
  * libsrtp's, the very library and contexts aiortc keyed: media/aiortc_hooks.py hands us
  * pylibsrtp's srtp_protect/srtp_unprotect and each session's srtp_t.
  *
@@ -19,6 +20,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -480,6 +482,475 @@ parse_rtp(PyObject *module, PyObject *arg)
     return view_of((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg));
 }
 
+/* ------------------------------------------------------------- OpusRing ----------- */
+/* stereo.ogg's slots: media.sinks.stereo_opus.OpusRing is the reference (read its
+ * docstrings); this does the same, with the same results, per packet without Python. */
+
+#define FRAME 960      /* samples in a 20 ms slot at 48 kHz */
+#define RATE 48000.0
+#define PLACED 0
+#define PUT_BACK 1
+#define DROPPED 2
+#define NOT_PLAIN 3
+
+typedef struct {
+    int has_pos, has_pts, has_first;
+    long long pos, pts, resyncs;
+    double first_at;
+} Anchor;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t ring_len;
+    long long max_delay, commit_chunk, resync;
+    double t0;
+    PyObject *silence[2];
+    PyObject *write;
+    unsigned char plain[256];
+    long long committed;
+    long long filled[2], ends[2], packets[2], late[2], dropped[2];
+    Anchor anchors[2];
+    PyObject **slots[2]; /* ring_len each; NULL: empty */
+} OpusRing;
+
+static long long
+floor_div(long long a, long long b)
+{
+    long long q = a / b;
+    return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+static long long
+floor_mod(long long a, long long b)
+{
+    long long r = a % b;
+    return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
+}
+
+/* Anchor.place, where ``pts`` is absent unless has_pts. */
+static long long
+anchor_place(Anchor *a, int has_pts, long long pts, double at, long long arrived, long long end, long long limit)
+{
+    long long target;
+    if (!a->has_pos) {
+        a->first_at = at;
+        a->has_first = 1;
+        target = arrived > 0 ? arrived : 0;
+        a->has_pos = 1;
+        a->pos = target;
+        a->has_pts = has_pts;
+        a->pts = pts;
+    } else if (has_pts && a->has_pts) {
+        target = a->pos + (pts - a->pts);
+        long long off = arrived - target;
+        if ((off < 0 ? -off : off) > limit) {
+            a->pos = arrived;
+            a->pts = pts;
+            target = arrived;
+            a->resyncs++;
+        }
+    } else {
+        target = end;
+        if (arrived - target > limit) {
+            target = arrived;
+            a->resyncs++;
+        }
+        a->pos = target;
+        a->has_pts = has_pts;
+        a->pts = pts;
+    }
+    return target;
+}
+
+static long long
+ring_arrived(OpusRing *r, double at)
+{
+    return (long long)nearbyint((at - r->t0) * RATE); /* Python's round(): half to even */
+}
+
+/* Channel 0 or 1, else ValueError. */
+static int
+ring_channel(PyObject *arg)
+{
+    long c = PyLong_AsLong(arg);
+    if (c == -1 && PyErr_Occurred())
+        return -1;
+    if (c != 0 && c != 1) {
+        PyErr_SetString(PyExc_ValueError, "channel is 0 (left) or 1 (right)");
+        return -1;
+    }
+    return (int)c;
+}
+
+/* pts: None or an int; 0 = absent, 1 = present, -1 = error. */
+static int
+ring_pts(PyObject *arg, long long *pts)
+{
+    if (arg == Py_None)
+        return 0;
+    *pts = PyLong_AsLongLong(arg);
+    if (*pts == -1 && PyErr_Occurred())
+        return -1;
+    return 1;
+}
+
+static int
+ring_commit(OpusRing *r, long long upto)
+{
+    long long begin = r->committed;
+    if (upto <= begin)
+        return 0;
+    PyObject *packets = PyList_New((Py_ssize_t)(upto - begin));
+    if (packets == NULL)
+        return -1;
+    for (long long slot = begin; slot < upto; slot++) {
+        Py_ssize_t i = (Py_ssize_t)floor_mod(slot, r->ring_len);
+        PyObject *side[2];
+        for (int c = 0; c < 2; c++) {
+            side[c] = r->slots[c][i];
+            if (side[c] == NULL) {
+                side[c] = r->silence[c];
+                Py_INCREF(side[c]);
+                r->filled[c]++;
+            } else {
+                r->slots[c][i] = NULL; /* (its reference is ours now) */
+            }
+        }
+        Py_ssize_t nl = PyBytes_GET_SIZE(side[0]), nr = PyBytes_GET_SIZE(side[1]);
+        PyObject *both = PyBytes_FromStringAndSize(NULL, nl + nr);
+        if (both != NULL) {
+            memcpy(PyBytes_AS_STRING(both), PyBytes_AS_STRING(side[0]), nl);
+            memcpy(PyBytes_AS_STRING(both) + nl, PyBytes_AS_STRING(side[1]), nr);
+        }
+        Py_DECREF(side[0]);
+        Py_DECREF(side[1]);
+        if (both == NULL) {
+            Py_DECREF(packets);
+            return -1;
+        }
+        PyList_SET_ITEM(packets, (Py_ssize_t)(slot - begin), both);
+    }
+    r->committed = upto;
+    PyObject *done = PyObject_CallOneArg(r->write, packets);
+    Py_DECREF(packets);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+}
+
+/* _place: the next slot, or -1 with an exception (the write failed). Steals nothing. */
+static long long
+ring_place(OpusRing *r, int channel, long long slot, PyObject *payload, double now)
+{
+    long long committed = r->committed;
+    if (slot < committed) {
+        slot = committed;
+        r->late[channel]++;
+    }
+    if (slot - committed >= r->ring_len && ring_commit(r, slot - r->ring_len + 1) < 0)
+        return -1;
+    Py_ssize_t i = (Py_ssize_t)floor_mod(slot, r->ring_len);
+    PyObject *old = r->slots[channel][i];
+    Py_INCREF(payload);
+    r->slots[channel][i] = payload;
+    Py_XDECREF(old);
+    long long horizon = floor_div((long long)((now - r->t0) * RATE), FRAME) - r->max_delay;
+    committed = r->committed;
+    if (horizon - committed >= r->commit_chunk) {
+        long long upto = committed + r->ring_len;
+        if (ring_commit(r, horizon < upto ? horizon : upto) < 0)
+            return -1;
+    }
+    return slot + 1;
+}
+
+static PyObject *
+OpusRing_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Py_ssize_t ring_len;
+    long long max_delay, commit_chunk, resync;
+    double t0;
+    PyObject *left, *right, *write;
+    Py_buffer plain;
+    if (!PyArg_ParseTuple(args, "nLLLdSSy*O:OpusRing", &ring_len, &max_delay, &commit_chunk, &resync, &t0, &left,
+                          &right, &plain, &write))
+        return NULL;
+    if (ring_len < 1 || plain.len != 256 || !PyCallable_Check(write)) {
+        PyBuffer_Release(&plain);
+        PyErr_SetString(PyExc_ValueError, "OpusRing: ring_len >= 1, plain: 256 flags, write: callable");
+        return NULL;
+    }
+    OpusRing *r = (OpusRing *)type->tp_alloc(type, 0);
+    if (r == NULL) {
+        PyBuffer_Release(&plain);
+        return NULL;
+    }
+    memcpy(r->plain, plain.buf, 256);
+    PyBuffer_Release(&plain);
+    r->ring_len = ring_len;
+    r->max_delay = max_delay;
+    r->commit_chunk = commit_chunk;
+    r->resync = resync;
+    r->t0 = t0;
+    Py_INCREF(left);
+    Py_INCREF(right);
+    Py_INCREF(write);
+    r->silence[0] = left;
+    r->silence[1] = right;
+    r->write = write;
+    for (int c = 0; c < 2; c++) {
+        r->slots[c] = PyMem_Calloc((size_t)ring_len, sizeof(PyObject *));
+        if (r->slots[c] == NULL) {
+            Py_DECREF(r);
+            return PyErr_NoMemory();
+        }
+    }
+    return (PyObject *)r;
+}
+
+static int
+OpusRing_traverse(OpusRing *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->write);
+    Py_VISIT(r->silence[0]);
+    Py_VISIT(r->silence[1]);
+    for (int c = 0; c < 2; c++)
+        if (r->slots[c] != NULL)
+            for (Py_ssize_t i = 0; i < r->ring_len; i++)
+                Py_VISIT(r->slots[c][i]);
+    return 0;
+}
+
+static int
+OpusRing_clear(OpusRing *r)
+{
+    Py_CLEAR(r->write);
+    Py_CLEAR(r->silence[0]);
+    Py_CLEAR(r->silence[1]);
+    for (int c = 0; c < 2; c++)
+        if (r->slots[c] != NULL)
+            for (Py_ssize_t i = 0; i < r->ring_len; i++)
+                Py_CLEAR(r->slots[c][i]);
+    return 0;
+}
+
+static void
+OpusRing_dealloc(OpusRing *r)
+{
+    PyObject_GC_UnTrack(r);
+    OpusRing_clear(r);
+    PyMem_Free(r->slots[0]);
+    PyMem_Free(r->slots[1]);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+/* A cleared ring (the garbage collector broke a cycle through it) takes nothing. */
+static int
+ring_alive(OpusRing *r)
+{
+    if (r->write == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "OpusRing was cleared");
+        return 0;
+    }
+    return 1;
+}
+
+/* packet(channel, payload, pts, at[, stored]) -> PLACED, PUT_BACK, DROPPED or NOT_PLAIN */
+static PyObject *
+OpusRing_packet(OpusRing *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 4 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "packet(channel, payload, pts, at[, stored])");
+        return NULL;
+    }
+    if (!ring_alive(r))
+        return NULL;
+    int channel = ring_channel(args[0]);
+    if (channel < 0)
+        return NULL;
+    PyObject *payload = args[1];
+    if (!PyBytes_Check(payload)) {
+        PyErr_SetString(PyExc_TypeError, "payload: bytes");
+        return NULL;
+    }
+    long long pts = 0;
+    int has_pts = ring_pts(args[2], &pts);
+    if (has_pts < 0)
+        return NULL;
+    double at = PyFloat_AsDouble(args[3]);
+    if (at == -1.0 && PyErr_Occurred())
+        return NULL;
+    PyObject *stored;
+    if (nargs == 5 && args[4] != Py_None) {
+        stored = args[4];
+        if (!PyBytes_Check(stored)) {
+            PyErr_SetString(PyExc_TypeError, "stored: bytes");
+            return NULL;
+        }
+        Py_INCREF(stored);
+    } else {
+        Py_ssize_t n = PyBytes_GET_SIZE(payload);
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(payload);
+        if (n == 0 || !r->plain[p[0]] || n >= 253)
+            return PyLong_FromLong(NOT_PLAIN);
+        if (channel == 0) { /* self-delimited: TOC, the frame's length, the frame */
+            stored = PyBytes_FromStringAndSize(NULL, n + 1);
+            if (stored == NULL)
+                return NULL;
+            unsigned char *s = (unsigned char *)PyBytes_AS_STRING(stored);
+            s[0] = p[0];
+            s[1] = (unsigned char)(n - 1);
+            memcpy(s + 2, p + 1, n - 1);
+        } else {
+            stored = payload;
+            Py_INCREF(stored);
+        }
+    }
+    long long end = r->ends[channel];
+    long long target = anchor_place(&r->anchors[channel], has_pts, pts, at, ring_arrived(r, at), end * FRAME,
+                                    r->resync);
+    long long slot = floor_div(target + FRAME / 2, FRAME);
+    long result;
+    if (slot >= end) {
+        long long next = ring_place(r, channel, slot, stored, at);
+        if (next < 0 && PyErr_Occurred()) {
+            Py_DECREF(stored);
+            return NULL;
+        }
+        r->ends[channel] = next;
+        r->packets[channel]++;
+        result = PLACED;
+    } else if (slot >= r->committed && r->slots[channel][floor_mod(slot, r->ring_len)] == NULL) {
+        r->slots[channel][floor_mod(slot, r->ring_len)] = stored; /* reordered: into its slot */
+        Py_INCREF(stored);
+        r->packets[channel]++;
+        result = PUT_BACK;
+    } else {
+        r->dropped[channel]++; /* its slot is taken (a duplicate) or already written */
+        result = DROPPED;
+    }
+    Py_DECREF(stored);
+    return PyLong_FromLong(result);
+}
+
+/* emit(channel, stored, now): append at the leg's end. */
+static PyObject *
+OpusRing_emit(OpusRing *r, PyObject *args)
+{
+    PyObject *ch, *stored;
+    double now;
+    if (!PyArg_ParseTuple(args, "OSd:emit", &ch, &stored, &now) || !ring_alive(r))
+        return NULL;
+    int channel = ring_channel(ch);
+    if (channel < 0)
+        return NULL;
+    long long next = ring_place(r, channel, r->ends[channel], stored, now);
+    if (next < 0 && PyErr_Occurred())
+        return NULL;
+    r->ends[channel] = next;
+    r->packets[channel]++;
+    Py_RETURN_NONE;
+}
+
+/* anchor_place(channel, pts, at, end) -> target */
+static PyObject *
+OpusRing_anchor_place(OpusRing *r, PyObject *args)
+{
+    PyObject *ch, *pts_arg;
+    double at;
+    long long end, pts = 0;
+    if (!PyArg_ParseTuple(args, "OOdL:anchor_place", &ch, &pts_arg, &at, &end))
+        return NULL;
+    int channel = ring_channel(ch);
+    int has_pts = channel < 0 ? -1 : ring_pts(pts_arg, &pts);
+    if (has_pts < 0)
+        return NULL;
+    return PyLong_FromLongLong(
+        anchor_place(&r->anchors[channel], has_pts, pts, at, ring_arrived(r, at), end, r->resync));
+}
+
+static PyObject *
+OpusRing_commit(OpusRing *r, PyObject *arg)
+{
+    long long upto = PyLong_AsLongLong(arg);
+    if ((upto == -1 && PyErr_Occurred()) || !ring_alive(r) || ring_commit(r, upto) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* leg(channel) -> (packets, late, dropped, end, first_at, resyncs) */
+static PyObject *
+OpusRing_leg(OpusRing *r, PyObject *arg)
+{
+    int c = ring_channel(arg);
+    if (c < 0)
+        return NULL;
+    Anchor *a = &r->anchors[c];
+    PyObject *first = a->has_first ? PyFloat_FromDouble(a->first_at) : Py_NewRef(Py_None);
+    if (first == NULL)
+        return NULL;
+    return Py_BuildValue("(LLLLNL)", r->packets[c], r->late[c], r->dropped[c], r->ends[c], first, a->resyncs);
+}
+
+static PyObject *
+OpusRing_set_end(OpusRing *r, PyObject *args)
+{
+    PyObject *ch;
+    long long end;
+    if (!PyArg_ParseTuple(args, "OL:set_end", &ch, &end))
+        return NULL;
+    int c = ring_channel(ch);
+    if (c < 0)
+        return NULL;
+    r->ends[c] = end;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+OpusRing_get_filled(OpusRing *r, void *closure)
+{
+    return Py_BuildValue("[LL]", r->filled[0], r->filled[1]);
+}
+
+static PyObject *
+OpusRing_get_committed(OpusRing *r, void *closure)
+{
+    return PyLong_FromLongLong(r->committed);
+}
+
+static PyMethodDef OpusRing_methods[] = {
+    {"packet", (PyCFunction)(void (*)(void))OpusRing_packet, METH_FASTCALL,
+     "packet(channel, payload, pts, at[, stored]) -> 0 placed, 1 put back, 2 dropped, 3 not a plain 20 ms packet."},
+    {"emit", (PyCFunction)OpusRing_emit, METH_VARARGS, "emit(channel, stored, now): append at the leg's end."},
+    {"anchor_place", (PyCFunction)OpusRing_anchor_place, METH_VARARGS,
+     "anchor_place(channel, pts, at, end) -> the leg's anchor's target."},
+    {"commit", (PyCFunction)OpusRing_commit, METH_O, "commit(upto): write the slots before upto."},
+    {"leg", (PyCFunction)OpusRing_leg, METH_O, "leg(channel) -> (packets, late, dropped, end, first_at, resyncs)."},
+    {"set_end", (PyCFunction)OpusRing_set_end, METH_VARARGS, "set_end(channel, end)."},
+    {NULL},
+};
+
+static PyGetSetDef OpusRing_getset[] = {
+    {"filled", (getter)OpusRing_get_filled, NULL, "slots filled with silence, per channel", NULL},
+    {"committed", (getter)OpusRing_get_committed, NULL, "slots written", NULL},
+    {NULL},
+};
+
+static PyTypeObject OpusRingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "media._rtpcore.OpusRing",
+    .tp_doc = "stereo.ogg's slots (media.sinks.stereo_opus.OpusRing's twin).",
+    .tp_basicsize = sizeof(OpusRing),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = OpusRing_new,
+    .tp_dealloc = (destructor)OpusRing_dealloc,
+    .tp_traverse = (traverseproc)OpusRing_traverse,
+    .tp_clear = (inquiry)OpusRing_clear,
+    .tp_methods = OpusRing_methods,
+    .tp_getset = OpusRing_getset,
+};
+
 /* ---------------------------------------------------------------- module ---------- */
 
 static PyMethodDef methods[] = {
@@ -512,6 +983,16 @@ PyInit__rtpcore(void)
     Py_INCREF(&RtpViewType);
     if (PyModule_AddObject(m, "RtpView", (PyObject *)&RtpViewType) < 0) {
         Py_DECREF(&RtpViewType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyType_Ready(&OpusRingType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&OpusRingType);
+    if (PyModule_AddObject(m, "OpusRing", (PyObject *)&OpusRingType) < 0) {
+        Py_DECREF(&OpusRingType);
         Py_DECREF(m);
         return NULL;
     }

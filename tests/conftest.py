@@ -62,7 +62,7 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(params=["native", "python"])
 def rtp_core(request, monkeypatch):
-    """The lean path (and the SIP leg's RTP) with their C core (media._rtpcore), then with
+    """The lean path (the SIP leg's RTP, stereo.ogg's slots) with their C core (media._rtpcore), then with
     the core switched off, which is what runs where it was not built: the same tests
     hold both."""
     from media import rtpcore

@@ -86,7 +86,7 @@ def write_two_streams(path, left: list[bytes], right: list[bytes]) -> None:
 
 @pytest.mark.parametrize("kind", ["code0", "code1-cbr", "code2-vbr", "code3-cbr", "code3-vbr", "code3-padded",
                                   "code3-long-padding"])
-def test_self_delimited_packets_make_a_playable_two_stream_file(tmp_path, kind):
+def test_self_delimited_packets_make_a_playable_two_stream_file(tmp_path, kind, rtp_core):
     if kind == "code0":
         left, right = encoded20(600, 50), encoded20(1000, 50)
     elif kind.startswith("code3-pad") or kind == "code3-long-padding":
@@ -121,7 +121,7 @@ def test_malformed_packets_are_refused(packet):
         self_delimited(packet)
 
 
-def test_long_frames_take_two_length_bytes(tmp_path):
+def test_long_frames_take_two_length_bytes(tmp_path, rtp_core):
     left = pyav_packets(600, 1.0, 20, bitrate=256000)  # (~640 bytes a packet)
     assert max(map(len, left)) > 300
     right = encoded20(1000, len(left))
@@ -140,7 +140,7 @@ class Clock:
         return self.now
 
 
-def test_gaps_late_reordered_and_malformed_packets(tmp_path):
+def test_gaps_late_reordered_and_malformed_packets(tmp_path, rtp_core):
     clock = Clock()
     rec = AlignedOpusRecorder(tmp_path / "s.ogg", clock=clock)
     t0 = clock.now
@@ -174,7 +174,7 @@ def test_gaps_late_reordered_and_malformed_packets(tmp_path):
     assert rec.left.packets == 125 and rec.right.packets == 150
 
 
-def test_a_leg_that_stalls_is_placed_again_by_its_arrival(tmp_path):
+def test_a_leg_that_stalls_is_placed_again_by_its_arrival(tmp_path, rtp_core):
     """A sender that pauses without advancing its timestamps: its packets after the pause
     re-anchor on their arrival time (as in stereo.wav), the pause stays silence."""
     clock = Clock()
@@ -196,7 +196,7 @@ def test_a_leg_that_stalls_is_placed_again_by_its_arrival(tmp_path):
 
 
 @pytest.mark.parametrize("frame_ms", [10, 40, 60])
-def test_a_leg_whose_packets_are_not_20ms_is_transcoded(tmp_path, frame_ms):
+def test_a_leg_whose_packets_are_not_20ms_is_transcoded(tmp_path, frame_ms, rtp_core):
     clock = Clock()
     rec = AlignedOpusRecorder(tmp_path / "s.ogg", clock=clock)
     t0 = clock.now
@@ -217,7 +217,7 @@ def test_a_leg_whose_packets_are_not_20ms_is_transcoded(tmp_path, frame_ms):
     assert analysis.tone_seconds(r, rate, 1000) == pytest.approx(2.0, abs=0.04)
 
 
-def test_a_recorder_without_a_peer_encodes_what_it_is_given(tmp_path):
+def test_a_recorder_without_a_peer_encodes_what_it_is_given(tmp_path, rtp_core):
     recorder = CallRecorder(tmp_path / "pcm", wav=False, stereo=False, ogg=False, stereo_ogg=True)
     assert recorder.user.needs_pcm  # (no packets to pass through: it needs the audio)
     for left, right in zip(frames20(600, 50), frames20(1000, 50)):
@@ -250,3 +250,92 @@ def test_any_payload_is_placed_or_counted_never_raised(tmp_path_factory, payload
     assert granule == len(packets) * 960 and len(packets) == round(rec.duration_s * 50)
     for packet in packets:  # each a self-delimited left packet followed by the right one
         assert packet.endswith(b"\xf8\xff\xfe")
+
+
+# -- the C core's OpusRing against the Python reference --------------------------------------
+
+_PLAIN = bytes((0x08 | 0x70,)) + b"\x01" * 40  # (config 15 << 3: hybrid FB 20 ms, code 0)
+
+
+_RING_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["packet", "stored", "emit", "anchor", "commit", "set_end"]),
+        st.sampled_from([0, 1]),
+        st.sampled_from([_PLAIN, _PLAIN[:1] + bytes(260), b"\x0b\x05abc", b"\x78" + bytes(3), b"", b"\xfc\x00"]),
+        st.one_of(st.none(), st.integers(-5_000, 300_000)),
+        st.floats(-0.05, 0.3, allow_nan=False),
+        st.integers(-3, 40),
+    ),
+    min_size=1, max_size=120,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_RING_OPS, st.one_of(st.none(), st.integers(1, 12)), st.sampled_from([(30, 15, 10), (4, 1, 1), (30, 0, 3)]))
+def test_the_c_ring_places_and_commits_as_the_reference_does(ops, fail_at, shape):
+    from media.sinks import stereo_opus
+    from tests.helpers import native_rtp_core
+
+    core = native_rtp_core()
+    ring_len, max_delay, chunk = shape
+    rings, writes = [], []
+    for kind in (stereo_opus.OpusRing, core.OpusRing):
+        written: list[list[bytes]] = []
+        calls = [0]
+
+        def write(packets, written=written, calls=calls):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise OSError(28, "No space left on device")
+            written.append(list(packets))
+
+        rings.append(kind(ring_len, max_delay, chunk, 4800, 100.0, b"\xf8\x00", b"\xf8", stereo_opus._PLAIN_20MS,
+                          write))
+        writes.append(written)
+    at = 100.0
+    for kind, channel, payload, pts, step, slots in ops:
+        at += step
+        results = []
+        for ring in rings:
+            try:
+                if kind == "packet":
+                    out = ring.packet(channel, payload, pts, at)
+                elif kind == "stored":
+                    out = ring.packet(channel, payload, pts, at, payload + b"!")
+                elif kind == "emit":
+                    out = ring.emit(channel, payload + b"?", at)
+                elif kind == "anchor":
+                    out = ring.anchor_place(channel, pts, at, slots * FRAME_SAMPLES)
+                elif kind == "commit":
+                    out = ring.commit(ring.committed + slots)
+                else:
+                    out = ring.set_end(channel, max(0, slots))
+            except OSError as exc:
+                out = ("raised", exc.errno)
+            results.append((out, ring.leg(0), ring.leg(1), ring.filled, ring.committed))
+        assert results[0] == results[1], (kind, channel, payload, pts, at)
+        assert writes[0] == writes[1]
+
+
+def test_a_ring_left_in_a_cycle_is_collected():
+    """The recorder holds its ring and the ring the recorder's write: the garbage
+    collector must free both (the C type takes part in collection)."""
+    import gc
+    import weakref
+
+    from media.sinks import stereo_opus
+    from tests.helpers import native_rtp_core
+
+    core = native_rtp_core()
+
+    class Holder:
+        def write(self, packets):
+            pass
+
+    holder = Holder()
+    holder.ring = core.OpusRing(30, 15, 10, 4800, 0.0, b"\xf8\x00", b"\xf8", stereo_opus._PLAIN_20MS, holder.write)
+    assert holder.ring.packet(0, _PLAIN, 0, 0.0) == stereo_opus.PLACED  # (a slot holds a packet)
+    gone = weakref.ref(holder)
+    del holder
+    gc.collect()
+    assert gone() is None

@@ -20,6 +20,10 @@ are not 20 ms (rare: WhatsApp and browsers send 20 ms) is switched to transcodin
 the rest of the call: its packets are decoded and encoded again as 20 ms packets
 (counted in :attr:`OpusLeg.transcoded`).
 
+The per-packet part (anchoring, the slots, each commit's Ogg packets) is
+:class:`OpusRing`; where the C core (:mod:`media.rtpcore`) was built, its twin of that
+class does it, with the same results (the tests hold the two to each other).
+
 Crash safety is that of :class:`~media.sinks.ogg.OggOpusWriter`: slots older than
 ``max_delay_s`` (0.3 s) are committed in whole pages every ``commit_s`` (0.2 s: a page
 and a ``write`` per call five times a second); a killed process leaves a file that
@@ -35,41 +39,195 @@ from collections.abc import Callable
 import numpy as np
 
 from ..frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
+from .. import rtpcore
 from ..opus import DEFAULT_SETTINGS, OpusEncoder, OpusSettings, silence_packet
 from ..receiver import OpusDecoder
 from .ogg import OggOpusWriter, opus_packet_samples, self_delimited
-from .stereo import AnchoredLeg, TwoLegRecording, default_clock
+from .stereo import Anchor, AnchoredLeg, TwoLegRecording, default_clock
 
-__all__ = ["AlignedOpusRecorder", "OpusLeg"]
+__all__ = ["AlignedOpusRecorder", "OpusLeg", "OpusRing"]
 
 #: TOC bytes of a one-frame (code 0) 20 ms packet: nearly every packet of a call, framed
 #: here without parsing. (Its self-delimiting length is one byte below 253 bytes.)
-_PLAIN_20MS = frozenset(toc for toc in range(256) if toc & 3 == 0 and opus_packet_samples(bytes((toc,))) == FRAME_SAMPLES)
+_PLAIN_20MS = bytes(toc & 3 == 0 and opus_packet_samples(bytes((toc,))) == FRAME_SAMPLES for toc in range(256))
 _LENGTH_BYTE = [bytes((n,)) for n in range(252)]
+
+
+#: What :meth:`OpusRing.packet` did with a packet.
+PLACED, PUT_BACK, DROPPED, NOT_PLAIN = 0, 1, 2, 3
+
+
+class OpusRing:
+    """The slots of an :class:`AlignedOpusRecorder`: where each leg's packets are placed,
+    and the commit of whole slots to the file (the per-packet part).
+
+    This is the reference; the C core (:mod:`media.rtpcore`, ``OpusRing``) has the same
+    interface and results and is used where it was built. ``write(packets)`` receives
+    each commit's Ogg packets (left + right, 20 ms each), oldest first.
+
+    Per channel (0 = left, kept self-delimited, 1 = right): :meth:`packet` places a
+    packet by its ``pts`` and arrival ``at`` (:class:`~media.sinks.stereo.Anchor`);
+    :meth:`emit` appends one at the leg's end (a transcoded leg); :meth:`leg` reads
+    ``(packets, late, dropped, end, first_at, resyncs)``."""
+
+    def __init__(self, ring_len: int, max_delay: int, commit_chunk: int, resync_samples: int, t0: float,
+                 silence_left: bytes, silence_right: bytes, plain: bytes,
+                 write: Callable[[list[bytes]], None]) -> None:
+        self.ring_len = ring_len
+        self.max_delay = max_delay
+        self.commit_chunk = commit_chunk
+        self.resync_samples = resync_samples
+        self.t0 = t0
+        self.silence = (silence_left, silence_right)
+        self.plain = plain
+        self.write = write
+        self.committed = 0
+        self.filled = [0, 0]
+        self._slots: tuple[list[bytes | None], list[bytes | None]] = ([None] * ring_len, [None] * ring_len)
+        self._anchors = (Anchor(), Anchor())
+        self._ends = [0, 0]
+        self._packets = [0, 0]
+        self._late = [0, 0]
+        self._dropped = [0, 0]
+
+    def leg(self, channel: int) -> tuple[int, int, int, int, float | None, int]:
+        anchor = self._anchors[channel]
+        return (self._packets[channel], self._late[channel], self._dropped[channel], self._ends[channel],
+                anchor.first_at, anchor.resyncs)
+
+    def set_end(self, channel: int, end: int) -> None:
+        self._ends[channel] = end
+
+    def arrived(self, at: float) -> int:
+        """``at`` (the recorder's clock) as a position on its timeline, in samples."""
+        return round((at - self.t0) * SAMPLE_RATE)
+
+    def anchor_place(self, channel: int, pts: int | None, at: float, end: int) -> int:
+        """The leg's anchor's target for a frame (see :meth:`Anchor.place`)."""
+        return self._anchors[channel].place(pts, at, self.arrived(at), end, self.resync_samples)
+
+    def packet(self, channel: int, payload: bytes, pts: int | None, at: float, stored: bytes | None = None) -> int:
+        """Place one 20 ms packet. Without ``stored`` (what the slot is to hold: the
+        packet, self-delimited on the left), only a one-frame 20 ms packet shorter than
+        253 bytes is taken (framed here); anything else returns :data:`NOT_PLAIN`."""
+        if stored is None:
+            if not payload or not self.plain[payload[0]] or len(payload) >= 253:
+                return NOT_PLAIN
+            stored = payload[:1] + _LENGTH_BYTE[len(payload) - 1] + payload[1:] if channel == 0 else payload
+        end = self._ends[channel]
+        slot = (self.anchor_place(channel, pts, at, end * FRAME_SAMPLES) + FRAME_SAMPLES // 2) // FRAME_SAMPLES
+        if slot >= end:
+            self._ends[channel] = self._place(channel, slot, stored, at)
+            self._packets[channel] += 1
+            return PLACED
+        if self._put_back(channel, slot, stored):  # reordered: into its slot
+            self._packets[channel] += 1
+            return PUT_BACK
+        self._dropped[channel] += 1  # its slot is taken (a duplicate) or already written
+        return DROPPED
+
+    def emit(self, channel: int, stored: bytes, now: float) -> None:
+        """Append ``stored`` at the leg's end."""
+        self._ends[channel] = self._place(channel, self._ends[channel], stored, now)
+        self._packets[channel] += 1
+
+    def _place(self, channel: int, slot: int, payload: bytes, now: float) -> int:
+        """Put ``payload`` in ``slot`` (clamped to the commit point); returns the next
+        slot. ``now``: the clock's time (what is older than ``max_delay`` slots is committed)."""
+        committed = self.committed
+        if slot < committed:
+            slot = committed
+            self._late[channel] += 1
+        ring_len = self.ring_len
+        if slot - committed >= ring_len:
+            self.commit(slot - ring_len + 1)
+        self._slots[channel][slot % ring_len] = payload
+        horizon = int((now - self.t0) * SAMPLE_RATE) // FRAME_SAMPLES - self.max_delay
+        committed = self.committed
+        if horizon - committed >= self.commit_chunk:
+            self.commit(min(horizon, committed + ring_len))
+        return slot + 1
+
+    def _put_back(self, channel: int, slot: int, payload: bytes) -> bool:
+        """Put a reordered packet into its slot if that is still open and empty."""
+        if slot < self.committed:
+            return False
+        slots = self._slots[channel]
+        i = slot % self.ring_len
+        if slots[i] is not None:
+            return False
+        slots[i] = payload
+        return True
+
+    def commit(self, upto: int) -> None:
+        """Hand the slots before ``upto`` to ``write`` (silence where a leg had none)."""
+        begin = self.committed
+        if upto <= begin:
+            return
+        ring_len = self.ring_len
+        lefts, rights = self._slots
+        silent_left, silent_right = self.silence
+        packets = []
+        for slot in range(begin, upto):
+            i = slot % ring_len
+            left, right = lefts[i], rights[i]
+            if left is None:
+                left = silent_left
+                self.filled[0] += 1
+            else:
+                lefts[i] = None
+            if right is None:
+                right = silent_right
+                self.filled[1] += 1
+            else:
+                rights[i] = None
+            packets.append(left + right)
+        self.committed = upto
+        self.write(packets)
 
 
 class OpusLeg(AnchoredLeg):
     """One channel of an :class:`AlignedOpusRecorder`."""
 
     def __init__(self, recorder: AlignedOpusRecorder, channel: int, name: str) -> None:
-        super().__init__()
         self._rec = recorder
         self.channel = channel
         self.name = name
-        #: Packets placed (transcoded ones count once per 20 ms packet made).
-        self.packets = 0
-        #: Packets that came later than the commit point and were placed at it.
-        self.late = 0
-        #: Duplicates, and reordered packets whose slot was already written.
-        self.dropped = 0
         #: Packets decoded and encoded again (not 20 ms long), and undecodable ones.
         self.transcoded = 0
         self.undecodable = 0
-        self._end = 0  # the slot after this leg's last packet
         self._decoder: OpusDecoder | None = None
         self._encoder: OpusEncoder | None = None
         self._carry = np.empty(0, dtype=PCM_DTYPE)
         self._closed = False
+
+    @property
+    def packets(self) -> int:
+        """Packets placed (transcoded ones count once per 20 ms packet made)."""
+        return self._rec._ring.leg(self.channel)[0]
+
+    @property
+    def late(self) -> int:
+        """Packets that came later than the commit point and were placed at it."""
+        return self._rec._ring.leg(self.channel)[1]
+
+    @property
+    def dropped(self) -> int:
+        """Duplicates, and reordered packets whose slot was already written."""
+        return self._rec._ring.leg(self.channel)[2]
+
+    @property
+    def _end(self) -> int:
+        """The slot after this leg's last packet."""
+        return self._rec._ring.leg(self.channel)[3]
+
+    @property
+    def first_at(self) -> float | None:
+        return self._rec._ring.leg(self.channel)[4]
+
+    @property
+    def resyncs(self) -> int:
+        return self._rec._ring.leg(self.channel)[5]
 
     def write_packet(self, payload: bytes, pts: int | None, at: float | None) -> None:
         """Place one Opus packet: ``pts`` on the leg's own timeline (48 kHz samples) or
@@ -79,33 +237,19 @@ class OpusLeg(AnchoredLeg):
             return
         if at is None:
             at = rec.clock()
-        arrived = round((at - rec.t0) * SAMPLE_RATE)
         if self._decoder is None:
-            if payload[0] in _PLAIN_20MS and len(payload) < 253:
-                if self.channel == 0:
-                    payload = payload[:1] + _LENGTH_BYTE[len(payload) - 1] + payload[1:]
-            else:
-                try:
-                    framed = self_delimited(payload)  # (also proves the packet well formed)
-                except ValueError:
-                    self.undecodable += 1
-                    return
-                if opus_packet_samples(payload) != FRAME_SAMPLES:
-                    self._transcode(payload, pts, at, arrived)
-                    return
-                if self.channel == 0:
-                    payload = framed
-            slot = (self.anchor.place(pts, at, arrived, self._end * FRAME_SAMPLES, rec.resync_samples)
-                    + FRAME_SAMPLES // 2) // FRAME_SAMPLES
-            if slot >= self._end:
-                self._end = rec._place(self.channel, slot, payload, at)
-                self.packets += 1
-            elif rec._put_back(self.channel, slot, payload):  # reordered: into its slot
-                self.packets += 1
-            else:  # its slot is taken (a duplicate) or already written
-                self.dropped += 1
-            return
-        self._transcode(payload, pts, at, arrived)
+            ring = rec._ring
+            if ring.packet(self.channel, payload, pts, at) != NOT_PLAIN:
+                return
+            try:
+                framed = self_delimited(payload)  # (also proves the packet well formed)
+            except ValueError:
+                self.undecodable += 1
+                return
+            if opus_packet_samples(payload) == FRAME_SAMPLES:
+                ring.packet(self.channel, payload, pts, at, framed if self.channel == 0 else payload)
+                return
+        self._transcode(payload, pts, at)
 
     def write_pcm(self, pcm: np.ndarray, pts: int | None, at: float | None) -> None:
         """Place a 20 ms mono 48 kHz frame, encoded here: for a leg that has no packets
@@ -118,7 +262,7 @@ class OpusLeg(AnchoredLeg):
         if packet is not None:
             self.write_packet(bytes(packet), pts, at)
 
-    def _transcode(self, payload: bytes, pts: int | None, at: float, arrived: int) -> None:
+    def _transcode(self, payload: bytes, pts: int | None, at: float) -> None:
         rec = self._rec
         if self._decoder is None:
             self._decoder = OpusDecoder()
@@ -131,15 +275,17 @@ class OpusLeg(AnchoredLeg):
                 self._decoder = None  # (nothing decoded yet: the leg stays passed through)
             return
         self.transcoded += 1
+        ring = rec._ring
         carry = self._carry
-        end = self._end * FRAME_SAMPLES + carry.size
-        target = self.anchor.place(pts, at, arrived, end, rec.resync_samples)
+        end_slot = self._end
+        end = end_slot * FRAME_SAMPLES + carry.size
+        target = ring.anchor_place(self.channel, pts, at, end)
         # (a target before the end is appended, in order)
         if target - end >= FRAME_SAMPLES // 2:  # a gap: finish the partial frame, start anew
             if carry.size:
                 self._emit(np.concatenate([carry, np.zeros(FRAME_SAMPLES - carry.size, dtype=PCM_DTYPE)]), at)
                 carry = carry[:0]
-            self._end = max(self._end, (target + FRAME_SAMPLES // 2) // FRAME_SAMPLES)
+            ring.set_end(self.channel, max(self._end, (target + FRAME_SAMPLES // 2) // FRAME_SAMPLES))
         carry = np.concatenate([carry, pcm]) if carry.size else pcm
         while carry.size >= FRAME_SAMPLES:
             self._emit(carry[:FRAME_SAMPLES], at)
@@ -150,9 +296,7 @@ class OpusLeg(AnchoredLeg):
         packet = self._encoder.encode(frame)
         if packet is not None:
             packet = bytes(packet)
-            self._end = self._rec._place(self.channel, self._end,
-                                         self_delimited(packet) if self.channel == 0 else packet, at)
-            self.packets += 1
+            self._rec._ring.emit(self.channel, self_delimited(packet) if self.channel == 0 else packet, at)
 
     def close(self) -> None:
         self._closed = True
@@ -192,79 +336,39 @@ class AlignedOpusRecorder(TwoLegRecording):
         self.t0 = self.clock()
         self.settings = settings
         self.resync_samples = round(resync_s * SAMPLE_RATE)
-        self._max_delay = round(max_delay_s * SAMPLE_RATE / FRAME_SAMPLES)
-        self._commit_chunk = max(1, round(commit_s * SAMPLE_RATE / FRAME_SAMPLES))
-        self._ring_len = round(self.RING_S * SAMPLE_RATE / FRAME_SAMPLES)
-        # (the left leg's packets are kept self-delimited, ready to be followed by the right's)
-        self._slots: tuple[list[bytes | None], list[bytes | None]] = (
-            [None] * self._ring_len, [None] * self._ring_len)
-        self._committed = 0  # slots written to the file
         silence = silence_packet(settings)
-        self._silence = (self_delimited(silence), silence)
         self._file = OggOpusWriter(path, channels=2, streams=2, flush_interval_s=3600, comments=comments)
         self.path = self._file.path
+        # (the left leg's packets are kept self-delimited, ready to be followed by the right's)
+        core = rtpcore.core
+        ring = OpusRing if core is None else core.OpusRing
+        self._ring = ring(round(self.RING_S * SAMPLE_RATE / FRAME_SAMPLES),
+                          round(max_delay_s * SAMPLE_RATE / FRAME_SAMPLES),
+                          max(1, round(commit_s * SAMPLE_RATE / FRAME_SAMPLES)),
+                          self.resync_samples, self.t0, self_delimited(silence), silence, _PLAIN_20MS,
+                          self._write)
         self.left = OpusLeg(self, 0, left)
         self.right = OpusLeg(self, 1, right)
-        #: Slots where a leg had nothing and got silence, per channel.
-        self.filled = [0, 0]
         self.closed = False
 
     @property
+    def filled(self) -> list[int]:
+        """Slots where a leg had nothing and got silence, per channel."""
+        return list(self._ring.filled)
+
+    @property
     def duration_s(self) -> float:
-        return self._committed * FRAME_SAMPLES / SAMPLE_RATE
+        return self._ring.committed * FRAME_SAMPLES / SAMPLE_RATE
 
-    def _place(self, channel: int, slot: int, payload: bytes, now: float) -> int:
-        """Put ``payload`` in ``slot`` (clamped to the commit point); returns the next
-        slot. ``now``: the clock's time (what is older than ``max_delay_s`` is committed)."""
-        committed = self._committed
-        if slot < committed:
-            slot = committed
-            self.legs[channel].late += 1
-        ring_len = self._ring_len
-        if slot - committed >= ring_len:
-            self._commit(slot - ring_len + 1)
-        self._slots[channel][slot % ring_len] = payload
-        horizon = int((now - self.t0) * SAMPLE_RATE) // FRAME_SAMPLES - self._max_delay
-        committed = self._committed
-        if horizon - committed >= self._commit_chunk:
-            self._commit(min(horizon, committed + ring_len))
-        return slot + 1
-
-    def _put_back(self, channel: int, slot: int, payload: bytes) -> bool:
-        """Put a reordered packet into its slot if that is still open and empty."""
-        if slot < self._committed:
-            return False
-        slots = self._slots[channel]
-        i = slot % self._ring_len
-        if slots[i] is not None:
-            return False
-        slots[i] = payload
-        return True
+    def _write(self, packets: list[bytes]) -> None:
+        """One commit's Ogg packets into the file, closing a page."""
+        write = self._file.write_packet
+        for packet in packets:
+            write(packet, FRAME_SAMPLES)
+        self._file.flush()
 
     def _commit(self, upto: int) -> None:
-        begin = self._committed
-        if upto <= begin:
-            return
-        ring_len = self._ring_len
-        lefts, rights = self._slots
-        silent_left, silent_right = self._silence
-        write = self._file.write_packet
-        for slot in range(begin, upto):
-            i = slot % ring_len
-            left, right = lefts[i], rights[i]
-            if left is None:
-                left = silent_left
-                self.filled[0] += 1
-            else:
-                lefts[i] = None
-            if right is None:
-                right = silent_right
-                self.filled[1] += 1
-            else:
-                rights[i] = None
-            write(left + right, FRAME_SAMPLES)
-        self._committed = upto
-        self._file.flush()
+        self._ring.commit(upto)
 
     def _end(self) -> int:
         return max(self.left._end, self.right._end)
