@@ -951,6 +951,734 @@ static PyTypeObject OpusRingType = {
     .tp_getset = OpusRing_getset,
 };
 
+/* ---------------------------------------------------------- PlayoutBuffer --------- */
+/* The adaptive playout buffer: media.jitterbuffer.PlayoutBuffer is the reference (its
+ * module docstring says what it does); this is its twin for Opus streams, with the same
+ * results, and keeps its counters in C: ``stats`` copies them into the JitterStats it
+ * was given (all but frames_fec, which the decoding receiver counts there itself). */
+
+enum { JB_IDLE = 0, JB_PLAY, JB_CONCEAL, JB_STRETCH, JB_DISCARD, JB_GAP };
+#define JB_SEQ_WINDOW 128
+#define JB_MAX_DROPOUT 3000
+#define JB_DELAY_SLACK 0.001
+
+typedef unsigned __int128 u128;
+
+typedef struct {
+    long long pts, ext;
+    PyObject *payload;
+} JbEntry;
+
+typedef struct {
+    PyObject_HEAD
+    /* configuration */
+    long long clock_rate, frame_samples, window, warmup, capacity, far_ahead;
+    double frame_s, inv_rate, initial_delay_s, min_delay_s, max_delay_s, margin_s, quantile, hysteresis_s,
+        shrink_interval_s, hold_s;
+    PyObject *events_hint; /* None or () -> bool */
+    PyObject *stats;       /* a media.jitterbuffer.JitterStats */
+    /* counters */
+    long long packets_received, packets_lost, packets_late, packets_late_kept, packets_duplicate, frames_played,
+        frames_concealed, frames_skipped, frames_stretched, frames_discarded, packets_overflow, playouts,
+        stream_restarts;
+    double target_delay_s, delay_s, jitter_s;
+    int has_delay;
+    /* playout */
+    double target_s, start_at, last_arrival, last_shrink;
+    int has_start, playing, has_played_end;
+    long long next, played_end, last_seq, run;
+    JbEntry *packets; /* sorted by pts, capacity + 1 */
+    Py_ssize_t count;
+    /* stream */
+    int has_ssrc, has_bad_seq;
+    long long ssrc, seq_hi, seq_first, unique, lost_before, bad_seq, ts_hi, pts_hi;
+    u128 seq_mask;
+    /* transit */
+    double *transit, *sorted, transit_min;
+    long long transit_n, transit_i, since_estimate;
+} Jb;
+
+static long long
+serial_delta(long long a, long long b, int bits)
+{
+    long long half = 1LL << (bits - 1);
+    return ((a - b + half) & ((1LL << bits) - 1)) - half;
+}
+
+static const unsigned short jb_frame_of_config[32] = {
+    480, 960, 1920, 2880, 480, 960, 1920, 2880, 480, 960, 1920, 2880, /* SILK */
+    480, 960, 480, 960,                                               /* Hybrid */
+    120, 240, 480, 960, 120, 240, 480, 960, 120, 240, 480, 960, 120, 240, 480, 960, /* CELT */
+};
+
+/* media.jitterbuffer.opus_samples */
+static long long
+jb_opus_samples(PyObject *payload, long long fallback)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(payload);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(payload);
+    if (n == 0)
+        return fallback;
+    long long frame = jb_frame_of_config[p[0] >> 3];
+    int code = p[0] & 3;
+    if (code == 0)
+        return frame;
+    if (code < 3)
+        return 2 * frame;
+    if (n < 2 || !(p[1] & 0x3F))
+        return fallback;
+    return frame * (p[1] & 0x3F);
+}
+
+/* Index of pts in the sorted packets, or -(insertion point) - 1. */
+static Py_ssize_t
+jb_find(Jb *b, long long pts)
+{
+    Py_ssize_t lo = 0, hi = b->count;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (b->packets[mid].pts < pts)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < b->count && b->packets[lo].pts == pts)
+        return lo;
+    return -lo - 1;
+}
+
+/* Take entry i out (its payload reference goes to the caller). */
+static JbEntry
+jb_take(Jb *b, Py_ssize_t i)
+{
+    JbEntry e = b->packets[i];
+    memmove(&b->packets[i], &b->packets[i + 1], (size_t)(b->count - i - 1) * sizeof(JbEntry));
+    b->count--;
+    return e;
+}
+
+static void
+jb_clear_packets(Jb *b)
+{
+    Py_ssize_t n = b->count;
+    b->count = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_DECREF(b->packets[i].payload);
+}
+
+static int
+jb_cmp(const void *x, const void *y)
+{
+    double a = *(const double *)x, c = *(const double *)y;
+    return a < c ? -1 : a > c;
+}
+
+static void
+jb_estimate(Jb *b)
+{
+    b->since_estimate = 0;
+    long long n = b->transit_n;
+    if (!n)
+        return;
+    memcpy(b->sorted, b->transit, (size_t)n * sizeof(double));
+    qsort(b->sorted, (size_t)n, sizeof(double), jb_cmp);
+    double low = b->sorted[0];
+    double jitter = b->sorted[(long long)(b->quantile * (double)(n - 1) + 0.5)] - low;
+    b->transit_min = low;
+    double target = jitter + b->margin_s;
+    if (n < b->warmup && b->initial_delay_s > target)
+        target = b->initial_delay_s;
+    if (b->min_delay_s > target)
+        target = b->min_delay_s;
+    if (target > b->max_delay_s)
+        target = b->max_delay_s;
+    b->target_s = target;
+    b->jitter_s = jitter;
+    b->target_delay_s = target;
+}
+
+static void
+jb_add_transit(Jb *b, double transit)
+{
+    long long i = b->transit_i;
+    b->transit[i] = transit;
+    b->transit_i = i + 1 < b->window ? i + 1 : 0;
+    if (b->transit_n < b->window)
+        b->transit_n++;
+    if (transit < b->transit_min)
+        b->transit_min = transit;
+    if (++b->since_estimate >= 16)
+        jb_estimate(b);
+}
+
+static void
+jb_reset_transit(Jb *b)
+{
+    b->transit_n = b->transit_i = 0;
+    b->transit_min = INFINITY;
+    b->since_estimate = 0;
+}
+
+static void
+jb_new_stream(Jb *b, long long seq, long long timestamp, long long ssrc)
+{
+    long long base, ext;
+    if (b->has_ssrc) {
+        b->stream_restarts++;
+        long long lost = b->seq_hi - b->seq_first + 1 - b->unique;
+        b->lost_before += lost > 0 ? lost : 0;
+        base = b->pts_hi + b->frame_samples;
+        if (b->count && b->packets[b->count - 1].pts + b->frame_samples > base)
+            base = b->packets[b->count - 1].pts + b->frame_samples;
+        if (b->playing) {
+            if (b->next > base)
+                base = b->next;
+        } else if (b->has_played_end && b->played_end > base) {
+            base = b->played_end;
+        }
+        ext = (((b->seq_hi >> 16) + 2) << 16) + seq;
+        jb_reset_transit(b);
+    } else {
+        base = 0;
+        ext = seq;
+    }
+    b->has_ssrc = 1;
+    b->ssrc = ssrc;
+    b->seq_hi = b->seq_first = ext;
+    b->seq_mask = 1;
+    b->unique = 0;
+    b->has_bad_seq = 0;
+    b->ts_hi = timestamp;
+    b->pts_hi = base;
+}
+
+/* push(seq, timestamp, payload, now, ssrc=0) -> kept */
+static PyObject *
+Jb_push(Jb *b, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 4 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "push(seq, timestamp, payload, now, ssrc=0)");
+        return NULL;
+    }
+    long long seq = PyLong_AsLongLong(args[0]);
+    long long timestamp = PyLong_AsLongLong(args[1]);
+    PyObject *payload = args[2];
+    double now = PyFloat_AsDouble(args[3]);
+    long long ssrc = nargs == 5 ? PyLong_AsLongLong(args[4]) : 0;
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(payload)) {
+        PyErr_SetString(PyExc_TypeError, "payload: bytes");
+        return NULL;
+    }
+    b->packets_received++;
+    long long pts, ext;
+    if (!b->has_ssrc || ssrc != b->ssrc) {
+        jb_new_stream(b, seq, timestamp, ssrc);
+        pts = b->pts_hi;
+        ext = b->seq_hi;
+    } else {
+        long long delta = serial_delta(seq, b->seq_hi, 16);
+        if (delta > JB_MAX_DROPOUT || delta < -JB_MAX_DROPOUT) {
+            /* RFC 3550 A.1: believe a big jump when the next packet follows it */
+            if (!(b->has_bad_seq && b->bad_seq == seq)) {
+                b->has_bad_seq = 1;
+                b->bad_seq = (seq + 1) & 0xFFFF;
+                b->packets_late++;
+                Py_RETURN_FALSE;
+            }
+            b->has_bad_seq = 0;
+            jb_new_stream(b, seq, timestamp, ssrc);
+            pts = b->pts_hi;
+            ext = b->seq_hi;
+        } else if (delta > 0) {
+            ext = b->seq_hi = b->seq_hi + delta;
+            b->seq_mask = delta >= JB_SEQ_WINDOW ? 1 : ((b->seq_mask << delta) | 1);
+            long long dts = serial_delta(timestamp, b->ts_hi, 32);
+            b->ts_hi = timestamp;
+            pts = b->pts_hi = b->pts_hi + dts;
+        } else {
+            long long back = -delta;
+            if (back >= JB_SEQ_WINDOW) {
+                b->packets_late++;
+                Py_RETURN_FALSE;
+            }
+            if ((b->seq_mask >> back) & 1) {
+                b->packets_duplicate++;
+                Py_RETURN_FALSE;
+            }
+            b->seq_mask |= (u128)1 << back;
+            ext = b->seq_hi - back;
+            pts = b->pts_hi + serial_delta(timestamp, b->ts_hi, 32);
+        }
+        b->has_bad_seq = 0;
+    }
+    b->unique++;
+    long long lost = b->seq_hi - b->seq_first + 1 - b->unique;
+    b->packets_lost = b->lost_before + (lost > 0 ? lost : 0);
+    b->last_arrival = now;
+    double transit = now - (double)pts * b->inv_rate;
+    if (b->playing) {
+        if (pts < b->next) {
+            if (!b->has_played_end || pts >= b->played_end) {
+                b->packets_late_kept++;
+                b->run = floor_div(pts - b->played_end, b->frame_samples);
+                b->next = pts;
+            } else {
+                b->packets_late++;
+                jb_add_transit(b, transit);
+                jb_estimate(b);
+                Py_RETURN_FALSE;
+            }
+        } else if (pts - b->next > b->far_ahead) {
+            b->packets_overflow += b->count;
+            jb_clear_packets(b);
+            b->playing = 0;
+            jb_reset_transit(b);
+        }
+    } else if (b->has_played_end && pts < b->played_end) {
+        b->packets_late++;
+        Py_RETURN_FALSE;
+    } else if (!b->has_start && fabs(transit - b->transit_min) > b->max_delay_s) {
+        jb_reset_transit(b);
+    }
+    jb_add_transit(b, transit);
+    Py_ssize_t at = jb_find(b, pts);
+    if (at >= 0) {
+        b->packets_duplicate++;
+        Py_RETURN_FALSE;
+    }
+    at = -at - 1;
+    memmove(&b->packets[at + 1], &b->packets[at], (size_t)(b->count - at) * sizeof(JbEntry));
+    b->packets[at].pts = pts;
+    b->packets[at].ext = ext;
+    Py_INCREF(payload);
+    b->packets[at].payload = payload;
+    b->count++;
+    if (b->count > b->capacity) {
+        JbEntry oldest = jb_take(b, 0);
+        Py_DECREF(oldest.payload);
+        b->packets_overflow++;
+    }
+    if (!b->playing && !b->has_start) {
+        b->has_start = 1;
+        b->start_at = now + b->target_s;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *jb_idle = NULL; /* (IDLE, None, None) */
+
+static PyObject *
+jb_result(int kind, PyObject *payload, int has_pts, long long pts)
+{
+    PyObject *p = has_pts ? PyLong_FromLongLong(pts) : Py_NewRef(Py_None);
+    if (p == NULL)
+        return NULL;
+    return Py_BuildValue("(iON)", kind, payload ? payload : Py_None, p);
+}
+
+/* _play: the entry (its payload reference is the caller's) at pts. */
+static PyObject *
+jb_play(Jb *b, JbEntry e, long long pts, double delay, double now)
+{
+    b->last_seq = e.ext;
+    long long following = pts + jb_opus_samples(e.payload, b->frame_samples);
+    b->next = b->played_end = following;
+    b->has_played_end = 1;
+    b->run = 0;
+    int kind = JB_PLAY;
+    if (delay >= b->target_s + b->frame_s + b->hysteresis_s && now - b->last_shrink >= b->shrink_interval_s
+        && jb_find(b, following) >= 0) {
+        b->last_shrink = now;
+        b->frames_discarded++;
+        kind = JB_DISCARD;
+    } else {
+        b->frames_played++;
+    }
+    PyObject *out = jb_result(kind, e.payload, 1, pts);
+    Py_DECREF(e.payload);
+    return out;
+}
+
+/* pop(now) -> (kind, payload, pts) */
+static PyObject *
+Jb_pop(Jb *b, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!b->playing) {
+        if (!b->has_start)
+            return Py_NewRef(jb_idle);
+        if (!b->count) {
+            b->has_start = 0;
+            return Py_NewRef(jb_idle);
+        }
+        if (now < b->start_at - 1e-6)
+            return Py_NewRef(jb_idle);
+        b->has_start = 0;
+        b->playing = 1;
+        b->next = b->played_end = b->packets[0].pts;
+        b->has_played_end = 1;
+        b->last_seq = b->packets[0].ext - 1;
+        b->run = 0;
+        b->last_shrink = now;
+        b->playouts++;
+    }
+    long long nxt = b->next;
+    double delay = now - (double)nxt * b->inv_rate - b->transit_min;
+    b->delay_s = delay;
+    b->has_delay = 1;
+    Py_ssize_t at = jb_find(b, nxt);
+    if (at >= 0)
+        return jb_play(b, jb_take(b, at), nxt, delay, now);
+    long long frame = b->frame_samples;
+    if (b->count) {
+        long long head = b->packets[0].pts;
+        if (head < nxt + frame)
+            return jb_play(b, jb_take(b, 0), head, delay, now);
+        if (b->packets[0].ext - b->last_seq - 1 <= b->run) {
+            b->next = nxt + frame;
+            b->frames_skipped++;
+            return jb_result(JB_GAP, NULL, 1, nxt);
+        }
+    } else if (now - b->last_arrival > b->hold_s) {
+        b->playing = 0;
+        b->has_delay = 0;
+        return Py_NewRef(jb_idle);
+    } else if (b->events_hint != Py_None) {
+        PyObject *hint = PyObject_CallNoArgs(b->events_hint);
+        if (hint == NULL)
+            return NULL;
+        int yes = PyObject_IsTrue(hint);
+        Py_DECREF(hint);
+        if (yes < 0)
+            return NULL;
+        if (yes) {
+            b->next = nxt + frame;
+            b->frames_skipped++;
+            return jb_result(JB_GAP, NULL, 1, nxt);
+        }
+    }
+    b->frames_concealed++;
+    if (delay < b->target_s - JB_DELAY_SLACK) {
+        b->frames_stretched++;
+        return jb_result(JB_STRETCH, NULL, 0, 0);
+    }
+    b->next = nxt + frame;
+    b->run++;
+    return jb_result(JB_CONCEAL, NULL, 1, nxt);
+}
+
+static PyObject *
+Jb_peek(Jb *b, PyObject *arg)
+{
+    long long pts = PyLong_AsLongLong(arg);
+    if (pts == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t at = jb_find(b, pts);
+    return Py_NewRef(at >= 0 ? b->packets[at].payload : Py_None);
+}
+
+/* drain() -> [(kind, payload, pts)]: everything buffered, as the ticks would play it. */
+static PyObject *
+Jb_drain(Jb *b, PyObject *unused)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    if (b->count) {
+        if (!b->playing) {
+            b->next = b->packets[0].pts;
+            b->last_seq = b->packets[0].ext - 1;
+            b->run = 0;
+        }
+        long long nxt = b->next, frame = b->frame_samples;
+        while (b->count) {
+            PyObject *item;
+            Py_ssize_t at = jb_find(b, nxt);
+            if (at < 0) {
+                long long head = b->packets[0].pts;
+                if (head < nxt + frame) {
+                    nxt = head;
+                    continue;
+                }
+                if (b->packets[0].ext - b->last_seq - 1 <= b->run) {
+                    item = jb_result(JB_GAP, NULL, 1, nxt);
+                    b->frames_skipped++;
+                } else {
+                    item = jb_result(JB_CONCEAL, NULL, 1, nxt);
+                    b->frames_concealed++;
+                    b->run++;
+                }
+                nxt += frame;
+            } else {
+                JbEntry e = jb_take(b, at);
+                b->last_seq = e.ext;
+                item = jb_result(JB_PLAY, e.payload, 1, nxt);
+                b->frames_played++;
+                nxt += jb_opus_samples(e.payload, frame);
+                b->played_end = nxt;
+                b->has_played_end = 1;
+                b->run = 0;
+                Py_DECREF(e.payload);
+            }
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        b->next = nxt;
+    }
+    b->playing = 0;
+    b->has_start = 0;
+    return out;
+}
+
+static PyObject *
+Jb_delay(Jb *b, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!b->playing || b->transit_min == INFINITY)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(now - (double)b->next * b->inv_rate - b->transit_min);
+}
+
+static Py_ssize_t
+Jb_len(Jb *b)
+{
+    return b->count;
+}
+
+static int
+jb_set(PyObject *stats, const char *name, PyObject *value)
+{
+    if (value == NULL)
+        return -1;
+    int r = PyObject_SetAttrString(stats, name, value);
+    Py_DECREF(value);
+    return r;
+}
+
+/* stats: the JitterStats given, brought up to date. */
+static PyObject *
+Jb_get_stats(Jb *b, void *closure)
+{
+    PyObject *s = b->stats;
+    struct {
+        const char *name;
+        long long value;
+    } counters[] = {
+        {"packets_received", b->packets_received}, {"packets_lost", b->packets_lost},
+        {"packets_late", b->packets_late}, {"packets_late_kept", b->packets_late_kept},
+        {"packets_duplicate", b->packets_duplicate}, {"frames_played", b->frames_played},
+        {"frames_concealed", b->frames_concealed}, {"frames_skipped", b->frames_skipped},
+        {"frames_stretched", b->frames_stretched}, {"frames_discarded", b->frames_discarded},
+        {"packets_overflow", b->packets_overflow}, {"playouts", b->playouts},
+        {"stream_restarts", b->stream_restarts},
+    };
+    for (size_t i = 0; i < sizeof counters / sizeof counters[0]; i++)
+        if (jb_set(s, counters[i].name, PyLong_FromLongLong(counters[i].value)) < 0)
+            return NULL;
+    if (jb_set(s, "target_delay_s", PyFloat_FromDouble(b->target_delay_s)) < 0
+        || jb_set(s, "delay_s", b->has_delay ? PyFloat_FromDouble(b->delay_s) : Py_NewRef(Py_None)) < 0
+        || jb_set(s, "jitter_s", PyFloat_FromDouble(b->jitter_s)) < 0)
+        return NULL;
+    return Py_NewRef(s);
+}
+
+static PyObject *
+Jb_get_start_at(Jb *b, void *closure)
+{
+    return b->has_start ? PyFloat_FromDouble(b->start_at) : Py_NewRef(Py_None);
+}
+
+static PyObject *
+Jb_get_next_pts(Jb *b, void *closure)
+{
+    return b->playing ? PyLong_FromLongLong(b->next) : Py_NewRef(Py_None);
+}
+
+static PyObject *
+Jb_get_playing(Jb *b, void *closure)
+{
+    return PyBool_FromLong(b->playing);
+}
+
+static PyObject *
+Jb_get_events_hint(Jb *b, void *closure)
+{
+    return Py_NewRef(b->events_hint);
+}
+
+static int
+Jb_set_events_hint(Jb *b, PyObject *value, void *closure)
+{
+    if (value == NULL || (value != Py_None && !PyCallable_Check(value))) {
+        PyErr_SetString(PyExc_TypeError, "events_hint: None or a callable");
+        return -1;
+    }
+    Py_SETREF(b->events_hint, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+Jb_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"stats", "clock_rate", "frame_samples", "initial_delay_s", "min_delay_s",
+                            "max_delay_s", "margin_s", "quantile", "window", "warmup", "hysteresis_s",
+                            "shrink_interval_s", "hold_s", "capacity", NULL};
+    PyObject *stats;
+    long long clock_rate = 48000, frame_samples = 960, window = 200, warmup = 50, capacity = 100;
+    double initial = 0.06, min_delay = 0.02, max_delay = 0.2, margin = 0.005, quantile = 0.97, hysteresis = 0.01,
+           shrink = 0.25, hold = 0.2;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$LLdddddLLdddL:PlayoutBuffer", names, &stats, &clock_rate,
+                                     &frame_samples, &initial, &min_delay, &max_delay, &margin, &quantile, &window,
+                                     &warmup, &hysteresis, &shrink, &hold, &capacity))
+        return NULL;
+    if (!(0 < min_delay && min_delay <= initial && initial <= max_delay)) {
+        PyErr_SetString(PyExc_ValueError, "need 0 < min_delay_s <= initial_delay_s <= max_delay_s");
+        return NULL;
+    }
+    if (!(0.5 <= quantile && quantile < 1) || window < 10 || !(1 <= warmup && warmup <= window)) {
+        PyErr_SetString(PyExc_ValueError, "bad quantile / window / warmup");
+        return NULL;
+    }
+    if (clock_rate <= 0 || frame_samples <= 0 || capacity < 1 || capacity > 100000 || window > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "bad clock_rate / frame_samples / capacity / window");
+        return NULL;
+    }
+    Jb *b = (Jb *)type->tp_alloc(type, 0);
+    if (b == NULL)
+        return NULL;
+    b->clock_rate = clock_rate;
+    b->frame_samples = frame_samples;
+    b->frame_s = (double)frame_samples / (double)clock_rate;
+    b->inv_rate = 1.0 / (double)clock_rate;
+    b->initial_delay_s = initial;
+    b->min_delay_s = min_delay;
+    b->max_delay_s = max_delay;
+    b->margin_s = margin;
+    b->quantile = quantile;
+    b->window = window;
+    b->warmup = warmup;
+    b->hysteresis_s = hysteresis;
+    b->shrink_interval_s = shrink;
+    b->hold_s = hold;
+    b->capacity = capacity;
+    b->far_ahead = (long long)nearbyint((2 * max_delay + 0.1) * (double)clock_rate);
+    b->events_hint = Py_NewRef(Py_None);
+    b->stats = Py_NewRef(stats);
+    b->target_delay_s = b->target_s = initial;
+    b->last_arrival = b->last_shrink = -INFINITY;
+    b->transit_min = INFINITY;
+    b->packets = PyMem_Calloc((size_t)capacity + 1, sizeof(JbEntry));
+    b->transit = PyMem_Calloc((size_t)window, sizeof(double));
+    b->sorted = PyMem_Calloc((size_t)window, sizeof(double));
+    if (b->packets == NULL || b->transit == NULL || b->sorted == NULL) {
+        Py_DECREF(b);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)b;
+}
+
+static int
+Jb_traverse(Jb *b, visitproc visit, void *arg)
+{
+    Py_VISIT(b->events_hint);
+    Py_VISIT(b->stats);
+    for (Py_ssize_t i = 0; i < b->count; i++)
+        Py_VISIT(b->packets[i].payload);
+    return 0;
+}
+
+static int
+Jb_clear(Jb *b)
+{
+    Py_CLEAR(b->events_hint);
+    b->events_hint = Py_NewRef(Py_None); /* (always callable-or-None) */
+    jb_clear_packets(b);
+    return 0;
+}
+
+static void
+Jb_dealloc(Jb *b)
+{
+    PyObject_GC_UnTrack(b);
+    Py_CLEAR(b->events_hint);
+    Py_CLEAR(b->stats);
+    if (b->packets != NULL)
+        jb_clear_packets(b);
+    PyMem_Free(b->packets);
+    PyMem_Free(b->transit);
+    PyMem_Free(b->sorted);
+    Py_TYPE(b)->tp_free((PyObject *)b);
+}
+
+static PyMethodDef Jb_methods[] = {
+    {"push", (PyCFunction)(void (*)(void))Jb_push, METH_FASTCALL,
+     "push(seq, timestamp, payload, now, ssrc=0) -> whether it was kept."},
+    {"pop", (PyCFunction)Jb_pop, METH_O, "pop(now) -> (kind, payload, pts)."},
+    {"peek", (PyCFunction)Jb_peek, METH_O, "peek(pts) -> the payload buffered there, or None."},
+    {"drain", (PyCFunction)Jb_drain, METH_NOARGS, "drain() -> everything buffered, as the ticks would play it."},
+    {"delay", (PyCFunction)Jb_delay, METH_O, "delay(now) -> the delay beyond the fastest packet, or None."},
+    {NULL},
+};
+
+static PyMemberDef Jb_members[] = {
+    {"clock_rate", T_LONGLONG, offsetof(Jb, clock_rate), READONLY, NULL},
+    {"frame_samples", T_LONGLONG, offsetof(Jb, frame_samples), READONLY, NULL},
+    {"frame_s", T_DOUBLE, offsetof(Jb, frame_s), READONLY, NULL},
+    {"initial_delay_s", T_DOUBLE, offsetof(Jb, initial_delay_s), READONLY, NULL},
+    {"min_delay_s", T_DOUBLE, offsetof(Jb, min_delay_s), 0, NULL},
+    {"max_delay_s", T_DOUBLE, offsetof(Jb, max_delay_s), READONLY, NULL},
+    {"margin_s", T_DOUBLE, offsetof(Jb, margin_s), READONLY, NULL},
+    {"quantile", T_DOUBLE, offsetof(Jb, quantile), READONLY, NULL},
+    {"window", T_LONGLONG, offsetof(Jb, window), READONLY, NULL},
+    {"warmup", T_LONGLONG, offsetof(Jb, warmup), READONLY, NULL},
+    {"hysteresis_s", T_DOUBLE, offsetof(Jb, hysteresis_s), READONLY, NULL},
+    {"shrink_interval_s", T_DOUBLE, offsetof(Jb, shrink_interval_s), READONLY, NULL},
+    {"hold_s", T_DOUBLE, offsetof(Jb, hold_s), READONLY, NULL},
+    {"capacity", T_LONGLONG, offsetof(Jb, capacity), READONLY, NULL},
+    {"target_s", T_DOUBLE, offsetof(Jb, target_s), 0, NULL},
+    {NULL},
+};
+
+static PyGetSetDef Jb_getset[] = {
+    {"stats", (getter)Jb_get_stats, NULL, "the counters (a JitterStats)", NULL},
+    {"start_at", (getter)Jb_get_start_at, NULL, "when playout should start, or None", NULL},
+    {"next_pts", (getter)Jb_get_next_pts, NULL, "the next slot's stream position (None unless playing)", NULL},
+    {"playing", (getter)Jb_get_playing, NULL, NULL, NULL},
+    {"events_hint", (getter)Jb_get_events_hint, (setter)Jb_set_events_hint,
+     "() -> bool: telephone-events arrive instead of audio now", NULL},
+    {NULL},
+};
+
+static PySequenceMethods Jb_as_sequence = {
+    .sq_length = (lenfunc)Jb_len,
+};
+
+static PyTypeObject JbType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "media._rtpcore.PlayoutBuffer",
+    .tp_doc = "The adaptive playout buffer for Opus (media.jitterbuffer.PlayoutBuffer's twin).",
+    .tp_basicsize = sizeof(Jb),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Jb_new,
+    .tp_dealloc = (destructor)Jb_dealloc,
+    .tp_traverse = (traverseproc)Jb_traverse,
+    .tp_clear = (inquiry)Jb_clear,
+    .tp_methods = Jb_methods,
+    .tp_members = Jb_members,
+    .tp_getset = Jb_getset,
+    .tp_as_sequence = &Jb_as_sequence,
+};
+
 /* ---------------------------------------------------------------- module ---------- */
 
 static PyMethodDef methods[] = {
@@ -993,6 +1721,17 @@ PyInit__rtpcore(void)
     Py_INCREF(&OpusRingType);
     if (PyModule_AddObject(m, "OpusRing", (PyObject *)&OpusRingType) < 0) {
         Py_DECREF(&OpusRingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    jb_idle = Py_BuildValue("(iOO)", JB_IDLE, Py_None, Py_None);
+    if (jb_idle == NULL || PyType_Ready(&JbType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&JbType);
+    if (PyModule_AddObject(m, "PlayoutBuffer", (PyObject *)&JbType) < 0) {
+        Py_DECREF(&JbType);
         Py_DECREF(m);
         return NULL;
     }

@@ -57,6 +57,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from . import rtpcore
 from .rtpseq import serial_delta
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "JitterStats",
     "PlayoutBuffer",
     "opus_samples",
+    "playout_buffer",
 ]
 
 #: What :meth:`PlayoutBuffer.pop` asks the caller to do for this tick.
@@ -547,3 +549,13 @@ class PlayoutBuffer:
 
 
 _IDLE = (IDLE, None, None)
+
+
+def playout_buffer(**options) -> PlayoutBuffer:
+    """A :class:`PlayoutBuffer` for an Opus stream (keyword ``options`` as its): the C
+    core's twin where it was built (:mod:`media.rtpcore`; same results, the tests hold
+    the two to each other), else this module's."""
+    core = rtpcore.core
+    if core is None:
+        return PlayoutBuffer(**options)
+    return core.PlayoutBuffer(JitterStats(target_delay_s=options.get("initial_delay_s", 0.06)), **options)

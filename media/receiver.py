@@ -79,7 +79,7 @@ import numpy as np
 from . import aiortc_hooks, libopus
 from .clock import FRAME_S, FrameClock
 from .frames import FRAME_SAMPLES, PCM_DTYPE, SAMPLE_RATE
-from .jitterbuffer import CONCEAL, DISCARD, GAP, IDLE, PLAY, PlayoutBuffer
+from .jitterbuffer import CONCEAL, DISCARD, GAP, IDLE, PLAY, PlayoutBuffer, playout_buffer
 from .lean import FrameTicker
 
 __all__ = ["NOT_DECODED", "OpusDecoder", "OpusReceiver", "aiortc_problems", "RESYNC_S"]
@@ -284,7 +284,7 @@ class OpusReceiver:
         clock: Callable[[], float] | None = None,
         pcm_wanted: Callable[[], bool] | None = None,
     ) -> None:
-        self.buffer = buffer if buffer is not None else PlayoutBuffer()
+        self.buffer = buffer if buffer is not None else playout_buffer()
         self.pcm_wanted = pcm_wanted
         #: Frames delivered as :data:`NOT_DECODED` (nothing read PCM), and packets
         #: dropped to shrink the delay without decoding them.

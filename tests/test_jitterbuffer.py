@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from media import analysis
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE
@@ -20,8 +21,10 @@ from media.jitterbuffer import (
     IDLE,
     PLAY,
     STRETCH,
+    JitterStats,
     PlayoutBuffer,
     opus_samples,
+    playout_buffer,
 )
 from media.opus import OpusSettings
 from media.peer import PeerConfig
@@ -31,6 +34,17 @@ from media_call import TIMEOUT, FrameGate, call_pair, started_receiver, tone_pac
 
 FRAME_S = 0.02
 T0 = 1000.0
+
+
+@pytest.fixture(autouse=True)
+def _either_buffer(rtp_core, monkeypatch):
+    """Every test here runs with the C core's PlayoutBuffer (what the receiver makes
+    where the core was built), then with this module's reference one."""
+    monkeypatch.setitem(globals(), "PlayoutBuffer", playout_buffer if rtp_core == "native" else _PyPlayoutBuffer)
+    return rtp_core
+
+
+_PyPlayoutBuffer = PlayoutBuffer
 
 
 # -- a deterministic simulation: arrivals and 20 ms ticks on one timeline ---------------
@@ -673,3 +687,69 @@ async def test_tick_resyncs_after_a_stall_and_survives_a_failing_sink():
     assert rx.resyncs == 1 and len(calls) == 5  # one frame, not a burst of five
     assert rx._due == pytest.approx(now[0] + FRAME_S)  # a new schedule from now
     rx.close()
+
+
+# -- the C core's PlayoutBuffer against this module's ------------------------------------------
+
+_PAYLOADS = [b"\x78" + bytes(20), b"\x79" + bytes(20), b"\x7b\x03" + bytes(9), b"\x0a" + bytes(5), b"", b"\x7b\x00"]
+#: Per 20 ms tick: the packets sent (each: how far its sequence number and timestamp
+#: move, its payload, the ticks it takes to arrive, its SSRC), maybe a network freeze
+#: (nothing arrives for that many ticks), then maybe a pop.
+_TICKS = st.lists(
+    st.tuples(
+        st.lists(st.tuples(st.sampled_from([1] * 12 + [2, 0, -1, -3, 5, 4000, -4000, 200]),
+                           st.sampled_from([960] * 12 + [1920, 0, -960, 480, 123_456]),
+                           st.sampled_from([_PAYLOADS[0]] * 6 + _PAYLOADS),
+                           st.sampled_from([0] * 12 + [1, 2, 3, 6, 12]),
+                           st.sampled_from([7] * 20 + [8])),
+                 max_size=3),
+        st.sampled_from([0] * 30 + [4, 12]),
+        st.sampled_from(["pop"] * 8 + ["none", "drain", "hint on", "hint off", "floor"])),
+    min_size=1, max_size=250,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_TICKS, st.sampled_from([{}, {"capacity": 4, "window": 10, "warmup": 5}, {"hold_s": 0.05},
+                                 {"max_delay_s": 0.1, "initial_delay_s": 0.04}]))
+def test_the_c_buffer_plays_as_the_reference_does(_either_buffer, ticks, options):
+    from tests.helpers import native_rtp_core
+
+    if _either_buffer != "native":
+        return  # (one comparison is enough: it runs under the native parameter)
+    core = native_rtp_core()
+    buffers = [_PyPlayoutBuffer(**options), core.PlayoutBuffer(JitterStats(), **options)]
+    hint = [False]
+    for b in buffers:
+        b.events_hint = lambda: hint[0]
+    seq, ts, tick = 65_500, 4_294_960_000, 1000.0
+    in_flight: list[tuple[int, tuple]] = []
+    frozen_until = 0
+    for n, (sent, freeze, then) in enumerate(ticks):
+        tick += FRAME_S
+        for dseq, dts, payload, delay, ssrc in sent:
+            seq, ts = (seq + dseq) & 0xFFFF, (ts + dts) & 0xFFFFFFFF
+            in_flight.append((n + delay, (seq, ts, payload, ssrc)))
+        frozen_until = max(frozen_until, n + freeze)
+        if n < frozen_until:
+            in_flight = [(max(due, frozen_until), packet) for due, packet in in_flight]
+        for due, (s, t, payload, ssrc) in [p for p in in_flight if p[0] <= n]:
+            kept = [b.push(s, t, payload, tick + 0.0003 * (due % 7), ssrc) for b in buffers]
+            assert kept[0] == kept[1]
+        in_flight = [p for p in in_flight if p[0] > n]
+        if then == "pop":
+            out = [b.pop(tick) for b in buffers]
+        elif then == "drain":
+            out = [b.drain() for b in buffers]
+        elif then.startswith("hint"):
+            hint[0] = then == "hint on"
+            out = [None, None]
+        elif then == "floor":
+            for b in buffers:
+                b.min_delay_s = 0.04
+            out = [None, None]
+        else:
+            out = [None, None]
+        assert out[0] == out[1], then
+        states = [(b.stats, b.start_at, b.next_pts, b.playing, len(b), b.delay(tick), b.target_s) for b in buffers]
+        assert states[0] == states[1]

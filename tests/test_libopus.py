@@ -8,7 +8,7 @@ import pytest
 
 from media import analysis, libopus
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE
-from media.jitterbuffer import PlayoutBuffer
+from media.jitterbuffer import playout_buffer
 from media.opus import OpusEncoder, OpusSettings
 from media.receiver import OpusDecoder, OpusReceiver
 from tests.media_call import tone_packets
@@ -86,7 +86,7 @@ def test_in_band_fec_rebuilds_a_lost_packet_that_concealment_cannot():
 
 async def _play_with_one_lost(packets: list[bytes], lost: int, decoder: OpusDecoder | None = None):
     frames: list[np.ndarray] = []
-    rx = OpusReceiver(lambda pcm, pts: frames.append(pcm.copy()), buffer=PlayoutBuffer())
+    rx = OpusReceiver(lambda pcm, pts: frames.append(pcm.copy()), buffer=playout_buffer())
     if decoder is not None:
         rx.decoder = decoder
     t0 = 1000.0
@@ -102,7 +102,7 @@ async def _play_with_one_lost(packets: list[bytes], lost: int, decoder: OpusDeco
 
 
 @pytest.mark.parametrize("pyav", [False, True])
-async def test_the_receiver_uses_the_next_packets_fec_for_a_lost_one(pyav):
+async def test_the_receiver_uses_the_next_packets_fec_for_a_lost_one(pyav, rtp_core):
     packets = _switching_tone(VOIP_FEC)
     frames, rx = await _play_with_one_lost(packets, SWITCH, OpusDecoder(pyav=pyav))
     stats = rx.stats()
@@ -117,7 +117,7 @@ async def test_the_receiver_uses_the_next_packets_fec_for_a_lost_one(pyav):
         assert analysis.dominant_frequency(lost, SAMPLE_RATE) == pytest.approx(1000, abs=25)
 
 
-async def test_without_fec_in_the_stream_the_receiver_conceals():
+async def test_without_fec_in_the_stream_the_receiver_conceals(rtp_core):
     packets = tone_packets(600, 0.6)  # CELT: no FEC
     frames, rx = await _play_with_one_lost(packets, 10)
     assert rx.stats()["frames_concealed"] == 1 and rx.stats()["frames_fec"] == 0
@@ -168,13 +168,13 @@ def test_a_16_khz_encoder_takes_16_khz_frames():
     assert analysis.dominant_frequency(out[2000:], SAMPLE_RATE) == pytest.approx(1000, abs=25)
 
 
-async def test_a_loss_in_a_stream_with_fec_keeps_a_frame_more_buffered():
+async def test_a_loss_in_a_stream_with_fec_keeps_a_frame_more_buffered(rtp_core):
     """The first loss whose successor is not here yet, in a stream that carries FEC,
     raises the playout buffer's floor so the next loss finds its successor buffered."""
     from media.receiver import FEC_MIN_DELAY_S
 
     packets = _switching_tone(VOIP_FEC)
-    rx = OpusReceiver(lambda pcm, pts: None, buffer=PlayoutBuffer())
+    rx = OpusReceiver(lambda pcm, pts: None, buffer=playout_buffer())
     floor = rx.buffer.min_delay_s
     assert floor < FEC_MIN_DELAY_S
     t0 = 1000.0
@@ -188,7 +188,7 @@ async def test_a_loss_in_a_stream_with_fec_keeps_a_frame_more_buffered():
     assert rx.buffer.min_delay_s == FEC_MIN_DELAY_S
     rx.close()
 
-    plain = OpusReceiver(lambda pcm, pts: None, buffer=PlayoutBuffer())  # CELT: no FEC
+    plain = OpusReceiver(lambda pcm, pts: None, buffer=playout_buffer())  # CELT: no FEC
     celt = tone_packets(600, 0.2)
     for k in range(5):
         plain.buffer.push(k, FRAME_SAMPLES * k, celt[k], t0 + 0.02 * k)
