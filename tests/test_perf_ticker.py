@@ -27,6 +27,27 @@ FRAME_S = 0.02
 TONE_HZ = 600
 
 
+class _RecordingPushes:
+    """A playout buffer (the C core's cannot take attributes) that notes each push."""
+
+    def __init__(self, buffer, arrivals: list) -> None:
+        object.__setattr__(self, "_buffer", buffer)
+        object.__setattr__(self, "_arrivals", arrivals)
+
+    def __getattr__(self, name: str):
+        return getattr(self._buffer, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._buffer, name, value)
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def push(self, seq, timestamp, payload, now, ssrc=0):
+        self._arrivals.append((now, seq, timestamp, payload))
+        return self._buffer.push(seq, timestamp, payload, now, ssrc)
+
+
 class Leg:
     """An OpusReceiver on a real aiortc RTCRtpReceiver (stub transport, no sockets), fed
     RTP at wall-clock times; it records what it delivers and when packets arrived."""
@@ -45,13 +66,7 @@ class Leg:
 
     async def start(self) -> None:
         self.receiver = await started_receiver(self.rx)
-        push = self.rx.buffer.push
-
-        def recording_push(seq, timestamp, payload, now, ssrc=0):
-            self.arrivals.append((now, seq, timestamp, payload))
-            return push(seq, timestamp, payload, now, ssrc)
-
-        self.rx.buffer.push = recording_push
+        self.rx.buffer = _RecordingPushes(self.rx.buffer, self.arrivals)
 
     async def feed(self, seq: int, payload: bytes) -> None:
         from aiortc.rtp import RtpPacket
