@@ -339,3 +339,28 @@ def test_a_ring_left_in_a_cycle_is_collected():
     del holder
     gc.collect()
     assert gone() is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.one_of(st.binary(min_size=1, max_size=40),
+                                              st.sampled_from([bytes(254), bytes(255), bytes(256), bytes(510)])),
+                                    max_size=90), st.booleans()), max_size=12),
+       st.sampled_from([0.02, 0.2, 3600]))
+def test_packets_written_in_bulk_make_the_same_pages(tmp_path_factory, batches, page_s):
+    """OggOpusWriter.write_packets (each stereo.ogg commit) lays out pages exactly as
+    write_packet one packet at a time does."""
+    base = tmp_path_factory.mktemp("bulk")
+    one, bulk = (OggOpusWriter(base / name, channels=2, streams=2, flush_interval_s=page_s) for name in ("1", "2"))
+    for w in (one, bulk):
+        w._serial = 1234  # (random per file otherwise)
+    for batch, flush in batches:
+        for packet in batch:
+            one.write_packet(packet, FRAME_SAMPLES)
+        bulk.write_packets(batch, FRAME_SAMPLES)
+        if flush:
+            one.flush()
+            bulk.flush()
+    one.close()
+    bulk.close()
+    assert (base / "1").read_bytes() == (base / "2").read_bytes()
+    assert one.packets == bulk.packets and one.samples == bulk.samples

@@ -259,6 +259,24 @@ class OggOpusWriter:
         if self._pending_samples >= self._page_samples:
             self._flush_page()
 
+    def write_packets(self, packets: list[bytes], samples: int) -> None:
+        """Append Opus packets of ``samples`` each, as :meth:`write_packet` one by one
+        would (in bulk where they fit the page and each takes one lacing value)."""
+        if self._fd is None or not packets:
+            return
+        if not self._started or len(self._segments) + len(packets) > 255 or \
+                self._pending_samples + samples * len(packets) >= self._page_samples or \
+                max(map(len, packets)) >= 255:
+            for packet in packets:
+                self.write_packet(packet, samples)
+            return
+        self._segments += bytes(map(len, packets))
+        self._body += packets
+        total = samples * len(packets)
+        self._granule += total
+        self._pending_samples += total
+        self.packets += len(packets)
+
     def flush(self) -> None:
         """Close the current page and write it now."""
         if self._body:

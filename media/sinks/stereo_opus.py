@@ -362,9 +362,7 @@ class AlignedOpusRecorder(TwoLegRecording):
 
     def _write(self, packets: list[bytes]) -> None:
         """One commit's Ogg packets into the file, closing a page."""
-        write = self._file.write_packet
-        for packet in packets:
-            write(packet, FRAME_SAMPLES)
+        self._file.write_packets(packets, FRAME_SAMPLES)
         self._file.flush()
 
     def _commit(self, upto: int) -> None:
