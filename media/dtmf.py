@@ -354,7 +354,7 @@ class PeerDtmf:
         self._replaced: collections.deque[int] = collections.deque(maxlen=256)
         # Receive side, per SSRC: telephone-event packets taken out of the audio
         # sequence space (see _close_gap).
-        self._rx: dict[bytes, _RxStream] = {}
+        self._rx: dict[int, _RxStream] = {}  # by SSRC
         self._closed = False
         # Counters (also show the hooks are live).
         self.rtp_sent = 0
@@ -424,17 +424,27 @@ class PeerDtmf:
         self.rtp_received += 1
         if len(data) < 12:
             return data
-        stream = self._rx.get(data[8:12])
+        return self._incoming(data, int.from_bytes(data[8:12], "big"), int.from_bytes(data[2:4], "big"),
+                              data[1] & 0x7F)
+
+    def incoming_parsed(self, data: bytes, packet) -> bytes | None:
+        """:meth:`incoming` for a packet parsed already (``packet``: its header fields,
+        a :class:`media.lean.RtpView`)."""
+        self.rtp_received += 1
+        return self._incoming(data, packet.ssrc, packet.sequence_number, packet.payload_type)
+
+    def _incoming(self, data: bytes, ssrc: int, seq: int, pt: int) -> bytes | None:
+        rx = self._rx
+        stream = rx.get(ssrc)
         if stream is None:
-            if len(self._rx) >= 8:
-                self._rx.pop(next(iter(self._rx)))
-            stream = self._rx[data[8:12]] = _RxStream()
-        seq = int.from_bytes(data[2:4], "big")
-        newest = stream.high is None or newer(seq, stream.high, 16)
+            if len(rx) >= 8:
+                rx.pop(next(iter(rx)))
+            stream = rx[ssrc] = _RxStream()
+        high = stream.high
+        newest = high is None or ((seq - high + 0x8000) & 0xFFFF) > 0x8000  # (newer(seq, high, 16))
         if newest:
             stream.high = seq
-        pt = self.receive_pt
-        if pt is not None and (data[1] & 0x7F) == pt:
+        if pt == self.receive_pt:
             if newest:
                 stream.taken += 1
                 stream.recent.append(seq)

@@ -743,7 +743,7 @@ class LeanReceiver:
         self.packets += 1
         dtmf = self.dtmf
         if dtmf is not None:
-            clear = dtmf.incoming(plain)
+            clear = dtmf.incoming(plain) if packet is None else dtmf.incoming_parsed(plain, packet)
             if clear is None:
                 return
             if clear is not plain:  # renumbered (telephone-events were taken before it): parsed again

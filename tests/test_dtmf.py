@@ -115,14 +115,18 @@ class RtpTap:
 
     def __init__(self, peer: MediaPeer):
         dtmf = peer._dtmf  # (every received RTP packet, decrypted, passes it first: either RTP path)
-        inner = dtmf.incoming
+        inner, inner_parsed = dtmf.incoming, dtmf.incoming_parsed
         self.packets: list[RtpPacket] = []
 
         def tap(data):
             self.packets.append(RtpPacket.parse(data))
             return inner(data)
 
-        dtmf.incoming = tap
+        def tap_parsed(data, packet):  # (the lean path's, where the C core parsed it)
+            self.packets.append(RtpPacket.parse(data))
+            return inner_parsed(data, packet)
+
+        dtmf.incoming, dtmf.incoming_parsed = tap, tap_parsed
 
 
 async def connect(a_config=None, b_config=None) -> tuple[MediaPeer, MediaPeer]:
