@@ -186,6 +186,11 @@ class OpusRing:
         self.write(packets)
 
 
+def _leg_field(index: int, doc: str) -> property:
+    """A counter of the leg's, read from its recorder's ring (:meth:`OpusRing.leg`)."""
+    return property(lambda leg: leg._rec._ring.leg(leg.channel)[index], doc=doc)
+
+
 class OpusLeg(AnchoredLeg):
     """One channel of an :class:`AlignedOpusRecorder`."""
 
@@ -201,33 +206,12 @@ class OpusLeg(AnchoredLeg):
         self._carry = np.empty(0, dtype=PCM_DTYPE)
         self._closed = False
 
-    @property
-    def packets(self) -> int:
-        """Packets placed (transcoded ones count once per 20 ms packet made)."""
-        return self._rec._ring.leg(self.channel)[0]
-
-    @property
-    def late(self) -> int:
-        """Packets that came later than the commit point and were placed at it."""
-        return self._rec._ring.leg(self.channel)[1]
-
-    @property
-    def dropped(self) -> int:
-        """Duplicates, and reordered packets whose slot was already written."""
-        return self._rec._ring.leg(self.channel)[2]
-
-    @property
-    def _end(self) -> int:
-        """The slot after this leg's last packet."""
-        return self._rec._ring.leg(self.channel)[3]
-
-    @property
-    def first_at(self) -> float | None:
-        return self._rec._ring.leg(self.channel)[4]
-
-    @property
-    def resyncs(self) -> int:
-        return self._rec._ring.leg(self.channel)[5]
+    packets = _leg_field(0, "Packets placed (transcoded ones count once per 20 ms packet made).")
+    late = _leg_field(1, "Packets that came later than the commit point and were placed at it.")
+    dropped = _leg_field(2, "Duplicates, and reordered packets whose slot was already written.")
+    _end = _leg_field(3, "The slot after this leg's last packet.")
+    first_at = _leg_field(4, "When its first packet came (the recorder's clock), or None.")
+    resyncs = _leg_field(5, "How often it was placed again by its arrival times.")
 
     def write_packet(self, payload: bytes, pts: int | None, at: float | None) -> None:
         """Place one Opus packet: ``pts`` on the leg's own timeline (48 kHz samples) or
