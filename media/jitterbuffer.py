@@ -49,6 +49,11 @@ Start and stop. The first packet (or the first after a stop) starts playout
 no packet arrived for :attr:`hold_s` (200 ms), so a dead network stops the frames.
 A new SSRC, or a sequence-number jump confirmed by the next packet (RFC 3550 A.1), is a
 new stream: the timeline goes on from where the old one was.
+
+:class:`PlayoutBuffer` here is the reference. Where the C core (:mod:`media.rtpcore`)
+was built, :func:`playout_buffer` gives the Opus receiver its twin, with the same
+results (the tests run on both and hold one to the other) and its counters in C, copied
+into the same :class:`JitterStats` whenever ``stats`` is read.
 """
 
 from __future__ import annotations
