@@ -21,11 +21,14 @@ from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from gateway.app import Service
 from gateway.calls import CallState, EndReason
+from media import rtpcore
 from media.bridges.base import Bridge
+from media.jitterbuffer import PlayoutBuffer
 from media.peer import MediaPeer
 from media.receiver import OpusDecoder, OpusReceiver
 from media.session import LocalMediaSession
 from media.sinks.recorder import CallRecorder
+from media.sinks.stereo_opus import OpusRing
 from media.sources.file import FileSource
 from tests.helpers import until
 
@@ -33,10 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAY = ROOT / "gateway/assets/business.ogg"
 TIMEOUT = 30
 
-#: What a call's media is made of; none of it may outlive the call.
+#: What a call's media is made of; none of it may outlive the call (the C core's
+#: playout buffer and stereo.ogg ring included, where it was built).
 MEDIA_TYPES = (MediaPeer, RTCPeerConnection, RTCDtlsTransport, av.codec.context.CodecContext,
                av.container.Container, CallRecorder, OpusReceiver, OpusDecoder, FileSource, Bridge,
-               LocalMediaSession)
+               LocalMediaSession, PlayoutBuffer, OpusRing,
+               *((rtpcore.core.PlayoutBuffer, rtpcore.core.OpusRing) if rtpcore.core is not None else ()))
 
 
 def media_objects() -> collections.Counter:
@@ -88,6 +93,14 @@ async def business_hangup(service, numbers):
     await ended(call, EndReason.BUSINESS_HANGUP)
 
 
+async def business_hangup_stereo_ogg(service, numbers):
+    """As business_hangup, recorded as stereo.ogg (the C core's ring, where it was built)."""
+    call = await service.manager.place_call(await numbers.next(), sources=[FileSource(PLAY)], record="opus")
+    await call.wait_state(CallState.MEDIA_CONNECTED, TIMEOUT)
+    await call.hangup()
+    await ended(call, EndReason.BUSINESS_HANGUP)
+
+
 async def user_hangup(service, numbers):
     user = await numbers.next(hangup_after_s=0.3)
     call = await service.manager.place_call(user, sources=[FileSource(PLAY)], record=True)
@@ -133,7 +146,7 @@ async def bot_bridged(service, numbers):
         await ended(call, EndReason.BOT_HANGUP)
 
 
-KINDS = [business_hangup, user_hangup, rejected, ring_timeout, inbound, media_failure, bot_bridged]
+KINDS = [business_hangup, business_hangup_stereo_ogg, user_hangup, rejected, ring_timeout, inbound, media_failure, bot_bridged]
 
 
 async def test_finished_calls_leave_no_media_objects_and_no_threads(settings):
