@@ -494,7 +494,7 @@ parse_rtp(PyObject *module, PyObject *arg)
 #define NOT_PLAIN 3
 
 typedef struct {
-    int has_pos, has_pts, has_first;
+    int has_pos, has_pts; /* (first_at is set with the first position) */
     long long pos, pts, resyncs;
     double first_at;
 } Anchor;
@@ -534,7 +534,6 @@ anchor_place(Anchor *a, int has_pts, long long pts, double at, long long arrived
     long long target;
     if (!a->has_pos) {
         a->first_at = at;
-        a->has_first = 1;
         target = arrived > 0 ? arrived : 0;
         a->has_pos = 1;
         a->pos = target;
@@ -821,8 +820,8 @@ OpusRing_packet(OpusRing *r, PyObject *const *args, Py_ssize_t nargs)
         r->ends[channel] = next;
         r->packets[channel]++;
         result = PLACED;
-    } else if (slot >= r->committed && r->slots[channel][floor_mod(slot, r->ring_len)] == NULL) {
-        r->slots[channel][floor_mod(slot, r->ring_len)] = stored; /* reordered: into its slot */
+    } else if (slot >= r->committed && r->slots[channel][slot % r->ring_len] == NULL) {
+        r->slots[channel][slot % r->ring_len] = stored; /* reordered: into its slot */
         Py_INCREF(stored);
         r->packets[channel]++;
         result = PUT_BACK;
@@ -887,7 +886,7 @@ OpusRing_leg(OpusRing *r, PyObject *arg)
     if (c < 0)
         return NULL;
     Anchor *a = &r->anchors[c];
-    PyObject *first = a->has_first ? PyFloat_FromDouble(a->first_at) : Py_NewRef(Py_None);
+    PyObject *first = a->has_pos ? PyFloat_FromDouble(a->first_at) : Py_NewRef(Py_None);
     if (first == NULL)
         return NULL;
     return Py_BuildValue("(LLLLNL)", r->packets[c], r->late[c], r->dropped[c], r->ends[c], first, a->resyncs);

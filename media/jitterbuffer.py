@@ -563,4 +563,4 @@ def playout_buffer(**options) -> PlayoutBuffer:
     core = rtpcore.core
     if core is None:
         return PlayoutBuffer(**options)
-    return core.PlayoutBuffer(JitterStats(target_delay_s=options.get("initial_delay_s", 0.06)), **options)
+    return core.PlayoutBuffer(JitterStats(), **options)  # (its counters, target included, are copied in on read)

@@ -664,14 +664,10 @@ class LeanReceiver:
         polled = self._polled
         if polled is None or polled._poller is None:
             return
-        session = self._dtls._rx_srtp
-        if session is None:
+        if self._dtls._rx_srtp is None:
             polled._poller.unroute(polled)
             return
-        srtp = self._rx_srtp
-        if srtp is None or srtp[0] is not session:
-            srtp = self._rx_srtp = (session, aiortc_hooks.fast_srtp(session))
-        address = getattr(srtp[1], "address", None)
+        address = getattr(self._fast_rx(), "address", None)
         self._pts = self.payload_types()
         if address is None:
             polled._poller.unroute(polled)
@@ -712,14 +708,18 @@ class LeanReceiver:
         if original is not None:
             original(data, addr)
 
-    def _rtp(self, data: bytes, at: float) -> None:
-        dtls = self._dtls
-        session = dtls._rx_srtp
+    def _fast_rx(self):
+        """The FastSrtp of the DTLS transport's current receive session (made again
+        when the keys change)."""
+        session = self._dtls._rx_srtp
         srtp = self._rx_srtp
         if srtp is None or srtp[0] is not session:
             srtp = self._rx_srtp = (session, aiortc_hooks.fast_srtp(session))
+        return srtp[1]
+
+    def _rtp(self, data: bytes, at: float) -> None:
         try:
-            plain = srtp[1].unprotect(data)
+            plain = self._fast_rx().unprotect(data)
         except Exception:  # noqa: BLE001 - pylibsrtp.Error: dropped, as aiortc drops it
             return
         self._clear(plain, None, len(data), at)

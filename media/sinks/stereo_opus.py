@@ -261,8 +261,7 @@ class OpusLeg(AnchoredLeg):
         self.transcoded += 1
         ring = rec._ring
         carry = self._carry
-        end_slot = self._end
-        end = end_slot * FRAME_SAMPLES + carry.size
+        end = self._end * FRAME_SAMPLES + carry.size
         target = ring.anchor_place(self.channel, pts, at, end)
         # (a target before the end is appended, in order)
         if target - end >= FRAME_SAMPLES // 2:  # a gap: finish the partial frame, start anew
