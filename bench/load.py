@@ -215,12 +215,12 @@ class _OggOnlyRecorder:
 
 async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: str = "full",
               workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None, bot: bool = False,
-              lean_phones: bool = False) -> dict:
+              lean_phones: bool = False, opus_complexity: int = 5) -> dict:
     if rtp_path == "naive" or record.startswith("ogg-"):
         if workers:
             raise SystemExit(f"--rtp-path {rtp_path} --record {record}: with media in-process only (--workers 0)")
     core_off = rtp_path == "lean-py"
-    run_dir = workdir / f"n{n}-w{workers}-{rtp_path}-{record}"
+    run_dir = workdir / f"n{n}-w{workers}-{rtp_path}-{record}-c{opus_complexity}"
     run_dir.mkdir(parents=True)
     recording = record != "none"
     naive = rtp_path == "naive"
@@ -245,7 +245,8 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
                 max_duration_s=seconds + 120, workers=workers,
                 rtp_path="aiortc" if naive else "lean" if core_off else rtp_path,
-                speech_events=record in ("full", "none"), recording_format="opus" if record == "opus" else "wav")
+                speech_events=record in ("full", "none"), recording_format="opus" if record == "opus" else "wav",
+                opus_complexity=opus_complexity)
             async with rtp_core(not core_off), Service(settings) as service, patch:
                 if naive:
                     from naive import sessions
@@ -364,6 +365,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "calls_per_worker": per_worker,
         "worker_cores": [round((b - a) / wall, 2) for a, b in zip(worker_cpu0, worker_cpu1)],
         "record": record,
+        "opus_complexity": opus_complexity,
         "gateway": "naive stock aiortc" if naive else "wacall",
         "alive": alive,
         "ended_early": ended,
@@ -433,16 +435,16 @@ async def rtp_core(on: bool):
 
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
                workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None,
-               bot: bool = False, lean_phones: bool = False) -> None:
+               bot: bool = False, lean_phones: bool = False, complexities: tuple[int, ...] = (5,)) -> None:
     logging.basicConfig(level=logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
         # (the stock gateway records user.wav whatever --record says: one run of it per round)
-        runs = [(n, w, p, r) for _ in range(rounds) for w in workers for n in counts for p in paths for r in records
-                if p != "naive" or r == records[0]]
-        for i, (n, w, path, record) in enumerate(runs):
+        runs = [(n, w, p, r, c) for _ in range(rounds) for w in workers for n in counts for p in paths
+                for r in records for c in complexities if p != "naive" or (r, c) == (records[0], complexities[0])]
+        for i, (n, w, path, record, c) in enumerate(runs):
             result = await run(n, seconds, Path(tmp) / str(i), profile, record, w, path,
-                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"), bot, lean_phones)
+                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"), bot, lean_phones, c)
             results.append(result)
             if as_json:
                 print(json.dumps(result), flush=True)
@@ -457,6 +459,7 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
             prompt_rec = (f"prompt in recordings {result['prompt_in_recording']}, "
                           if result["prompt_in_recording"] else "")
             print(f"{n:4d} calls{' bridged to a bot (pcm, 16 kHz)' if bot else ''}"
+                  f"{f', Opus complexity {c}' if c != 5 else ''}"
                   f"{'' if record == 'full' else f' (recording: {record})'}, {path} RTP path "
                   f"({result['alive']} up through {result['window_s']} s), "
                   f"{where}"
@@ -474,11 +477,11 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
     if len(results) > 1 and not as_json:
         table: dict[tuple, list[dict]] = {}
         for r in results:
-            table.setdefault((r["calls"], r["workers"], r["rtp_path"], r["record"]), []).append(r)
-        print("\ncalls workers path    record    gateway CPU ms/call-s (median; each run)   MB RSS/call (slope)  underruns")
-        for (calls, w, path, record), rs in table.items():
+            table.setdefault((r["calls"], r["workers"], r["rtp_path"], r["record"], r["opus_complexity"]), []).append(r)
+        print("\ncalls workers path    record    cx gateway CPU ms/call-s (median; each run)   MB RSS/call (slope)  underruns")
+        for (calls, w, path, record, c), rs in table.items():
             cpu = [r["cpu_ms_per_call_s"] for r in rs]
-            print(f"{calls:5d} {w:7d} {path:7s} {'user.wav' if path == 'naive' else record:9s} {statistics.median(cpu):8.2f} "
+            print(f"{calls:5d} {w:7d} {path:7s} {'user.wav' if path == 'naive' else record:9s} {c:2d} {statistics.median(cpu):8.2f} "
                   f"({' '.join(f'{c:.1f}' for c in cpu)}){'':4s} "
                   f"{statistics.median(r['rss_mb_per_call'] for r in rs):8.2f} "
                   f"({statistics.median(r['rss_slope_mb_per_call'] for r in rs):.2f})  "
@@ -517,6 +520,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the whole set of runs, interleaved (A/B/A/B on a noisy machine); the "
                              "table then shows each configuration's median")
+    parser.add_argument("--opus-complexity", type=int, nargs="+", default=[5], metavar="C",
+                        help="the gateway's live Opus encoder complexity (WACALL_OPUS_COMPLEXITY: tones, a bot's "
+                             "voice), one run per value")
     args = parser.parse_args()
     asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path,
-                     args.rounds, args.spy, args.bot, args.lean_phones))
+                     args.rounds, args.spy, args.bot, args.lean_phones, tuple(args.opus_complexity)))

@@ -205,11 +205,8 @@ class Encoder:
                 raise OpusError(status)
         # (opus_encoder_ctl is variadic: read two settings back, so an ABI where ctypes
         # passes variadic arguments differently fails here, not silently later)
-        for request, value in ((_GET_BITRATE, bitrate), (_GET_COMPLEXITY, complexity)):
-            got = ctypes.c_int32(-1)
-            _lib.opus_encoder_ctl(handle, ctypes.c_int(request), ctypes.byref(got))
-            if got.value != value:
-                raise OpusError(-1)
+        if self.settings() != {"bitrate": bitrate, "complexity": complexity}:
+            raise OpusError(-1)
         lookahead = ctypes.c_int32(0)
         _lib.opus_encoder_ctl(handle, ctypes.c_int(_GET_LOOKAHEAD), ctypes.byref(lookahead))
         self.rate = rate
@@ -221,6 +218,16 @@ class Encoder:
         self._address = ctypes.addressof(self._out)
         self._input = np.zeros(self.frame * channels, dtype=PCM_DTYPE)
         self._input_address = self._input.ctypes.data
+
+    def settings(self) -> dict[str, int]:
+        """The ``bitrate`` and ``complexity`` libopus reports for this encoder."""
+        handle = ctypes.c_void_p(self._state)
+        out = {}
+        for name, request in (("bitrate", _GET_BITRATE), ("complexity", _GET_COMPLEXITY)):
+            got = ctypes.c_int32(-1)
+            _lib.opus_encoder_ctl(handle, ctypes.c_int(request), ctypes.byref(got))
+            out[name] = got.value
+        return out
 
     def encode(self, pcm: np.ndarray) -> bytes:
         """One frame of interleaved samples (``frame * channels`` of them, int16 or

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import numpy as np
@@ -13,8 +14,9 @@ from aiohttp import WSMsgType, web
 
 from media import analysis
 from media.bridges import PcmBridge, make_bridge
+from media.opus import OpusSettings
 from media.sources.tone import ToneSource
-from media_call import TIMEOUT, call_pair
+from media_call import LOOPBACK, TIMEOUT, call_pair
 from tests.helpers import Conditions, ToneEars
 
 CALLER_HZ = 600.0
@@ -131,6 +133,29 @@ async def test_tone_in_tone_out_at_each_rate(rate):
     assert analysis.tone_seconds(audio, 48000, BOT_HZ) >= 1.0
     assert analysis.tone_seconds(audio, 48000, CALLER_HZ) < 0.1
     assert bridge.stats.frames_dropped == 0 and bridge.stats.ignored_messages == 0
+
+
+@pytest.mark.parametrize("complexity", [0, 2])
+async def test_the_bots_voice_is_encoded_with_the_configured_settings(complexity):
+    """``WACALL_OPUS_COMPLEXITY``/``_BITRATE`` reach the encoder of the bot's 16 kHz voice;
+    the cheap settings still carry the tone (the phone hears it, nothing else)."""
+    settings = OpusSettings(bitrate=24_000, complexity=complexity)
+    config = dataclasses.replace(LOOPBACK, opus=settings)
+    async with PcmBot() as bot:
+        ears = ToneEars(BOT_HZ)
+        async with call_pair(lambda business, user: user.add_sink(ears), business_config=config) as (business, user):
+            bridge = make_bridge("pcm", bot.url)
+            user.play(ToneSource(CALLER_HZ, None))
+            await bridge.start(business, call_id="call-7")
+            encoder = bridge.source._encoder
+            assert encoder is not None and encoder.rate == 16000
+            assert encoder.settings() == {"bitrate": 24_000, "complexity": complexity}
+            await ears.hears(1.0)
+            await bridge.stop("user hung up")
+    audio = ears.audio
+    assert abs(analysis.dominant_frequency(audio[-48000:], 48000) - BOT_HZ) < 2
+    assert analysis.tone_seconds(audio, 48000, BOT_HZ) >= 1.0
+    assert analysis.tone_seconds(audio, 48000, CALLER_HZ) < 0.1
 
 
 async def test_marks_clear_dtmf_odd_chunks_and_bot_stop():

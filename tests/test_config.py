@@ -20,6 +20,7 @@ def test_env_parsing():
         "WACALL_ICE_SERVERS": "stun:stun.example.org:3478,turn:alice:s3cret@turn.example.org:3478?transport=udp",
         "WACALL_MEDIA_PORT_RANGE": "40000-40099", "WACALL_MEDIA_ADDRESSES": "10.0.0.5, 127.0.0.1",
         "WACALL_INBOUND_PLAY": "a.ogg,b.wav", "WACALL_INBOUND_RECORD": "no", "WACALL_MAX_CALLS": "7",
+        "WACALL_OPUS_COMPLEXITY": "2", "WACALL_OPUS_BITRATE": "24000",
     })
     assert s.provider == "meta" and s.provider_kwargs()["phone_number_id"] == "123"
     assert [(i.url, i.username, i.credential) for i in s.ice_servers] == [
@@ -30,6 +31,9 @@ def test_env_parsing():
     assert s.inbound_play == ["a.ogg", "b.wav"] and s.inbound_record is False and s.max_calls == 7
     peer = s.peer_config()
     assert peer.port_range == (40000, 40099) and len(peer.ice_servers) == 2
+    assert (peer.opus.complexity, peer.opus.bitrate) == (2, 24000)
+    default = Settings.load(env={}).peer_config().opus
+    assert (default.complexity, default.bitrate, default.application) == (5, 32000, "audio")
 
 
 @pytest.mark.parametrize("env, fragment", [
@@ -39,6 +43,8 @@ def test_env_parsing():
     ({"WACALL_MEDIA_PORT_RANGE": "99-10"}, "WACALL_MEDIA_PORT_RANGE"),
     ({"WACALL_ICE_SERVERS": "http://x"}, "not a stun:/turn: URL"),
     ({"WACALL_INBOUND_RECORD": "maybe"}, "WACALL_INBOUND_RECORD"),
+    ({"WACALL_OPUS_COMPLEXITY": "11"}, "WACALL_OPUS_COMPLEXITY"),
+    ({"WACALL_OPUS_BITRATE": "5000"}, "WACALL_OPUS_BITRATE"),
 ])
 def test_bad_values_are_named(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
