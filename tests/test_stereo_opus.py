@@ -345,7 +345,7 @@ def test_a_ring_left_in_a_cycle_is_collected():
 @given(st.lists(st.tuples(st.lists(st.one_of(st.binary(min_size=1, max_size=40),
                                               st.sampled_from([bytes(254), bytes(255), bytes(256), bytes(510)])),
                                     max_size=90), st.booleans()), max_size=12),
-       st.sampled_from([0.02, 0.2, 3600]))
+       st.sampled_from([0.02, 0.1, 0.2, 3600]))
 def test_packets_written_in_bulk_make_the_same_pages(tmp_path_factory, batches, page_s):
     """OggOpusWriter.write_packets (each stereo.ogg commit) lays out pages exactly as
     write_packet one packet at a time does."""

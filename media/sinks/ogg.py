@@ -264,8 +264,10 @@ class OggOpusWriter:
         would (in bulk where they fit the page and each takes one lacing value)."""
         if self._fd is None or not packets:
             return
+        # (one by one, a page closes after the packet that fills it: in bulk only if no
+        # packet before the last one does)
         if not self._started or len(self._segments) + len(packets) > 255 or \
-                self._pending_samples + samples * len(packets) >= self._page_samples or \
+                self._pending_samples + samples * (len(packets) - 1) >= self._page_samples or \
                 max(map(len, packets)) >= 255:
             for packet in packets:
                 self.write_packet(packet, samples)
@@ -276,6 +278,8 @@ class OggOpusWriter:
         self._granule += total
         self._pending_samples += total
         self.packets += len(packets)
+        if self._pending_samples >= self._page_samples:
+            self._flush_page()
 
     def flush(self) -> None:
         """Close the current page and write it now."""
