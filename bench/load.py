@@ -83,6 +83,7 @@ from gateway.calls import CallState  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.sandbox.browser import write_tone_wav  # noqa: E402
 from media import analysis, rtpcore  # noqa: E402
+from media.frames import SAMPLE_RATE  # noqa: E402
 from media.sources.prompt import PromptCache  # noqa: E402
 
 BUSINESS_HZ = 1000.0
@@ -182,12 +183,12 @@ class _OggOnlyRecorder:
         self.decode = decode
 
     def __enter__(self):
-        from media.session import LocalMediaSession
+        from media.peer import MediaPeer
         from media.sinks import recorder
 
         if self.decode:
-            self._gate = LocalMediaSession._pcm_wanted
-            LocalMediaSession._pcm_wanted = lambda session: True
+            self._gate = MediaPeer._pcm_rate
+            MediaPeer._pcm_rate = lambda peer: SAMPLE_RATE
 
         self._module, self._original = recorder, recorder.CallRecorder
         original = self._original
@@ -202,9 +203,9 @@ class _OggOnlyRecorder:
     def __exit__(self, *exc_info):
         self._module.CallRecorder = self._original
         if self.decode:
-            from media.session import LocalMediaSession
+            from media.peer import MediaPeer
 
-            LocalMediaSession._pcm_wanted = self._gate
+            MediaPeer._pcm_rate = self._gate
 
     async def __aenter__(self):
         return self.__enter__()

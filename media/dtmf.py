@@ -699,6 +699,10 @@ class GoertzelDtmfDetector:
     ``min_off_ms`` to count twice.
     """
 
+    #: DTMF's tones are under 1.7 kHz: a peer whose other readers want less than
+    #: 48 kHz decodes at 8 kHz for it (see :meth:`media.peer.MediaPeer.add_sink`).
+    pcm_rate = 8000
+
     def __init__(
         self,
         on_digit: Callable[[DtmfEvent], None] | None = None,

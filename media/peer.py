@@ -41,7 +41,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import aiortc_hooks, ice, sdp as sdp_rules
 from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
-from .frames import FRAME_MS, SAMPLE_RATE, Sink, Source
+from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Sink, Source
 from .lean import LeanReceiver, LeanSender
 from .opus import OpusSettings
 from .receiver import OpusReceiver, aiortc_problems as receiver_problems
@@ -50,6 +50,10 @@ from .taps import RtpTap
 from .track import OutboundAudioTrack, Playback
 
 log = logging.getLogger(__name__)
+
+
+#: 20 ms frames per second (a frame's sample count times this is its rate).
+_FRAMES_PER_S = 1000 // FRAME_MS
 
 
 class MediaError(RuntimeError):
@@ -277,7 +281,10 @@ class MediaPeer:
 
     def add_sink(self, sink: Sink) -> None:
         """Hand ``sink`` every received frame (see :mod:`media.sinkset`: a sink that
-        raises is detached and reported through :meth:`on_sink_fault`)."""
+        raises is detached and reported through :meth:`on_sink_fault`). Frames are
+        20 ms at 48 kHz, or lower when every reader says so: a sink with a ``pcm_rate``
+        attribute (8000..48000, a divisor of 48 kHz) is content with that rate, and one
+        with ``needs_pcm = False`` reads no audio (see :meth:`_pcm_rate`)."""
         self._sinks.add(sink)
 
     def on_sink_fault(self, callback: Callable[[SinkFault], None]) -> None:
@@ -375,25 +382,34 @@ class MediaPeer:
             on_fallback=fallback,
             events_received=lambda: dtmf.packets_received,
             label=self.label,
-            pcm_wanted=self._pcm_wanted,
+            pcm_rate=self._pcm_rate,
         )
         self._receiver.install(receiver)
 
-    def _pcm_wanted(self) -> bool:
-        """Whether a receive sink reads decoded audio (asked by the receiver every tick: a
-        tick nobody reads is not decoded): every sink does unless it says ``needs_pcm =
-        False`` (the recorder when it only passes Opus through to user.ogg)."""
+    def _pcm_rate(self) -> int:
+        """The rate the receive sinks want decoded audio at, 0 if none reads it (asked
+        by the receiver every tick: a tick nobody reads is not decoded). Every sink
+        reads it unless it says ``needs_pcm = False`` (the recorder when it only passes
+        Opus through), at 48 kHz unless it says ``pcm_rate`` (a bot bridge at its wire
+        rate, the speech detector at any): the highest rate any reader wants."""
+        rate = 0
         for sink in self._sinks:
             if getattr(sink, "needs_pcm", True):
-                return True
-        return False
+                wants = getattr(sink, "pcm_rate", SAMPLE_RATE)
+                if wants >= SAMPLE_RATE:
+                    return SAMPLE_RATE
+                if wants > rate:
+                    rate = wants
+        return rate
 
     def _deliver(self, pcm: np.ndarray, pts: int | None) -> None:
-        """One 20 ms mono frame from our receive path to the sinks."""
+        """One 20 ms mono frame from our receive path to the sinks (48 kHz unless every
+        reader asked for less, see :meth:`_pcm_rate`)."""
         received = self.received
         received.frames += 1
         received.pts = pts
-        self._sinks.write(pcm, SAMPLE_RATE, 1)
+        n = pcm.size
+        self._sinks.write(pcm, SAMPLE_RATE if n == FRAME_SAMPLES else n * _FRAMES_PER_S, 1)
 
     async def _receive(self, track: MediaStreamTrack) -> None:
         try:

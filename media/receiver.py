@@ -45,8 +45,13 @@ one :class:`aiortc.RTCRtpReceiver`:
   cost. (Packets that are not one 20 ms frame are still decoded, to be cut into frames.)
   Once a reader is back, decoding resumes with the next packet; libopus then starts
   from the state it had, which a few milliseconds of the first frame may show.
-* **Deliver** — ``deliver(pcm, pts)`` with a 960-sample int16 array (a read-only view
-  of the decoded frame: sinks copy what they keep) and the frame's stream position
+* **Decode at the readers' rate** — with ``pcm_rate`` given (``() -> int``, asked
+  every tick instead), libopus decodes straight to the rate the readers want (a bot at
+  16 or 8 kHz: about half the cost of decoding at 48 kHz and resampling), 0 meaning
+  nobody reads.
+* **Deliver** — ``deliver(pcm, pts)`` with a 960-sample int16 array (20 ms at 48 kHz, or
+  at the rate ``pcm_rate`` asked for; a read-only view of the decoded frame: sinks copy
+  what they keep) and the frame's stream position
   (``None`` for a frame inserted to grow the delay). One frame per tick while playing,
   except for slots the sender sent no audio for (telephone-events replacing the audio,
   which media.dtmf reports through ``events_received``; timestamp jumps): those pass
@@ -149,22 +154,41 @@ class _Subscription:
 
 
 class OpusDecoder:
-    """A persistent libopus decoder giving mono 48 kHz int16, with PLC and FEC.
+    """A persistent libopus decoder giving mono int16 at ``rate`` (48 kHz by default),
+    with PLC and FEC.
 
     libopus is called directly (:mod:`media.libopus`) where it can be bound, else
-    through PyAV (``av.CodecContext``; no FEC there; ``pyav=True`` chooses it). Returned
-    arrays are the caller's (no other reference to them is kept)."""
+    through PyAV (``av.CodecContext``; 48 kHz only, no FEC there; ``pyav=True`` chooses
+    it). Returned arrays are the caller's (no other reference to them is kept).
+    :meth:`set_rate` switches the output rate (libopus decodes to 8, 12, 16, 24 or
+    48 kHz itself: cheaper than decoding at 48 kHz and resampling)."""
 
-    def __init__(self, *, pyav: bool = False) -> None:
-        self._direct = libopus.Decoder() if libopus.available() and not pyav else None
+    def __init__(self, *, pyav: bool = False, rate: int = SAMPLE_RATE) -> None:
+        self._direct = libopus.Decoder(rate) if libopus.available() and not pyav else None
         self._ctx = None if self._direct is not None else self._pyav_context()
         self._toc = _DEFAULT_TOC
-        self._silence = np.zeros(FRAME_SAMPLES, dtype=PCM_DTYPE)
-        self._silence.flags.writeable = False
+        self._at(rate if self._direct is not None else SAMPLE_RATE)
         self.packets = 0
         self.concealed = 0
         self.recovered = 0
         self.errors = 0
+
+    def _at(self, rate: int) -> None:
+        self.rate = rate
+        self.frame = rate // 50  # samples per 20 ms
+        self._silence = np.zeros(self.frame, dtype=PCM_DTYPE)
+        self._silence.flags.writeable = False
+
+    def set_rate(self, rate: int) -> bool:
+        """Decode at ``rate`` from the next packet on (a fresh libopus state: the first
+        frame may show it); ``False`` where only PyAV decodes (48 kHz stays)."""
+        if rate == self.rate:
+            return True
+        if self._direct is None:
+            return False
+        self._direct = libopus.Decoder(rate)
+        self._at(rate)
+        return True
 
     @staticmethod
     def _pyav_context():
@@ -228,7 +252,7 @@ class OpusDecoder:
             except libopus.OpusError:
                 return self._silence
         pcm = self._run(_PLC[self._toc])
-        if pcm is None or pcm.size != FRAME_SAMPLES:
+        if pcm is None or pcm.size != self.frame:
             return self._silence
         return pcm
 
@@ -271,6 +295,9 @@ class OpusReceiver:
             decoded audio; when it says no, the tick delivers :data:`NOT_DECODED`
             without decoding. ``None`` (default): always decode. May be set later
             (:attr:`pcm_wanted`).
+        pcm_rate: ``() -> int``, asked once per tick instead of ``pcm_wanted``: the
+            rate the readers want the audio decoded at (libopus decodes to 8, 12, 16,
+            24 or 48 kHz), 0 when nothing reads it. Frames are then that rate's 20 ms.
     """
 
     def __init__(
@@ -283,9 +310,12 @@ class OpusReceiver:
         label: str = "peer",
         clock: Callable[[], float] | None = None,
         pcm_wanted: Callable[[], bool] | None = None,
+        pcm_rate: Callable[[], int] | None = None,
     ) -> None:
         self.buffer = buffer if buffer is not None else playout_buffer()
         self.pcm_wanted = pcm_wanted
+        self.pcm_rate = pcm_rate
+        self._rate = SAMPLE_RATE  # what the decoder gives (the readers' rate, see pcm_rate)
         #: Frames delivered as :data:`NOT_DECODED` (nothing read PCM), and packets
         #: dropped to shrink the delay without decoding them.
         self.frames_not_decoded = 0
@@ -527,11 +557,18 @@ class OpusReceiver:
         sender sent no audio for, nothing); ``False`` when playout is stopped.
         Benchmarks and tests drive this directly."""
         carry = self._carry
-        if carry is not None and carry.size >= FRAME_SAMPLES:
+        if carry is not None and carry.size >= self._decoder().frame:
             return self._emit_carry()
         pop = self.buffer.pop
-        wanted = self.pcm_wanted
-        skip = wanted is not None and carry is None and not wanted()
+        rate_of = self.pcm_rate
+        if rate_of is not None:
+            rate = rate_of()
+            skip = carry is None and not rate
+            if rate and rate != self._rate and carry is None:
+                self._rate = rate  # (the decoder follows at its next use)
+        else:
+            wanted = self.pcm_wanted
+            skip = wanted is not None and carry is None and not wanted()
         while True:
             kind, payload, pts = pop(now)
             if kind == DISCARD:
@@ -555,7 +592,9 @@ class OpusReceiver:
     def _decoder(self) -> OpusDecoder:
         decoder = self.decoder
         if decoder is None:
-            decoder = self.decoder = OpusDecoder()
+            decoder = self.decoder = OpusDecoder(rate=self._rate)
+        elif decoder.rate != self._rate and not decoder.set_rate(self._rate):
+            self._rate = decoder.rate  # (PyAV: 48 kHz only)
         return decoder
 
     def _render(self, kind: int, payload: bytes | None, pts: int | None) -> bool:
@@ -585,7 +624,8 @@ class OpusReceiver:
         else:
             pcm = decoder.conceal()
         carry = self._carry
-        if carry is None and pcm.size == FRAME_SAMPLES:
+        frame = decoder.frame
+        if carry is None and pcm.size == frame:
             self._deliver(pcm, pts)
             return True
         # Packets of another duration than 20 ms: cut the audio into frames.
@@ -593,7 +633,7 @@ class OpusReceiver:
             pcm = np.concatenate([carry, pcm])
             pts = self._carry_pts
         self._carry, self._carry_pts = pcm, pts
-        if pcm.size >= FRAME_SAMPLES:
+        if pcm.size >= frame:
             return self._emit_carry()
         return False
 
@@ -603,19 +643,20 @@ class OpusReceiver:
         for kind, payload, pts in self.buffer.drain():
             if kind != GAP:
                 frames += self._render(kind, payload, pts)
-        while self._carry is not None and self._carry.size >= FRAME_SAMPLES:
+        while self._carry is not None and self._carry.size >= self._decoder().frame:
             frames += self._emit_carry()
         return frames
 
     def _emit_carry(self) -> bool:
         carry, pts = self._carry, self._carry_pts
-        rest = carry[FRAME_SAMPLES:]
+        frame = self._decoder().frame
+        rest = carry[frame:]
         if rest.size:
             self._carry = rest
-            self._carry_pts = None if pts is None else pts + FRAME_SAMPLES
+            self._carry_pts = None if pts is None else pts + FRAME_SAMPLES  # (stream units: 48 kHz)
         else:
             self._carry = self._carry_pts = None
-        self._deliver(carry[:FRAME_SAMPLES], pts)
+        self._deliver(carry[:frame], pts)
         return True
 
     # -- stats -------------------------------------------------------------------------

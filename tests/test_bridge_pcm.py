@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from media import analysis
 from media.bridges import PcmBridge, make_bridge
 from media.opus import OpusSettings
+from media.sinks.meter import LevelMeter, SpeechDetector
 from media.sources.tone import ToneSource
 from media_call import LOOPBACK, TIMEOUT, call_pair
 from tests.helpers import Conditions, ToneEars
@@ -100,16 +101,25 @@ class PcmBot:
         return self.ws
 
 
-@pytest.mark.parametrize("rate", [16000, 24000, 48000])
-async def test_tone_in_tone_out_at_each_rate(rate):
+@pytest.mark.parametrize("rate, meter", [(16000, False), (24000, False), (48000, False), (16000, True)])
+async def test_tone_in_tone_out_at_each_rate(rate, meter):
+    """The caller's audio is decoded straight at the bot's rate (libopus, no resampler)
+    while the bridge and the speech detector are its only readers; a reader of 48 kHz
+    (a level meter) makes it 48 kHz, decimated for the bot: the bot hears the tone
+    either way."""
     async with PcmBot() as bot:
         ears = ToneEars(BOT_HZ)
         async with call_pair(lambda business, user: user.add_sink(ears)) as (business, user):
+            business.add_sink(SpeechDetector())
+            if meter:
+                business.add_sink(LevelMeter())
             bridge = make_bridge("pcm", bot.url, sample_rate=rate)
             assert isinstance(bridge, PcmBridge)
             user.play(ToneSource(CALLER_HZ, None))
             await bridge.start(business, call_id="call-42", parameters={"lang": "de"})
             await ears.hears(1.0)
+            decoder = business._receiver.decoder
+            assert decoder is not None and decoder.rate == (48000 if meter else rate)
             reason = await bridge.stop("user hung up")
             await asyncio.wait_for(bot.socket_closed.wait(), TIMEOUT)
     assert reason == "user hung up"

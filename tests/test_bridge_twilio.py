@@ -187,6 +187,7 @@ async def test_handshake_media_and_user_hangup_speak_twilio_exactly():
         user.play(ToneSource(CALLER_HZ, None))
         await bridge.start(business, call_id=CALL_ID, parameters=params)
         await bot.wait(lambda m: m["event"] == "media" and m["media"]["chunk"] == "60")
+        assert business._receiver.decoder.rate == 8000  # (libopus decodes to μ-law's rate)
         reason = await bridge.stop("user hung up")
         await asyncio.wait_for(bot.socket_closed.wait(), TIMEOUT)
 

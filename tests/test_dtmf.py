@@ -691,10 +691,14 @@ def test_goertzel_no_false_digits():
         assert detect(x) == [], name
 
 
-async def test_inband_digits_through_a_call_and_no_false_digits():
+@pytest.mark.parametrize("only_reader", [False, True])
+async def test_inband_digits_through_a_call_and_no_false_digits(only_reader):
+    """``only_reader``: the detector is the only sink reading audio, so the call's
+    audio is decoded at its 8 kHz (else at 48 kHz for the other sink)."""
     a, b = await connect(b_config=loopback(inband_dtmf=True))
     try:
         digits, heard = Digits(b), FrameCounter()
+        heard.needs_pcm = not only_reader
         b.add_sink(heard)
         rng = np.random.default_rng(11)
 
@@ -723,6 +727,7 @@ async def test_inband_digits_through_a_call_and_no_false_digits():
         assert await digits.wait(4) == "159#"
         await asyncio.wait_for(last.done, TIMEOUT)
         await heard.more(15)
+        assert b._receiver.decoder.rate == (8000 if only_reader else 48000)
     finally:
         await asyncio.gather(a.close(), b.close())  # close flushes the detector
     assert digits.digits == "159#"

@@ -1,8 +1,9 @@
 """Issue 16: the far side's Opus is decoded only while a sink reads PCM.
 
-The receiver asks ``pcm_wanted()`` each tick; :class:`media.session.LocalMediaSession`
-answers from its sinks (a sink reads PCM unless it says ``needs_pcm = False``: the
-recorder writing only user.ogg from RTP). Counted with the decoder's own counters;
+The receiver asks ``pcm_wanted()`` (or ``pcm_rate()``) each tick; the peer answers from
+its sinks (a sink reads PCM unless it says ``needs_pcm = False``: the recorder writing
+only user.ogg from RTP; at 48 kHz unless every reader asks for less with ``pcm_rate``:
+a bot at 16 kHz, the speech detector). Counted with the decoder's own counters;
 real Opus, tones found by FFT."""
 
 from __future__ import annotations
@@ -76,6 +77,90 @@ async def test_without_pcm_wanted_every_frame_is_decoded_as_before():
     rx.close()
 
 
+def _tone_share(frames: list[np.ndarray], rate: int, hz: float = 600) -> float:
+    x = np.concatenate(frames).astype(np.float32) / 32768
+    return analysis.tone_seconds(x, rate, hz) / (x.size / rate)
+
+
+async def test_decoded_at_the_rate_the_readers_want_and_switched_mid_stream():
+    """pcm_rate() says 16 kHz: libopus decodes straight to it (320-sample frames, the
+    tone at 600 Hz, pts still in the stream's 48 kHz units); 48 kHz from a tick on:
+    960-sample frames, the same tone, the decoder's counters go on; a lost packet is
+    concealed at the rate of the moment."""
+    rate = [16000]
+    frames: list[tuple[np.ndarray, int | None]] = []
+    rx = OpusReceiver(lambda pcm, pts: frames.append((pcm.copy(), pts)), pcm_rate=lambda: rate[0])
+    packets = tone_packets(600, 1.6)
+    for i, payload in enumerate(packets):
+        if i != 30:  # (lost)
+            rx.buffer.push(i, 960 * i, payload, T0 + FRAME_S * i)
+    now = rx.buffer.start_at
+    for _ in range(40):
+        assert rx.play(now)
+        now += FRAME_S
+    assert {pcm.size for pcm, _ in frames} == {320}
+    played = rx.buffer.stats
+    assert rx.decoder.rate == 16000 and played.frames_concealed == rx.decoder.concealed == 1
+    assert rx.decoder.packets == played.frames_played + played.frames_discarded  # (a discard is decoded too)
+    low = [pcm for pcm, _ in frames[3:28]]
+    assert analysis.dominant_frequency(np.concatenate(low).astype(np.float32) / 32768, 16000) == pytest.approx(600, abs=5)
+    assert _tone_share(low, 16000) >= 0.95
+    rate[0] = 48000
+    while rx.play(now):
+        now += FRAME_S
+    pts = [p for _, p in frames]
+    assert all(p % 960 == 0 for p in pts) and all(b > a for a, b in zip(pts, pts[1:]))
+    assert pts[-1] >= 960 * (len(packets) - 1)  # (then libopus' concealment as the stream ended)
+    assert {pcm.size for pcm, _ in frames[40:]} == {960}
+    played = rx.buffer.stats
+    assert rx.decoder.rate == 48000 and rx.decoder.packets == played.frames_played + played.frames_discarded
+    assert _tone_share([pcm for pcm, _ in frames[43:75]], 48000) >= 0.95
+    rate[0] = 0  # nobody reads: nothing decoded, whatever the rate was
+    rx.close()
+
+
+async def test_longer_packets_are_cut_into_frames_at_the_readers_rate():
+    frames = []
+    rx = OpusReceiver(lambda pcm, pts: frames.append((pcm.copy(), pts)), pcm_rate=lambda: 16000)
+    pk = tone_packets(600, 0.8)
+    for k in range(len(pk) // 2):
+        rx.buffer.push(k, 1920 * k, two_frames(pk[2 * k], pk[2 * k + 1]), T0 + 0.04 * k)
+    play_all(rx)
+    n = len(pk) // 2 * 2
+    assert [p for _, p in frames[:n]] == [960 * i for i in range(n)]
+    assert {pcm.size for pcm, _ in frames[:n]} == {320}
+    assert _tone_share([pcm for pcm, _ in frames[3:n]], 16000) >= 0.95
+    rx.close()
+
+
+async def test_the_peer_decodes_at_the_highest_rate_its_readers_want():
+    peer = MediaPeer(LOOPBACK, label="business")
+    try:
+        class Reader:
+            def __init__(self, rate=None, needs=True):
+                if rate is not None:
+                    self.pcm_rate = rate
+                self.needs_pcm = needs
+
+            def write(self, pcm, sample_rate, channels=1):
+                pass
+
+            def close(self):
+                pass
+
+        assert peer._pcm_rate() == 0
+        peer.add_sink(Reader(48000, needs=False))
+        assert peer._pcm_rate() == 0
+        peer.add_sink(Reader(8000))
+        assert peer._pcm_rate() == 8000
+        peer.add_sink(Reader(16000))
+        assert peer._pcm_rate() == 16000
+        peer.add_sink(Reader())  # says nothing: 48 kHz
+        assert peer._pcm_rate() == 48000
+    finally:
+        await peer.close()
+
+
 async def test_packets_longer_than_a_frame_are_still_decoded_and_cut():
     frames = []
     rx = OpusReceiver(lambda pcm, pts: frames.append((pcm.copy(), pts)), pcm_wanted=lambda: False)
@@ -109,7 +194,7 @@ async def test_a_call_recorded_to_ogg_only_decodes_nothing(tmp_path):
         user.play(ToneSource(600, None))
         await counter.reached(50)
         rx = peer._receiver
-        assert rx is not None and rx.pcm_wanted is not None
+        assert rx is not None and rx.pcm_rate is not None
         assert rx.decoder is None or rx.decoder.packets == 0
         assert rx.frames_not_decoded >= 50
         assert peer.received.frames >= 50  # frames counted (watchdogs) as before

@@ -519,13 +519,19 @@ class _Outbox:
 
 
 class _CallerTap:
-    """The sink on the peer: caller audio → wire-rate int16 → ``encode`` → outbox."""
+    """The sink on the peer: caller audio → wire-rate int16 → ``encode`` → outbox.
+
+    It asks for the caller's audio at the wire rate (:attr:`pcm_rate`: libopus then
+    decodes straight to it, no resampling here) and takes any rate that is a multiple
+    of it (decimated: 48 kHz when another reader wants that)."""
 
     def __init__(self, bridge: Bridge, wire_rate: int) -> None:
         self._bridge = bridge
-        self._dec = Decimator(SAMPLE_RATE // wire_rate) if wire_rate != SAMPLE_RATE else None
+        self.pcm_rate = wire_rate
+        self._wire_frame = wire_rate * FRAME_SAMPLES // SAMPLE_RATE
+        self._decimators: dict[int, Decimator] = {}
         self._mono = np.empty(FRAME_SAMPLES, dtype=np.int32)
-        self._other: Any = None  # PyAV fallback for non-48 kHz input
+        self._other: Any = None  # PyAV fallback for other input
         self.frames = 0
         self.closed = False
 
@@ -533,8 +539,16 @@ class _CallerTap:
         if self.closed:
             return
         t = time.perf_counter()
+        if channels == 1 and sample_rate == self.pcm_rate and pcm.size == self._wire_frame:
+            self._queue(pcm, t)  # decoded at the wire rate
+            return
         if sample_rate != SAMPLE_RATE or pcm.size != FRAME_SAMPLES * channels:
-            self._write_other(pcm, sample_rate, channels)
+            factor = sample_rate // self.pcm_rate
+            if channels == 1 and factor > 1 and sample_rate == factor * self.pcm_rate \
+                    and pcm.size == self._wire_frame * factor:
+                self._queue(self._decimator(factor).process(pcm), t)
+            else:
+                self._write_other(pcm, sample_rate, channels)
             return
         if channels == 2:
             mono = self._mono
@@ -545,15 +559,24 @@ class _CallerTap:
             return
         self._emit(pcm, t)
 
+    def _decimator(self, factor: int) -> Decimator:
+        dec = self._decimators.get(factor)
+        if dec is None:
+            dec = self._decimators[factor] = Decimator(factor)
+        return dec
+
     def _emit(self, pcm48: np.ndarray, t: float) -> None:
-        wire = self._dec.process(pcm48) if self._dec is not None else np.array(pcm48, dtype=PCM_DTYPE)
+        factor = SAMPLE_RATE // self.pcm_rate
+        self._queue(self._decimator(factor).process(pcm48) if factor > 1 else np.array(pcm48, dtype=PCM_DTYPE), t)
+
+    def _queue(self, wire: np.ndarray, t: float) -> None:
         index = self.frames
         self.frames += 1
         self._bridge._outbox.put_audio(("audio", self._bridge._encode_audio(wire), index, t))
 
     def _write_other(self, pcm: np.ndarray, sample_rate: int, channels: int) -> None:
-        # Not what a MediaPeer delivers (48 kHz Opus), but keep working: convert to
-        # 20 ms 48 kHz mono frames with PyAV first.
+        # Not what a MediaPeer delivers, but keep working: convert to 20 ms 48 kHz mono
+        # frames with PyAV first.
         from ..mix import ResampledSink
 
         if self._other is None:

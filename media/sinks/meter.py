@@ -234,7 +234,13 @@ class SpeechDetector:
         start_ms / stop_ms: how long the level must stay above / below.
         on_event: called with each :class:`SpeechEvent` (on the caller's thread).
         queue: an ``asyncio.Queue`` that also gets each event (dropped when full).
+
+    Any frame rate does (frames are 20 ms; levels are mean squares): a peer whose other
+    readers want less than 48 kHz (a bot at 16 kHz) decodes for it at :attr:`pcm_rate`.
     """
+
+    #: The lowest rate it is content with: wideband, where speech has its energy.
+    pcm_rate = 16_000
 
     def __init__(
         self,
