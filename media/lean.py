@@ -741,7 +741,9 @@ class LeanReceiver:
 
     def _clear(self, plain: bytes, packet: RtpView | None, wire: int, at: float) -> None:
         """A packet of ours unprotected (``plain``, ``wire`` bytes long on the wire):
-        counted, through DTMF, parsed (unless ``packet`` is that already) and delivered."""
+        counted, through DTMF, parsed (unless ``packet`` is that already), then to the
+        taps first and our playout; what that does not take goes to aiortc. (One
+        function: it runs for every packet.)"""
         aiortc_hooks.count_received(self._dtls, wire)
         self.packets += 1
         dtmf = self.dtmf
@@ -757,10 +759,6 @@ class LeanReceiver:
                 packet = parse_rtp(plain) if core is None else core.parse_rtp(plain)
             except ValueError:
                 return
-        self._deliver(plain, packet, at)
-
-    def _deliver(self, plain: bytes, packet: RtpView, at: float) -> None:
-        """Taps first, then our playout; what that does not take goes to aiortc."""
         hook = self.hook
         if hook is None:
             return
@@ -768,12 +766,15 @@ class LeanReceiver:
             observe(packet, at)
         consumer = hook.consumer
         if consumer is None or not consumer(packet, at):
-            # not ours to play: aiortc handles it as it would have (its own packet object)
-            try:
-                full = RtpPacket.parse(plain, aiortc_hooks.receive_extensions_map(self._dtls))
-            except ValueError:
-                return
-            asyncio.ensure_future(hook.original(full, clock.current_ms()))
+            self._to_aiortc(plain, hook)
+
+    def _to_aiortc(self, plain: bytes, hook) -> None:
+        """Not ours to play: aiortc handles it as it would have (its own packet object)."""
+        try:
+            full = RtpPacket.parse(plain, aiortc_hooks.receive_extensions_map(self._dtls))
+        except ValueError:
+            return
+        asyncio.ensure_future(hook.original(full, clock.current_ms()))
 
 
 #: Datagrams read per call and tick at most (the rest wait for the next tick): a flood

@@ -150,11 +150,20 @@ class RtpTap:
 
     def _on_packet(self, packet, at: float) -> None:
         try:
-            if not packet.payload or not self._is_opus(packet.payload_type):
+            if not packet.payload:
                 return
-            extended = self._timestamps.extend(packet.timestamp)
-            if self._origin is None:
-                self._origin = extended
+            opus = self._opus_types.get(packet.payload_type)
+            if not opus and (opus is not None or not self._is_opus(packet.payload_type)):
+                return
+            # (Unwrapper.extend, inline: this runs for every packet)
+            timestamps = self._timestamps
+            newest = timestamps.newest
+            if newest is None:
+                extended = timestamps.newest = self._origin = packet.timestamp
+            else:
+                extended = newest + ((packet.timestamp - newest + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+                if extended > newest:
+                    timestamps.newest = extended
             pts = extended - self._origin
             if pts < 0:
                 return  # from before the first packet: too old to matter
