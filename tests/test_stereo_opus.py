@@ -8,7 +8,7 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from media import analysis
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE
@@ -346,6 +346,7 @@ def test_a_ring_left_in_a_cycle_is_collected():
                                               st.sampled_from([bytes(254), bytes(255), bytes(256), bytes(510)])),
                                     max_size=90), st.booleans()), max_size=12),
        st.sampled_from([0.02, 0.1, 0.2, 3600]))
+@example(batches=[([b"x"] * 90, False)] * 2 + [([b"x"] * 70, False), ([bytes(300)] * 3, False)], page_s=3600)
 def test_packets_written_in_bulk_make_the_same_pages(tmp_path_factory, batches, page_s):
     """OggOpusWriter.write_packets (each stereo.ogg commit) lays out pages exactly as
     write_packet one packet at a time does."""

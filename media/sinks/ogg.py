@@ -264,15 +264,17 @@ class OggOpusWriter:
         would (in bulk where they fit the page and each takes one lacing value)."""
         if self._fd is None or not packets:
             return
-        # (one by one, a page closes after the packet that fills it: in bulk only if no
-        # packet before the last one does)
-        if not self._started or len(self._segments) + len(packets) > 255 or \
-                self._pending_samples + samples * (len(packets) - 1) >= self._page_samples or \
-                max(map(len, packets)) >= 255:
+        # (one by one, a page closes after the packet that fills it, or before one that
+        # does not fit its lacing: in bulk only if neither happens before the last one)
+        lengths = bytes(map(len, packets)) if max(map(len, packets)) < 255 else None
+        if lengths is None:  # some take more than one lacing value
+            lengths = b"".join(b"\xff" * (len(p) // 255) + bytes((len(p) % 255,)) for p in packets)
+        if not self._started or len(self._segments) + len(lengths) > 255 or \
+                self._pending_samples + samples * (len(packets) - 1) >= self._page_samples:
             for packet in packets:
                 self.write_packet(packet, samples)
             return
-        self._segments += bytes(map(len, packets))
+        self._segments += lengths
         self._body += packets
         total = samples * len(packets)
         self._granule += total
