@@ -119,20 +119,6 @@ async def test_decoded_at_the_rate_the_readers_want_and_switched_mid_stream():
     rx.close()
 
 
-async def test_longer_packets_are_cut_into_frames_at_the_readers_rate():
-    frames = []
-    rx = OpusReceiver(lambda pcm, pts: frames.append((pcm.copy(), pts)), pcm_rate=lambda: 16000)
-    pk = tone_packets(600, 0.8)
-    for k in range(len(pk) // 2):
-        rx.buffer.push(k, 1920 * k, two_frames(pk[2 * k], pk[2 * k + 1]), T0 + 0.04 * k)
-    play_all(rx)
-    n = len(pk) // 2 * 2
-    assert [p for _, p in frames[:n]] == [960 * i for i in range(n)]
-    assert {pcm.size for pcm, _ in frames[:n]} == {320}
-    assert _tone_share([pcm for pcm, _ in frames[3:n]], 16000) >= 0.95
-    rx.close()
-
-
 async def test_the_peer_decodes_at_the_highest_rate_its_readers_want():
     peer = MediaPeer(LOOPBACK, label="business")
     try:
@@ -161,16 +147,23 @@ async def test_the_peer_decodes_at_the_highest_rate_its_readers_want():
         await peer.close()
 
 
-async def test_packets_longer_than_a_frame_are_still_decoded_and_cut():
+@pytest.mark.parametrize("rate", [None, 16000])
+async def test_packets_longer_than_a_frame_are_still_decoded_and_cut(rate):
+    """40 ms packets, nobody reading PCM (``None``: decoded all the same, to be cut) or a
+    reader at 16 kHz: two 20 ms frames each, at the rate, on the stream's timeline."""
     frames = []
-    rx = OpusReceiver(lambda pcm, pts: frames.append((pcm.copy(), pts)), pcm_wanted=lambda: False)
-    pk = tone_packets(600, 0.4)
+    wanted = {"pcm_wanted": lambda: False} if rate is None else {"pcm_rate": lambda: rate}
+    rx = OpusReceiver(lambda pcm, pts: frames.append((pcm.copy(), pts)), **wanted)
+    pk = tone_packets(600, 0.8)
     for k in range(len(pk) // 2):
         rx.buffer.push(k, 1920 * k, two_frames(pk[2 * k], pk[2 * k + 1]), T0 + 0.04 * k)
     play_all(rx)
     n = len(pk) // 2 * 2
     assert [p for _, p in frames[:n]] == [960 * i for i in range(n)]
     assert rx.decoder.packets >= n // 2  # a 40 ms packet: decoded, cut into two frames
+    assert {pcm.size for pcm, _ in frames[:n]} == {960 if rate is None else 320}
+    if rate is not None:
+        assert _tone_share([pcm for pcm, _ in frames[3:n]], rate) >= 0.95
     rx.close()
 
 
