@@ -300,12 +300,9 @@ class LeanSender:
         origin = self._ts_origin
         core = rtpcore.core
         native = self._native if core is not None else None
-        lane = track.lean_payload
         for i in range(frames):
-            payload = lane(now, late - i * FRAME_S)
-            if payload is None:
-                track.paced(now, late - i * FRAME_S)
-                payload = track.next_payload()
+            track.paced(now, late - i * FRAME_S)
+            payload = track.next_payload()
             seq = self._seq
             timestamp = (origin + track.sent_pts) & 0xFFFFFFFF
             if native is not None and (dtmf is None or not dtmf.sending):

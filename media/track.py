@@ -233,52 +233,6 @@ class OutboundAudioTrack(MediaStreamTrack):
             self.stats._interval(now - self._last_sent)
         self._last_sent = self.sent_at = now
 
-    def lean_payload(self, now: float, late: float) -> bytes | None:
-        """:meth:`paced` and :meth:`next_payload` in one step for the common frame: the
-        next packet of a pre-encoded prompt already playing, sent as it is (the lean
-        path calls this first, per frame). ``None`` for any other frame, and then
-        nothing was done: the caller goes the general way. Leaves the same state as
-        the general way (tests/test_track.py runs both side by side)."""
-        last = self._last_sent
-        if last is None or not self.passthrough:
-            return None
-        queue = self.queue
-        items = queue._items
-        if not items:
-            return None
-        playback = items[0]
-        if playback.started_at is None:
-            return None
-        source = playback.source
-        read_packet = getattr(source, "read_packet", None)
-        if read_packet is None:
-            return None
-        payload = read_packet()
-        if payload is None:
-            return None
-        # paced(): the clock runs already
-        stats = self.stats
-        if late * 1000 > 1.0:
-            self._count_late(late)
-        stats._interval(now - last)
-        self._last_sent = self.sent_at = now
-        # the queue's read() and _next() for a pre-encoded frame
-        playback.frames += 1
-        playback.packets += 1
-        queue.current = playback
-        queue.packet = payload
-        queue.level = level = source.level
-        stats.passthrough_frames += 1
-        stats.frames += 1
-        self.sent_pts = self._index * FRAME_SAMPLES
-        self._index += 1
-        self.sent_level = level
-        sinks = self.sinks
-        if sinks:
-            self.sent_payload = payload
-            sinks.write(source.frame(), SAMPLE_RATE, 1)
-        return payload
-
     def _next(self) -> bytes | av.Packet | av.AudioFrame:
         pcm = self.queue.read()
         pts = self._index * FRAME_SAMPLES

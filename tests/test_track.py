@@ -11,7 +11,6 @@ import time
 import av
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 from media import analysis
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE
@@ -230,95 +229,3 @@ async def test_played_file_is_found_in_the_far_sides_recording(tmp_path):
     if not heard.gaps:  # nothing dropped: the plain WAV recording has it at the same place
         x, rate = read_wav(far)
         assert locate(signal, x[:, 0]) == (offset, pytest.approx(score, abs=0.01))
-
-
-class _Tap:
-    """An outbound tap remembering what each frame looked like as it was sent."""
-
-    def __init__(self, track: OutboundAudioTrack) -> None:
-        self.track = track
-        self.seen: list[tuple] = []
-
-    def write(self, pcm, sample_rate, channels=1):
-        t = self.track
-        self.seen.append((pcm.tobytes(), sample_rate, channels, t.sent_pts, t.sent_at, t.sent_level, t.sent_payload))
-
-    def close(self):
-        pass
-
-
-def _state(track: OutboundAudioTrack, playbacks: list) -> tuple:
-    q = track.queue
-    return (track.stats.as_dict(), bytes(track.stats._hist), track._index, track._last_sent, track.sent_pts,
-            track.sent_at, track.sent_level, track.sent_payload, q.packet, q.level,
-            None if q.current is None else playbacks.index(q.current),
-            [(p.frames, p.packets, p.started_at is not None, p.done.done() and p.done.result()) for p in playbacks])
-
-
-@settings(max_examples=120, deadline=None)
-@given(st.lists(st.one_of(
-    st.tuples(st.just("tick"), st.one_of(st.sampled_from([0.0, 0.0015, 0.025]), st.floats(0.0, 0.05)),
-              st.integers(1, 3)),
-    st.tuples(st.just("play"), st.sampled_from(["prompt", "short", "pcm", "tone"])),
-    st.tuples(st.just("tap")),
-    st.tuples(st.just("clear")),
-), max_size=60))
-async def test_the_lean_lane_leaves_the_state_the_general_way_does(steps):
-    """OutboundAudioTrack.lean_payload (the lean path's per-frame fast lane) against
-    paced() + next_payload() on a twin track: the same payloads, pacing statistics,
-    playback and queue bookkeeping and taps, for any mix of pre-encoded prompts (one of
-    three frames), PCM-only prompts, tones, late ticks, taps added and barge-ins."""
-    prompt = Prompt.from_pcm(np.round(0.3 * 32767 * np.sin(2 * np.pi * 440 * np.arange(FRAME_SAMPLES * 12) / SAMPLE_RATE))
-                             .astype(np.int16), name="p")
-    prompt.encode()
-    short = Prompt.from_pcm(np.arange(FRAME_SAMPLES * 3, dtype=np.int16), name="s")
-    short.encode()
-    lane, general = OutboundAudioTrack(), OutboundAudioTrack()
-    played: dict[int, list] = {id(lane): [], id(general): []}
-    taps: dict[int, list] = {id(lane): [], id(general): []}
-    now, lane_hits = 100.0, 0
-    for step in steps:
-        if step[0] == "play":
-            for track in (lane, general):
-                source = {"prompt": lambda: prompt.source(), "short": lambda: short.source(),
-                          "pcm": lambda: prompt.source(encoded=False), "tone": lambda: ToneSource(600, 0.1)}[step[1]]()
-                played[id(track)].append(track.play(source))
-        elif step[0] == "tap":
-            for track in (lane, general):
-                tap = _Tap(track)
-                taps[id(track)].append(tap)
-                track.add_sink(tap)
-        elif step[0] == "clear":
-            lane.clear()
-            general.clear()
-        else:
-            _, late, frames = step
-            now += 0.02 + late
-            for i in range(frames):
-                payload = lane.lean_payload(now, late - i * 0.02)
-                if payload is None:
-                    lane.paced(now, late - i * 0.02)
-                    payload = lane.next_payload()
-                else:
-                    lane_hits += 1
-                general.paced(now, late - i * 0.02)
-                assert payload == general.next_payload()
-        assert _state(lane, played[id(lane)]) == _state(general, played[id(general)])
-        assert [t.seen for t in taps[id(lane)]] == [t.seen for t in taps[id(general)]]
-    ticks = sum(s[2] for s in steps if s[0] == "tick")
-    assert lane_hits <= ticks
-
-
-async def test_the_lean_lane_takes_a_playing_prompts_frames():
-    """After the prompt's first frame (the general way: the clock starts, the playback
-    begins), every frame of it goes the lane; at its end the lane declines."""
-    prompt = Prompt.from_pcm(np.zeros(FRAME_SAMPLES * 5, dtype=np.int16), name="p")
-    packets = prompt.encode()
-    track = OutboundAudioTrack()
-    track.play(prompt.source())
-    assert track.lean_payload(1.0, 0.0) is None
-    track.paced(1.0, 0.0)
-    assert track.next_payload() == packets[0]
-    n = len(packets)  # (the encoder's lookahead may make one more)
-    assert [track.lean_payload(1.0 + 0.02 * i, 0.0) for i in range(1, n)] == list(packets[1:])
-    assert track.lean_payload(1.0 + 0.02 * n, 0.0) is None  # (ended: the general way finishes the playback)

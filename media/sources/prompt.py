@@ -159,25 +159,6 @@ class PromptSource:
         start = i * FRAME_SAMPLES
         return self._pcm[start : start + FRAME_SAMPLES]
 
-    def read_packet(self) -> bytes | None:
-        """:meth:`read` for a sender that sends the pre-encoded packet as it is (the
-        lean path's fast lane, :meth:`media.track.OutboundAudioTrack.lean_payload`):
-        the packet, with ``packet`` and ``level`` set as :meth:`read` sets them;
-        :meth:`frame` is its PCM. ``None`` without packets or at the end: then nothing
-        was read."""
-        i = self._i
-        if i >= self._count or self._packets is None:
-            return None
-        self._i = i + 1
-        self.packet = packet = self._packets[i]
-        self.level = self._levels[i]
-        return packet
-
-    def frame(self) -> np.ndarray:
-        """The PCM of the frame read last (a read-only view of the prompt)."""
-        start = (self._i - 1) * FRAME_SAMPLES
-        return self._pcm[start : start + FRAME_SAMPLES]
-
     def close(self) -> None:
         self._i = self._count
         self.packet = None
