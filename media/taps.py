@@ -150,20 +150,11 @@ class RtpTap:
 
     def _on_packet(self, packet, at: float) -> None:
         try:
-            if not packet.payload:
+            if not packet.payload or not self._is_opus(packet.payload_type):
                 return
-            opus = self._opus_types.get(packet.payload_type)
-            if not opus and (opus is not None or not self._is_opus(packet.payload_type)):
-                return
-            # (Unwrapper.extend, inline: this runs for every packet)
-            timestamps = self._timestamps
-            newest = timestamps.newest
-            if newest is None:
-                extended = timestamps.newest = self._origin = packet.timestamp
-            else:
-                extended = newest + ((packet.timestamp - newest + 0x80000000) & 0xFFFFFFFF) - 0x80000000
-                if extended > newest:
-                    timestamps.newest = extended
+            extended = self._timestamps.extend(packet.timestamp)
+            if self._origin is None:
+                self._origin = extended
             pts = extended - self._origin
             if pts < 0:
                 return  # from before the first packet: too old to matter
