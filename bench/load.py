@@ -216,7 +216,7 @@ class _OggOnlyRecorder:
 
 async def run(n: int, seconds: float, workdir: Path, profile: str | None = None, record: str = "full",
               workers: int = 0, rtp_path: str = "lean", profile_spy: str | None = None, bot: bool = False,
-              lean_phones: bool = False, opus_complexity: int = 5) -> dict:
+              lean_phones: bool = False, opus_complexity: int = 5, bot_frame_ms: int = 20) -> dict:
     if rtp_path == "naive" or record.startswith("ogg-"):
         if workers:
             raise SystemExit(f"--rtp-path {rtp_path} --record {record}: with media in-process only (--workers 0)")
@@ -266,7 +266,8 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 def media_of_call() -> dict:
                     """A bot that speaks (the 1 kHz tone), or the pre-encoded 1 kHz prompt."""
                     if bot:
-                        return {"bot": BotSpec.from_dict({"protocol": "pcm", "url": f"ws://{bot_url}/ws"})}
+                        return {"bot": BotSpec.from_dict({"protocol": "pcm", "url": f"ws://{bot_url}/ws",
+                                                          "frame_ms": bot_frame_ms})}
                     return {"sources": [prompts.source(prompt_file)]}
 
                 warm = [await service.manager.place_call(user, record=recording, **media_of_call())
@@ -436,7 +437,8 @@ async def rtp_core(on: bool):
 
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
                workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None,
-               bot: bool = False, lean_phones: bool = False, complexities: tuple[int, ...] = (5,)) -> None:
+               bot: bool = False, lean_phones: bool = False, complexities: tuple[int, ...] = (5,),
+               bot_frame_ms: int = 20) -> None:
     logging.basicConfig(level=logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="wacall-load-") as tmp:
@@ -445,7 +447,7 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                 for r in records for c in complexities if p != "naive" or (r, c) == (records[0], complexities[0])]
         for i, (n, w, path, record, c) in enumerate(runs):
             result = await run(n, seconds, Path(tmp) / str(i), profile, record, w, path,
-                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"), bot, lean_phones, c)
+                               spy and (spy if len(runs) == 1 else f"{spy}.{i}"), bot, lean_phones, c, bot_frame_ms)
             results.append(result)
             if as_json:
                 print(json.dumps(result), flush=True)
@@ -459,7 +461,7 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
             at_bot = f"user's at the bot {result['user_tone_at_bot']}, " if bot else ""
             prompt_rec = (f"prompt in recordings {result['prompt_in_recording']}, "
                           if result["prompt_in_recording"] else "")
-            print(f"{n:4d} calls{' bridged to a bot (pcm, 16 kHz)' if bot else ''}"
+            print(f"{n:4d} calls{f' bridged to a bot (pcm, 16 kHz, {bot_frame_ms} ms messages)' if bot else ''}"
                   f"{f', Opus complexity {c}' if c != 5 else ''}"
                   f"{'' if record == 'full' else f' (recording: {record})'}, {path} RTP path "
                   f"({result['alive']} up through {result['window_s']} s), "
@@ -521,9 +523,12 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the whole set of runs, interleaved (A/B/A/B on a noisy machine); the "
                              "table then shows each configuration's median")
+    parser.add_argument("--bot-frame-ms", type=int, default=20, choices=[20, 40, 60, 80, 100],
+                        help="with --bot: the caller's audio per message to the bot (the pcm protocol's frame_ms)")
     parser.add_argument("--opus-complexity", type=int, nargs="+", default=[5], metavar="C",
                         help="the gateway's live Opus encoder complexity (WACALL_OPUS_COMPLEXITY: tones, a bot's "
                              "voice), one run per value")
     args = parser.parse_args()
     asyncio.run(main(args.calls, args.seconds, args.json, args.profile, args.record, args.workers, args.rtp_path,
-                     args.rounds, args.spy, args.bot, args.lean_phones, tuple(args.opus_complexity)))
+                     args.rounds, args.spy, args.bot, args.lean_phones, tuple(args.opus_complexity),
+                     args.bot_frame_ms))

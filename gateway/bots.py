@@ -84,7 +84,7 @@ def _is_network(entry: str) -> bool:
         return False
     return True
 
-_OPTIONS = {"idle_timeout_s", "connect_timeout_s", "sample_rate", "account_sid"}
+_OPTIONS = {"idle_timeout_s", "connect_timeout_s", "sample_rate", "frame_ms", "account_sid"}
 
 
 @dataclass(slots=True)

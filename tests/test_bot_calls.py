@@ -126,6 +126,9 @@ def test_a_bot_spec_is_a_leg_spec_and_survives_a_round_trip():
     from gateway.calls.legs import LegSpec
 
     spec = BotSpec.from_dict({"protocol": "pcm", "url": "ws://127.0.0.1:9/bot", "parameters": {"lang": "de"},
-                              "sample_rate": 16000})
+                              "sample_rate": 16000, "frame_ms": 40})
     assert isinstance(spec, LegSpec) and spec.kind == "bot"
     assert BotSpec.from_dict(spec.to_dict()) == spec  # (what a parked call stores and reads back)
+    assert spec.bridge().frames_per_message == 2
+    with pytest.raises(ValueError, match="frame_ms"):
+        BotSpec.from_dict({"protocol": "pcm", "url": "ws://127.0.0.1:9/bot", "frame_ms": 50})

@@ -145,6 +145,31 @@ async def test_tone_in_tone_out_at_each_rate(rate, meter):
     assert bridge.stats.frames_dropped == 0 and bridge.stats.ignored_messages == 0
 
 
+async def test_longer_messages_carry_several_frames():
+    """``frame_ms=60``: each message to the bot is 60 ms of the caller (1920 bytes at
+    16 kHz), continuous (the tone's spectrum clean across message joins); the start
+    says so; the statistics count 20 ms frames; the bot's answer plays."""
+    async with PcmBot() as bot:
+        ears = ToneEars(BOT_HZ)
+        async with call_pair(lambda business, user: user.add_sink(ears)) as (business, user):
+            bridge = make_bridge("pcm", bot.url, frame_ms=60)
+            user.play(ToneSource(CALLER_HZ, None))
+            await bridge.start(business, call_id="call-60")
+            await ears.hears(1.0)
+            await bot.until(lambda: len(bot.frames) >= 25)
+            await bridge.stop("user hung up")
+            await asyncio.wait_for(bot.socket_closed.wait(), TIMEOUT)
+    assert bot.texts[0][1]["format"]["frame_ms"] == 60
+    assert {len(f) for f in bot.frames} == {1920}
+    heard = np.frombuffer(b"".join(bot.frames[-16:]), "<i2")
+    assert abs(analysis.dominant_frequency(heard, 16000) - CALLER_HZ) < 2
+    assert analysis.tone_seconds(heard, 16000, CALLER_HZ, min_ratio=0.999) >= 0.9
+    assert bridge.stats.frames_to_bot == 3 * len(bot.frames)
+    assert analysis.tone_seconds(ears.audio, 48000, BOT_HZ) >= 1.0
+    with pytest.raises(ValueError, match="frame_ms"):
+        make_bridge("pcm", bot.url, frame_ms=30)
+
+
 @pytest.mark.parametrize("complexity", [0, 2])
 async def test_the_bots_voice_is_encoded_with_the_configured_settings(complexity):
     """``WACALL_OPUS_COMPLEXITY``/``_BITRATE`` reach the encoder of the bot's 16 kHz voice;

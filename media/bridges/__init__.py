@@ -58,7 +58,8 @@ def make_bridge(protocol: str, url: str, **options: Any) -> Bridge:
             ``None`` = off), ``close_timeout_s`` (2), ``outbox_frames`` (50),
             ``max_buffer_s`` (600); WebSocket ones — ``headers``, ``session``,
             ``heartbeat_s``; per protocol — twilio: ``account_sid``, ``stream_sid``;
-            pcm: ``sample_rate`` (16000/24000/48000); audiosocket: ``sample_rate``
+            pcm: ``sample_rate`` (16000/24000/48000), ``frame_ms`` (20…100);
+            audiosocket: ``sample_rate``
             (8000…), ``session_uuid``, ``send_hangup``.
 
     Raises:

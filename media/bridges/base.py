@@ -178,7 +178,8 @@ class LatencyHistogram:
 
 @dataclass(slots=True)
 class BridgeStats:
-    #: Caller frames handed to the bot's socket / dropped because the outbox was full.
+    #: Caller frames (20 ms) handed to the bot's socket / dropped because the outbox
+    #: was full (a message of several frames counts them all).
     frames_to_bot: int = 0
     frames_dropped: int = 0
     #: Largest outbox backlog seen, in frames.
@@ -470,15 +471,17 @@ _UNRENDERED.flags.writeable = False
 
 
 class _Outbox:
-    """Items waiting for the sender task. Audio items are bounded (the oldest audio is
-    dropped when full); control items (DTMF, mark echoes, stop) are never dropped."""
+    """Items waiting for the sender task. Audio items (``frames`` 20 ms frames each) are
+    bounded to ``limit`` frames (the oldest audio is dropped when full); control items
+    (DTMF, mark echoes, stop) are never dropped."""
 
-    __slots__ = ("_items", "_audio", "_limit", "_wake", "stats")
+    __slots__ = ("_items", "_audio", "_limit", "_frames", "_wake", "stats")
 
-    def __init__(self, limit: int, stats: BridgeStats) -> None:
+    def __init__(self, limit: int, stats: BridgeStats, frames: int = 1) -> None:
         self._items: collections.deque[tuple] = collections.deque()
-        self._audio = 0
-        self._limit = limit
+        self._audio = 0  # audio items queued
+        self._limit = max(1, limit // frames)
+        self._frames = frames
         self._wake = asyncio.Event()
         self.stats = stats
 
@@ -496,11 +499,12 @@ class _Outbox:
                         del items[i]
                         break
             self._audio -= 1
-            self.stats.frames_dropped += 1
+            self.stats.frames_dropped += self._frames
         items.append(item)
         self._audio += 1
-        if self._audio > self.stats.outbox_high_water:
-            self.stats.outbox_high_water = self._audio
+        queued = self._audio * self._frames
+        if queued > self.stats.outbox_high_water:
+            self.stats.outbox_high_water = queued
         self._wake.set()
 
     def put(self, item: tuple) -> None:
@@ -530,6 +534,7 @@ class _CallerTap:
         self.pcm_rate = wire_rate
         self._wire_frame = wire_rate * FRAME_SAMPLES // SAMPLE_RATE
         self._decimators: dict[int, Decimator] = {}
+        self._held: list[np.ndarray] = []  # frames waiting for the rest of their message
         self._mono = np.empty(FRAME_SAMPLES, dtype=np.int32)
         self._other: Any = None  # PyAV fallback for other input
         self.frames = 0
@@ -570,9 +575,20 @@ class _CallerTap:
         self._queue(self._decimator(factor).process(pcm48) if factor > 1 else np.array(pcm48, dtype=PCM_DTYPE), t)
 
     def _queue(self, wire: np.ndarray, t: float) -> None:
+        """One 20 ms frame at the wire rate; a message of ``frames_per_message`` of them
+        to the outbox (its latency counted from its last frame)."""
+        bridge = self._bridge
+        per_message = bridge.frames_per_message
+        if per_message > 1:
+            held = self._held
+            held.append(wire)  # (a fresh array: the decoder's or the decimator's)
+            if len(held) < per_message:
+                return
+            wire = np.concatenate(held)
+            held.clear()
         index = self.frames
         self.frames += 1
-        self._bridge._outbox.put_audio(("audio", self._bridge._encode_audio(wire), index, t))
+        bridge._outbox.put_audio(("audio", bridge._encode_audio(wire), index, t))
 
     def _write_other(self, pcm: np.ndarray, sample_rate: int, channels: int) -> None:
         # Not what a MediaPeer delivers, but keep working: convert to 20 ms 48 kHz mono
@@ -619,6 +635,9 @@ class Bridge(abc.ABC):
     protocol: str = ""
     #: Sample rate on the wire (set by subclasses, possibly per instance).
     wire_rate: int = 8000
+    #: 20 ms frames of the caller's audio per message to the bot (protocols that take
+    #: longer messages set it per instance).
+    frames_per_message: int = 1
 
     def __init__(
         self,
@@ -704,7 +723,7 @@ class Bridge(abc.ABC):
         self.call_id = call_id
         self.parameters = dict(parameters or {})
         self.peer = peer
-        self._outbox = _Outbox(self.outbox_frames, self.stats)
+        self._outbox = _Outbox(self.outbox_frames, self.stats, self.frames_per_message)
         self._stop_sent = asyncio.Event()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
@@ -870,12 +889,13 @@ class Bridge(abc.ABC):
         outbox = self._outbox
         stats = self.stats
         clock = time.perf_counter
+        per_message = self.frames_per_message
         while True:
             item = await outbox.get()
             kind = item[0]
             if kind == "audio":
                 await self._send_audio(item[1], item[2])
-                stats.frames_to_bot += 1
+                stats.frames_to_bot += per_message
                 stats.to_bot.add(clock() - item[3])
             elif kind == "mark":
                 await self._send_mark(item[1])

@@ -5,8 +5,10 @@ wacall dials the bot's ``ws://``/``wss://`` URL. Audio is binary, control is JSO
 → bot   ``{"event": "start", "protocol": "wacall.pcm", "version": 1, "call_id": …,
         "stream_id": …, "format": {"encoding": "pcm_s16le", "sample_rate": 16000,
         "channels": 1, "frame_ms": 20}, "parameters": {…}}`` first; then one binary
-        message per 20 ms of the caller's audio (signed 16-bit little-endian mono at the
-        call's rate: 640 bytes at 16 kHz, 960 at 24 kHz, 1920 at 48 kHz);
+        message per ``frame_ms`` of the caller's audio (signed 16-bit little-endian mono
+        at the call's rate: per 20 ms 640 bytes at 16 kHz, 960 at 24 kHz, 1920 at 48 kHz;
+        ``frame_ms`` 40, 60, 80 or 100 sends that much per message: fewer messages, as
+        much more latency);
         ``{"event": "dtmf", "digit": "5", "duration_ms": 500}`` per key press;
         ``{"event": "mark", "name": …}`` echoes; ``{"event": "stop", "reason": …}`` when
         the caller hangs up (then the socket closes).
@@ -32,9 +34,10 @@ from .websocket import WebSocketBridge
 if TYPE_CHECKING:  # pragma: no cover
     from ..dtmf import DtmfEvent
 
-__all__ = ["PcmBridge", "PCM_RATES"]
+__all__ = ["PcmBridge", "PCM_RATES", "PCM_FRAME_MS"]
 
 PCM_RATES = (8000, 16000, 24000, 48000)
+PCM_FRAME_MS = (20, 40, 60, 80, 100)
 _LITTLE = sys.byteorder == "little"
 
 
@@ -43,16 +46,20 @@ class PcmBridge(WebSocketBridge):
 
     Args:
         sample_rate: 16000 (default), 24000 or 48000 (8000 also accepted).
+        frame_ms: the caller's audio per message: 20 (default), 40, 60, 80 or 100.
         **options: see :class:`~media.bridges.websocket.WebSocketBridge`.
     """
 
     protocol = "pcm"
 
-    def __init__(self, url: str, *, sample_rate: int = 16000, **options: Any) -> None:
+    def __init__(self, url: str, *, sample_rate: int = 16000, frame_ms: int = 20, **options: Any) -> None:
         if sample_rate not in PCM_RATES:
             raise ValueError(f"sample_rate must be one of {PCM_RATES}, got {sample_rate}")
+        if frame_ms not in PCM_FRAME_MS:
+            raise ValueError(f"frame_ms must be one of {PCM_FRAME_MS}, got {frame_ms}")
         super().__init__(url, **options)
         self.wire_rate = sample_rate
+        self.frames_per_message = frame_ms // 20
         self.stream_id = uuid.uuid4().hex
         self._odd = b""
 
@@ -63,7 +70,8 @@ class PcmBridge(WebSocketBridge):
             "version": 1,
             "call_id": self.call_id,
             "stream_id": self.stream_id,
-            "format": {"encoding": "pcm_s16le", "sample_rate": self.wire_rate, "channels": 1, "frame_ms": 20},
+            "format": {"encoding": "pcm_s16le", "sample_rate": self.wire_rate, "channels": 1,
+                       "frame_ms": 20 * self.frames_per_message},
             "parameters": self.parameters,
         }))
 
