@@ -316,17 +316,6 @@ class _Tick:
         self.last: bool = last  # resolve ``owner`` once this packet is out
 
 
-class _Fields:
-    """The header fields :meth:`PeerDtmf.incoming_parsed` reads, for a packet parsed here."""
-
-    __slots__ = ("ssrc", "sequence_number", "payload_type")
-
-    def __init__(self, ssrc: int, sequence_number: int, payload_type: int) -> None:
-        self.ssrc = ssrc
-        self.sequence_number = sequence_number
-        self.payload_type = payload_type
-
-
 class _RxStream:
     """Receive state of one SSRC."""
 
@@ -350,7 +339,6 @@ class PeerDtmf:
         self.offered_pt: int | None = None
         self.problem: str | None = None
         self._other_pts: set[int] = set()
-        self._rx_pt: int | None = sdp_rules.TELEPHONE_EVENT_PT  # receive_pt, kept (see remote_description)
         self._callbacks: list[Callable[[DtmfEvent], None]] = []
         self._decoder = Rfc4733Decoder(timeout_s=end_timeout_s)
         self._timer: asyncio.TimerHandle | None = None
@@ -393,7 +381,6 @@ class PeerDtmf:
         self.pt = sdp_rules.telephone_event_pt(sdp)
         audio = sdp_rules.parse(sdp).audio
         self._other_pts = set(audio.formats if audio else ()) - {self.pt}
-        self._rx_pt = self.receive_pt  # (what every received packet is checked against)
         transceiver = next((t for t in transceivers if t.kind == "audio"), None)
         if transceiver is not None:
             self._attach(transceiver)
@@ -434,29 +421,30 @@ class PeerDtmf:
     def incoming(self, data: bytes) -> bytes | None:
         """A received RTP packet (clear) as the audio path should see it: ``None`` when it
         was a telephone-event (taken here), renumbered when events were taken before it."""
-        if len(data) < 12:
-            self.rtp_received += 1
-            return data
-        return self._take(data, _Fields(int.from_bytes(data[8:12], "big"), int.from_bytes(data[2:4], "big"),
-                                        data[1] & 0x7F))
-
-    def _take(self, data: bytes, packet) -> bytes | None:
-        """:meth:`incoming` for a packet parsed already (``packet``: its header fields,
-        a :class:`media.lean.RtpView` or :class:`_Fields`)."""
         self.rtp_received += 1
+        if len(data) < 12:
+            return data
+        return self._incoming(data, int.from_bytes(data[8:12], "big"), int.from_bytes(data[2:4], "big"),
+                              data[1] & 0x7F)
+
+    def incoming_parsed(self, data: bytes, packet) -> bytes | None:
+        """:meth:`incoming` for a packet parsed already (``packet``: its header fields,
+        a :class:`media.lean.RtpView`)."""
+        self.rtp_received += 1
+        return self._incoming(data, packet.ssrc, packet.sequence_number, packet.payload_type)
+
+    def _incoming(self, data: bytes, ssrc: int, seq: int, pt: int) -> bytes | None:
         rx = self._rx
-        ssrc = packet.ssrc
         stream = rx.get(ssrc)
         if stream is None:
             if len(rx) >= 8:
                 rx.pop(next(iter(rx)))
             stream = rx[ssrc] = _RxStream()
-        seq = packet.sequence_number
         high = stream.high
         newest = high is None or ((seq - high + 0x8000) & 0xFFFF) > 0x8000  # (newer(seq, high, 16))
         if newest:
             stream.high = seq
-        if packet.payload_type == self._rx_pt:
+        if pt == self.receive_pt:
             if newest:
                 stream.taken += 1
                 stream.recent.append(seq)
@@ -465,8 +453,6 @@ class PeerDtmf:
         if stream.taken:
             data = self._close_gap(stream, data, seq, newest)
         return data
-
-    incoming_parsed = _take
 
     @staticmethod
     def _close_gap(stream: _RxStream, data: bytes, seq: int, newest: bool) -> bytes:
