@@ -739,8 +739,7 @@ class LeanReceiver:
     def _clear(self, plain: bytes, packet: RtpView | None, wire: int, at: float) -> None:
         """A packet of ours unprotected (``plain``, ``wire`` bytes long on the wire):
         counted, through DTMF, parsed (unless ``packet`` is that already), then to the
-        taps first and our playout; what that does not take goes to aiortc. (One
-        function: it runs for every packet.)"""
+        taps first and our playout; what that does not take goes to aiortc."""
         aiortc_hooks.count_received(self._dtls, wire)
         self.packets += 1
         dtmf = self.dtmf
