@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 
 from gateway.app import Service
@@ -132,3 +133,24 @@ def test_a_bot_spec_is_a_leg_spec_and_survives_a_round_trip():
     assert spec.bridge().frames_per_message == 2
     with pytest.raises(ValueError, match="frame_ms"):
         BotSpec.from_dict({"protocol": "pcm", "url": "ws://127.0.0.1:9/bot", "frame_ms": 50})
+
+
+@pytest.mark.parametrize("record", [False, True])
+async def test_a_bot_call_is_decoded_at_the_bots_rate_unless_a_recording_wants_more(api, record):
+    """Through the gateway (its speech detector attached): a 16 kHz pcm bot's call is
+    decoded straight at 16 kHz; recorded as WAV, at 48 kHz (and resampled for the bot).
+    The bot hears the user's tone either way."""
+    from tests.test_bridge_pcm import PcmBot
+
+    async with PcmBot(respond=False) as bot:
+        api.sandbox.users.update(USER, {"answer_after_ms": 0, "say": str(ROOT / "gateway/assets/user.ogg")})
+        status, body = await place(api, {"protocol": "pcm", "url": bot.url}, record=record)
+        assert status == 201, body
+        call = api.manager.get(body["id"])
+        await bot.until(lambda: len(bot.frames) >= 60)
+        decoder = call.media.peer._receiver.decoder
+        assert decoder is not None and decoder.rate == (48000 if record else 16000)
+        await call.hangup()
+        await call.wait_finished(TIMEOUT)
+    heard = np.frombuffer(b"".join(bot.frames[10:60]), "<i2").astype(np.float32) / 32768
+    assert analysis.tone_seconds(heard, 16000, 600) >= 0.8
