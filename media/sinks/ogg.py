@@ -64,6 +64,11 @@ _FRAME_SIZES = (
 )
 
 
+def _lacing(length: int) -> bytes:
+    """An Ogg page's lacing values for one packet of ``length`` bytes."""
+    return b"\xff" * (length // 255) + bytes((length % 255,))
+
+
 def opus_packet_samples(packet: bytes) -> int:
     """Samples (at 48 kHz) an Opus packet decodes to, from its TOC byte (RFC 6716 3.1)."""
     if not packet:
@@ -246,12 +251,10 @@ class OggOpusWriter:
             self.start(2 if packet and packet[0] & 0x04 else 1)
         if samples is None:
             samples = opus_packet_samples(packet)
-        n = len(packet)
-        lacing = 1 + n // 255
-        if len(self._segments) + lacing > 255:
+        lacing = _lacing(len(packet))
+        if len(self._segments) + len(lacing) > 255:
             self._flush_page()
-        self._segments.extend(b"\xff" * (n // 255))
-        self._segments.append(n % 255)
+        self._segments += lacing
         self._body.append(bytes(packet))
         self._granule += samples
         self._pending_samples += samples
@@ -261,14 +264,13 @@ class OggOpusWriter:
 
     def write_packets(self, packets: list[bytes], samples: int) -> None:
         """Append Opus packets of ``samples`` each, as :meth:`write_packet` one by one
-        would (in bulk where they fit the page and each takes one lacing value)."""
+        would (in bulk where they fit the page)."""
         if self._fd is None or not packets:
             return
         # (one by one, a page closes after the packet that fills it, or before one that
         # does not fit its lacing: in bulk only if neither happens before the last one)
-        lengths = bytes(map(len, packets)) if max(map(len, packets)) < 255 else None
-        if lengths is None:  # some take more than one lacing value
-            lengths = b"".join(b"\xff" * (len(p) // 255) + bytes((len(p) % 255,)) for p in packets)
+        lengths = bytes(map(len, packets)) if max(map(len, packets)) < 255 else \
+            b"".join(_lacing(len(p)) for p in packets)  # (some take more than one lacing value)
         if not self._started or len(self._segments) + len(lengths) > 255 or \
                 self._pending_samples + samples * (len(packets) - 1) >= self._page_samples:
             for packet in packets:
@@ -298,8 +300,7 @@ class OggOpusWriter:
         if packets is not None:  # header pages: one packet each, laced here
             segments = bytearray()
             for p in packets:
-                segments.extend(b"\xff" * (len(p) // 255))
-                segments.append(len(p) % 255)
+                segments += _lacing(len(p))
             body = b"".join(packets)
         else:
             segments = self._segments
