@@ -41,7 +41,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import aiortc_hooks, ice, sdp as sdp_rules
 from .dtmf import DtmfEvent, GoertzelDtmfDetector, PeerDtmf
-from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Sink, Source
+from .frames import FRAME_MS, SAMPLE_RATE, Sink, Source
 from .lean import LeanReceiver, LeanSender
 from .opus import OpusSettings
 from .receiver import OpusReceiver, aiortc_problems as receiver_problems
@@ -408,8 +408,7 @@ class MediaPeer:
         received = self.received
         received.frames += 1
         received.pts = pts
-        n = pcm.size
-        self._sinks.write(pcm, SAMPLE_RATE if n == FRAME_SAMPLES else n * _FRAMES_PER_S, 1)
+        self._sinks.write(pcm, pcm.size * _FRAMES_PER_S, 1)
 
     async def _receive(self, track: MediaStreamTrack) -> None:
         try:

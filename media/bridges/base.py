@@ -544,25 +544,19 @@ class _CallerTap:
         if self.closed:
             return
         t = time.perf_counter()
-        if channels == 1 and sample_rate == self.pcm_rate and pcm.size == self._wire_frame:
-            self._queue(pcm, t)  # decoded at the wire rate
-            return
-        if sample_rate != SAMPLE_RATE or pcm.size != FRAME_SAMPLES * channels:
-            factor = sample_rate // self.pcm_rate
-            if channels == 1 and factor > 1 and sample_rate == factor * self.pcm_rate \
-                    and pcm.size == self._wire_frame * factor:
-                self._queue(self._decimator(factor).process(pcm), t)
-            else:
-                self._write_other(pcm, sample_rate, channels)
-            return
-        if channels == 2:
+        if sample_rate == SAMPLE_RATE and pcm.size == FRAME_SAMPLES * channels and channels != 1:
+            if channels != 2:
+                return
             mono = self._mono
             np.add(pcm[0::2], pcm[1::2], out=mono, dtype=np.int32)
             np.right_shift(mono, 1, out=mono)
-            pcm = mono.astype(PCM_DTYPE)
-        elif channels != 1:
-            return
-        self._emit(pcm, t)
+            pcm, channels = mono.astype(PCM_DTYPE), 1
+        # 20 ms mono at the wire rate (decoded at it) or at a multiple of it: to the bot
+        factor, rest = divmod(sample_rate, self.pcm_rate)
+        if channels == 1 and factor and not rest and pcm.size == self._wire_frame * factor:
+            self._queue(pcm if factor == 1 else self._decimator(factor).process(pcm), t)
+        else:
+            self._write_other(pcm, sample_rate, channels)
 
     def _decimator(self, factor: int) -> Decimator:
         dec = self._decimators.get(factor)
