@@ -131,8 +131,13 @@ def test_a_bot_spec_is_a_leg_spec_and_survives_a_round_trip():
     assert isinstance(spec, LegSpec) and spec.kind == "bot"
     assert BotSpec.from_dict(spec.to_dict()) == spec  # (what a parked call stores and reads back)
     assert spec.bridge().frames_per_message == 2
-    with pytest.raises(ValueError, match="frame_ms"):
-        BotSpec.from_dict({"protocol": "pcm", "url": "ws://127.0.0.1:9/bot", "frame_ms": 50})
+    for protocol, url, field, bad in (("pcm", "ws://127.0.0.1:9/bot", "frame_ms", 50),
+                                      ("pcm", "ws://127.0.0.1:9/bot", "frame_ms", 40.0),
+                                      ("pcm", "ws://127.0.0.1:9/bot", "frame_ms", "40"),
+                                      ("pcm", "ws://127.0.0.1:9/bot", "sample_rate", 16000.0),
+                                      ("audiosocket", "tcp://127.0.0.1:9", "sample_rate", 8000.0)):
+        with pytest.raises(ValueError, match=field):  # (the API answers it with a 400)
+            BotSpec.from_dict({"protocol": protocol, "url": url, field: bad})
 
 
 @pytest.mark.parametrize("record", [False, True])

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .base import Bridge, BotProtocolError, BridgeUnavailable
+from .base import Bridge, BotProtocolError, BridgeUnavailable, one_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dtmf import DtmfEvent
@@ -114,8 +114,7 @@ class AudioSocketBridge(Bridge):
         send_hangup: bool = True,
         **options: Any,
     ) -> None:
-        if sample_rate not in AUDIO_KINDS:
-            raise ValueError(f"sample_rate must be one of {tuple(AUDIO_KINDS)}, got {sample_rate}")
+        one_of("sample_rate", sample_rate, AUDIO_KINDS)
         self.host, self.port = _parse_address(url)
         super().__init__(url, **options)
         self.wire_rate = sample_rate

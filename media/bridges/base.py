@@ -82,6 +82,15 @@ log = logging.getLogger(__name__)
 SUPPORTED_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
+def one_of(name: str, value: Any, allowed) -> int:
+    """``value`` if it is one of the integers ``allowed``, else ``ValueError`` naming the
+    option (an integral float from JSON, ``16000.0``, is refused too: every count and
+    header field made from it would be a float)."""
+    if type(value) is not int or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
 class BridgeError(RuntimeError):
     """Base class of bridge errors."""
 

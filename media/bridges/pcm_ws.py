@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .base import one_of
 from .websocket import WebSocketBridge
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,13 +54,9 @@ class PcmBridge(WebSocketBridge):
     protocol = "pcm"
 
     def __init__(self, url: str, *, sample_rate: int = 16000, frame_ms: int = 20, **options: Any) -> None:
-        if sample_rate not in PCM_RATES:
-            raise ValueError(f"sample_rate must be one of {PCM_RATES}, got {sample_rate}")
-        if frame_ms not in PCM_FRAME_MS:
-            raise ValueError(f"frame_ms must be one of {PCM_FRAME_MS}, got {frame_ms}")
+        self.wire_rate = one_of("sample_rate", sample_rate, PCM_RATES)
+        self.frames_per_message = one_of("frame_ms", frame_ms, PCM_FRAME_MS) // 20
         super().__init__(url, **options)
-        self.wire_rate = sample_rate
-        self.frames_per_message = frame_ms // 20
         self.stream_id = uuid.uuid4().hex
         self._odd = b""
 
