@@ -20,12 +20,14 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 /* libsrtp 2's srtp_protect / srtp_unprotect: (srtp_t, void *packet, int *length) */
 typedef int (*srtp_fn)(void *ctx, void *packet, int *length);
@@ -755,6 +757,42 @@ ring_alive(OpusRing *r)
     return 1;
 }
 
+/* Place one stored packet (plain, or framed for the left channel): PLACED, PUT_BACK or
+ * DROPPED, -1 with an exception when a commit's write failed. Steals nothing. */
+static long
+ring_packet(OpusRing *r, int channel, PyObject *stored, int has_pts, long long pts, double at)
+{
+    long long end = r->ends[channel];
+    long long target = anchor_place(&r->anchors[channel], has_pts, pts, at, ring_arrived(r, at), end * FRAME,
+                                    r->resync);
+    long long slot = floor_div(target + FRAME / 2, FRAME);
+    if (slot >= end) {
+        long long next = ring_place(r, channel, slot, stored, at);
+        if (next < 0 && PyErr_Occurred())
+            return -1;
+        r->ends[channel] = next;
+        r->packets[channel]++;
+        return PLACED;
+    }
+    if (slot >= r->committed && r->slots[channel][slot % r->ring_len] == NULL) {
+        r->slots[channel][slot % r->ring_len] = stored; /* reordered: into its slot */
+        Py_INCREF(stored);
+        r->packets[channel]++;
+        return PUT_BACK;
+    }
+    r->dropped[channel]++; /* its slot is taken (a duplicate) or already written */
+    return DROPPED;
+}
+
+/* Whether the ring stores ``payload`` as it is on the right channel (see packet()). */
+static int
+ring_plain(OpusRing *r, PyObject *payload)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(payload);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(payload);
+    return n > 0 && n < 253 && r->plain[p[0]];
+}
+
 /* packet(channel, payload, pts, at[, stored]) -> PLACED, PUT_BACK, DROPPED or NOT_PLAIN */
 static PyObject *
 OpusRing_packet(OpusRing *r, PyObject *const *args, Py_ssize_t nargs)
@@ -789,10 +827,10 @@ OpusRing_packet(OpusRing *r, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(stored);
     } else {
+        if (!ring_plain(r, payload))
+            return PyLong_FromLong(NOT_PLAIN);
         Py_ssize_t n = PyBytes_GET_SIZE(payload);
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(payload);
-        if (n == 0 || !r->plain[p[0]] || n >= 253)
-            return PyLong_FromLong(NOT_PLAIN);
         if (channel == 0) { /* self-delimited: TOC, the frame's length, the frame */
             stored = PyBytes_FromStringAndSize(NULL, n + 1);
             if (stored == NULL)
@@ -806,31 +844,9 @@ OpusRing_packet(OpusRing *r, PyObject *const *args, Py_ssize_t nargs)
             Py_INCREF(stored);
         }
     }
-    long long end = r->ends[channel];
-    long long target = anchor_place(&r->anchors[channel], has_pts, pts, at, ring_arrived(r, at), end * FRAME,
-                                    r->resync);
-    long long slot = floor_div(target + FRAME / 2, FRAME);
-    long result;
-    if (slot >= end) {
-        long long next = ring_place(r, channel, slot, stored, at);
-        if (next < 0 && PyErr_Occurred()) {
-            Py_DECREF(stored);
-            return NULL;
-        }
-        r->ends[channel] = next;
-        r->packets[channel]++;
-        result = PLACED;
-    } else if (slot >= r->committed && r->slots[channel][slot % r->ring_len] == NULL) {
-        r->slots[channel][slot % r->ring_len] = stored; /* reordered: into its slot */
-        Py_INCREF(stored);
-        r->packets[channel]++;
-        result = PUT_BACK;
-    } else {
-        r->dropped[channel]++; /* its slot is taken (a duplicate) or already written */
-        result = DROPPED;
-    }
+    long result = ring_packet(r, channel, stored, has_pts, pts, at);
     Py_DECREF(stored);
-    return PyLong_FromLong(result);
+    return result < 0 ? NULL : PyLong_FromLong(result);
 }
 
 /* emit(channel, stored, now): append at the leg's end. */
@@ -948,6 +964,372 @@ static PyTypeObject OpusRingType = {
     .tp_clear = (inquiry)OpusRing_clear,
     .tp_methods = OpusRing_methods,
     .tp_getset = OpusRing_getset,
+};
+
+/* ----------------------------------------------------------------- Lane ------------ */
+/* One call's send side while it plays something known ahead (media.lean.LeanSender):
+ * a runway of Opus payloads (a pre-encoded prompt's next packets, or the silence packet
+ * repeated) that send() puts on the wire one per due frame, with the header patched,
+ * protected and sent as send_rtp does, the pacing measured as the track measures it,
+ * and each packet placed in stereo.ogg's business leg when a recording takes it (its
+ * OpusRing, as OpusLeg.write_packet places it). What Python keeps per frame (counters,
+ * the source's position, the statistics) is added up here and handed over by take(),
+ * once per runway. The socket is our own dup() of the pair's: a descriptor closed and
+ * reused elsewhere is never written to. */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    socklen_t addrlen;
+    struct sockaddr_storage addr;
+    unsigned long long ctx;
+    unsigned char header[64];
+    Py_ssize_t hlen;
+    /* the runway */
+    PyObject *packets; /* a tuple of bytes */
+    Py_ssize_t next, end;
+    int repeat;        /* 0, or 1 + the index of the one packet sent (end - next) times */
+    unsigned int seq, ts;
+    long long pts;
+    OpusRing *ring;    /* the business leg's ring (right channel), or NULL */
+    double last_sent;
+    /* since take() */
+    long sent, dropped, late_frames, underruns;
+    long long payload_bytes, wire_bytes;
+    double max_late_ms, max_interval_ms;
+    uint32_t *hist;
+    Py_ssize_t bins;
+    double bin_s;
+    unsigned long long ntp;
+    unsigned int last_ts;
+    PyObject *payload;   /* the last one sent (a borrowed-then-owned reference) */
+    PyObject *error;     /* the ring's exception, once: the recording stops, not the audio */
+    int send_errno;      /* sendto's error other than a full buffer: the lane stops */
+} Lane;
+
+static void
+lane_drop_runway(Lane *l)
+{
+    l->next = l->end = 0;
+    Py_CLEAR(l->packets);
+    Py_CLEAR(l->ring);
+}
+
+static PyObject *
+Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    int fd;
+    Py_buffer addr, header;
+    unsigned long long ctx;
+    Py_ssize_t bins;
+    double bin_s;
+    if (!PyArg_ParseTuple(args, "iy*Ky*nd:Lane", &fd, &addr, &ctx, &header, &bins, &bin_s))
+        return NULL;
+    int bad = addr.len < 1 || (size_t)addr.len > sizeof(struct sockaddr_storage) || header.len < 12 ||
+              header.len > 64 || bins < 1 || !(bin_s > 0);
+    Lane *l = bad ? NULL : (Lane *)type->tp_alloc(type, 0);
+    if (l != NULL) {
+        l->fd = -1;
+        l->hist = PyMem_Calloc((size_t)bins, sizeof(uint32_t));
+        memcpy(&l->addr, addr.buf, addr.len);
+        l->addrlen = (socklen_t)addr.len;
+        memcpy(l->header, header.buf, header.len);
+        l->hlen = header.len;
+        l->ctx = ctx;
+        l->bins = bins;
+        l->bin_s = bin_s;
+    }
+    PyBuffer_Release(&addr);
+    PyBuffer_Release(&header);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "Lane(fd, sockaddr, ctx, header (12..64 bytes), bins >= 1, bin_s > 0)");
+        return NULL;
+    }
+    if (l == NULL)
+        return NULL;
+    if (l->hist == NULL) {
+        Py_DECREF(l);
+        return PyErr_NoMemory();
+    }
+    l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (l->fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(l);
+        return NULL;
+    }
+    return (PyObject *)l;
+}
+
+static int
+Lane_traverse(Lane *l, visitproc visit, void *arg)
+{
+    Py_VISIT(l->packets);
+    Py_VISIT(l->ring);
+    Py_VISIT(l->payload);
+    Py_VISIT(l->error);
+    return 0;
+}
+
+static int
+Lane_clear(Lane *l)
+{
+    lane_drop_runway(l);
+    Py_CLEAR(l->payload);
+    Py_CLEAR(l->error);
+    return 0;
+}
+
+static void
+Lane_dealloc(Lane *l)
+{
+    PyObject_GC_UnTrack(l);
+    Lane_clear(l);
+    if (l->fd >= 0)
+        close(l->fd);
+    PyMem_Free(l->hist);
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+/* load(packets, start, count, repeat, seq, ts, pts, last_sent, ring) -> frames loaded:
+ * the runway is packets[start:start + count] (repeat: packets[start], count times),
+ * the first of them sent as seq/ts/pts; last_sent: when the frame before went out (loop
+ * clock). ring: the business leg's OpusRing or None; the runway stops before the first
+ * packet that ring would not store as it is (the caller's path handles that one). */
+static PyObject *
+Lane_load(Lane *l, PyObject *args)
+{
+    PyObject *packets, *ring;
+    Py_ssize_t start, count;
+    int repeat;
+    unsigned long seq, ts;
+    long long pts;
+    double last_sent;
+    if (!PyArg_ParseTuple(args, "O!nnpkkLdO:load", &PyTuple_Type, &packets, &start, &count, &repeat, &seq, &ts,
+                          &pts, &last_sent, &ring))
+        return NULL;
+    if (ring != Py_None && !PyObject_TypeCheck(ring, &OpusRingType)) {
+        PyErr_SetString(PyExc_TypeError, "load: ring is an OpusRing or None");
+        return NULL;
+    }
+    if (l->fd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the lane is closed");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(packets);
+    if (start < 0 || count < 0 || start >= n || (!repeat && start + count > n)) {
+        PyErr_SetString(PyExc_ValueError, "load: the runway is not inside packets");
+        return NULL;
+    }
+    Py_ssize_t end = start + count;
+    for (Py_ssize_t i = start; i < (repeat ? start + 1 : end); i++) {
+        PyObject *p = PyTuple_GET_ITEM(packets, i);
+        int usable = PyBytes_Check(p) && l->hlen + PyBytes_GET_SIZE(p) <= SRTP_MAX - SRTP_ROOM &&
+                     (ring == Py_None || ring_plain((OpusRing *)ring, p));
+        if (!usable) {
+            end = repeat ? start : i;
+            break;
+        }
+    }
+    lane_drop_runway(l);
+    if (end > start) {
+        Py_INCREF(packets);
+        l->packets = packets;
+        if (ring != Py_None) {
+            Py_INCREF(ring);
+            l->ring = (OpusRing *)ring;
+        }
+    }
+    /* repeat: next and end count frames, the packet stays at index start */
+    l->repeat = repeat ? (int)(start + 1) : 0;
+    l->next = repeat ? 0 : start;
+    l->end = l->next + (end - start);
+    l->seq = (unsigned int)(seq & 0xFFFF);
+    l->ts = (unsigned int)(ts & 0xFFFFFFFFu);
+    l->pts = pts;
+    l->last_sent = last_sent;
+    return PyLong_FromSsize_t(end - start);
+}
+
+/* send(now, late, frames, ntp) -> frames sent (fewer: the runway ran out, or the socket
+ * failed). As LeanSender sends each due frame: frame i is ``late - i * 20 ms`` late. */
+static PyObject *
+Lane_send(Lane *l, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send(now, late, frames, ntp)");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[0]);
+    double late = PyFloat_AsDouble(args[1]);
+    long frames = PyLong_AsLong(args[2]);
+    unsigned long long ntp = PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    long done = 0;
+    for (; done < frames && l->next < l->end && l->fd >= 0; done++) {
+        PyObject *payload = PyTuple_GET_ITEM(l->packets, l->repeat ? l->repeat - 1 : l->next);
+        double late_ms = (late - done * (FRAME / RATE)) * 1000.0;
+        if (late_ms > 1.0) {
+            l->late_frames++;
+            if (late_ms > l->max_late_ms)
+                l->max_late_ms = late_ms;
+            if (late_ms > 1000.0 * FRAME / RATE)
+                l->underruns++;
+        }
+        double interval = now - l->last_sent;
+        Py_ssize_t bin = interval > 0 ? (Py_ssize_t)(interval / l->bin_s) : 0;
+        l->hist[bin < l->bins && bin >= 0 ? bin : l->bins - 1]++;
+        if (interval * 1000.0 > l->max_interval_ms)
+            l->max_interval_ms = interval * 1000.0;
+        l->last_sent = now;
+        Py_ssize_t plen = PyBytes_GET_SIZE(payload);
+        memcpy(buffer, l->header, l->hlen);
+        buffer[2] = (unsigned char)(l->seq >> 8);
+        buffer[3] = (unsigned char)l->seq;
+        buffer[4] = (unsigned char)(l->ts >> 24);
+        buffer[5] = (unsigned char)(l->ts >> 16);
+        buffer[6] = (unsigned char)(l->ts >> 8);
+        buffer[7] = (unsigned char)l->ts;
+        memcpy(buffer + l->hlen, PyBytes_AS_STRING(payload), plen);
+        int length = (int)(l->hlen + plen);
+        if (l->ctx && run_srtp(protect_fn, l->ctx, &length) < 0)
+            return NULL;
+        ssize_t sent = sendto(l->fd, buffer, length, MSG_DONTWAIT, (const struct sockaddr *)&l->addr, l->addrlen);
+        if (sent < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS) {
+                l->dropped++; /* the kernel's buffer is full: lost, as on the wire */
+            } else {
+                l->send_errno = errno; /* (the caller's path sends this frame and reports) */
+                lane_drop_runway(l);
+                break;
+            }
+        }
+        l->sent++;
+        l->payload_bytes += plen;
+        l->wire_bytes += length;
+        l->ntp = ntp;
+        l->last_ts = l->ts;
+        Py_INCREF(payload);
+        Py_XSETREF(l->payload, payload);
+        if (l->ring != NULL && l->error == NULL) {
+            if (l->ring->write == NULL || ring_packet(l->ring, 1, payload, 1, l->pts, now) < 0) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_RuntimeError, "OpusRing was cleared");
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (tb != NULL)
+                    PyException_SetTraceback(value, tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+                l->error = value;
+                Py_CLEAR(l->ring);
+            }
+        }
+        l->seq = (l->seq + 1) & 0xFFFF;
+        l->ts = (l->ts + FRAME) & 0xFFFFFFFFu;
+        l->pts += FRAME;
+        l->next++;
+    }
+    return PyLong_FromLong(done);
+}
+
+/* take(hist) -> (sent, payload_bytes, wire_bytes, dropped, late_frames, underruns,
+ * max_late_ms, max_interval_ms, last_sent, last_payload, last_ts, ntp, seq, error,
+ * send_errno): what was sent since the last take(), the intervals' counts added into
+ * ``hist`` (a writable buffer of ``bins`` unsigned 32-bit counts); then zeroed. */
+static PyObject *
+Lane_take(Lane *l, PyObject *hist_arg)
+{
+    Py_buffer hist;
+    if (PyObject_GetBuffer(hist_arg, &hist, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (hist.len != l->bins * (Py_ssize_t)sizeof(uint32_t)) {
+        PyBuffer_Release(&hist);
+        PyErr_SetString(PyExc_ValueError, "take: hist holds bins 32-bit counts");
+        return NULL;
+    }
+    uint32_t *out = (uint32_t *)hist.buf;
+    for (Py_ssize_t i = 0; i < l->bins; i++) {
+        out[i] += l->hist[i];
+        l->hist[i] = 0;
+    }
+    PyBuffer_Release(&hist);
+    PyObject *error = l->error ? l->error : Py_None;
+    PyObject *result = Py_BuildValue("(lLLllldddOkKIOi)", l->sent, l->payload_bytes, l->wire_bytes, l->dropped,
+                                     l->late_frames, l->underruns, l->max_late_ms, l->max_interval_ms,
+                                     l->last_sent, l->payload ? l->payload : Py_None, (unsigned long)l->last_ts,
+                                     l->ntp, l->seq, error, l->send_errno);
+    if (result == NULL)
+        return NULL;
+    l->sent = l->dropped = l->late_frames = l->underruns = 0;
+    l->payload_bytes = l->wire_bytes = 0;
+    l->max_late_ms = l->max_interval_ms = 0;
+    l->send_errno = 0;
+    Py_CLEAR(l->error);
+    return result;
+}
+
+/* flush() -> frames left unsent: the runway ends here (what was sent stays to take()). */
+static PyObject *
+Lane_flush(Lane *l, PyObject *unused)
+{
+    Py_ssize_t left = l->end - l->next;
+    lane_drop_runway(l);
+    return PyLong_FromSsize_t(left);
+}
+
+static PyObject *
+Lane_close(Lane *l, PyObject *unused)
+{
+    lane_drop_runway(l);
+    if (l->fd >= 0) {
+        close(l->fd);
+        l->fd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lane_get_left(Lane *l, void *closure)
+{
+    return PyLong_FromSsize_t(l->end - l->next);
+}
+
+static PyObject *
+Lane_get_closed(Lane *l, void *closure)
+{
+    return PyBool_FromLong(l->fd < 0);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"load", (PyCFunction)Lane_load, METH_VARARGS,
+     "load(packets, start, count, repeat, seq, ts, pts, last_sent, ring) -> frames loaded."},
+    {"send", (PyCFunction)(void (*)(void))Lane_send, METH_FASTCALL, "send(now, late, frames, ntp) -> frames sent."},
+    {"take", (PyCFunction)Lane_take, METH_O, "take(hist) -> what was sent since the last take() (see the source)."},
+    {"flush", (PyCFunction)Lane_flush, METH_NOARGS, "flush() -> frames of the runway left unsent."},
+    {"close", (PyCFunction)Lane_close, METH_NOARGS, "close(): the runway and the socket's dup go."},
+    {NULL},
+};
+
+static PyGetSetDef Lane_getset[] = {
+    {"left", (getter)Lane_get_left, NULL, "frames of the runway not sent yet", NULL},
+    {"closed", (getter)Lane_get_closed, NULL, "whether close() ran", NULL},
+    {NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "media._rtpcore.Lane",
+    .tp_doc = "One call's send side over a runway of known payloads (see media.lean.LeanSender).",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Lane_new,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_traverse = (traverseproc)Lane_traverse,
+    .tp_clear = (inquiry)Lane_clear,
+    .tp_methods = Lane_methods,
+    .tp_getset = Lane_getset,
 };
 
 /* ---------------------------------------------------------- PlayoutBuffer --------- */
@@ -1720,6 +2102,16 @@ PyInit__rtpcore(void)
     Py_INCREF(&OpusRingType);
     if (PyModule_AddObject(m, "OpusRing", (PyObject *)&OpusRingType) < 0) {
         Py_DECREF(&OpusRingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyType_Ready(&LaneType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
         Py_DECREF(m);
         return NULL;
     }

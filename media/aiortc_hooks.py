@@ -328,14 +328,16 @@ def plain_udp(pair) -> bool:
     return type(pair.protocol) is StunProtocol and hasattr(pair.protocol.transport, "sendto")
 
 
-def count_sent(sender, transport, payload_bytes: int, wire_bytes: int, rtp_timestamp: int, ntp: int) -> None:
-    """Account one RTP packet sent around aiortc, as its own send loop does."""
-    sender._RTCRtpSender__packet_count += 1
+def count_sent(sender, transport, payload_bytes: int, wire_bytes: int, rtp_timestamp: int, ntp: int,
+               packets: int = 1) -> None:
+    """Account RTP packets sent around aiortc, as its own send loop does (``packets`` of
+    them, ``payload_bytes`` and ``wire_bytes`` in all, the last at ``rtp_timestamp``)."""
+    sender._RTCRtpSender__packet_count += packets
     sender._RTCRtpSender__octet_count += payload_bytes
     sender._RTCRtpSender__rtp_timestamp = rtp_timestamp
     sender._RTCRtpSender__ntp_timestamp = ntp
     transport._RTCDtlsTransport__tx_bytes += wire_bytes
-    transport._RTCDtlsTransport__tx_packets += 1
+    transport._RTCDtlsTransport__tx_packets += packets
 
 
 def lean_receive_problems(transport) -> list[str]:

@@ -359,6 +359,8 @@ class PeerDtmf:
         # Counters (also show the hooks are live).
         self.rtp_sent = 0
         self.rtp_received = 0
+        #: Called when digits are queued (a lean sender sending ahead stops for them).
+        self.on_queued: Callable[[], None] | None = None
         self.packets_sent = 0
         self.packets_received = 0
         self.events_sent = 0
@@ -529,10 +531,10 @@ class PeerDtmf:
         is all a sender that owns its sequence numbers owes us per packet)."""
         return bool(self._ticks)
 
-    def passed(self, seq: int) -> None:
-        """Our audio packet ``seq`` went out untouched (the lean path's cheap
-        :meth:`outgoing` while :attr:`sending` is false)."""
-        self.rtp_sent += 1
+    def passed(self, seq: int, packets: int = 1) -> None:
+        """Our audio packets up to ``seq`` (``packets`` of them) went out untouched (the
+        lean path's cheap :meth:`outgoing` while :attr:`sending` is false)."""
+        self.rtp_sent += packets
         self._last_seq = seq
 
     def sent(self, tick: _Tick | None) -> None:
@@ -615,6 +617,8 @@ class PeerDtmf:
                 self._ticks.append(_Tick(code, first, True, duration, event_id, owner, last))
             for _ in range(gap):
                 self._ticks.append(_Tick(None, False, False, 0, event_id, owner))
+        if self.on_queued is not None:
+            self.on_queued()
         try:
             await asyncio.wait({owner, ended}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:

@@ -58,6 +58,8 @@ from aiortc.rtp import RtpPacket
 from . import aiortc_hooks
 from . import rtpcore
 from .clock import FRAME_S
+from .frames import FRAME_SAMPLES
+from .track import PACING_BIN_S
 
 __all__ = ["FrameTicker", "LeanReceiver", "LeanSender", "PolledSocket", "RtpView", "native_destination", "parse_rtp",
            "transport_socket"]
@@ -66,6 +68,9 @@ log = logging.getLogger(__name__)
 
 #: Behind by more than this many frames after a stall: drop the backlog (delay, not a burst).
 MAX_CATCH_UP = 5
+#: Frames a lane is loaded with at most (see ``LeanSender._load``): how often, while a
+#: prompt or silence plays, the Python side of a call catches up (200 ms).
+RUNWAY = 10
 _SEQ_TS = struct.Struct("!HI")
 _HEADER = struct.Struct("!BBHII")
 
@@ -216,6 +221,12 @@ class LeanSender:
         self._native: tuple[int, bytes, int] | None = None
         self._ticker: FrameTicker | None = None
         self._why_not: str | None = "not configured"
+        #: The C core's lane (sending ahead, see :meth:`_load`) and, while it is loaded,
+        #: ``(playback, taps)`` of what it sends.
+        self._lane = None
+        self._runway: tuple | None = None
+        if dtmf is not None:
+            dtmf.on_queued = self.interrupt
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -271,6 +282,7 @@ class LeanSender:
             self._ticker.remove(self._tick)
 
     def stop(self) -> None:
+        self._close_lane()
         if self._ticker is not None:
             self._ticker.remove(self._tick)
         if self._stopped is not None and not self._stopped.done():
@@ -279,6 +291,16 @@ class LeanSender:
     # -- per frame ------------------------------------------------------------------------
 
     def _tick(self, now: float, late: float, frames: int) -> None:
+        lane = self._lane
+        if lane is not None:
+            if lane.left:
+                sent = lane.send(now, late, frames, self._ticker.ntp_time)
+                if sent == frames:
+                    return
+                frames -= sent
+                late -= sent * FRAME_S
+            if self._runway is not None:
+                self._settle()
         dtls = self._dtls
         if not aiortc_hooks.dtls_connected(dtls):
             self.stop()
@@ -291,6 +313,7 @@ class LeanSender:
             self._pair, self._addr = pair, pair.remote_addr
             self._sock = transport_socket(pair.protocol.transport)
             self._native = self._native_route()
+            self._new_lane()
         track = self.track
         if self._sender.track is not track:
             return  # replaced (or removed) for now: nothing goes out, as with aiortc
@@ -300,8 +323,19 @@ class LeanSender:
         origin = self._ts_origin
         core = rtpcore.core
         native = self._native if core is not None else None
-        for i in range(frames):
+        lane = self._lane if native is not None else None
+        i = 0
+        while i < frames:
+            if lane is not None and self._load(lane):
+                sent = lane.send(now, late - i * FRAME_S, frames - i, self._ticker.ntp_time)
+                i += sent
+                if i >= frames:
+                    return
+                self._settle()
+                if sent:
+                    continue
             track.paced(now, late - i * FRAME_S)
+            i += 1
             payload = track.next_payload()
             seq = self._seq
             timestamp = (origin + track.sent_pts) & 0xFFFFFFFF
@@ -310,7 +344,8 @@ class LeanSender:
                 try:
                     wire = core.send_rtp(native[0], native[1], native[2], header, seq, timestamp, payload)
                 except OSError:
-                    native = self._native = None  # the socket's trouble: the Python path reports it
+                    native = self._native = lane = None  # the socket's trouble: the Python path reports it
+                    self._close_lane()
                 else:
                     if dtmf is not None:
                         dtmf.passed(seq)
@@ -338,6 +373,97 @@ class LeanSender:
             if owed is not None:
                 dtmf.sent(owed)
             self._seq = (seq + 1) & 0xFFFF
+
+    # -- the lane: sending ahead in C ------------------------------------------------------
+
+    def _new_lane(self) -> None:
+        """A lane on the current pair's socket (see :meth:`_load`), where the C core
+        was built and the pair's route is native; none otherwise."""
+        self._close_lane()
+        native = self._native
+        core = rtpcore.core
+        if native is None or core is None or self._header is None:
+            return
+        try:
+            self._lane = core.Lane(native[0], native[1], native[2], bytes(self._header),
+                                   len(self.track.stats._hist), PACING_BIN_S)
+        except OSError as exc:
+            log.debug("no lane for this call's sends: %s", exc)
+
+    def _close_lane(self) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            if self._runway is not None:
+                lane.flush()
+                self._settle(lane)
+            lane.close()
+
+    def _load(self, lane) -> bool:
+        """Load ``lane`` with what the next frames will be, when they are known ahead
+        (a pre-encoded prompt, silence: :meth:`OutboundAudioTrack.runway`) and nothing
+        needs them one by one as they go: no DTMF event queued, and every outbound tap
+        content with its packets placed in a stereo.ogg ring by the lane
+        (``lane_ring()``: see :class:`media.sinks.recorder.CallRecorder`). Up to
+        :data:`RUNWAY` frames: what ``send`` then sends with no Python per frame; the
+        counters catch up in :meth:`_settle`, when the runway ends or anything changes
+        (:meth:`interrupt`)."""
+        dtmf = self.dtmf
+        if dtmf is not None and dtmf.sending:
+            return False
+        track = self.track
+        ring = None
+        taps = []
+        for tap in track.sinks:
+            lane_ring = getattr(tap, "lane_ring", None)
+            if lane_ring is None:
+                return False
+            found = lane_ring()
+            if found is False or (found is not None and ring is not None):
+                return False
+            ring = found if found is not None else ring
+            taps.append(tap)
+        runway = track.runway(RUNWAY)
+        if runway is None:
+            return False
+        packets, start, count, repeat, playback = runway
+        loaded = lane.load(packets, start, count, repeat, self._seq, (self._ts_origin + track._index * FRAME_SAMPLES)
+                           & 0xFFFFFFFF, track._index * FRAME_SAMPLES, track._last_sent, ring)
+        if not loaded:
+            return False
+        self._runway = (playback, taps)
+        return True
+
+    def interrupt(self) -> None:
+        """Stop sending ahead now and bring the track, its taps and the counters up to
+        date (the queue, the taps or DTMF change; the track calls this)."""
+        if self._runway is not None and self._lane is not None:
+            self._lane.flush()
+            self._settle()
+
+    def _settle(self, lane=None) -> None:
+        """What the lane sent since it was loaded, into the Python objects: as if each
+        frame had gone through the track and :meth:`_tick` one by one."""
+        lane = lane or self._lane
+        lane.flush()
+        (sent, payload_bytes, wire_bytes, dropped, late_frames, underruns, max_late_ms, max_interval_ms,
+         last_sent, payload, last_ts, ntp, seq, error, send_errno) = lane.take(self.track.stats._hist)
+        playback, taps = self._runway
+        self._runway = None
+        if sent:
+            level = self.track.lane_frames(sent, playback, payload, last_sent, late_frames, underruns,
+                                           max_late_ms, max_interval_ms)
+            self.packets += sent
+            self.dropped += dropped
+            self._seq = seq
+            aiortc_hooks.count_sent(self._sender, self._dtls, payload_bytes, wire_bytes, last_ts, ntp, sent)
+            if self.dtmf is not None:
+                self.dtmf.passed((seq - 1) & 0xFFFF, sent)
+            for tap in taps:
+                tap.lane_sent(sent, level, error)
+        if send_errno:
+            log.debug("lane: sendto failed (errno %d): the Python path sends", send_errno)
+            self._native = None
+            self._close_lane()
 
     def _native_route(self) -> tuple[int, bytes, int] | None:
         """What the C core needs to send on the current pair, or ``None`` (not built,

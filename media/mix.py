@@ -121,6 +121,11 @@ class PlayQueue:
     def playbacks(self) -> list[Playback]:
         return list(self._items)
 
+    @property
+    def head(self) -> Playback | None:
+        """The playback the next :meth:`read` reads from (``None``: nothing queued)."""
+        return self._items[0] if self._items else None
+
     def read(self) -> np.ndarray | None:
         items = self._items
         while items:

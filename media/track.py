@@ -49,7 +49,7 @@ _SILENT = (0.0, 0)  # the level of a silent frame
 #: Behind schedule by more than this many frames: resynchronise instead of bursting.
 MAX_CATCH_UP_FRAMES = 5
 #: Interval histogram: 0.1 ms bins up to 200 ms (the last bin takes anything longer).
-_BIN_S = 1e-4
+PACING_BIN_S = 1e-4
 _BINS = 2000
 
 
@@ -71,7 +71,7 @@ class PacingStats:
     _intervals: int = 0
 
     def _interval(self, seconds: float) -> None:
-        b = int(seconds / _BIN_S)
+        b = int(seconds / PACING_BIN_S)
         self._hist[b if b < _BINS else _BINS - 1] += 1
         self._intervals += 1
         ms = seconds * 1000
@@ -87,7 +87,7 @@ class PacingStats:
         for b, count in enumerate(self._hist):
             seen += count
             if seen >= rank:
-                return round((b + 0.5) * _BIN_S * 1000, 2)
+                return round((b + 0.5) * PACING_BIN_S * 1000, 2)
         return round(self.max_interval_ms, 2)  # pragma: no cover
 
     def as_dict(self) -> dict:
@@ -126,6 +126,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         self.passthrough = passthrough and opus is not None
         self._encoder: OpusEncoder | None = None
         self._silence_packet = silence_packet(opus) if opus is not None else None
+        self._silence_packets = (self._silence_packet,)
         self._clock = FrameClock(resync_after_s=MAX_CATCH_UP_FRAMES * FRAME_S)
         self._index = 0
         self._last_sent: float | None = None
@@ -151,11 +152,13 @@ class OutboundAudioTrack(MediaStreamTrack):
 
     def play(self, source: Source) -> Playback:
         """Queue ``source`` after whatever is playing; returns its :class:`Playback`."""
+        self.settle()
         return self.queue.play(source)
 
     def clear(self) -> None:
         """Stop the current playback and drop everything queued (barge-in): the next
         frame sent is silence."""
+        self.settle()
         self.queue.clear()
 
     @property
@@ -176,10 +179,18 @@ class OutboundAudioTrack(MediaStreamTrack):
         not modify or keep the frame (copy it). ``sent_pts``/``sent_at`` give the frame's
         position on the stream timeline and its loop time, ``sent_payload`` the Opus
         packet it goes out as."""
+        self.settle()
         self.sinks.add(sink)
 
     def remove_sink(self, sink: Sink) -> None:
+        self.settle()
         self.sinks.remove(sink)
+
+    def settle(self) -> None:
+        """What is queued or tapped changes (or a tap's state did): a lean sender
+        sending ahead (:meth:`runway`) stops now and brings this track up to date."""
+        if self.lean is not None:
+            self.lean.interrupt()
 
     # -- aiortc side ------------------------------------------------------------------
 
@@ -196,7 +207,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         return self.next_frame()
 
     def stop(self) -> None:
-        self.clear()
+        self.clear()  # (which stops a lean sender's runway)
         if self.lean is not None:
             self.lean.stop()
         super().stop()
@@ -232,6 +243,61 @@ class OutboundAudioTrack(MediaStreamTrack):
             self._count_late(late)
             self.stats._interval(now - self._last_sent)
         self._last_sent = self.sent_at = now
+
+    def runway(self, limit: int):
+        """What the next frames (up to ``limit``) will be, known ahead, for a lean
+        sender to send without asking per frame (:mod:`media.lean`): ``(packets,
+        start, count, repeat, playback)`` — the playing prompt's next pre-encoded
+        packets (``playback`` is its :class:`Playback`, already started), or the silence
+        packet ``repeat``-ed while nothing is queued (``playback`` ``None``); else
+        ``None`` (PCM to encode, a source that is not a prompt, the first frame of a
+        playback, a stereo source...). Nothing is read: :meth:`lane_frames` accounts for
+        what went out."""
+        if not self.passthrough or not self._clock.started:
+            return None
+        queue = self.queue
+        if not queue:
+            return self._silence_packets, 0, limit, True, None
+        playback = queue.current
+        if playback is None or queue.head is not playback or playback.started_at is None:
+            return None
+        runway = getattr(playback.source, "runway", None)
+        found = runway(limit) if runway is not None and playback.source.channels == 1 else None
+        return None if found is None else (*found, False, playback)
+
+    def lane_frames(self, n: int, playback: Playback | None, payload: bytes | None, at: float,
+                    late_frames: int, underruns: int, max_late_ms: float, max_interval_ms: float) -> tuple[float, int]:
+        """``n`` frames of a :meth:`runway` went out (the last at ``at``, as
+        ``payload``): the track's counters, position and statistics as after ``n``
+        frames paced and sent (the intervals' histogram was added already). Returns
+        their ``(sum of squares, peak)``."""
+        stats = self.stats
+        self._index += n
+        stats.frames += n
+        stats._intervals += n
+        stats.late_frames += late_frames
+        stats.underruns += underruns
+        if max_late_ms > stats.max_late_ms:
+            stats.max_late_ms = max_late_ms
+        if max_interval_ms > stats.max_interval_ms:
+            stats.max_interval_ms = max_interval_ms
+        self.sent_pts = (self._index - 1) * FRAME_SAMPLES
+        self._last_sent = self.sent_at = at
+        self.sent_payload = payload
+        queue = self.queue
+        if playback is None:
+            stats.silent_frames += n
+            queue.packet = queue.level = None
+            self.sent_level = _SILENT
+            return _SILENT
+        stats.passthrough_frames += n
+        playback.frames += n
+        playback.packets += n
+        source = playback.source
+        level = source.advance(n)
+        queue.packet, queue.level = source.packet, source.level
+        self.sent_level = source.level
+        return level
 
     def _next(self) -> bytes | av.Packet | av.AudioFrame:
         pcm = self.queue.read()

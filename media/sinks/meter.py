@@ -96,11 +96,7 @@ class Levels:
         and then the samples are not read at all."""
         n = pcm.size
         if known is not None:
-            sum_sq, peak = known
-            self._sum_sq += sum_sq
-            self._samples += n
-            if peak > self._peak:
-                self._peak = peak
+            self.add_known(known, n)
             return
         used = self._used
         end = used + n
@@ -110,6 +106,15 @@ class Levels:
         _copyto(self._block[used:end], pcm, "unsafe")
         self._used = end
         self._samples += n
+
+    def add_known(self, known: tuple[float, int], samples: int) -> None:
+        """Take ``samples`` samples into the totals by their ``(sum of squares, peak)``
+        alone (measured before: a prompt's frames)."""
+        sum_sq, peak = known
+        self._sum_sq += sum_sq
+        self._samples += samples
+        if peak > self._peak:
+            self._peak = peak
 
     def _settle(self, room: int = 0) -> None:
         """Fold the block into the totals and empty it (grown to ``room`` samples if smaller)."""

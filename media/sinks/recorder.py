@@ -207,6 +207,32 @@ class _BusinessLeg:
         else:
             rec._business_levels.accumulate(pcm, track.sent_level if track is not None else None)
 
+    def lane_ring(self):
+        """For a lean sender sending ahead (:mod:`media.lean`): ``False`` when this leg
+        needs each frame as it goes (PCM into stereo.wav, a leg that transcodes), else
+        the ring it places our packets in itself, or ``None`` (nothing per frame: then
+        :meth:`lane_sent` is all this leg needs)."""
+        rec = self._rec
+        if rec._finished:
+            return None
+        if rec._stereo is not None:
+            return False
+        return rec._stereo_ogg.right.lane_ring() if rec._stereo_ogg is not None else None
+
+    def lane_sent(self, n: int, level: tuple[float, int], error: BaseException | None) -> None:
+        """``n`` frames went out on a lean sender's lane, their packets placed in the
+        ring (:meth:`lane_ring`) unless placing raised ``error``; ``level``: their
+        ``(sum of squares, peak)``. As ``n`` calls of :meth:`write`."""
+        rec = self._rec
+        if rec._finished:
+            return
+        self.frames += n
+        if error is not None:
+            rec._fail(error, "stereo.ogg")
+            return
+        if rec._stereo is None:
+            rec._business_levels.add_known(level, n * FRAME_SAMPLES)
+
     def close(self) -> None:
         pass
 
@@ -390,6 +416,9 @@ class CallRecorder:
         if self._finished:
             return
         self._finished = True
+        settle = getattr(getattr(self._peer, "outbound", None), "settle", None)
+        if settle is not None:
+            settle()  # (a lean sender placing our packets in stereo.ogg stops now)
         self.ended_at = time.time()
         reason = f"{part}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
         self.error = {"code": fault_code(exc), "reason": reason}

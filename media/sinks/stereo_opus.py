@@ -235,6 +235,19 @@ class OpusLeg(AnchoredLeg):
                 return
         self._transcode(payload, pts, at)
 
+    def lane_ring(self):
+        """Where a lean sender (:mod:`media.lean`) may place this leg's packets itself,
+        as :meth:`write_packet` would: the C core's ring (right channel, packets that
+        pass through as they are); ``None`` once closed (nothing to place); ``False``
+        otherwise (the left channel, a leg that transcodes, the Python ring)."""
+        rec = self._rec
+        if self._closed or rec.closed:
+            return None
+        core = rtpcore.core
+        if self.channel != 1 or self._decoder is not None or core is None or type(rec._ring) is not core.OpusRing:
+            return False
+        return rec._ring
+
     def write_pcm(self, pcm: np.ndarray, pts: int | None, at: float | None) -> None:
         """Place a 20 ms mono 48 kHz frame, encoded here: for a leg that has no packets
         to pass through (audio that does not come from, or go to, RTP as Opus)."""

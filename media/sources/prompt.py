@@ -163,6 +163,30 @@ class PromptSource:
         self._i = self._count
         self.packet = None
 
+    def runway(self, limit: int) -> tuple[tuple[bytes, ...], int, int] | None:
+        """The next frames (up to ``limit``) as pre-encoded packets, without reading
+        them: ``(packets, start, count)``, what a lean sender (:mod:`media.lean`) sends
+        before it calls :meth:`advance`; ``None`` when this source plays PCM or ended."""
+        packets = self._packets
+        i = self._i
+        if packets is None or i >= self._count:
+            return None
+        return packets, i, min(limit, self._count - i)
+
+    def advance(self, n: int) -> tuple[float, int]:
+        """``n`` frames of a :meth:`runway` went out: as ``n`` reads (``packet`` and
+        ``level`` are the last one's). Returns their ``(sum of squares, peak)``. A
+        source closed meanwhile stays closed."""
+        i = self._i
+        end = min(i + n, self._count)
+        if end <= i:
+            return 0.0, 0
+        self._i = end
+        self.packet = self._packets[end - 1] if self._packets is not None else None
+        levels = self._levels[i:end]
+        self.level = levels[-1]
+        return sum(level[0] for level in levels), max(level[1] for level in levels)
+
     def __reduce__(self):
         """Pickled (for a media worker process) as what it plays: a file-backed prompt
         by its path, played from that process's own cache (decoded and pre-encoded once
