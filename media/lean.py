@@ -225,6 +225,8 @@ class LeanSender:
         #: ``(playback, taps)`` of what it sends.
         self._lane = None
         self._runway: tuple | None = None
+        #: Of :attr:`packets`, those the lane sent.
+        self.lane_frames = 0
         if dtmf is not None:
             dtmf.on_queued = self.interrupt
 
@@ -453,6 +455,7 @@ class LeanSender:
             level = self.track.lane_frames(sent, playback, payload, last_sent, late_frames, underruns,
                                            max_late_ms, max_interval_ms)
             self.packets += sent
+            self.lane_frames += sent
             self.dropped += dropped
             self._seq = seq
             aiortc_hooks.count_sent(self._sender, self._dtls, payload_bytes, wire_bytes, last_ts, ntp, sent)

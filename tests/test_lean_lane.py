@@ -1,0 +1,218 @@
+"""The lean sender's lane (media.lean.LeanSender._load, media._rtpcore.Lane): while a
+pre-encoded prompt or silence plays, the C core sends up to RUNWAY frames ahead and the
+Python objects catch up afterwards. Held here against the frame-by-frame path (RUNWAY 0):
+the far side hears the same prompt, stereo.ogg has it in its business leg, and every
+counter (track, playback, aiortc's sender, DTMF, the recorder) comes out the same; and
+anything that changes what goes out (barge-in, a new prompt, DTMF, a tap, a failing
+recording) takes effect at once."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import numpy as np
+import pytest
+
+from media import analysis, lean
+from media.frames import FRAME_SAMPLES, SAMPLE_RATE
+from media.sinks.recorder import CallRecorder
+from media.sources.prompt import Prompt, PromptSource
+from tests.helpers import native_rtp_core, until
+from tests.media_call import TIMEOUT, FrameGate, call_pair
+
+@pytest.fixture(autouse=True)
+def _native():
+    native_rtp_core()
+
+
+def _prompt(hz: float, seconds: float) -> Prompt:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    prompt = Prompt.from_pcm((np.sin(2 * np.pi * hz * t) * 12000).astype(np.int16), name=f"{hz:g} Hz")
+    prompt.encode()
+    return prompt
+
+
+class Ears:
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+
+    def close(self) -> None:
+        pass
+
+    def write(self, pcm, sample_rate, channels=1) -> None:
+        self.frames.append(pcm.copy())
+
+    def tone_s(self, hz: float) -> float:
+        return analysis.tone_seconds(np.concatenate(self.frames).astype(np.float32) / 32768, SAMPLE_RATE, hz)
+
+
+def _sender(peer):
+    return peer._pc.getTransceivers()[0].sender
+
+
+@pytest.mark.parametrize("runway", [0, lean.RUNWAY])
+async def test_a_prompt_through_the_lane_is_heard_recorded_and_counted_as_frame_by_frame(
+        tmp_path, monkeypatch, runway):
+    monkeypatch.setattr(lean, "RUNWAY", runway)
+    heard = Ears()
+    recorder = CallRecorder(tmp_path / "rec", wav=False, stereo=False, ogg=False, stereo_ogg=True)
+
+    def before(business, user):
+        recorder.attach(business)
+        user.add_sink(heard)
+
+    async with call_pair(before) as (business, user):
+        gate = FrameGate()
+        user.add_sink(gate)
+        await gate.reached(5)
+        prompt = _prompt(1000, 1.5)
+        playback = business.play(PromptSource(prompt))
+        seconds = await asyncio.wait_for(playback.done, TIMEOUT)
+        await gate.reached(gate.frames + 15)  # (silence after it: the lane's other runway)
+        sender = business.outbound.lean
+        track = business.outbound
+        sender.interrupt()  # (everything sent so far, into the counters)
+        stats = track.stats
+        assert playback.frames == playback.packets == len(prompt.packets)
+        assert seconds == pytest.approx(len(prompt.packets) * 0.02)
+        assert stats.frames == stats.passthrough_frames + stats.silent_frames + stats.encoded_frames
+        assert stats.passthrough_frames == len(prompt.packets) and stats.encoded_frames == 0
+        assert stats._intervals == stats.frames - 1 == sum(stats._hist)
+        assert stats.underruns == 0
+        assert sender.packets == stats.frames == sender.dtmf.rtp_sent
+        assert _sender(business)._RTCRtpSender__packet_count == sender.packets
+        assert track.sent_pts == (stats.frames - 1) * FRAME_SAMPLES
+        assert recorder.business.frames == stats.frames
+        if runway:
+            assert sender.lane_frames > stats.frames * 0.8, (sender.lane_frames, stats.frames)
+        else:
+            assert sender.lane_frames == 0
+        # what the far side counted is what we sent (up to what is still in flight)
+        sent = stats.frames
+        await until(lambda: user.received.frames >= sent, TIMEOUT)
+        # the sequence numbers ran on without a gap or a repeat across the runways
+        received = await user.get_stats()
+        assert received["packets_lost"] == 0 and received["packets_received"] >= sent
+    recorder.close()
+    assert heard.tone_s(1000) == pytest.approx(1.5, abs=0.06)
+    (left, right), rate = analysis.read_channels(recorder.paths["stereo_ogg"])
+    assert analysis.tone_seconds(right, rate, 1000) == pytest.approx(1.5, abs=0.06)
+    assert analysis.tone_seconds(left, rate, 1000) == 0
+
+
+async def test_barge_in_a_new_prompt_and_dtmf_stop_the_runway_at_once(tmp_path):
+    async with call_pair() as (business, user):
+        sender, track = business.outbound.lean, business.outbound
+        digits: list[str] = []
+        user.on_dtmf(lambda event: digits.append(event.digit))
+        gate = FrameGate()
+        user.add_sink(gate)
+        await gate.reached(3)
+        # silence runs on the lane; a prompt queued now starts with the next frame
+        await until(lambda: sender._runway is not None, TIMEOUT)
+        silent = track.stats.silent_frames
+        playback = business.play(PromptSource(_prompt(1000, 3.0)))
+        assert sender._runway is None and sender._lane.left == 0
+        assert track.stats.silent_frames >= silent
+        await until(lambda: playback.frames > 3 and sender._runway is not None, TIMEOUT)
+        # barge-in: the playback ends now, counted to the frame that went out
+        business.clear()
+        assert sender._runway is None and sender._lane.left == 0
+        assert playback.finished and playback.frames == playback.packets
+        assert await playback.done == pytest.approx(playback.frames * 0.02)
+        frames = track.stats.frames
+        assert frames == track.stats.passthrough_frames + track.stats.silent_frames
+        # DTMF while silence runs ahead: the events go out in place of it
+        await until(lambda: sender._runway is not None, TIMEOUT)
+        sending = asyncio.ensure_future(business.send_dtmf("12#", duration_ms=100, gap_ms=60))
+        await asyncio.sleep(0)  # (it queues the digits before its first wait)
+        assert sender.dtmf.sending and sender._runway is None and sender._lane.left == 0
+        await asyncio.wait_for(sending, TIMEOUT)
+        await until(lambda: len(digits) >= 3, TIMEOUT)
+        assert digits == ["1", "2", "#"]
+
+
+async def test_a_recording_that_fails_on_the_lane_stops_the_recording_never_the_audio(tmp_path):
+    heard = Ears()
+    recorder = CallRecorder(tmp_path / "rec", wav=False, stereo=False, ogg=False, stereo_ogg=True)
+
+    def before(business, user):
+        recorder.attach(business)
+        user.add_sink(heard)
+
+    async with call_pair(before) as (business, user):
+        sender = business.outbound.lean
+        writer = recorder._stereo_ogg._file
+        real = writer.write_packets
+        calls = []
+
+        def full_disk(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+
+        writer.write_packets = full_disk
+        playback = business.play(PromptSource(_prompt(1000, 2.0)))
+        await asyncio.wait_for(playback.done, TIMEOUT)
+        await until(lambda: recorder.error is not None, TIMEOUT)
+        assert sender.lane_frames > 50
+        assert "No space left" in recorder.error["reason"]
+    recorder.close()
+    assert heard.tone_s(1000) == pytest.approx(2.0, abs=0.06)
+
+
+async def test_a_tap_that_needs_every_frame_takes_the_frames_back_from_the_lane():
+    async with call_pair() as (business, user):
+        sender = business.outbound.lean
+        await until(lambda: sender._runway is not None, TIMEOUT)
+        tapped = Ears()
+        business.add_outbound_sink(tapped)  # (a PCM tap: no lane_ring)
+        assert sender._runway is None
+        lane_frames = sender.lane_frames
+        playback = business.play(PromptSource(_prompt(1000, 0.6)))
+        await asyncio.wait_for(playback.done, TIMEOUT)
+        assert sender.lane_frames == lane_frames and sender._runway is None
+        assert tapped.tone_s(1000) == pytest.approx(0.6, abs=0.04)
+        business.remove_outbound_sink(tapped)
+        await until(lambda: sender.lane_frames > lane_frames, TIMEOUT)
+
+
+def test_the_lane_refuses_bad_arguments_and_a_closed_lane_sends_nothing():
+    import socket
+
+    from media import rtpcore
+
+    core = rtpcore.core
+    a, b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        b.setblocking(False)
+        header = bytes([0x80, 111]) + bytes(10)
+        with pytest.raises(ValueError):
+            core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, b"\x80", 10, 1e-4)
+        lane = core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, header, 10, 1e-4)
+        with pytest.raises(ValueError):
+            lane.load((b"x",), 1, 1, False, 0, 0, 0, 0.0, None)
+        with pytest.raises(TypeError):
+            lane.load([b"x"], 0, 1, False, 0, 0, 0, 0.0, None)
+        # a payload too long for a packet ends the runway before it
+        assert lane.load((b"a", b"b" * 5000, b"c"), 0, 3, False, 7, 100, 0, 0.0, None) == 1
+        assert lane.send(0.02, 0.0, 3, 0) == 1
+        data = b.recv(2048)
+        assert data[12:] == b"a" and data[2:4] == (7).to_bytes(2, "big") and data[4:8] == (100).to_bytes(4, "big")
+        hist = bytearray(40)
+        taken = lane.take(hist)
+        assert taken[0] == 1 and taken[12] == 8 and int.from_bytes(hist[4 * 9:4 * 10], "little") == 1
+        with pytest.raises(ValueError):
+            lane.take(bytearray(8))
+        assert lane.load((b"s",), 0, 4, True, 8, 1060, 960, 0.02, None) == 4
+        lane.close()
+        assert lane.closed and lane.left == 0 and lane.send(0.04, 0.0, 1, 0) == 0
+        with pytest.raises(RuntimeError):
+            lane.load((b"s",), 0, 4, True, 8, 1060, 960, 0.02, None)
+    finally:
+        a.close()
+        b.close()
