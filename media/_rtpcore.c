@@ -1209,10 +1209,18 @@ Lane_send(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         l->wire_bytes += length;
         l->ntp = ntp;
         l->last_ts = l->ts;
+        l->seq = (l->seq + 1) & 0xFFFF;
+        l->ts = (l->ts + FRAME) & 0xFFFFFFFFu;
+        l->next++;
         Py_INCREF(payload);
         Py_XSETREF(l->payload, payload);
+        long long pts = l->pts;
+        l->pts += FRAME;
         if (l->ring != NULL && l->error == NULL) {
-            if (l->ring->write == NULL || ring_packet(l->ring, 1, payload, 1, l->pts, now) < 0) {
+            /* (a commit writes the file: Python code, which may flush this lane) */
+            OpusRing *ring = l->ring;
+            Py_INCREF(ring);
+            if (ring->write == NULL || ring_packet(ring, 1, l->payload, 1, pts, now) < 0) {
                 if (!PyErr_Occurred())
                     PyErr_SetString(PyExc_RuntimeError, "OpusRing was cleared");
                 PyObject *type, *value, *tb;
@@ -1222,14 +1230,11 @@ Lane_send(Lane *l, PyObject *const *args, Py_ssize_t nargs)
                     PyException_SetTraceback(value, tb);
                 Py_XDECREF(type);
                 Py_XDECREF(tb);
-                l->error = value;
+                Py_XSETREF(l->error, value);
                 Py_CLEAR(l->ring);
             }
+            Py_DECREF(ring);
         }
-        l->seq = (l->seq + 1) & 0xFFFF;
-        l->ts = (l->ts + FRAME) & 0xFFFFFFFFu;
-        l->pts += FRAME;
-        l->next++;
     }
     return PyLong_FromLong(done);
 }

@@ -15,6 +15,19 @@ and unprotect. What happens 50 times a second per call in each direction goes ar
   last RTP/NTP timestamp; the DTLS transport's bytes and packets) are kept as aiortc
   keeps them, so sender reports stay correct.
 
+  While what goes out is known ahead — a pre-encoded prompt's next packets, or the
+  silence packet while nothing is queued — and nothing needs each frame as it goes (no
+  DTMF event queued; the only outbound tap a recording whose stereo.ogg takes our
+  packets as they are), the C core's ``Lane`` sends up to :data:`RUNWAY` frames on its
+  own: per tick one call, no Python per frame, each packet also placed in stereo.ogg's
+  business leg, the pacing measured as the track measures it. The Python side (the
+  track's position and statistics, the playback, the counters above, the recording's
+  levels) catches up once per runway, or at once when the queue, the taps or DTMF
+  change (``OutboundAudioTrack.settle``): barge-in and a new prompt still take effect
+  at the next frame. What is only checked once per runway: that the sender still has
+  this track (``replaceTrack``) and that DTLS is still up (the lane sends on its own
+  ``dup()`` of the socket, so a closed descriptor is never reused under it).
+
 * **Receiving** (:class:`LeanReceiver`): the nominated pair's socket leaves the event
   loop's selector and is drained on the same ticker, first thing each tick
   (:class:`PolledSocket`; each datagram with the kernel's arrival time; one ``epoll``
