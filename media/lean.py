@@ -240,6 +240,8 @@ class LeanSender:
         self._runway: tuple | None = None
         #: Of :attr:`packets`, those the lane sent.
         self.lane_frames = 0
+        #: The playback whose frames the track could not tell ahead (not asked again).
+        self._refused = None
         if dtmf is not None:
             dtmf.on_queued = self.interrupt
 
@@ -298,6 +300,7 @@ class LeanSender:
 
     def stop(self) -> None:
         self._close_lane()
+        self._refused = None
         if self._ticker is not None:
             self._ticker.remove(self._tick)
         if self._stopped is not None and not self._stopped.done():
@@ -422,10 +425,13 @@ class LeanSender:
         :data:`RUNWAY` frames: what ``send`` then sends with no Python per frame; the
         counters catch up in :meth:`_settle`, when the runway ends or anything changes
         (:meth:`interrupt`)."""
+        track = self.track
+        head = track.queue.head
+        if head is not None and head is self._refused:
+            return False
         dtmf = self.dtmf
         if dtmf is not None and dtmf.sending:
             return False
-        track = self.track
         ring = None
         taps = []
         for tap in track.sinks:
@@ -439,6 +445,8 @@ class LeanSender:
             taps.append(tap)
         runway = track.runway(RUNWAY)
         if runway is None:
+            if head is not None and head.started_at is not None:
+                self._refused = head  # (its frames are not known ahead: a bot's, a tone's...)
             return False
         packets, start, count, repeat, playback = runway
         loaded = lane.load(packets, start, count, repeat, self._seq, (self._ts_origin + track._index * FRAME_SAMPLES)

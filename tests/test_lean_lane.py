@@ -216,3 +216,31 @@ def test_the_lane_refuses_bad_arguments_and_a_closed_lane_sends_nothing():
     finally:
         a.close()
         b.close()
+
+
+async def test_a_source_not_known_ahead_is_asked_once_and_sent_frame_by_frame():
+    from media.sources.tone import ToneSource
+
+    async with call_pair() as (business, user):
+        sender, track = business.outbound.lean, business.outbound
+        heard = Ears()
+        user.add_sink(heard)
+        await until(lambda: sender._runway is not None, TIMEOUT)
+        asked = []
+        runway = track.runway
+
+        def counting(limit):
+            found = runway(limit)
+            asked.append(found)
+            return found
+
+        track.runway = counting
+        playback = business.play(ToneSource(1000, 0.6))  # (the lane's silence settled: counted)
+        lane_frames = sender.lane_frames
+        at_end = []
+        playback.done.add_done_callback(lambda _: at_end.append(sender.lane_frames))
+        await asyncio.wait_for(playback.done, TIMEOUT)
+        assert asked[:2] == [None, None] and len(asked) <= 3, asked  # (its first frame, then once)
+        assert at_end == [lane_frames]  # (every frame of the tone went frame by frame)
+        await until(lambda: sender.lane_frames > lane_frames, TIMEOUT)  # silence again, ahead
+    assert heard.tone_s(1000) == pytest.approx(0.6, abs=0.04)
