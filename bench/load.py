@@ -32,7 +32,8 @@ the gateway's CPU and memory are then its main process's plus its workers'.
 ``--rtp-path`` runs each value in turn, against the same kind of phones: ``lean`` and
 ``aiortc`` are wacall's two RTP paths (``WACALL_RTP_PATH``); ``lean-py`` is the lean
 path with its C core switched off (``WACALL_NATIVE_RTP=0``: what runs where
-``media._rtpcore`` was not built); ``naive`` keeps the
+``media._rtpcore`` was not built); ``lean-nolane`` is the lean path sending every frame
+through Python (``WACALL_RTP_LANE=0``: no sending ahead in C); ``naive`` keeps the
 gateway's signalling but makes each call's media the way a newcomer would with stock
 aiortc (``bench/naive.py``: a ``MediaPlayer`` on the prompt file, a ``MediaRecorder``
 to user.wav, nothing else). A table of the runs closes the output.
@@ -221,6 +222,7 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         if workers:
             raise SystemExit(f"--rtp-path {rtp_path} --record {record}: with media in-process only (--workers 0)")
     core_off = rtp_path == "lean-py"
+    no_lane = rtp_path == "lean-nolane"
     run_dir = workdir / f"n{n}-w{workers}-{rtp_path}-{record}-c{opus_complexity}"
     run_dir.mkdir(parents=True)
     recording = record != "none"
@@ -245,10 +247,10 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
                 media_addresses=["127.0.0.1"], max_calls=n + 10, ring_timeout_s=60,
                 webhook_header=tuple(part.strip() for part in WEBHOOK_HEADER.split(":", 1)),
                 max_duration_s=seconds + 120, workers=workers,
-                rtp_path="aiortc" if naive else "lean" if core_off else rtp_path,
+                rtp_path="aiortc" if naive else "lean" if core_off or no_lane else rtp_path,
                 speech_events=record in ("full", "none"), recording_format="opus" if record == "opus" else "wav",
                 opus_complexity=opus_complexity)
-            async with rtp_core(not core_off), Service(settings) as service, patch:
+            async with rtp_core(not core_off), lane(not no_lane), Service(settings) as service, patch:
                 if naive:
                     from naive import sessions
 
@@ -435,6 +437,25 @@ async def rtp_core(on: bool):
             os.environ["WACALL_NATIVE_RTP"] = before
 
 
+@contextlib.asynccontextmanager
+async def lane(on: bool):
+    """The lean sender's lane (sending ahead in C while a prompt or silence plays) on or
+    off, in this process and in the media workers it starts."""
+    from media import lean
+
+    before, was = os.environ.get("WACALL_RTP_LANE"), lean.RUNWAY
+    os.environ["WACALL_RTP_LANE"] = "1" if on else "0"
+    lean.RUNWAY = lean.RUNWAY_FRAMES if on else 0
+    try:
+        yield
+    finally:
+        lean.RUNWAY = was
+        if before is None:
+            os.environ.pop("WACALL_RTP_LANE", None)
+        else:
+            os.environ["WACALL_RTP_LANE"] = before
+
+
 async def main(counts: list[int], seconds: float, as_json: bool, profile: str | None, records: list[str],
                workers: list[int], paths: list[str], rounds: int = 1, spy: str | None = None,
                bot: bool = False, lean_phones: bool = False, complexities: tuple[int, ...] = (5,),
@@ -481,10 +502,10 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
         table: dict[tuple, list[dict]] = {}
         for r in results:
             table.setdefault((r["calls"], r["workers"], r["rtp_path"], r["record"], r["opus_complexity"]), []).append(r)
-        print("\ncalls workers path    record    cx gateway CPU ms/call-s (median; each run)   MB RSS/call (slope)  underruns")
+        print("\ncalls workers path        record    cx gateway CPU ms/call-s (median; each run)   MB RSS/call (slope)  underruns")
         for (calls, w, path, record, c), rs in table.items():
             cpu = [r["cpu_ms_per_call_s"] for r in rs]
-            print(f"{calls:5d} {w:7d} {path:7s} {'user.wav' if path == 'naive' else record:9s} {c:2d} {statistics.median(cpu):8.2f} "
+            print(f"{calls:5d} {w:7d} {path:11s} {'user.wav' if path == 'naive' else record:9s} {c:2d} {statistics.median(cpu):8.2f} "
                   f"({' '.join(f'{c:.1f}' for c in cpu)}){'':4s} "
                   f"{statistics.median(r['rss_mb_per_call'] for r in rs):8.2f} "
                   f"({statistics.median(r['rss_slope_mb_per_call'] for r in rs):.2f})  "
@@ -514,8 +535,10 @@ if __name__ == "__main__":
                         help="= --record none (the user's audio is still decoded for speech events)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], metavar="N",
                         help="media worker processes, one run per value (0: media in the gateway's process)")
-    parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "lean-py", "aiortc", "naive"],
-                        help="the gateway's RTP path (WACALL_RTP_PATH), one run per value; naive: stock "
+    parser.add_argument("--rtp-path", nargs="+", default=["lean"], choices=["lean", "lean-nolane", "lean-py", "aiortc", "naive"],
+                        help="the gateway's RTP path (WACALL_RTP_PATH), one run per value; lean-nolane: the lean "
+                             "path without its lane (WACALL_RTP_LANE=0: every frame through Python); lean-py: "
+                             "without its C core; naive: stock "
                              "aiortc media (MediaPlayer/MediaRecorder, bench/naive.py) behind the same signalling")
     parser.add_argument("--lean-phones", action="store_true",
                         help="the provider's phones keep what they hear as Opus and say a pre-encoded file "

@@ -83,7 +83,10 @@ log = logging.getLogger(__name__)
 MAX_CATCH_UP = 5
 #: Frames a lane is loaded with at most (see ``LeanSender._load``): how often, while a
 #: prompt or silence plays, the Python side of a call catches up (200 ms).
-RUNWAY = 10
+#: ``WACALL_RTP_LANE=0`` turns the lane off (every frame through Python, as before it:
+#: to compare, or to rule it out); so does 0 here, from the next frame on.
+RUNWAY_FRAMES = 10
+RUNWAY = 0 if os.environ.get("WACALL_RTP_LANE", "1").strip().lower() in ("0", "false", "no", "off") else RUNWAY_FRAMES
 _SEQ_TS = struct.Struct("!HI")
 _HEADER = struct.Struct("!BBHII")
 

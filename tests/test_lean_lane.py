@@ -51,7 +51,7 @@ def _sender(peer):
     return peer._pc.getTransceivers()[0].sender
 
 
-@pytest.mark.parametrize("runway", [0, lean.RUNWAY])
+@pytest.mark.parametrize("runway", [0, lean.RUNWAY_FRAMES])
 async def test_a_prompt_through_the_lane_is_heard_recorded_and_counted_as_frame_by_frame(
         tmp_path, monkeypatch, runway):
     monkeypatch.setattr(lean, "RUNWAY", runway)
@@ -244,3 +244,17 @@ async def test_a_source_not_known_ahead_is_asked_once_and_sent_frame_by_frame():
         assert at_end == [lane_frames]  # (every frame of the tone went frame by frame)
         await until(lambda: sender.lane_frames > lane_frames, TIMEOUT)  # silence again, ahead
     assert heard.tone_s(1000) == pytest.approx(0.6, abs=0.04)
+
+
+@pytest.mark.parametrize("value,runway", [("0", 0), ("off", 0), ("1", lean.RUNWAY_FRAMES), (None, lean.RUNWAY_FRAMES)])
+def test_the_lane_is_one_switch_by_environment(value, runway):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "WACALL_RTP_LANE"}
+    if value is not None:
+        env["WACALL_RTP_LANE"] = value
+    out = subprocess.run([sys.executable, "-c", "from media import lean; print(lean.RUNWAY)"], env=env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert int(out.stdout) == runway
