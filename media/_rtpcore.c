@@ -133,6 +133,37 @@ sockaddr_of(PyObject *module, PyObject *addr)
     return NULL;
 }
 
+/* What rtp_out did with a packet. */
+#define RTP_SENT 0
+#define RTP_DROPPED 1        /* the kernel's buffer was full: lost, as UDP would */
+#define RTP_FAILED (-1)      /* SRTP failed: an exception is set */
+#define RTP_SOCKET_ERROR (-2) /* sendto failed otherwise: errno says why */
+
+/* One RTP packet out: the header (hlen bytes) with seq and timestamp patched in, the
+ * payload after it, protected with ctx (0: plain RTP), sent to addr; *length: its size. */
+static int
+rtp_out(int fd, const struct sockaddr *addr, socklen_t alen, unsigned long long ctx, const void *header,
+        Py_ssize_t hlen, unsigned long seq, unsigned long timestamp, const void *payload, Py_ssize_t plen,
+        int *length)
+{
+    memcpy(buffer, header, hlen);
+    buffer[2] = (unsigned char)(seq >> 8);
+    buffer[3] = (unsigned char)seq;
+    buffer[4] = (unsigned char)(timestamp >> 24);
+    buffer[5] = (unsigned char)(timestamp >> 16);
+    buffer[6] = (unsigned char)(timestamp >> 8);
+    buffer[7] = (unsigned char)timestamp;
+    memcpy(buffer + hlen, payload, plen);
+    *length = (int)(hlen + plen);
+    if (ctx && run_srtp(protect_fn, ctx, length) < 0)
+        return RTP_FAILED;
+    if (sendto(fd, buffer, *length, MSG_DONTWAIT, addr, alen) >= 0)
+        return RTP_SENT;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS)
+        return RTP_DROPPED;
+    return RTP_SOCKET_ERROR;
+}
+
 /* send_rtp(fd, sockaddr, ctx, header, seq, timestamp, payload) -> the packet's length
  * on the wire, negated when the kernel's buffer was full (dropped, as UDP would); OSError
  * for anything else. ctx 0: plain RTP. */
@@ -162,26 +193,18 @@ send_rtp(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "send_rtp: bad header or packet too long");
         return NULL;
     }
-    memcpy(buffer, header.buf, hlen);
+    int length;
+    int sent = rtp_out(fd, (const struct sockaddr *)PyBytes_AS_STRING(args[1]), (socklen_t)PyBytes_GET_SIZE(args[1]),
+                       ctx, header.buf, hlen, seq, timestamp, PyBytes_AS_STRING(args[6]), plen, &length);
+    int error = errno;
     PyBuffer_Release(&header);
-    buffer[2] = (unsigned char)(seq >> 8);
-    buffer[3] = (unsigned char)seq;
-    buffer[4] = (unsigned char)(timestamp >> 24);
-    buffer[5] = (unsigned char)(timestamp >> 16);
-    buffer[6] = (unsigned char)(timestamp >> 8);
-    buffer[7] = (unsigned char)timestamp;
-    memcpy(buffer + hlen, PyBytes_AS_STRING(args[6]), plen);
-    int length = (int)(hlen + plen);
-    if (ctx && run_srtp(protect_fn, ctx, &length) < 0)
+    if (sent == RTP_FAILED)
         return NULL;
-    ssize_t sent = sendto(fd, buffer, length, MSG_DONTWAIT, (const struct sockaddr *)PyBytes_AS_STRING(args[1]),
-                          (socklen_t)PyBytes_GET_SIZE(args[1]));
-    if (sent < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS)
-            return PyLong_FromLong(-length);
+    if (sent == RTP_SOCKET_ERROR) {
+        errno = error;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return PyLong_FromLong(length);
+    return PyLong_FromLong(sent == RTP_DROPPED ? -length : length);
 }
 
 /* ------------------------------------------------------------ receiving ----------- */
@@ -1183,27 +1206,18 @@ Lane_send(Lane *l, PyObject *const *args, Py_ssize_t nargs)
             l->max_interval_ms = interval * 1000.0;
         l->last_sent = now;
         Py_ssize_t plen = PyBytes_GET_SIZE(payload);
-        memcpy(buffer, l->header, l->hlen);
-        buffer[2] = (unsigned char)(l->seq >> 8);
-        buffer[3] = (unsigned char)l->seq;
-        buffer[4] = (unsigned char)(l->ts >> 24);
-        buffer[5] = (unsigned char)(l->ts >> 16);
-        buffer[6] = (unsigned char)(l->ts >> 8);
-        buffer[7] = (unsigned char)l->ts;
-        memcpy(buffer + l->hlen, PyBytes_AS_STRING(payload), plen);
-        int length = (int)(l->hlen + plen);
-        if (l->ctx && run_srtp(protect_fn, l->ctx, &length) < 0)
+        int length;
+        int sent = rtp_out(l->fd, (const struct sockaddr *)&l->addr, l->addrlen, l->ctx, l->header, l->hlen, l->seq,
+                           l->ts, PyBytes_AS_STRING(payload), plen, &length);
+        if (sent == RTP_FAILED)
             return NULL;
-        ssize_t sent = sendto(l->fd, buffer, length, MSG_DONTWAIT, (const struct sockaddr *)&l->addr, l->addrlen);
-        if (sent < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS) {
-                l->dropped++; /* the kernel's buffer is full: lost, as on the wire */
-            } else {
-                l->send_errno = errno; /* (the caller's path sends this frame and reports) */
-                lane_drop_runway(l);
-                break;
-            }
+        if (sent == RTP_SOCKET_ERROR) {
+            l->send_errno = errno; /* (the caller's path sends this frame and reports) */
+            lane_drop_runway(l);
+            break;
         }
+        if (sent == RTP_DROPPED)
+            l->dropped++;
         l->sent++;
         l->payload_bytes += plen;
         l->wire_bytes += length;

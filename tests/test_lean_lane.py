@@ -47,6 +47,18 @@ class Ears:
         return analysis.tone_seconds(np.concatenate(self.frames).astype(np.float32) / 32768, SAMPLE_RATE, hz)
 
 
+def _stereo_ogg(tmp_path) -> CallRecorder:
+    return CallRecorder(tmp_path / "rec", wav=False, stereo=False, ogg=False, stereo_ogg=True)
+
+
+def _recorded(recorder: CallRecorder, heard: Ears):
+    """call_pair's before_connect: ``recorder`` on the business, ``heard`` at the user."""
+    def before(business, user):
+        recorder.attach(business)
+        user.add_sink(heard)
+    return before
+
+
 def _sender(peer):
     return peer._pc.getTransceivers()[0].sender
 
@@ -55,14 +67,8 @@ def _sender(peer):
 async def test_a_prompt_through_the_lane_is_heard_recorded_and_counted_as_frame_by_frame(
         tmp_path, monkeypatch, runway):
     monkeypatch.setattr(lean, "RUNWAY", runway)
-    heard = Ears()
-    recorder = CallRecorder(tmp_path / "rec", wav=False, stereo=False, ogg=False, stereo_ogg=True)
-
-    def before(business, user):
-        recorder.attach(business)
-        user.add_sink(heard)
-
-    async with call_pair(before) as (business, user):
+    heard, recorder = Ears(), _stereo_ogg(tmp_path)
+    async with call_pair(_recorded(recorder, heard)) as (business, user):
         gate = FrameGate()
         user.add_sink(gate)
         await gate.reached(5)
@@ -134,14 +140,8 @@ async def test_barge_in_a_new_prompt_and_dtmf_stop_the_runway_at_once(tmp_path):
 
 
 async def test_a_recording_that_fails_on_the_lane_stops_the_recording_never_the_audio(tmp_path):
-    heard = Ears()
-    recorder = CallRecorder(tmp_path / "rec", wav=False, stereo=False, ogg=False, stereo_ogg=True)
-
-    def before(business, user):
-        recorder.attach(business)
-        user.add_sink(heard)
-
-    async with call_pair(before) as (business, user):
+    heard, recorder = Ears(), _stereo_ogg(tmp_path)
+    async with call_pair(_recorded(recorder, heard)) as (business, user):
         sender = business.outbound.lean
         writer = recorder._stereo_ogg._file
         real = writer.write_packets
