@@ -441,7 +441,11 @@ class LeanSender:
             lane_ring = getattr(tap, "lane_ring", None)
             if lane_ring is None:
                 return False
-            found = lane_ring()
+            try:
+                found = lane_ring()
+            except Exception as exc:  # noqa: BLE001 - as a tap's write raising: detached
+                track.sinks.detach(tap, exc)
+                return False
             if found is False or (found is not None and ring is not None):
                 return False
             ring = found if found is not None else ring
@@ -486,7 +490,10 @@ class LeanSender:
             if self.dtmf is not None:
                 self.dtmf.passed((seq - 1) & 0xFFFF, sent)
             for tap in taps:
-                tap.lane_sent(sent, level, error)
+                try:
+                    tap.lane_sent(sent, level, error)
+                except Exception as exc:  # noqa: BLE001 - a tap's fault is isolated, as in SinkSet.write
+                    self.track.sinks.detach(tap, exc)
         if send_errno:
             log.debug("lane: sendto failed (errno %d): the Python path sends", send_errno)
             self._native = None

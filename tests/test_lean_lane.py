@@ -258,3 +258,44 @@ def test_the_lane_is_one_switch_by_environment(value, runway):
     out = subprocess.run([sys.executable, "-c", "from media import lean; print(lean.RUNWAY)"], env=env,
                          capture_output=True, text=True, timeout=60, check=True)
     assert int(out.stdout) == runway
+
+
+class _BrokenTap:
+    """Content with the lane (nothing per frame), then raises when told what went."""
+
+    def __init__(self, fail_in: str) -> None:
+        self.fail_in = fail_in
+        self.frames = 0
+        self.closed = False
+
+    def write(self, pcm, sample_rate, channels=1) -> None:
+        self.frames += 1
+
+    def lane_ring(self):
+        if self.fail_in == "lane_ring" and self.frames:
+            raise RuntimeError("lane_ring broke")
+        return None
+
+    def lane_sent(self, n, level, error) -> None:
+        self.frames += n
+        if self.fail_in == "lane_sent":
+            raise RuntimeError("lane_sent broke")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("fail_in", ["lane_sent", "lane_ring"])
+async def test_a_tap_failing_on_the_lane_is_detached_and_the_audio_goes_on(fail_in, caplog):
+    heard = Ears()
+    async with call_pair(lambda business, user: user.add_sink(heard)) as (business, user):
+        sender, track = business.outbound.lean, business.outbound
+        tap = _BrokenTap(fail_in)
+        business.add_outbound_sink(tap)
+        await until(lambda: tap not in track.sinks, TIMEOUT)
+        assert tap.closed and track.sinks.faults == 1
+        playback = business.play(PromptSource(_prompt(1000, 1.0)))
+        await asyncio.wait_for(playback.done, TIMEOUT)
+        await until(lambda: sender.lane_frames > 50, TIMEOUT)
+    assert heard.tone_s(1000) == pytest.approx(1.0, abs=0.06)
+    assert f"{fail_in} broke" in caplog.text
