@@ -353,6 +353,8 @@ class LeanSender:
                 if i >= frames:
                     return
                 self._settle()
+                if self._lane is None:  # (the lane's socket failed: the Python path from here)
+                    lane = native = None
                 if sent:
                     continue
             track.paced(now, late - i * FRAME_S)

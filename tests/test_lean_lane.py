@@ -299,3 +299,31 @@ async def test_a_tap_failing_on_the_lane_is_detached_and_the_audio_goes_on(fail_
         await until(lambda: sender.lane_frames > 50, TIMEOUT)
     assert heard.tone_s(1000) == pytest.approx(1.0, abs=0.06)
     assert f"{fail_in} broke" in caplog.text
+
+
+async def test_a_lane_whose_socket_fails_hands_the_call_back_to_the_python_path():
+    import socket
+
+    from media import rtpcore
+
+    heard = Ears()
+    async with call_pair(lambda business, user: user.add_sink(heard)) as (business, user):
+        sender = business.outbound.lean
+        await until(lambda: sender._runway is not None, TIMEOUT)
+        sender.interrupt()
+        # a lane whose every sendto fails (an IPv6 address for an IPv4 socket)
+        bad = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            native = sender._native
+            sender._lane.close()
+            sender._lane = rtpcore.core.Lane(bad.fileno(), rtpcore.core.sockaddr(("::1", 9)), native[2],
+                                             bytes(sender._header), len(business.outbound.stats._hist), 1e-4)
+        finally:
+            bad.close()
+        playback = business.play(PromptSource(_prompt(1000, 1.0)))
+        await asyncio.wait_for(playback.done, TIMEOUT)
+        assert sender._lane is None and sender._native is None  # (it gave up on the C route)
+        gate = FrameGate()
+        user.add_sink(gate)
+        await gate.reached(10)
+    assert heard.tone_s(1000) == pytest.approx(1.0, abs=0.06)
