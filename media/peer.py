@@ -428,6 +428,7 @@ class MediaPeer:
         """aiortc's RTP statistics for this call (see :mod:`media.stats`) plus pacing."""
         from .stats import collect
 
+        self.outbound.settle()  # (what a lean sender sent ahead, counted to the frame)
         out = await collect(self._pc)
         if out["packets_sent"] or out["packets_received"] or out["candidate_pair"]:
             self._last_rtp = dict(out)
