@@ -248,7 +248,9 @@ class LocalMediaSession:
 
     async def reset_pacing(self) -> None:
         """Count the sends' pacing (``stats()["pacing"]``) from now on (a measurement window)."""
-        self.peer.outbound.stats = type(self.peer.outbound.stats)()
+        track = self.peer.outbound
+        track.settle()  # (frames a lean sender sent ahead belong to the window before)
+        track.stats = type(track.stats)()
 
     async def close(self, *, recording_meta: dict | None = None, media_stats: dict | None = None) -> None:
         """Stop the media, finish the recording (with ``media_stats`` and

@@ -327,3 +327,20 @@ async def test_a_lane_whose_socket_fails_hands_the_call_back_to_the_python_path(
         user.add_sink(gate)
         await gate.reached(10)
     assert heard.tone_s(1000) == pytest.approx(1.0, abs=0.06)
+
+
+async def test_a_pacing_window_starts_after_the_frames_sent_ahead_are_counted():
+    from media.session import LocalMediaSession
+
+    async with call_pair() as (business, user):
+        sender, track = business.outbound.lean, business.outbound
+        await until(lambda: sender._runway is not None and sender._lane.left < lean.RUNWAY_FRAMES - 1, TIMEOUT)
+        session = LocalMediaSession.__new__(LocalMediaSession)
+        session.peer = business  # (the session around this peer)
+        before = sender.packets + lean.RUNWAY_FRAMES - sender._lane.left
+        await session.reset_pacing()
+        # what was sent ahead is counted before the window (the stats start at 0)
+        assert sender.packets == before and track.stats.frames == 0
+        await until(lambda: sender._runway is not None and sender._lane.left < lean.RUNWAY_FRAMES - 1, TIMEOUT)
+        sender.interrupt()
+        assert track.stats.frames == sender.packets - before > 0
