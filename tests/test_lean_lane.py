@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from array import array
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from media import analysis, lean
 from media.frames import FRAME_SAMPLES, SAMPLE_RATE
@@ -344,3 +346,74 @@ async def test_a_pacing_window_starts_after_the_frames_sent_ahead_are_counted():
         await until(lambda: sender._runway is not None and sender._lane.left < lean.RUNWAY_FRAMES - 1, TIMEOUT)
         sender.interrupt()
         assert track.stats.frames == sender.packets - before > 0
+
+
+def _udp_pair():
+    import socket
+
+    a, b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.bind(("127.0.0.1", 0))
+    b.bind(("127.0.0.1", 0))
+    b.setblocking(False)
+    return a, b
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 0.15), st.integers(1, 3)), min_size=1, max_size=10),
+       st.lists(st.integers(1, 200), min_size=1, max_size=20),
+       st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1), st.booleans())
+def test_the_lane_sends_and_paces_as_the_track_does_frame_by_frame(ticks, sizes, seq0, ts0, repeat):
+    """The C lane against the Python path it replaces: the same datagrams (header patched
+    as send_rtp patches it, the runway's payloads in order) and the same pacing
+    statistics as OutboundAudioTrack.paced() gives for the same ticks."""
+    from media import rtpcore
+    from media.track import PACING_BIN_S, OutboundAudioTrack
+
+    core = rtpcore.core
+    a, b = _udp_pair()
+    try:
+        header = bytes([0x90, 111]) + bytes(10) + bytes([0xBE, 0xDE, 0, 1, 0x10, 0x33, 0, 0])
+        packets = tuple(bytes([i % 256]) * n for i, n in enumerate(sizes))
+        reference = OutboundAudioTrack()
+        bins = len(reference.stats._hist)
+        lane = core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, header, bins, PACING_BIN_S)
+        t0 = 100.0
+        reference.paced(t0, 0.0)  # (the first frame: the Python path's, as in a call)
+        count = len(packets) if not repeat else 7
+        assert lane.load(packets, 0, count, repeat, seq0, ts0, 0, t0, None) == count
+        expected, due, i, last = [], t0, 0, t0
+        now = t0
+        for late, frames in ticks:
+            due += frames * 0.02
+            now = max(due + late, now)  # (the clock does not go back)
+            late = now - due
+            sent = lane.send(now, late, frames, 0)
+            assert sent == min(frames, count - i)
+            if sent:
+                last = now
+            for k in range(sent):
+                reference.paced(now, late - k * 0.02)
+                payload = packets[0] if repeat else packets[i]
+                expected.append(header[:2] + ((seq0 + i) & 0xFFFF).to_bytes(2, "big")
+                                + ((ts0 + 960 * i) & 0xFFFFFFFF).to_bytes(4, "big") + header[8:] + payload)
+                i += 1
+        hist = array("I", bytes(4 * bins))
+        taken = lane.take(hist)
+        got = []
+        while True:
+            try:
+                got.append(b.recv(4096))
+            except BlockingIOError:
+                break
+        assert got == expected
+        stats = reference.stats
+        assert taken[0] == i and taken[4] == stats.late_frames and taken[5] == stats.underruns
+        assert taken[6] == pytest.approx(stats.max_late_ms) and taken[7] == pytest.approx(stats.max_interval_ms)
+        assert list(hist) == list(stats._hist)
+        assert taken[12] == (seq0 + i) & 0xFFFF and lane.left == count - i
+        if i:
+            assert taken[8] == last and taken[10] == (ts0 + 960 * (i - 1)) & 0xFFFFFFFF
+        lane.close()
+    finally:
+        a.close()
+        b.close()
