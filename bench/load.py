@@ -383,6 +383,8 @@ async def run(n: int, seconds: float, workdir: Path, profile: str | None = None,
         "kernel_pct": round(100 * (sys1 - sys0) / (cpu1 - cpu0)) if cpu1 > cpu0 else None,
         "provider_cores": round((provider_cpu1 - provider_cpu0) / wall, 2),
         "sent_frames": sum(p["frames"] for p in pacing),
+        "ahead_pct": round(100 * sum(p.get("ahead_frames", 0) for p in pacing)
+                           / max(1, sum(p["frames"] for p in pacing)), 1),
         "underruns": sum(p["underruns"] for p in pacing),
         "max_late_ms": round(max(p["max_late_ms"] for p in pacing), 1),
         "p50_call_max_late_ms": round(statistics.median(p["max_late_ms"] for p in pacing), 1),
@@ -491,7 +493,8 @@ async def main(counts: list[int], seconds: float, as_json: bool, profile: str | 
                   f"(~{result['calls_per_core']} calls/core), +{result['rss_mb_per_call']} MB RSS/call "
                   f"(slope {result['rss_slope_mb_per_call']} MB/call); "
                   f"cores busy: gateway {result['gateway_cores']} ({result['kernel_pct']} % in the kernel), provider+phones {result['provider_cores']}; "
-                  f"sends: {result['underruns']} underruns of {result['sent_frames']}, worst "
+                  f"sends: {result['underruns']} underruns of {result['sent_frames']} ({result['ahead_pct']} % sent "
+                  f"ahead by the lane), worst "
                   f"{result['max_late_ms']} ms late (median call {result['p50_call_max_late_ms']} ms); "
                   f"received: {result['concealed_pct']} % concealed, {result['frames_not_decoded']} frames "
                   f"not decoded; tones found: user's in "

@@ -61,6 +61,9 @@ class PacingStats:
     encoded_frames: int = 0
     #: Frames sent as pre-encoded packets (prompt cache), without encoding.
     passthrough_frames: int = 0
+    #: Of all frames, those a lean sender sent ahead in C (media.lean: a prompt's
+    #: packets, silence), with no Python per frame.
+    ahead_frames: int = 0
     late_frames: int = 0
     #: Frames sent more than one frame period after their due time.
     underruns: int = 0
@@ -96,6 +99,7 @@ class PacingStats:
             "silent_frames": self.silent_frames,
             "encoded_frames": self.encoded_frames,
             "passthrough_frames": self.passthrough_frames,
+            "ahead_frames": self.ahead_frames,
             "late_frames": self.late_frames,
             "underruns": self.underruns,
             "resyncs": self.resyncs,
@@ -274,6 +278,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         stats = self.stats
         self._index += n
         stats.frames += n
+        stats.ahead_frames += n
         stats._intervals += n
         stats.late_frames += late_frames
         stats.underruns += underruns

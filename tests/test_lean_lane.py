@@ -96,6 +96,8 @@ async def test_a_prompt_through_the_lane_is_heard_recorded_and_counted_as_frame_
             assert sender.lane_frames > stats.frames * 0.8, (sender.lane_frames, stats.frames)
         else:
             assert sender.lane_frames == 0
+        assert stats.ahead_frames == sender.lane_frames  # (the track's statistics say it too)
+        assert (await business.get_stats())["pacing"]["ahead_frames"] >= sender.lane_frames
         # what the far side counted is what we sent (up to what is still in flight)
         sent = stats.frames
         await until(lambda: user.received.frames >= sent, TIMEOUT)
