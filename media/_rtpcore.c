@@ -1012,8 +1012,9 @@ typedef struct {
     PyObject *packets; /* a tuple of bytes */
     Py_ssize_t next, end;
     int repeat;        /* 0, or 1 + the index of the one packet sent (end - next) times */
-    unsigned int seq, ts;
-    long long pts;
+    unsigned int seq;
+    long long pts;     /* the next frame's, on the track's timeline: its RTP timestamp is origin + pts */
+    unsigned int origin;
     OpusRing *ring;    /* the business leg's ring (right channel), or NULL */
     double last_sent;
     /* since take() */
@@ -1024,7 +1025,6 @@ typedef struct {
     Py_ssize_t bins;
     double bin_s;
     unsigned long long ntp;
-    unsigned int last_ts;
     PyObject *payload;   /* the last one sent (a borrowed-then-owned reference) */
     PyObject *error;     /* the ring's exception, once: the recording stops, not the audio */
     int send_errno;      /* sendto's error other than a full buffer: the lane stops */
@@ -1046,7 +1046,8 @@ Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     unsigned long long ctx;
     Py_ssize_t bins;
     double bin_s;
-    if (!PyArg_ParseTuple(args, "iy*Ky*nd:Lane", &fd, &addr, &ctx, &header, &bins, &bin_s))
+    unsigned long origin;
+    if (!PyArg_ParseTuple(args, "iy*Ky*ndk:Lane", &fd, &addr, &ctx, &header, &bins, &bin_s, &origin))
         return NULL;
     int bad = addr.len < 1 || (size_t)addr.len > sizeof(struct sockaddr_storage) || header.len < 12 ||
               header.len > 64 || bins < 1 || !(bin_s > 0);
@@ -1061,11 +1062,12 @@ Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         l->ctx = ctx;
         l->bins = bins;
         l->bin_s = bin_s;
+        l->origin = (unsigned int)(origin & 0xFFFFFFFFu);
     }
     PyBuffer_Release(&addr);
     PyBuffer_Release(&header);
     if (bad) {
-        PyErr_SetString(PyExc_ValueError, "Lane(fd, sockaddr, ctx, header (12..64 bytes), bins >= 1, bin_s > 0)");
+        PyErr_SetString(PyExc_ValueError, "Lane(fd, sockaddr, ctx, header (12..64 bytes), bins >= 1, bin_s > 0, origin)");
         return NULL;
     }
     if (l == NULL)
@@ -1113,9 +1115,9 @@ Lane_dealloc(Lane *l)
     Py_TYPE(l)->tp_free((PyObject *)l);
 }
 
-/* load(packets, start, count, repeat, seq, ts, pts, last_sent, ring) -> frames loaded:
+/* load(packets, start, count, repeat, seq, pts, last_sent, ring) -> frames loaded:
  * the runway is packets[start:start + count] (repeat: packets[start], count times),
- * the first of them sent as seq/ts/pts; last_sent: when the frame before went out (loop
+ * the first of them sent as seq at pts (its RTP timestamp: origin + pts); last_sent: when the frame before went out (loop
  * clock). ring: the business leg's OpusRing or None; the runway stops before the first
  * packet that ring would not store as it is (the caller's path handles that one). */
 static PyObject *
@@ -1124,11 +1126,11 @@ Lane_load(Lane *l, PyObject *args)
     PyObject *packets, *ring;
     Py_ssize_t start, count;
     int repeat;
-    unsigned long seq, ts;
+    unsigned long seq;
     long long pts;
     double last_sent;
-    if (!PyArg_ParseTuple(args, "O!nnpkkLdO:load", &PyTuple_Type, &packets, &start, &count, &repeat, &seq, &ts,
-                          &pts, &last_sent, &ring))
+    if (!PyArg_ParseTuple(args, "O!nnpkLdO:load", &PyTuple_Type, &packets, &start, &count, &repeat, &seq, &pts,
+                          &last_sent, &ring))
         return NULL;
     if (ring != Py_None && !PyObject_TypeCheck(ring, &OpusRingType)) {
         PyErr_SetString(PyExc_TypeError, "load: ring is an OpusRing or None");
@@ -1167,7 +1169,6 @@ Lane_load(Lane *l, PyObject *args)
     l->next = repeat ? 0 : start;
     l->end = l->next + (end - start);
     l->seq = (unsigned int)(seq & 0xFFFF);
-    l->ts = (unsigned int)(ts & 0xFFFFFFFFu);
     l->pts = pts;
     l->last_sent = last_sent;
     return PyLong_FromSsize_t(end - start);
@@ -1207,8 +1208,9 @@ Lane_send(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         l->last_sent = now;
         Py_ssize_t plen = PyBytes_GET_SIZE(payload);
         int length;
+        unsigned long ts = (l->origin + (unsigned long long)l->pts) & 0xFFFFFFFFu;
         int sent = rtp_out(l->fd, (const struct sockaddr *)&l->addr, l->addrlen, l->ctx, l->header, l->hlen, l->seq,
-                           l->ts, PyBytes_AS_STRING(payload), plen, &length);
+                           ts, PyBytes_AS_STRING(payload), plen, &length);
         if (sent == RTP_FAILED)
             return NULL;
         if (sent == RTP_SOCKET_ERROR) {
@@ -1222,9 +1224,7 @@ Lane_send(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         l->payload_bytes += plen;
         l->wire_bytes += length;
         l->ntp = ntp;
-        l->last_ts = l->ts;
         l->seq = (l->seq + 1) & 0xFFFF;
-        l->ts = (l->ts + FRAME) & 0xFFFFFFFFu;
         l->next++;
         Py_INCREF(payload);
         Py_XSETREF(l->payload, payload);
@@ -1254,8 +1254,7 @@ Lane_send(Lane *l, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* take(hist) -> (sent, payload_bytes, wire_bytes, dropped, late_frames, underruns,
- * max_late_ms, max_interval_ms, last_sent, last_payload, last_ts, ntp, seq, error,
- * send_errno): what was sent since the last take(), the intervals' counts added into
+ * max_late_ms, max_interval_ms, last_sent, last_payload, ntp, seq, error, send_errno): what was sent since the last take(), the intervals' counts added into
  * ``hist`` (a writable buffer of ``bins`` unsigned 32-bit counts); then zeroed. */
 static PyObject *
 Lane_take(Lane *l, PyObject *hist_arg)
@@ -1275,10 +1274,10 @@ Lane_take(Lane *l, PyObject *hist_arg)
     }
     PyBuffer_Release(&hist);
     PyObject *error = l->error ? l->error : Py_None;
-    PyObject *result = Py_BuildValue("(lLLllldddOkKIOi)", l->sent, l->payload_bytes, l->wire_bytes, l->dropped,
+    PyObject *result = Py_BuildValue("(lLLllldddOKIOi)", l->sent, l->payload_bytes, l->wire_bytes, l->dropped,
                                      l->late_frames, l->underruns, l->max_late_ms, l->max_interval_ms,
-                                     l->last_sent, l->payload ? l->payload : Py_None, (unsigned long)l->last_ts,
-                                     l->ntp, l->seq, error, l->send_errno);
+                                     l->last_sent, l->payload ? l->payload : Py_None, l->ntp, l->seq, error,
+                                     l->send_errno);
     if (result == NULL)
         return NULL;
     l->sent = l->dropped = l->late_frames = l->underruns = 0;
@@ -1323,7 +1322,7 @@ Lane_get_closed(Lane *l, void *closure)
 
 static PyMethodDef Lane_methods[] = {
     {"load", (PyCFunction)Lane_load, METH_VARARGS,
-     "load(packets, start, count, repeat, seq, ts, pts, last_sent, ring) -> frames loaded."},
+     "load(packets, start, count, repeat, seq, pts, last_sent, ring) -> frames loaded."},
     {"send", (PyCFunction)(void (*)(void))Lane_send, METH_FASTCALL, "send(now, late, frames, ntp) -> frames sent."},
     {"take", (PyCFunction)Lane_take, METH_O, "take(hist) -> what was sent since the last take() (see the source)."},
     {"flush", (PyCFunction)Lane_flush, METH_NOARGS, "flush() -> frames of the runway left unsent."},

@@ -312,16 +312,13 @@ class LeanSender:
     # -- per frame ------------------------------------------------------------------------
 
     def _tick(self, now: float, late: float, frames: int) -> None:
-        lane = self._lane
-        if lane is not None:
-            if lane.left:
-                sent = lane.send(now, late, frames, self._ticker.ntp_time)
-                if sent == frames:
-                    return
-                frames -= sent
-                late -= sent * FRAME_S
-            if self._runway is not None:
-                self._settle()
+        if self._runway is not None:  # (the lane is loaded)
+            sent = self._lane.send(now, late, frames, self._ticker.ntp_time)
+            if sent == frames:
+                return
+            frames -= sent
+            late -= sent * FRAME_S
+            self._settle()
         dtls = self._dtls
         if not aiortc_hooks.dtls_connected(dtls):
             self.stop()
@@ -409,7 +406,7 @@ class LeanSender:
             return
         try:
             self._lane = core.Lane(native[0], native[1], native[2], bytes(self._header),
-                                   len(self.track.stats._hist), PACING_BIN_S)
+                                   len(self.track.stats._hist), PACING_BIN_S, self._ts_origin)
         except OSError as exc:
             log.debug("no lane for this call's sends: %s", exc)
 
@@ -417,7 +414,6 @@ class LeanSender:
         lane, self._lane = self._lane, None
         if lane is not None:
             if self._runway is not None:
-                lane.flush()
                 self._settle(lane)
             lane.close()
 
@@ -458,8 +454,8 @@ class LeanSender:
                 self._refused = head  # (its frames are not known ahead: a bot's, a tone's...)
             return False
         packets, start, count, repeat, playback = runway
-        loaded = lane.load(packets, start, count, repeat, self._seq, (self._ts_origin + track._index * FRAME_SAMPLES)
-                           & 0xFFFFFFFF, track._index * FRAME_SAMPLES, track._last_sent, ring)
+        loaded = lane.load(packets, start, count, repeat, self._seq, track._index * FRAME_SAMPLES, track._last_sent,
+                           ring)
         if not loaded:
             return False
         self._runway = (playback, taps)
@@ -468,17 +464,17 @@ class LeanSender:
     def interrupt(self) -> None:
         """Stop sending ahead now and bring the track, its taps and the counters up to
         date (the queue, the taps or DTMF change; the track calls this)."""
-        if self._runway is not None and self._lane is not None:
-            self._lane.flush()
+        if self._runway is not None:
             self._settle()
 
     def _settle(self, lane=None) -> None:
-        """What the lane sent since it was loaded, into the Python objects: as if each
-        frame had gone through the track and :meth:`_tick` one by one."""
+        """The runway ends (what is left of it is not sent) and what the lane sent since
+        it was loaded goes into the Python objects: as if each frame had gone through
+        the track and :meth:`_tick` one by one."""
         lane = lane or self._lane
         lane.flush()
         (sent, payload_bytes, wire_bytes, dropped, late_frames, underruns, max_late_ms, max_interval_ms,
-         last_sent, payload, last_ts, ntp, seq, error, send_errno) = lane.take(self.track.stats._hist)
+         last_sent, payload, ntp, seq, error, send_errno) = lane.take(self.track.stats._hist)
         playback, taps = self._runway
         self._runway = None
         if sent:
@@ -488,7 +484,8 @@ class LeanSender:
             self.lane_frames += sent
             self.dropped += dropped
             self._seq = seq
-            aiortc_hooks.count_sent(self._sender, self._dtls, payload_bytes, wire_bytes, last_ts, ntp, sent)
+            aiortc_hooks.count_sent(self._sender, self._dtls, payload_bytes, wire_bytes,
+                                    (self._ts_origin + self.track.sent_pts) & 0xFFFFFFFF, ntp, sent)
             if self.dtmf is not None:
                 self.dtmf.passed((seq - 1) & 0xFFFF, sent)
             for tap in taps:

@@ -90,6 +90,7 @@ async def test_a_prompt_through_the_lane_is_heard_recorded_and_counted_as_frame_
         assert stats.underruns <= stats.late_frames <= stats.frames  # (a stall of the machine may make some)
         assert sender.packets == stats.frames == sender.dtmf.rtp_sent
         assert _sender(business)._RTCRtpSender__packet_count == sender.packets
+        assert _sender(business)._RTCRtpSender__rtp_timestamp == (sender._ts_origin + track.sent_pts) & 0xFFFFFFFF
         assert track.sent_pts == (stats.frames - 1) * FRAME_SAMPLES
         assert recorder.business.frames == stats.frames
         if runway:
@@ -196,27 +197,27 @@ def test_the_lane_refuses_bad_arguments_and_a_closed_lane_sends_nothing():
         b.setblocking(False)
         header = bytes([0x80, 111]) + bytes(10)
         with pytest.raises(ValueError):
-            core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, b"\x80", 10, 1e-4)
-        lane = core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, header, 10, 1e-4)
+            core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, b"\x80", 10, 1e-4, 100)
+        lane = core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, header, 10, 1e-4, 100)
         with pytest.raises(ValueError):
-            lane.load((b"x",), 1, 1, False, 0, 0, 0, 0.0, None)
+            lane.load((b"x",), 1, 1, False, 0, 0, 0.0, None)
         with pytest.raises(TypeError):
-            lane.load([b"x"], 0, 1, False, 0, 0, 0, 0.0, None)
-        # a payload too long for a packet ends the runway before it
-        assert lane.load((b"a", b"b" * 5000, b"c"), 0, 3, False, 7, 100, 0, 0.0, None) == 1
+            lane.load([b"x"], 0, 1, False, 0, 0, 0.0, None)
+        # a payload too long for a packet ends the runway before it (timestamp: origin 100 + pts 0)
+        assert lane.load((b"a", b"b" * 5000, b"c"), 0, 3, False, 7, 0, 0.0, None) == 1
         assert lane.send(0.02, 0.0, 3, 0) == 1
         data = b.recv(2048)
         assert data[12:] == b"a" and data[2:4] == (7).to_bytes(2, "big") and data[4:8] == (100).to_bytes(4, "big")
         hist = bytearray(40)
         taken = lane.take(hist)
-        assert taken[0] == 1 and taken[12] == 8 and int.from_bytes(hist[4 * 9:4 * 10], "little") == 1
+        assert taken[0] == 1 and taken[11] == 8 and int.from_bytes(hist[4 * 9:4 * 10], "little") == 1
         with pytest.raises(ValueError):
             lane.take(bytearray(8))
-        assert lane.load((b"s",), 0, 4, True, 8, 1060, 960, 0.02, None) == 4
+        assert lane.load((b"s",), 0, 4, True, 8, 960, 0.02, None) == 4
         lane.close()
         assert lane.closed and lane.left == 0 and lane.send(0.04, 0.0, 1, 0) == 0
         with pytest.raises(RuntimeError):
-            lane.load((b"s",), 0, 4, True, 8, 1060, 960, 0.02, None)
+            lane.load((b"s",), 0, 4, True, 8, 960, 0.02, None)
     finally:
         a.close()
         b.close()
@@ -322,7 +323,8 @@ async def test_a_lane_whose_socket_fails_hands_the_call_back_to_the_python_path(
             native = sender._native
             sender._lane.close()
             sender._lane = rtpcore.core.Lane(bad.fileno(), rtpcore.core.sockaddr(("::1", 9)), native[2],
-                                             bytes(sender._header), len(business.outbound.stats._hist), 1e-4)
+                                             bytes(sender._header), len(business.outbound.stats._hist), 1e-4,
+                                             sender._ts_origin)
         finally:
             bad.close()
         playback = business.play(PromptSource(_prompt(1000, 1.0)))
@@ -379,11 +381,11 @@ def test_the_lane_sends_and_paces_as_the_track_does_frame_by_frame(ticks, sizes,
         packets = tuple(bytes([i % 256]) * n for i, n in enumerate(sizes))
         reference = OutboundAudioTrack()
         bins = len(reference.stats._hist)
-        lane = core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, header, bins, PACING_BIN_S)
+        lane = core.Lane(a.fileno(), core.sockaddr(b.getsockname()), 0, header, bins, PACING_BIN_S, ts0)
         t0 = 100.0
         reference.paced(t0, 0.0)  # (the first frame: the Python path's, as in a call)
         count = len(packets) if not repeat else 7
-        assert lane.load(packets, 0, count, repeat, seq0, ts0, 0, t0, None) == count
+        assert lane.load(packets, 0, count, repeat, seq0, 0, t0, None) == count
         expected, due, i, last = [], t0, 0, t0
         now = t0
         for late, frames in ticks:
@@ -413,9 +415,9 @@ def test_the_lane_sends_and_paces_as_the_track_does_frame_by_frame(ticks, sizes,
         assert taken[0] == i and taken[4] == stats.late_frames and taken[5] == stats.underruns
         assert taken[6] == pytest.approx(stats.max_late_ms) and taken[7] == pytest.approx(stats.max_interval_ms)
         assert list(hist) == list(stats._hist)
-        assert taken[12] == (seq0 + i) & 0xFFFF and lane.left == count - i
+        assert taken[11] == (seq0 + i) & 0xFFFF and lane.left == count - i
         if i:
-            assert taken[8] == last and taken[10] == (ts0 + 960 * (i - 1)) & 0xFFFFFFFF
+            assert taken[8] == last and taken[9] == (packets[0] if repeat else packets[i - 1])
         lane.close()
     finally:
         a.close()
